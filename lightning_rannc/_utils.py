@@ -1,0 +1,38 @@
+"""Small helpers shared by the package. Implementation details: nothing here is public."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+__all__: list[str] = []
+
+log = logging.getLogger("lightning_rannc")
+
+
+def _configure_logger() -> None:
+    # Same policy as Lightning's own logger: show INFO lines unless the user configured logging.
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    if not logging.getLogger().hasHandlers() and not log.handlers:
+        log.addHandler(logging.StreamHandler())
+        log.propagate = False
+
+
+def where_defined(fn: Callable[..., Any]) -> str:
+    """``file:line`` of a user's function, for error messages that point at user code."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (OSError, TypeError):
+        return getattr(fn, "__qualname__", repr(fn))
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of a tensor (real, fake or meta); 0 for anything else."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return 0

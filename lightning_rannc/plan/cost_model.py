@@ -1,0 +1,45 @@
+"""Costs the planner works from: plain numbers per block, no torch.
+
+The profiler fills ``BlockCost`` from measurements; tests fill it with synthetic numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["BlockCost", "estimate_stage_ms", "estimate_gpipe_step_ms"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class BlockCost:
+    """One block: a contiguous range of graph nodes that the planner never splits."""
+
+    start: int
+    """First node of the block in the graph's topological order."""
+    end: int
+    """One past the last node."""
+    fwd_ms: float
+    """Forward time of one micro-batch."""
+    bwd_ms: float
+    """Backward time of one micro-batch."""
+    activation_bytes: int
+    """Bytes saved for backward by one micro-batch."""
+    cut_bytes: int
+    """Bytes of the values live across the cut after this block (sent to the next stage)."""
+    tensor_names: tuple[str, ...] = ()
+    """Parameters/buffers the block's nodes use."""
+    module_paths: tuple[str, ...] = ()
+    """Module paths of the block's nodes, in order, without repeats."""
+
+
+def estimate_stage_ms(blocks: Sequence[BlockCost], p2p_bytes_per_ms: float, is_last: bool) -> float:
+    """Forward + backward time of one micro-batch on one stage, including sending its outputs."""
+    compute = sum(b.fwd_ms + b.bwd_ms for b in blocks)
+    send = 0.0 if is_last else 2 * blocks[-1].cut_bytes / p2p_bytes_per_ms
+    return compute + send
+
+
+def estimate_gpipe_step_ms(stage_ms: Sequence[float], num_microbatches: int) -> float:
+    """Step time of a GPipe fill-drain schedule: the bottleneck stage paces ``M + S - 1`` slots."""
+    return (num_microbatches + len(stage_ms) - 1) * max(stage_ms)

@@ -1,0 +1,83 @@
+"""Which tensors live on which rank: freeing other stages' tensors, gathering full state.
+
+A rank keeps only its stage's parameters and buffers; the others are replaced by meta tensors
+of the same shape in the user's module (no memory, shapes still visible to summaries). Full
+state is gathered only when asked: a checkpoint, or at the end of ``fit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors"]
+
+
+def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    owner_path, _, leaf = path.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _get_tensor(module: nn.Module, path: str) -> torch.Tensor:
+    owner_path, _, leaf = path.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def release_tensors(module: nn.Module, aliases: Mapping[str, str], keep: Iterable[str]) -> None:
+    """Replace every parameter/buffer whose canonical name is not in ``keep`` by a meta tensor."""
+    kept = set(keep)
+    for path, canonical in aliases.items():
+        if canonical in kept:
+            continue
+        tensor = _get_tensor(module, path)
+        meta = torch.empty_like(tensor, device="meta")
+        if isinstance(tensor, nn.Parameter):
+            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
+        _set_tensor(module, path, meta)
+
+
+def install_tensors(
+    module: nn.Module, aliases: Mapping[str, str], values: Mapping[str, torch.Tensor], device: torch.device
+) -> None:
+    """Put gathered values back in place of meta tensors; tied names share one new parameter."""
+    made: dict[str, torch.Tensor] = {}
+    for path, canonical in aliases.items():
+        current = _get_tensor(module, path)
+        if not current.is_meta or canonical not in values:
+            continue
+        if canonical not in made:
+            value = values[canonical].to(device=device, dtype=current.dtype)
+            made[canonical] = (
+                nn.Parameter(value, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else value
+            )
+        _set_tensor(module, path, made[canonical])
+
+
+def local_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """CPU copies of this rank's tensors, by canonical name, ready to be sent as objects."""
+    return {n: tensors[n].detach().cpu() for n in names}
+
+
+def gather_tensors(local: dict[str, torch.Tensor], dst: int | None) -> dict[str, torch.Tensor]:
+    """Merge every rank's ``local`` dict on rank ``dst`` (``None``: on every rank). Collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(local)
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
+    if dst is None:
+        dist.all_gather_object(parts, local)
+    else:
+        dist.gather_object(local, parts if dist.get_rank() == dst else None, dst=dst)
+        if dist.get_rank() != dst:
+            return {}
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part)
+    return merged

@@ -1,0 +1,362 @@
+"""``RaNNCStrategy``: Lightning's hooks, delegating the pipeline work to ``PipelineEngine``.
+
+The hooks live in ``_RaNNCStrategyMixin`` so that the same code serves ``lightning.pytorch``
+and the standalone ``pytorch_lightning`` package, whose Strategy base classes differ.
+"""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _all_gather_ddp_if_available,
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_rannc._utils import _configure_logger
+from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.runtime.engine import EngineOptions, PipelineEngine
+
+__all__ = ["RaNNCStrategy"]
+
+_SUPPORTED_PRECISION = ("32-true",)
+
+
+class _RaNNCStrategyMixin:
+    """Everything of ``RaNNCStrategy`` except its Lightning base class."""
+
+    strategy_name = "rannc"
+    _namespace = "lightning.pytorch"
+
+    def __init__(
+        self,
+        pipeline_stages: int | None = None,
+        micro_batches: int = 4,
+        max_blocks: int = 64,
+        profile_repeats: int = 3,
+        process_group_backend: str | None = None,
+        timeout: float = 1800.0,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        accelerator: Any = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        """Pipeline-parallel training of an unmodified LightningModule.
+
+        Args:
+            pipeline_stages: number of pipeline stages; ``None`` makes every device one stage.
+            micro_batches: micro-batches per batch; the batch size must be a multiple of it.
+            max_blocks: the graph is grouped into at most this many blocks before profiling;
+                stages are cut only between blocks.
+            profile_repeats: timed repetitions per block when profiling.
+            process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
+            timeout: seconds a collective may wait before the process group gives up.
+            start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); others spawn.
+        """
+        super().__init__(  # type: ignore[call-arg]
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        _check_positive("micro_batches", micro_batches)
+        _check_positive("max_blocks", max_blocks)
+        _check_positive("profile_repeats", profile_repeats)
+        if pipeline_stages is not None:
+            _check_positive("pipeline_stages", pipeline_stages)
+        self.pipeline_stages = pipeline_stages
+        self.micro_batches = micro_batches
+        self.max_blocks = max_blocks
+        self.profile_repeats = profile_repeats
+        self._process_group_backend = process_group_backend
+        self._timeout = timedelta(seconds=timeout)
+        self._start_method = start_method
+        self._num_nodes = 1
+        self._engine: PipelineEngine | None = None
+        _configure_logger()
+
+    # --- Lightning's view of the world ------------------------------------------------------
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every stage of a pipeline reads the same batch; there is one pipeline so far.
+        return {"num_replicas": 1, "rank": 0}
+
+    @property
+    def plan(self) -> Any:
+        """The ``PartitionPlan`` in use (``None`` before the first training batch)."""
+        return self._engine.plan if self._engine is not None else None
+
+    # --- processes ----------------------------------------------------------------------
+
+    @override
+    def _configure_launcher(self) -> None:
+        launchers = importlib.import_module(f"{self._namespace}.strategies.launchers")
+        if self._start_method == "popen":
+            self._launcher = launchers._SubprocessScriptLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+        else:
+            self._launcher = launchers._MultiProcessingLauncher(self, start_method=self._start_method)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()  # type: ignore[misc]
+        reset_seed()
+        self.set_world_ranks()
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero = importlib.import_module(f"{self._namespace}.utilities.rank_zero")
+        rank_zero.rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        self._check_trainer(trainer)
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        if trainer.state.fn == "fit":
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == "fit":
+            _optimizers_to_device(self.optimizers, self.root_device)
+        num_stages = self.pipeline_stages or self.world_size
+        self._engine = PipelineEngine(
+            self.lightning_module,
+            EngineOptions(
+                num_stages=num_stages,
+                num_microbatches=self.micro_batches,
+                max_blocks=self.max_blocks,
+                profile_repeats=self.profile_repeats,
+            ),
+            rank=self.global_rank,
+            device=self.root_device,
+        )
+
+    def _check_trainer(self, trainer: Any) -> None:
+        name = type(self).__name__
+        stages = self.pipeline_stages or self.world_size
+        if stages != self.world_size:
+            raise RuntimeSetupError(
+                f"{name}(pipeline_stages={stages}) needs exactly {stages} processes, but the Trainer has "
+                f"{self.world_size} (devices x num_nodes). Data-parallel replicas of a pipeline are not "
+                "supported yet: set pipeline_stages=None or match the device count."
+            )
+        if not trainer.lightning_module.automatic_optimization:
+            raise RuntimeSetupError(
+                f"{name} runs the pipelined step for you, so it needs automatic optimization; "
+                f"{type(trainer.lightning_module).__name__} sets `automatic_optimization = False`."
+            )
+        if str(trainer.precision) not in _SUPPORTED_PRECISION:
+            raise RuntimeSetupError(
+                f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far; got "
+                f"Trainer(precision={trainer.precision!r})."
+            )
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "norm":
+            raise RuntimeSetupError(
+                f"{name} cannot clip by the global gradient norm yet (each rank holds part of the "
+                "model): use gradient_clip_algorithm='value' or leave gradient_clip_val unset."
+            )
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # --- the training step ----------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch, batch_idx = _batch_and_index(args, kwargs)
+        engine = self._engine
+        assert engine is not None, "training_step before setup"
+        if not engine.built:
+            engine.build(batch)
+            engine.restrict_optimizers(self.optimizers)
+        leaves = engine.check_batch(batch, batch_idx)
+        with self.precision_plugin.train_step_context():
+            values = engine.run(leaves)
+        engine.replay_logs(values)
+        return engine.step_output(values)
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        # The schedule already ran backward inside training_step; here the held gradients are added,
+        # around the same hooks Lightning fires for a normal backward.
+        assert self._engine is not None and self.lightning_module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self._engine.accumulate_grads(1.0 / self.lightning_module.trainer.accumulate_grad_batches)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    # --- evaluation and the end of fit: the whole module on every rank ----------------------
+
+    def _materialize(self) -> None:
+        if self._engine is not None and self._engine.built:
+            self._engine.materialize()
+
+    def _release(self) -> None:
+        if self._engine is not None and self._engine.built:
+            self._engine.release()
+
+    @override
+    def on_validation_start(self) -> None:
+        # TODO(rannc): run evaluation through the pipeline instead of gathering the module.
+        self._materialize()
+
+    @override
+    def on_validation_end(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.fn == "fit" and not trainer.should_stop:
+            self._release()
+
+    @override
+    def on_train_end(self) -> None:
+        self._materialize()
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._engine is None or not self._engine.built:
+            return super().lightning_module_state_dict()  # type: ignore[misc]
+        return self._engine.full_state_dict(dst=0)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)
+        if self._engine is None or not self._engine.built:
+            return super().optimizer_state(optimizer)  # type: ignore[misc]
+        index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
+        return self._engine.full_optimizer_state(optimizer, index, dst=0)
+
+    # --- collectives --------------------------------------------------------------------
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        payload = [obj]
+        dist.broadcast_object_list(payload, src)
+        return payload[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        # Logged values are already equal on every rank of a pipeline; Lightning's `sync_dist`
+        # reduces over data-parallel replicas, of which there is one so far.
+        if isinstance(tensor, Tensor) and group is not None:
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    @override
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        value = torch.tensor(int(decision), device=self.root_device)
+        if _distributed_is_initialized():
+            dist.all_reduce(value)
+        return bool(value == self.world_size) if all else bool(value)
+
+    @override
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        return _all_gather_ddp_if_available(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def teardown(self) -> None:
+        # Lightning's teardown moves the module to the CPU; released tensors are meta and stay so.
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        _optimizers_to_device(self.optimizers, torch.device("cpu"))
+        if self.lightning_module is not None and self.root_device.type != "cpu":
+            self.lightning_module._apply(lambda t: t if t.is_meta else t.cpu())
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Automatic pipeline partitioning of the training step (lightning_rannc)",
+            override=True,
+        )
+
+
+class RaNNCStrategy(_RaNNCStrategyMixin, ParallelStrategy):
+    """Trains an unmodified LightningModule split into pipeline stages across processes.
+
+    The training step is captured with ``torch.export`` at the first batch, profiled, split into
+    stages that balance the profiled time, and run micro-batched with
+    ``torch.distributed.pipelining``. Example::
+
+        import lightning as L
+        import lightning_rannc  # registers "rannc"
+
+        trainer = L.Trainer(strategy="rannc", accelerator="cpu", devices=2, max_steps=20)
+        trainer.fit(MyLightningModule(), datamodule)
+    """
+
+
+def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, int]:
+    batch = args[0] if args else kwargs["batch"]
+    batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
+    return batch, int(batch_idx)
+
+
+def _check_positive(option: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer.")
+

@@ -1,0 +1,33 @@
+"""Run a test script in its own process group of processes, with a hard timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<name>``; kill every rank it started if it outlives ``timeout``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / name), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # Lightning's launcher starts ranks in our session: kill them all
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"{name} {args} timed out after {timeout}s:\n{output[-4000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{name} {args} failed with exit code {proc.returncode}:\n{output[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")

@@ -1,0 +1,105 @@
+"""Small LightningModules shared by the tests. Plain Lightning code: nothing knows about pipelines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from gpt import GPT, make_dataloader  # noqa: E402
+
+__all__ = ["GPT", "ResCNN", "LoggingMLP", "make_dataloader", "image_loader", "table_loader"]
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class ResCNN(L.LightningModule):
+    """A small ResNet-style CNN; batches are ``(images, labels)`` tuples."""
+
+    def __init__(self, channels: int = 8, blocks: int = 3, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(blocks)])
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class LoggingMLP(L.LightningModule):
+    """Logs two values, returns a dict, uses Adam + StepLR; batches are one tensor (features | label)."""
+
+    def __init__(self, features: int = 12, hidden: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.features = features
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, classes)
+        )
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(dim=-1) == y).float().mean()
+        self.log("train_loss", loss, prog_bar=True)
+        self.log_dict({"train_acc": acc, "logit_norm": logits.norm(dim=-1).mean()}, on_step=True, on_epoch=True)
+        return {"loss": loss, "acc": acc}
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _Images(Dataset):
+    def __init__(self, size: int) -> None:
+        gen = torch.Generator().manual_seed(1)
+        self.images = torch.randn(size, 3, 8, 8, generator=gen)
+        self.labels = (self.images.mean(dim=(1, 2, 3)) > 0).long() + 2 * (self.images[:, 0, 0, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def image_loader(batch_size: int = 8, size: int = 64) -> DataLoader:
+    return DataLoader(_Images(size), batch_size=batch_size, drop_last=True)
+
+
+def table_loader(batch_size: int = 8, size: int = 64, features: int = 12) -> DataLoader:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(size, features, generator=gen)
+    y = (x[:, 0] > 0).float() + 2 * (x[:, 1] > 0).float()
+    data = torch.cat([x, y[:, None]], dim=1)
+    return DataLoader(TensorDataset(data), batch_size=batch_size, drop_last=True, collate_fn=_stack_rows)
+
+
+def _stack_rows(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([r[0] for r in rows])
