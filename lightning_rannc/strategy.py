@@ -197,7 +197,7 @@ class _RaNNCStrategyMixin:
                 f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far; got "
                 f"Trainer(precision={trainer.precision!r})."
             )
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "norm":
+        if trainer.gradient_clip_val and str(trainer.gradient_clip_algorithm or "norm") == "norm":
             raise RuntimeSetupError(
                 f"{name} cannot clip by the global gradient norm yet (each rank holds part of the "
                 "model): use gradient_clip_algorithm='value' or leave gradient_clip_val unset."

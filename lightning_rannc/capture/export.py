@@ -90,6 +90,9 @@ class _LogRecorder:
     def __init__(self, where: str) -> None:
         self.where = where
         self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+        # What the step returned. Kept here, not on the traced module: export restores the
+        # module's attributes after tracing.
+        self.output_info: dict[str, Any] = {}
 
     def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if args:
@@ -165,17 +168,14 @@ class _TrainingStep(nn.Module):
         self.spec = spec
         self.where = where
         self.recorder = _LogRecorder(where)
-        self.extra_keys: list[str] = []
-        self.returns_dict = False
 
     def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = tree_unflatten(list(leaves), self.spec)
         self.recorder.calls.clear()
         with _recording_logs(self.module, self.recorder):
             output = self.module.training_step(batch, 0)  # type: ignore[operator]
-        self.returns_dict = isinstance(output, Mapping)
         loss, extras = _split_step_output(output, self.where)
-        self.extra_keys = list(extras)
+        self.recorder.output_info.update(returns_dict=isinstance(output, Mapping), extra_keys=list(extras))
         logged = [v for _, v, _ in self.recorder.calls if isinstance(v, torch.Tensor)]
         return (loss, *logged, *extras.values())
 
@@ -226,18 +226,31 @@ def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dic
     return placeholders, tensors
 
 
-def _check_signature(program: ExportedProgram, where: str) -> None:
+def _check_signature(program: ExportedProgram, placeholders: dict[str, str], where: str) -> None:
     from torch.export.graph_signature import OutputKind
 
     for spec in program.graph_signature.output_specs:
         if spec.kind == OutputKind.BUFFER_MUTATION:
-            raise CaptureError(
-                f"`training_step` ({where}) updates the buffer `{spec.target.removeprefix('module.')}` "
-                "in place (e.g. BatchNorm running statistics). Buffers updated during training are not "
-                "supported by RaNNCStrategy yet: use GroupNorm/LayerNorm, or freeze the statistics."
-            )
+            _refuse_buffer_update(spec.target.removeprefix("module."), where)
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"`training_step` ({where}) produces a {spec.kind.name} output, which is not supported.")
+    for node in program.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None:
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, torch.fx.Node) and value.name in placeholders:
+                _refuse_buffer_update(placeholders[value.name], where)
+
+
+def _refuse_buffer_update(name: str, where: str) -> None:
+    # TODO(rannc): update buffers on their owning stage once micro-batch semantics are settled.
+    raise CaptureError(
+        f"`training_step` ({where}) updates the buffer `{name}` in place (e.g. BatchNorm running "
+        "statistics). Buffers updated during training are not supported by RaNNCStrategy yet: "
+        "use GroupNorm/LayerNorm, or put BatchNorm layers in eval mode."
+    )
 
 
 def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
@@ -268,16 +281,16 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
             "needs a step without data-dependent Python control flow or `.item()`/`.tolist()` calls; "
             "set the `lightning_rannc` logger to DEBUG for the full torch.export report."
         ) from err
-    _check_signature(program, where)
     placeholders, tensors = _tensor_names(wrapper, program)
+    _check_signature(program, placeholders, where)
     _, aliases, _ = _canonical_names(module)
     return CapturedStep(
         program=program,
         batch_spec=spec,
         microbatch_size=int(leaves[0].shape[0]) if leaves[0].dim() else 1,
         logged=_logged_values(wrapper.recorder.calls),
-        extra_keys=wrapper.extra_keys,
-        returns_dict=wrapper.returns_dict,
+        extra_keys=wrapper.recorder.output_info["extra_keys"],
+        returns_dict=wrapper.recorder.output_info["returns_dict"],
         tensors=tensors,
         aliases=aliases,
         state_dict_keys=list(module.state_dict().keys()),

@@ -1,0 +1,130 @@
+"""RaNNCStrategy in this process (one device, one stage): registration, numbers and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from cases import load_record, run_case
+from models import LoggingMLP, table_loader
+
+import lightning_rannc
+from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    options.update(kwargs)
+    options.setdefault("strategy", RaNNCStrategy(micro_batches=2))
+    return L.Trainer(**options)
+
+
+def test_importing_registers_rannc_in_lightning() -> None:
+    assert "rannc" in L.pytorch.strategies.StrategyRegistry
+    trainer = L.Trainer(strategy="rannc", accelerator="cpu", devices=1, logger=False)
+    assert isinstance(trainer.strategy, lightning_rannc.RaNNCStrategy)
+    assert trainer.strategy.micro_batches == 4 and trainer.strategy.pipeline_stages is None
+
+
+def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_rannc._pl_compat import RaNNCStrategy as PLRaNNCStrategy
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch[0]).pow(2).mean()
+            self.log("loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(strategy="rannc", accelerator="cpu", devices=1, max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    assert isinstance(trainer.strategy, PLRaNNCStrategy)
+    assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=8)
+    trainer.fit(Tiny(), data)
+    assert trainer.global_step == 2 and "loss" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"accumulate_grad_batches": 2}, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "value"}],
+    ids=["accumulate", "clip_value"],
+)
+def test_micro_batches_match_single_process(tmp_path: Path, options: dict) -> None:
+    ours, ref = tmp_path / "ours", tmp_path / "ref"
+    ours.mkdir(), ref.mkdir()
+    run_case("logging", ours, strategy=RaNNCStrategy(micro_batches=4), devices=1, use_distributed_sampler=False, **options)
+    torch.distributed.destroy_process_group()
+    run_case("logging", ref, devices=1, **options)
+    a, b = load_record(ours, "logging", 0), load_record(ref, "logging", 0)
+    torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-5, atol=0)
+    for key, value in b["final_state"].items():
+        torch.testing.assert_close(a["final_state"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def _fit(model: L.LightningModule, loader, **kwargs) -> None:
+    _trainer(**kwargs).fit(model, loader)
+
+
+def test_batch_not_divisible_by_micro_batches_is_refused() -> None:
+    with pytest.raises(RuntimeSetupError, match=r"batch size \(6\) must be a multiple of `micro_batches` \(4\)"):
+        _fit(LoggingMLP(), table_loader(batch_size=6), strategy=RaNNCStrategy(micro_batches=4))
+
+
+def test_a_smaller_last_batch_is_refused_with_advice() -> None:
+    loader = table_loader(batch_size=8, size=12)
+    loader = torch.utils.data.DataLoader(loader.dataset, batch_size=8, drop_last=False, collate_fn=loader.collate_fn)
+    with pytest.raises(RuntimeSetupError, match=r"Batch 1 has tensor shapes \[\(4, 13\)\].*drop_last=True"):
+        _fit(LoggingMLP(), loader, max_steps=4, strategy=RaNNCStrategy(micro_batches=2))
+
+
+def test_more_stages_than_devices_is_refused() -> None:
+    with pytest.raises(RuntimeSetupError, match=r"pipeline_stages=2\) needs exactly 2 processes, but the Trainer has 1"):
+        _fit(LoggingMLP(), table_loader(), strategy=RaNNCStrategy(pipeline_stages=2))
+
+
+def test_manual_optimization_is_refused() -> None:
+    model = LoggingMLP()
+    model.automatic_optimization = False
+    with pytest.raises(RuntimeSetupError, match="needs automatic optimization"):
+        _fit(model, table_loader())
+
+
+def test_unsupported_precision_and_norm_clipping_are_refused() -> None:
+    with pytest.raises(RuntimeSetupError, match=r"precision=\['32-true'\] so far; got Trainer\(precision='bf16-mixed'\)"):
+        _fit(LoggingMLP(), table_loader(), precision="bf16-mixed")
+    torch.distributed.destroy_process_group()
+    with pytest.raises(RuntimeSetupError, match="global gradient norm"):
+        _fit(LoggingMLP(), table_loader(), gradient_clip_val=1.0)
+
+
+def test_step_returning_none_is_refused_at_capture() -> None:
+    class SkipsSteps(LoggingMLP):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(CaptureError, match="returned None"):
+        _fit(SkipsSteps(), table_loader())
+
+
+@pytest.mark.parametrize(("option", "value"), [("micro_batches", 0), ("max_blocks", -1), ("pipeline_stages", 0)])
+def test_invalid_options_name_the_option(option: str, value: int) -> None:
+    with pytest.raises(ValueError, match=rf"RaNNCStrategy\({option}={value}\): {option} must be a positive integer"):
+        RaNNCStrategy(**{option: value})

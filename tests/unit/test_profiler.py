@@ -1,0 +1,43 @@
+import torch
+from models import GPT, LoggingMLP
+
+from lightning_rannc.capture.export import capture_training_step
+from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
+
+
+def _gpt_graph():
+    model = GPT(layers=2, dim=16, seq_len=16)
+    model.log = lambda *a, **k: None
+    tokens = torch.randint(0, 256, (2, 16))
+    leaves = [tokens, tokens.roll(1, 1)]
+    return model, StepGraph.from_captured(capture_training_step(model, {"tokens": leaves[0], "targets": leaves[1]})), leaves
+
+
+def test_blocks_are_timed_and_their_saved_activations_counted() -> None:
+    model, graph, leaves = _gpt_graph()
+    spans = group_nodes(graph, max_blocks=8)
+    rng_before = torch.get_rng_state()
+    costs = profile_blocks(graph, leaves, spans, repeats=2)
+    assert [(c.start, c.end) for c in costs] == spans
+    assert all(c.fwd_ms > 0 and c.bwd_ms >= 0 for c in costs)
+    assert sum(c.bwd_ms for c in costs) > 0
+    assert sum(c.activation_bytes for c in costs) > 0
+    assert {n for c in costs for n in c.tensor_names} >= {"tok_emb.weight", "blocks.1.mlp.0.weight"}
+    assert costs[-1].cut_bytes == 0 and any(c.cut_bytes > 0 for c in costs[:-1])
+    assert torch.equal(torch.get_rng_state(), rng_before)  # profiling leaves training's RNG alone
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_values_without_gradient_are_found() -> None:
+    model = LoggingMLP()
+    model.log = lambda *a, **k: None
+    model.log_dict = lambda *a, **k: None
+    batch = torch.cat([torch.randn(4, 12), torch.randint(0, 4, (4, 1)).float()], dim=1)
+    captured = capture_training_step(model, batch)
+    graph = StepGraph.from_captured(captured)
+    middle = next(b for b, ok in enumerate(graph.cut_allowed()) if ok and graph.module_path(b) == "net.2")
+    no_grad = find_no_grad_values(graph, [batch], [middle])
+    assert {v.name for v in graph.outputs[1:]} <= set(no_grad)  # the returned metric `acc`
+    activation = [v for v in graph.live_values(middle) if v.meta["val"].is_floating_point() and v.meta["val"].dim() == 2]
+    assert any(v.name not in no_grad for v in activation)  # the hidden state carries gradient
