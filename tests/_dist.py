@@ -11,11 +11,11 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
-def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``tests/scripts/<name>``; kill every rank it started if it outlives ``timeout``."""
+def run_script(name: str | Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``tests/scripts/<name>`` (or a path); kill every rank it started if it outlives ``timeout``."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTS / name), *args],
+        [sys.executable, str(SCRIPTS / name if isinstance(name, str) else name), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

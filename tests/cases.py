@@ -19,11 +19,12 @@ from models import GPT, LoggingMLP, ResCNN, image_loader, make_dataloader, table
 
 MAX_STEPS = 6
 
-CASES: dict[str, Callable[[], tuple[L.LightningModule, Any]]] = {
-    "gpt": lambda: (GPT(layers=4, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64)),
-    "gpt6": lambda: (GPT(layers=6, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64)),
-    "cnn": lambda: (ResCNN(), image_loader()),
-    "logging": lambda: (LoggingMLP(), table_loader()),
+CASES: dict[str, Callable[[], tuple[L.LightningModule, Any, Any]]] = {
+    "gpt": lambda: (GPT(layers=4, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64), None),
+    "gpt6": lambda: (GPT(layers=6, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64), None),
+    "cnn": lambda: (ResCNN(), image_loader(), None),
+    # Validation every 3 steps: the module is gathered for it, then released, and training goes on.
+    "logging": lambda: (LoggingMLP(), table_loader(), table_loader(size=16)),
 }
 
 
@@ -45,7 +46,7 @@ class Recorder(L.Callback):
 def run_case(name: str, out_dir: Path, **trainer_kwargs: Any) -> L.Trainer:
     """Train case ``name``; write ``<name>_rank<r>.json`` and ``<name>.ckpt`` under ``out_dir``."""
     L.seed_everything(0, verbose=False)
-    model, loader = CASES[name]()
+    model, loader, val_loader = CASES[name]()
     recorder = Recorder(out_dir / f"{name}.ckpt")
     trainer = L.Trainer(
         accelerator="cpu",
@@ -55,9 +56,10 @@ def run_case(name: str, out_dir: Path, **trainer_kwargs: Any) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[recorder],
+        val_check_interval=3,
         **trainer_kwargs,
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, val_loader)
     plan = getattr(trainer.strategy, "plan", None)
     record = {
         "plan": plan.to_json() if plan is not None else None,

@@ -70,6 +70,10 @@ class LoggingMLP(L.LightningModule):
         self.log_dict({"train_acc": acc, "logit_norm": logits.norm(dim=-1).mean()}, on_step=True, on_epoch=True)
         return {"loss": loss, "acc": acc}
 
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _dist import run_script
 from cases import load_record, run_case
+from models import GPT
 
 from lightning_rannc import PartitionPlan
 
@@ -83,6 +84,8 @@ def test_three_uneven_stages_match_single_process(three_process_dir: Path, refer
 def test_logged_values_equal_on_every_rank_and_match_reference(two_process_dir: Path, reference_dir, name: str) -> None:
     rank0, rank1 = load_record(two_process_dir, name, 0), load_record(two_process_dir, name, 1)
     assert rank0["metrics"] == rank1["metrics"]
+    if name == "logging":  # validated at steps 3 and 6 on the gathered module, between training steps
+        assert "val_loss" in rank0["metrics"][3] and "val_loss" not in rank0["metrics"][1]
     ref = load_record(reference_dir(name), name, 0)
     for ours, theirs in zip(rank0["metrics"], ref["metrics"], strict=True):
         assert ours.keys() == theirs.keys()
@@ -96,6 +99,15 @@ def test_tied_embedding_spans_first_and_last_stage(two_process_dir: Path) -> Non
     assert "tok_emb.weight" in plan.stages[-1].tensor_names  # the head uses it too
     final = load_record(two_process_dir, "gpt", 1)["final_state"]
     assert torch.equal(final["tok_emb.weight"], final["head.weight"])
+
+
+def test_checkpoint_loads_as_a_plain_lightning_checkpoint(two_process_dir: Path) -> None:
+    path = two_process_dir / "gpt.ckpt"
+    torch.load(path, weights_only=True)  # nothing of lightning_rannc is pickled in it
+    model = GPT.load_from_checkpoint(path)
+    saved = _checkpoint(two_process_dir, "gpt")["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert model.head.weight is model.tok_emb.weight
 
 
 def test_checkpoint_optimizer_and_scheduler_state_match_single_process(two_process_dir: Path, reference_dir) -> None:
