@@ -35,12 +35,16 @@ class Recorder(L.Callback):
         self.checkpoint = checkpoint
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
+        self.kept_params: list[str] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
-        if self.checkpoint is not None and trainer.global_step == trainer.max_steps:
-            trainer.save_checkpoint(self.checkpoint)
+        if trainer.global_step == trainer.max_steps:
+            # Parameters this rank still holds (others' are meta tensors while training).
+            self.kept_params = [n for n, p in pl_module.named_parameters() if not p.is_meta]
+            if self.checkpoint is not None:
+                trainer.save_checkpoint(self.checkpoint)
 
 
 def run_case(name: str, out_dir: Path, **trainer_kwargs: Any) -> L.Trainer:
@@ -65,6 +69,7 @@ def run_case(name: str, out_dir: Path, **trainer_kwargs: Any) -> L.Trainer:
         "plan": plan.to_json() if plan is not None else None,
         "losses": recorder.losses,
         "metrics": recorder.metrics,
+        "kept_params": recorder.kept_params,
         "final_state": {k: v.tolist() for k, v in model.state_dict().items()},
     }
     (out_dir / f"{name}_rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -93,6 +93,17 @@ def test_logged_values_equal_on_every_rank_and_match_reference(two_process_dir: 
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.parametrize("name", TWO_PROCESS_CASES)
+def test_each_rank_holds_only_its_stage_parameters_while_training(two_process_dir: Path, name: str) -> None:
+    plan = PartitionPlan.from_json(load_record(two_process_dir, name, 0)["plan"])
+    kept = [set(load_record(two_process_dir, name, rank)["kept_params"]) for rank in range(2)]
+    all_params = set(load_record(two_process_dir, name, 0)["final_state"])
+    for rank, stage in enumerate(plan.stages):
+        assert kept[rank] == set(stage.tensor_names) & all_params
+    assert kept[0] | kept[1] >= all_params - {"head.weight"}  # head.weight is tok_emb.weight
+    assert kept[0] != kept[1]
+
+
 def test_tied_embedding_spans_first_and_last_stage(two_process_dir: Path) -> None:
     plan = PartitionPlan.from_json(load_record(two_process_dir, "gpt", 0)["plan"])
     assert "tok_emb.weight" in plan.stages[0].tensor_names
