@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,13 @@ __all__ = ["RaNNCStrategy"]
 _SUPPORTED_PRECISION = ("32-true",)
 
 
-class _RaNNCStrategyMixin:
+if TYPE_CHECKING:
+    _MixinBase = ParallelStrategy  # type checkers see the hooks the mixin overrides
+else:
+    _MixinBase = object
+
+
+class _RaNNCStrategyMixin(_MixinBase):
     """Everything of ``RaNNCStrategy`` except its Lightning base class."""
 
     strategy_name = "rannc"
@@ -146,6 +152,7 @@ class _RaNNCStrategyMixin:
         self.set_world_ranks()
         backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
         self._process_group_backend = backend
+        assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
 
     def set_world_ranks(self) -> None:
@@ -153,11 +160,12 @@ class _RaNNCStrategyMixin:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero = importlib.import_module(f"{self._namespace}.utilities.rank_zero")
-        rank_zero.rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        rank_zero.rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
 
     @override
     def setup(self, trainer: Any) -> None:
         self._check_trainer(trainer)
+        assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         self.model_to_device()
         if trainer.state.fn == "fit":
@@ -359,4 +367,3 @@ def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any
 def _check_positive(option: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer.")
-

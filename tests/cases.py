@@ -37,7 +37,9 @@ class Recorder(L.Callback):
         self.metrics: list[dict[str, float]] = []
         self.kept_params: list[str] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
         if trainer.global_step == trainer.max_steps:

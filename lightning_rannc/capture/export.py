@@ -119,7 +119,7 @@ class _LogRecorder:
 @contextlib.contextmanager
 def _recording_logs(module: nn.Module, recorder: _LogRecorder) -> Iterator[None]:
     # An instance attribute shadows the method; `log_dict` calls `self.log`, so it is covered too.
-    module.log = recorder  # type: ignore[method-assign]
+    module.log = recorder  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -212,7 +212,11 @@ def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dic
     placeholders: dict[str, str] = {}
     for spec in program.graph_signature.input_specs:
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-            tensor = wrapper.get_parameter(spec.target) if spec.kind == InputKind.PARAMETER else wrapper.get_buffer(spec.target)
+            tensor = (
+                wrapper.get_parameter(spec.target)
+                if spec.kind == InputKind.PARAMETER
+                else wrapper.get_buffer(spec.target)
+            )
             name = by_id[id(tensor)]
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             tensor = program.constants[spec.target]
@@ -220,7 +224,9 @@ def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dic
         elif spec.kind == InputKind.USER_INPUT:
             continue
         else:
-            raise CaptureError(f"`training_step` ({wrapper.where}) uses a {spec.kind.name} input, which is not supported.")
+            raise CaptureError(
+                f"`training_step` ({wrapper.where}) uses a {spec.kind.name} input, which is not supported."
+            )
         placeholders[spec.arg.name] = name
         tensors[name] = tensor
     return placeholders, tensors
@@ -266,7 +272,7 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
     Raises:
         CaptureError: the step or the batch cannot be captured; the message names the user's code.
     """
-    where = where_defined(type(module).training_step)
+    where = where_defined(type(module).training_step)  # type: ignore[attr-defined]
     leaves, spec = flatten_batch(microbatch, where)
     wrapper = _TrainingStep(module, spec, where)
     try:

@@ -45,7 +45,9 @@ class StepGraph:
         assert captured.program is not None, "the captured program was already dropped"
         gm = captured.program.graph_module
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        tensor_of = {n: captured.placeholder_names[n.name] for n in placeholders if n.name in captured.placeholder_names}
+        tensor_of = {
+            n: captured.placeholder_names[n.name] for n in placeholders if n.name in captured.placeholder_names
+        }
         output_node = next(n for n in gm.graph.nodes if n.op == "output")
         graph = cls(
             graph_module=gm,
@@ -149,9 +151,7 @@ def group_nodes(graph: StepGraph, max_blocks: int) -> list[tuple[int, int]]:
     remain. Profiling measures blocks, and the planner only cuts between blocks.
     """
     allowed = graph.cut_allowed()
-    starts = [0] + [
-        i for i in range(1, len(graph)) if allowed[i] and graph.module_path(i) != graph.module_path(i - 1)
-    ]
+    starts = [0] + [i for i in range(1, len(graph)) if allowed[i] and graph.module_path(i) != graph.module_path(i - 1)]
     spans = [(a, b) for a, b in zip(starts, [*starts[1:], len(graph)])]
     while len(spans) > max(1, max_blocks):
         sizes = [spans[k][1] - spans[k][0] + spans[k + 1][1] - spans[k + 1][0] for k in range(len(spans) - 1)]

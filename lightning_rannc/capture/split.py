@@ -48,7 +48,7 @@ def build_range_module(graph: StepGraph, start: int, end: int, detach: Collectio
 
     for node in graph.nodes[start:end]:
         if node.op == "get_attr":
-            root[node.target] = _get_attr(graph.graph_module, str(node.target))
+            root[str(node.target)] = _get_attr(graph.graph_module, str(node.target))
         env[node] = new_graph.node_copy(node, lookup)
 
     outputs = []

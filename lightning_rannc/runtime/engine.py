@@ -50,7 +50,7 @@ class PipelineEngine:
         self.options = options
         self.rank = rank
         self.device = device
-        self.where = where_defined(type(module).training_step)
+        self.where = where_defined(type(module).training_step)  # type: ignore[attr-defined]
         self.plan: PartitionPlan | None = None
         self._captured: CapturedStep | None = None
         self._runtime: PipelineRuntime | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,7 @@ class PipelineRuntime:
         self._outputs = [[] for _ in range(num_microbatches)]
         held = self._take_grads()
         args = tuple(leaves) if self._stage.is_first else ()
-        kwargs = {"return_outputs": False} if _STEP_TAKES_RETURN_OUTPUTS else {}
+        kwargs: dict[str, Any] = {"return_outputs": False} if _STEP_TAKES_RETURN_OUTPUTS else {}
         target = torch.arange(num_microbatches, device=self.device)
         self._schedule.step(*args, target=target, **kwargs)
         self._pending = self._take_grads()
@@ -114,8 +115,8 @@ class PipelineRuntime:
     def _sum_tied(self, pending: dict[torch.nn.Parameter, torch.Tensor | None]) -> None:
         """Sum the gradients of parameters held by several stages, so their copies stay equal."""
         for group, params in self._tied:
-            grads = [pending.get(p) if pending.get(p) is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            grads = [pending.get(p) for p in params]
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
             dist.all_reduce(flat, group=group)
             for param, chunk in zip(params, flat.split([p.numel() for p in params])):
                 pending[param] = chunk.view_as(param)
@@ -145,12 +146,12 @@ def _tied_parameter_groups(
             if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad:
                 holders.setdefault(name, []).extend(stage.ranks)
     by_ranks: dict[tuple[int, ...], list[str]] = {}
-    for name, ranks in holders.items():
-        if len(ranks) > 1:
-            by_ranks.setdefault(tuple(sorted(ranks)), []).append(name)
-    groups = []
-    for ranks, names in sorted(by_ranks.items()):
-        group = dist.new_group(list(ranks))  # every rank must create every group, in the same order
-        if rank in ranks:
-            groups.append((group, [graph.tensors[n] for n in names]))
+    for name, holder_ranks in holders.items():
+        if len(holder_ranks) > 1:
+            by_ranks.setdefault(tuple(sorted(holder_ranks)), []).append(name)
+    groups: list[tuple[dist.ProcessGroup, list[torch.nn.Parameter]]] = []
+    for group_ranks, names in sorted(by_ranks.items()):
+        group = dist.new_group(list(group_ranks))  # every rank must create every group, in the same order
+        if rank in group_ranks and group is not None:
+            groups.append((group, [graph.tensors[n] for n in names]))  # type: ignore[misc]
     return groups

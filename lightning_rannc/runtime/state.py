@@ -28,7 +28,9 @@ def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
 def _get_tensor(module: nn.Module, path: str) -> torch.Tensor:
     owner_path, _, leaf = path.rpartition(".")
     owner = module.get_submodule(owner_path)
-    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    tensor = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    assert tensor is not None, f"{path} is registered as None"
+    return tensor
 
 
 def release_tensors(module: nn.Module, aliases: Mapping[str, str], keep: Iterable[str]) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lightning_rannc import PartitionPlan
+
 from _dist import run_script
 from cases import load_record, run_case
 from models import GPT
-
-from lightning_rannc import PartitionPlan
 
 pytestmark = pytest.mark.distributed
 

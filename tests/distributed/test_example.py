@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from _dist import run_script
 
 pytestmark = pytest.mark.distributed

@@ -7,11 +7,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from cases import load_record, run_case
-from models import LoggingMLP, table_loader
 
 import lightning_rannc
 from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
+
+from cases import load_record, run_case
+from models import LoggingMLP, table_loader
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -53,8 +54,16 @@ def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = pl.Trainer(strategy="rannc", accelerator="cpu", devices=1, max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False)
+    trainer = pl.Trainer(
+        strategy="rannc",
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        use_distributed_sampler=False,
+    )
     assert isinstance(trainer.strategy, PLRaNNCStrategy)
     assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=8)
@@ -70,7 +79,9 @@ def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) 
 def test_micro_batches_match_single_process(tmp_path: Path, options: dict) -> None:
     ours, ref = tmp_path / "ours", tmp_path / "ref"
     ours.mkdir(), ref.mkdir()
-    run_case("logging", ours, strategy=RaNNCStrategy(micro_batches=4), devices=1, use_distributed_sampler=False, **options)
+    run_case(
+        "logging", ours, strategy=RaNNCStrategy(micro_batches=4), devices=1, use_distributed_sampler=False, **options
+    )
     torch.distributed.destroy_process_group()
     run_case("logging", ref, devices=1, **options)
     a, b = load_record(ours, "logging", 0), load_record(ref, "logging", 0)
@@ -96,7 +107,9 @@ def test_a_smaller_last_batch_is_refused_with_advice() -> None:
 
 
 def test_more_stages_than_devices_is_refused() -> None:
-    with pytest.raises(RuntimeSetupError, match=r"pipeline_stages=2\) needs exactly 2 processes, but the Trainer has 1"):
+    with pytest.raises(
+        RuntimeSetupError, match=r"pipeline_stages=2\) needs exactly 2 processes, but the Trainer has 1"
+    ):
         _fit(LoggingMLP(), table_loader(), strategy=RaNNCStrategy(pipeline_stages=2))
 
 
@@ -108,7 +121,9 @@ def test_manual_optimization_is_refused() -> None:
 
 
 def test_unsupported_precision_and_norm_clipping_are_refused() -> None:
-    with pytest.raises(RuntimeSetupError, match=r"precision=\['32-true'\] so far; got Trainer\(precision='bf16-mixed'\)"):
+    with pytest.raises(
+        RuntimeSetupError, match=r"precision=\['32-true'\] so far; got Trainer\(precision='bf16-mixed'\)"
+    ):
         _fit(LoggingMLP(), table_loader(), precision="bf16-mixed")
     torch.distributed.destroy_process_group()
     with pytest.raises(RuntimeSetupError, match="global gradient norm"):

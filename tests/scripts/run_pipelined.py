@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning_rannc  # noqa: E402
+
 from cases import run_case  # noqa: E402
 
 

@@ -2,11 +2,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from models import GPT
 from torch import nn
 
 from lightning_rannc import CaptureError
 from lightning_rannc.capture.export import capture_training_step
+
+from models import GPT
 
 
 class _Step(L.LightningModule):

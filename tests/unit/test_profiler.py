@@ -1,9 +1,10 @@
 import torch
-from models import GPT, LoggingMLP
 
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
+
+from models import GPT, LoggingMLP
 
 
 def _gpt_graph():
@@ -11,7 +12,11 @@ def _gpt_graph():
     model.log = lambda *a, **k: None
     tokens = torch.randint(0, 256, (2, 16))
     leaves = [tokens, tokens.roll(1, 1)]
-    return model, StepGraph.from_captured(capture_training_step(model, {"tokens": leaves[0], "targets": leaves[1]})), leaves
+    return (
+        model,
+        StepGraph.from_captured(capture_training_step(model, {"tokens": leaves[0], "targets": leaves[1]})),
+        leaves,
+    )
 
 
 def test_blocks_are_timed_and_their_saved_activations_counted() -> None:
@@ -39,5 +44,7 @@ def test_values_without_gradient_are_found() -> None:
     middle = next(b for b, ok in enumerate(graph.cut_allowed()) if ok and graph.module_path(b) == "net.2")
     no_grad = find_no_grad_values(graph, [batch], [middle])
     assert {v.name for v in graph.outputs[1:]} <= set(no_grad)  # the returned metric `acc`
-    activation = [v for v in graph.live_values(middle) if v.meta["val"].is_floating_point() and v.meta["val"].dim() == 2]
+    activation = [
+        v for v in graph.live_values(middle) if v.meta["val"].is_floating_point() and v.meta["val"].dim() == 2
+    ]
     assert any(v.name not in no_grad for v in activation)  # the hidden state carries gradient

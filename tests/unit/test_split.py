@@ -6,13 +6,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from models import GPT, ResCNN
 from torch import nn
 
 from lightning_rannc._utils import tensor_bytes
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.capture.split import build_range_module
+
+from models import GPT, ResCNN
 
 
 class SkipDAG(L.LightningModule):
