@@ -29,7 +29,9 @@ from typing_extensions import override
 
 from lightning_rannc._utils import _configure_logger
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.plan.plan import SCHEDULES
 from lightning_rannc.runtime.engine import EngineOptions, PipelineEngine
+from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 
 __all__ = ["RaNNCStrategy"]
 
@@ -52,6 +54,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         self,
         pipeline_stages: int | None = None,
         micro_batches: int = 4,
+        schedule: str = "auto",
+        virtual_stages: int = 1,
         max_blocks: int = 64,
         profile_repeats: int = 3,
         process_group_backend: str | None = None,
@@ -66,8 +70,13 @@ class _RaNNCStrategyMixin(_MixinBase):
         """Pipeline-parallel training of an unmodified LightningModule.
 
         Args:
-            pipeline_stages: number of pipeline stages; ``None`` makes every device one stage.
-            micro_batches: micro-batches per batch; the batch size must be a multiple of it.
+            pipeline_stages: ranks per pipeline (S); the devices are split into ``devices / S``
+                data-parallel replicas of the pipeline. ``None``: every device is one stage.
+            micro_batches: micro-batches per batch; a batch that it does not divide runs with the
+                nearest count that does.
+            schedule: ``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``; ``"auto"`` takes
+                1F1B when there are at least as many micro-batches as stages, else GPipe.
+            virtual_stages: stages per rank for ``"interleaved_1f1b"`` (V).
             max_blocks: the graph is grouped into at most this many blocks before profiling;
                 stages are cut only between blocks.
             profile_repeats: timed repetitions per block when profiling.
@@ -83,12 +92,16 @@ class _RaNNCStrategyMixin(_MixinBase):
             precision_plugin=precision_plugin,
         )
         _check_positive("micro_batches", micro_batches)
+        _check_positive("virtual_stages", virtual_stages)
+        _check_choice("schedule", schedule, ("auto", *SCHEDULES))
         _check_positive("max_blocks", max_blocks)
         _check_positive("profile_repeats", profile_repeats)
         if pipeline_stages is not None:
             _check_positive("pipeline_stages", pipeline_stages)
         self.pipeline_stages = pipeline_stages
         self.micro_batches = micro_batches
+        self.schedule = schedule
+        self.virtual_stages = virtual_stages
         self.max_blocks = max_blocks
         self.profile_repeats = profile_repeats
         self._process_group_backend = process_group_backend
@@ -96,6 +109,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._start_method = start_method
         self._num_nodes = 1
         self._engine: PipelineEngine | None = None
+        self._groups: ProcessGroups | None = None
         _configure_logger()
 
     # --- Lightning's view of the world ------------------------------------------------------
@@ -123,10 +137,20 @@ class _RaNNCStrategyMixin(_MixinBase):
         return True
 
     @property
+    def pipeline_degree(self) -> int:
+        """Ranks per pipeline (S)."""
+        return self.pipeline_stages or self.world_size
+
+    @property
+    def num_replicas(self) -> int:
+        """Data-parallel replicas of the pipeline (D)."""
+        return max(1, self.world_size // self.pipeline_degree)
+
+    @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every stage of a pipeline reads the same batch; there is one pipeline so far.
-        return {"num_replicas": 1, "rank": 0}
+        # Every stage of a pipeline reads the same batch: shard the data over replicas only.
+        return {"num_replicas": self.num_replicas, "rank": self.global_rank // self.pipeline_degree}
 
     @property
     def plan(self) -> Any:
@@ -166,6 +190,8 @@ class _RaNNCStrategyMixin(_MixinBase):
     def setup(self, trainer: Any) -> None:
         self._check_trainer(trainer)
         assert self.accelerator is not None and self.lightning_module is not None
+        # Lightning clips by the norm of this process's gradients; the model spans processes.
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self.accelerator.setup(trainer)
         self.model_to_device()
         if trainer.state.fn == "fit":
@@ -173,27 +199,31 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.setup_precision_plugin()
         if trainer.state.fn == "fit":
             _optimizers_to_device(self.optimizers, self.root_device)
-        num_stages = self.pipeline_stages or self.world_size
+        self._groups = build_process_groups(self.pipeline_degree, self.num_replicas, self.global_rank, self.root_device)
         self._engine = PipelineEngine(
             self.lightning_module,
             EngineOptions(
-                num_stages=num_stages,
+                pipeline_degree=self.pipeline_degree,
+                num_replicas=self.num_replicas,
+                virtual_stages=self.virtual_stages,
+                schedule=self.schedule,
                 num_microbatches=self.micro_batches,
                 max_blocks=self.max_blocks,
                 profile_repeats=self.profile_repeats,
             ),
             rank=self.global_rank,
             device=self.root_device,
+            groups=self._groups,
         )
 
     def _check_trainer(self, trainer: Any) -> None:
         name = type(self).__name__
-        stages = self.pipeline_stages or self.world_size
-        if stages != self.world_size:
+        stages = self.pipeline_degree
+        if self.world_size % stages:
             raise RuntimeSetupError(
-                f"{name}(pipeline_stages={stages}) needs exactly {stages} processes, but the Trainer has "
-                f"{self.world_size} (devices x num_nodes). Data-parallel replicas of a pipeline are not "
-                "supported yet: set pipeline_stages=None or match the device count."
+                f"{name}(pipeline_stages={stages}) needs a multiple of {stages} processes (one pipeline "
+                f"per replica), but the Trainer has {self.world_size} (devices x num_nodes): change "
+                "pipeline_stages or the number of devices."
             )
         if not trainer.lightning_module.automatic_optimization:
             raise RuntimeSetupError(
@@ -204,11 +234,6 @@ class _RaNNCStrategyMixin(_MixinBase):
             raise RuntimeSetupError(
                 f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far; got "
                 f"Trainer(precision={trainer.precision!r})."
-            )
-        if trainer.gradient_clip_val and str(trainer.gradient_clip_algorithm or "norm") == "norm":
-            raise RuntimeSetupError(
-                f"{name} cannot clip by the global gradient norm yet (each rank holds part of the "
-                "model): use gradient_clip_algorithm='value' or leave gradient_clip_val unset."
             )
 
     @override
@@ -226,9 +251,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         if not engine.built:
             engine.build(batch)
             engine.restrict_optimizers(self.optimizers)
-        leaves = engine.check_batch(batch, batch_idx)
         with self.precision_plugin.train_step_context():
-            values = engine.run(leaves)
+            values = engine.run(batch, batch_idx)
         engine.replay_logs(values)
         return engine.step_output(values)
 
@@ -243,6 +267,17 @@ class _RaNNCStrategyMixin(_MixinBase):
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._engine is not None and self._engine.built:
+            self._engine.after_optimizer_step()
+        return output
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
+        assert self._engine is not None
+        self._engine.clip_grad_norm(float(clip_val))
 
     # --- evaluation and the end of fit: the whole module on every rank ----------------------
 
@@ -302,11 +337,15 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        # Logged values are already equal on every rank of a pipeline; Lightning's `sync_dist`
-        # reduces over data-parallel replicas, of which there is one so far.
-        if isinstance(tensor, Tensor) and group is not None:
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
-        return tensor
+        # Every rank of a pipeline holds the same values; Lightning's `sync_dist` means a reduction
+        # over data-parallel replicas, as with DDP.
+        if not isinstance(tensor, Tensor) or not _distributed_is_initialized():
+            return tensor
+        if group is None:
+            if self._groups is None or self.num_replicas == 1:
+                return tensor
+            group = self._groups.dp_group
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     @override
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
@@ -362,6 +401,11 @@ def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any
     batch = args[0] if args else kwargs["batch"]
     batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
     return batch, int(batch_idx)
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"RaNNCStrategy({option}={value!r}): valid values are {list(choices)}.")
 
 
 def _check_positive(option: str, value: int) -> None:

@@ -1,8 +1,10 @@
 """Training cases run both pipelined (in a multi-process script) and as a single-process reference.
 
-Each case records, per step, the loss Lightning saw and the logged metrics, and writes a
+Each case records, per batch, the loss Lightning saw and the logged metrics, and writes a
 checkpoint at the last step (before ``on_train_end``, so the pipelined run gathers it from the
-stages). The reference is plain Lightning on one CPU process with the same seed and batches.
+stages). The reference is plain Lightning on one CPU process with the same seed and the same
+global batches: with D replicas each reads every D-th sample of the sequence, so the reference
+reads batches D times larger in plain order.
 """
 
 from __future__ import annotations
@@ -14,71 +16,130 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models import GPT, LoggingMLP, ResCNN, image_loader, make_dataloader, table_loader
+from models import GPT, LoggingMLP, ResCNN, ScheduledGPT, SyntheticTokens, VaryingLength, image_data, table_data
 
 MAX_STEPS = 6
 
-CASES: dict[str, Callable[[], tuple[L.LightningModule, Any, Any]]] = {
-    "gpt": lambda: (GPT(layers=4, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64), None),
-    "gpt6": lambda: (GPT(layers=6, dim=32, seq_len=16), make_dataloader(8, 16, 256, size=64), None),
-    "cnn": lambda: (ResCNN(), image_loader(), None),
+
+class ShardedData(L.LightningDataModule):
+    """In-order batches; over replicas, a non-shuffling DistributedSampler (Lightning's own shuffles)."""
+
+    def __init__(self, train: Dataset, batch_size: int, val: Dataset | None = None, collate: Any = None) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size, self.collate = train, val, batch_size, collate
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
+        sampler = DistributedSampler(dataset, shuffle=False, **kwargs) if kwargs else None
+        collate = self.collate() if self.collate else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=False, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val) if self.val is not None else []
+
+
+def _gpt_tokens(size: int) -> Dataset:
+    return SyntheticTokens(size, seq_len=16, vocab_size=256)
+
+
+# name -> (model factory, data factory taking the batch size, extra Trainer arguments)
+CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedData], dict[str, Any]]] = {
+    "gpt": (lambda: GPT(layers=4, dim=32, seq_len=16), lambda b: ShardedData(_gpt_tokens(64), b), {}),
+    "gpt6": (lambda: GPT(layers=6, dim=32, seq_len=16), lambda b: ShardedData(_gpt_tokens(64), b), {}),
+    "cnn": (ResCNN, lambda b: ShardedData(image_data(64), b), {}),
     # Validation every 3 steps: the module is gathered for it, then released, and training goes on.
-    "logging": lambda: (LoggingMLP(), table_loader(), table_loader(size=16)),
+    "logging": (LoggingMLP, lambda b: ShardedData(table_data(64), b, val=table_data(16)), {"val_check_interval": 3}),
+    # Every training knob at once: tied embedding, LR scheduler, norm clipping, accumulation.
+    "gpt_full": (
+        lambda: ScheduledGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(256), b),
+        {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2},
+    ),
+    # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
+    "gpt_varlen": (
+        lambda: GPT(layers=2, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(36 * b // 8), b, collate=VaryingLength),
+        {"max_epochs": 2},
+    ),
 }
 
 
 class Recorder(L.Callback):
-    """Per-step loss and logged metrics; a checkpoint at the last step."""
+    """Per-batch loss and logged metrics; a checkpoint and memory facts at the last step."""
 
     def __init__(self, checkpoint: Path | None) -> None:
         self.checkpoint = checkpoint
         self.losses: list[float] = []
         self.metrics: list[dict[str, float]] = []
         self.kept_params: list[str] = []
+        self.optimizer_state_numel = 0
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
         self.metrics.append({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
-        if trainer.global_step == trainer.max_steps:
-            # Parameters this rank still holds (others' are meta tensors while training).
-            self.kept_params = [n for n, p in pl_module.named_parameters() if not p.is_meta]
-            if self.checkpoint is not None:
-                trainer.save_checkpoint(self.checkpoint)
+        if trainer.global_step == trainer.max_steps and not self.kept_params:
+            self._last_step(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_steps == -1:  # epoch-bounded runs: record at the end instead
+            self._last_step(trainer, pl_module)
+
+    def _last_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Parameters this rank still holds (others' are meta tensors while training).
+        self.kept_params = [n for n, p in pl_module.named_parameters() if not p.is_meta]
+        state = trainer.optimizers[0].state.values()
+        self.optimizer_state_numel = sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())
+        if self.checkpoint is not None:
+            trainer.save_checkpoint(self.checkpoint)
 
 
-def run_case(name: str, out_dir: Path, **trainer_kwargs: Any) -> L.Trainer:
-    """Train case ``name``; write ``<name>_rank<r>.json`` and ``<name>.ckpt`` under ``out_dir``."""
+def run_case(
+    name: str, out_dir: Path, label: str | None = None, batch_scale: int = 1, **trainer_kwargs: Any
+) -> L.Trainer:
+    """Train case ``name``; write ``<label>_rank<r>.json`` and ``<label>.ckpt`` under ``out_dir``."""
+    label = label or name
+    make_model, make_data, case_kwargs = CASES[name]
     L.seed_everything(0, verbose=False)
-    model, loader, val_loader = CASES[name]()
-    recorder = Recorder(out_dir / f"{name}.ckpt")
-    trainer = L.Trainer(
+    model = make_model()
+    recorder = Recorder(out_dir / f"{label}.ckpt")
+    options: dict[str, Any] = dict(
         accelerator="cpu",
         max_steps=MAX_STEPS,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[recorder],
-        val_check_interval=3,
-        **trainer_kwargs,
     )
-    trainer.fit(model, loader, val_loader)
+    options.update(case_kwargs)
+    if "max_epochs" in case_kwargs:
+        options["max_steps"] = -1
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(**options)
+    trainer.fit(model, datamodule=make_data(8 * batch_scale))
     plan = getattr(trainer.strategy, "plan", None)
     record = {
         "plan": plan.to_json() if plan is not None else None,
         "losses": recorder.losses,
         "metrics": recorder.metrics,
         "kept_params": recorder.kept_params,
+        "optimizer_state_numel": recorder.optimizer_state_numel,
+        "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
         "final_state": {k: v.tolist() for k, v in model.state_dict().items()},
     }
-    (out_dir / f"{name}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+    (out_dir / f"{label}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
     return trainer
 
 
-def load_record(out_dir: Path, name: str, rank: int) -> dict[str, Any]:
-    record = json.loads((out_dir / f"{name}_rank{rank}.json").read_text())
+def load_record(out_dir: Path, label: str, rank: int) -> dict[str, Any]:
+    record = json.loads((out_dir / f"{label}_rank{rank}.json").read_text())
     record["final_state"] = {k: torch.tensor(v) for k, v in record["final_state"].items()}
     return record

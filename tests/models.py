@@ -9,13 +9,52 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from gpt import GPT, make_dataloader  # noqa: E402
+from gpt import GPT, SyntheticTokens, make_dataloader  # noqa: E402
 
-__all__ = ["GPT", "ResCNN", "LoggingMLP", "make_dataloader", "image_loader", "table_loader"]
+__all__ = [
+    "GPT",
+    "ScheduledGPT",
+    "ResCNN",
+    "LoggingMLP",
+    "SyntheticTokens",
+    "VaryingLength",
+    "make_dataloader",
+    "image_data",
+    "table_data",
+    "table_loader",
+]
+
+
+class ScheduledGPT(GPT):
+    """The example GPT with SGD and an LR scheduler stepping every optimizer step.
+
+    SGD, not Adam: Adam divides by the gradient's own magnitude, so parameters with near-zero
+    gradients (rare tokens' embedding rows) turn float rounding into visible weight differences,
+    and any change of summation order (micro-batches, replicas) shows in a 1e-5 comparison.
+    """
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class VaryingLength:
+    """Collate that cuts each batch to a sequence length cycling through 16, 12, 8, 12."""
+
+    lengths = (16, 12, 8, 12)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = self.lengths[self.calls % len(self.lengths)]
+        self.calls += 1
+        return {k: torch.stack([r[k][:length] for r in rows]) for k in rows[0]}
 
 
 class ResidualBlock(nn.Module):
@@ -93,17 +132,29 @@ class _Images(Dataset):
         return self.images[i], self.labels[i]
 
 
-def image_loader(batch_size: int = 8, size: int = 64) -> DataLoader:
-    return DataLoader(_Images(size), batch_size=batch_size, drop_last=True)
+def image_data(size: int = 64) -> Dataset:
+    return _Images(size)
 
 
-def table_loader(batch_size: int = 8, size: int = 64, features: int = 12) -> DataLoader:
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(size, features, generator=gen)
-    y = (x[:, 0] > 0).float() + 2 * (x[:, 1] > 0).float()
-    data = torch.cat([x, y[:, None]], dim=1)
-    return DataLoader(TensorDataset(data), batch_size=batch_size, drop_last=True, collate_fn=_stack_rows)
+class _Rows(Dataset):
+    """Rows of features followed by a class label, returned as one tensor."""
+
+    def __init__(self, size: int, features: int = 12) -> None:
+        gen = torch.Generator().manual_seed(2)
+        x = torch.randn(size, features, generator=gen)
+        y = (x[:, 0] > 0).float() + 2 * (x[:, 1] > 0).float()
+        self.data = torch.cat([x, y[:, None]], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
 
 
-def _stack_rows(rows: list[tuple[torch.Tensor]]) -> torch.Tensor:
-    return torch.stack([r[0] for r in rows])
+def table_data(size: int = 64) -> Dataset:
+    return _Rows(size)
+
+
+def table_loader(batch_size: int = 8, size: int = 64, drop_last: bool = True) -> DataLoader:
+    return DataLoader(_Rows(size), batch_size=batch_size, drop_last=drop_last)

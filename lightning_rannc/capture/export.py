@@ -22,7 +22,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from lightning_rannc._utils import where_defined
 from lightning_rannc.errors import CaptureError
 
-__all__ = ["LoggedValue", "CapturedStep", "capture_training_step", "flatten_batch"]
+__all__ = ["LoggedValue", "CapturedStep", "capture_training_step", "flatten_batch", "fake_module_state"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -257,6 +257,38 @@ def _refuse_buffer_update(name: str, where: str) -> None:
         "statistics). Buffers updated during training are not supported by RaNNCStrategy yet: "
         "use GroupNorm/LayerNorm, or put BatchNorm layers in eval mode."
     )
+
+
+@contextlib.contextmanager
+def fake_module_state(module: nn.Module, device: torch.device) -> Iterator[Any]:
+    """Swap every parameter and buffer of ``module`` for a fake tensor on ``device`` (no memory).
+
+    Lets the step be captured again (another batch shape) after other stages' tensors were
+    freed: export needs every tensor on one device, and fake tensors cost nothing. Tied tensors
+    stay tied. Yields the fake mode; batches must be made fake with ``mode.from_tensor``.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+    saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    for owner in module.modules():
+        for store in (owner._parameters, owner._buffers):
+            for key, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in fakes:
+                    with mode:
+                        fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    fakes[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
+                saved.append((store, key, tensor))
+                store[key] = fakes[id(tensor)]  # type: ignore[assignment]
+    try:
+        yield mode
+    finally:
+        for store, key, tensor in saved:
+            store[key] = tensor  # type: ignore[assignment]
 
 
 def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:

@@ -9,6 +9,7 @@ how many bytes they are, and whether the cut is allowed at all.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from torch import fx
 from lightning_rannc._utils import tensor_bytes
 from lightning_rannc.capture.export import CapturedStep
 
-__all__ = ["StepGraph", "group_nodes"]
+__all__ = ["StepGraph", "group_nodes", "align_nodes"]
 
 _COMPUTE_OPS = ("call_function", "get_attr", "call_method", "call_module")
 
@@ -125,8 +126,13 @@ class StepGraph:
         path = path.removeprefix("module").removeprefix(".")
         return path.replace("._modules['", ".").replace("']", "").removeprefix("L['self'].")
 
+    def node_keys(self) -> list[tuple[str, str]]:
+        """What identifies a node across captures of other batch shapes: its op and module."""
+        return [(str(node.target), self.module_path(i)) for i, node in enumerate(self.nodes)]
+
     def fingerprint(self) -> str:
-        """A hash of the graph's structure and shapes, to detect stale plans and diverging ranks."""
+        """A hash of the graph's structure (ops, edges, dtypes, ranks; not sizes), to detect stale
+        plans and ranks that traced differently. Batches of other sizes keep the fingerprint."""
         digest = hashlib.sha256()
         for node in [*self.inputs, *self.nodes]:
             digest.update(f"{node.op}|{node.target}|{_describe(node.meta.get('val'))}|".encode())
@@ -137,7 +143,7 @@ class StepGraph:
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"{tuple(value.shape)}:{value.dtype}"
+        return f"{value.dim()}d:{value.dtype}"
     if isinstance(value, (tuple, list)):
         return "(" + ",".join(_describe(v) for v in value) + ")"
     return type(value).__name__
@@ -158,3 +164,13 @@ def group_nodes(graph: StepGraph, max_blocks: int) -> list[tuple[int, int]]:
         k = sizes.index(min(sizes))
         spans[k : k + 2] = [(spans[k][0], spans[k + 1][1])]
     return spans
+
+
+def align_nodes(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> dict[int, int]:
+    """Match the nodes of two captures of one step (``node_keys``): old index -> new index.
+
+    Another batch shape can add or drop a few nodes (a slice that is a no-op at full length
+    disappears); everything else keeps its order, so a longest-matching alignment finds it.
+    """
+    matcher = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
+    return {block.a + k: block.b + k for block in matcher.get_matching_blocks() for k in range(block.size)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockCost", "estimate_stage_ms", "estimate_gpipe_step_ms"]
+__all__ = ["BlockCost", "estimate_stage_ms", "estimate_step_ms"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -40,6 +40,13 @@ def estimate_stage_ms(blocks: Sequence[BlockCost], p2p_bytes_per_ms: float, is_l
     return compute + send
 
 
-def estimate_gpipe_step_ms(stage_ms: Sequence[float], num_microbatches: int) -> float:
-    """Step time of a GPipe fill-drain schedule: the bottleneck stage paces ``M + S - 1`` slots."""
-    return (num_microbatches + len(stage_ms) - 1) * max(stage_ms)
+def estimate_step_ms(stage_ms: Sequence[float], num_microbatches: int, virtual_stages: int = 1) -> float:
+    """Step time of a fill-drain (GPipe/1F1B) or interleaved schedule, ignoring all-reduce.
+
+    Each rank runs ``virtual_stages`` stages (stage ``i`` on position ``i % S``); the busiest rank
+    does ``M`` micro-batches of its stages, and the fill/drain bubble is ``S - 1`` slots of the
+    slowest stage. With one stage per rank this is ``(M + S - 1) * max(stage_ms)``.
+    """
+    pipeline_degree = len(stage_ms) // virtual_stages
+    per_rank = [sum(stage_ms[p::pipeline_degree]) for p in range(pipeline_degree)]
+    return num_microbatches * max(per_rank) + (pipeline_degree - 1) * max(stage_ms)

@@ -13,10 +13,10 @@ from typing import Any
 
 from lightning_rannc.errors import PlanError
 
-__all__ = ["StagePlan", "PartitionPlan", "Plan"]
+__all__ = ["StagePlan", "PartitionPlan", "Plan", "SCHEDULES", "stage_ranks", "choose_microbatches"]
 
 _FORMAT_VERSION = 1
-_SCHEDULES = ("gpipe",)
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 @dataclass(kw_only=True)
@@ -25,7 +25,7 @@ class StagePlan:
 
     stage_index: int
     ranks: list[int]
-    """Global ranks running this stage (one per data-parallel replica)."""
+    """Global ranks running this stage, one per data-parallel replica (see ``stage_ranks``)."""
     node_start: int
     """First node of the stage in the captured graph's topological order."""
     node_end: int
@@ -63,6 +63,11 @@ class PartitionPlan:
     microbatch_size: int
     stages: list[StagePlan]
     schedule: str = "gpipe"
+    """One of ``SCHEDULES``; ``interleaved_1f1b`` runs ``virtual_stages`` stages per rank."""
+    num_replicas: int = 1
+    """Data-parallel replicas of the whole pipeline (D); ``world_size = D * pipeline_degree``."""
+    virtual_stages: int = 1
+    """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_degree``."""
     predicted_step_ms: float = 0.0
     no_grad_values: list[str] = field(default_factory=list)
     """Values crossing a cut that carry no gradient to the loss; the runtime detaches them."""
@@ -72,29 +77,54 @@ class PartitionPlan:
     def num_stages(self) -> int:
         return len(self.stages)
 
+    @property
+    def pipeline_degree(self) -> int:
+        """Ranks per pipeline (S): the number of stages divided by the virtual stages per rank."""
+        return len(self.stages) // self.virtual_stages
+
+    def stages_of_rank(self, rank: int) -> list[StagePlan]:
+        """The stages a rank runs, in stage order (several with interleaved schedules)."""
+        stages = [s for s in self.stages if rank in s.ranks]
+        if not stages:
+            raise PlanError(f"Rank {rank} has no stage in this plan (ranks: {[s.ranks for s in self.stages]}).")
+        return stages
+
+    def microbatches_for(self, batch_size: int) -> int:
+        """Micro-batches for a batch of ``batch_size`` samples (see ``choose_microbatches``)."""
+        minimum = 1 if self.schedule == "gpipe" else self.pipeline_degree
+        return choose_microbatches(batch_size, self.num_microbatches, minimum)
+
     def stage_of_rank(self, rank: int) -> StagePlan:
-        for stage in self.stages:
-            if rank in stage.ranks:
-                return stage
-        raise PlanError(f"Rank {rank} has no stage in this plan (ranks: {[s.ranks for s in self.stages]}).")
+        """The first stage a rank runs."""
+        return self.stages_of_rank(rank)[0]
 
     def validate(self) -> None:
         """Check the plan's internal consistency; raise ``PlanError`` naming the broken rule."""
-        if self.schedule not in _SCHEDULES:
-            raise PlanError(f"Unknown schedule {self.schedule!r}; valid: {list(_SCHEDULES)}.")
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"Unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}.")
         if self.num_microbatches < 1:
             raise PlanError(f"num_microbatches must be >= 1, got {self.num_microbatches}.")
-        ranks = sorted(r for s in self.stages for r in s.ranks)
-        if ranks != list(range(self.world_size)):
-            raise PlanError(f"Stages must use each of the {self.world_size} ranks once; they use {ranks}.")
+        if self.virtual_stages < 1 or self.num_stages % self.virtual_stages:
+            raise PlanError(f"{self.num_stages} stages cannot be run as {self.virtual_stages} virtual stages per rank.")
+        if (self.virtual_stages > 1) != (self.schedule == "interleaved_1f1b"):
+            raise PlanError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved_1f1b' (and back).")
+        if self.world_size != self.num_replicas * self.pipeline_degree:
+            raise PlanError(
+                f"world_size ({self.world_size}) must equal replicas ({self.num_replicas}) x pipeline "
+                f"ranks ({self.pipeline_degree})."
+            )
+        if [s.stage_index for s in self.stages] != list(range(len(self.stages))):
+            raise PlanError("Stage indices must be 0, 1, ... in order.")
+        for stage in self.stages:
+            expected = stage_ranks(stage.stage_index, self.pipeline_degree, self.num_replicas)
+            if stage.ranks != expected:
+                raise PlanError(f"Stage {stage.stage_index} must run on ranks {expected}, not {stage.ranks}.")
         for before, after in zip(self.stages, self.stages[1:]):
             if before.node_end != after.node_start or after.node_start >= after.node_end:
                 raise PlanError(
                     f"Stages {before.stage_index} and {after.stage_index} are not contiguous, non-empty "
                     f"node ranges ({before.node_start}-{before.node_end}, {after.node_start}-{after.node_end})."
                 )
-        if [s.stage_index for s in self.stages] != list(range(len(self.stages))):
-            raise PlanError("Stage indices must be 0, 1, ... in order.")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -122,8 +152,9 @@ class PartitionPlan:
     def summary(self) -> list[str]:
         """One line per stage, as logged at setup."""
         head = (
-            f"plan: {self.num_stages} stage(s), {self.num_microbatches} micro-batch(es) of {self.microbatch_size}, "
-            f"schedule={self.schedule}, predicted step {self.predicted_step_ms:.2f} ms"
+            f"plan: {self.num_stages} stage(s) x {self.num_replicas} replica(s), {self.num_microbatches} "
+            f"micro-batch(es) of {self.microbatch_size}, schedule={self.schedule}, "
+            f"predicted step {self.predicted_step_ms:.2f} ms"
         )
         lines = [head]
         for s in self.stages:
@@ -138,5 +169,28 @@ class PartitionPlan:
 Plan = PartitionPlan
 
 
+def stage_ranks(stage_index: int, pipeline_degree: int, num_replicas: int) -> list[int]:
+    """Global ranks of a stage. Ranks ``d*S .. d*S+S-1`` form replica ``d``'s pipeline, so that
+    pipeline neighbours are neighbouring ranks (usually on one node); stage ``i`` runs on
+    position ``i % S`` of every pipeline."""
+    return [d * pipeline_degree + stage_index % pipeline_degree for d in range(num_replicas)]
+
+
 def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.2f}MiB"
+
+
+def choose_microbatches(batch_size: int, requested: int, minimum: int = 1) -> int:
+    """The planned count when it divides the batch, else the divisor of the batch closest to it.
+
+    Micro-batches must all have one shape (the pipeline's buffers are fixed per shape), so a
+    batch of 10 with 4 micro-batches planned runs as 5 micro-batches of 2. ``minimum`` is what
+    the schedule needs to run (1F1B: one micro-batch per pipeline stage at least).
+    """
+    candidates = [d for d in range(max(1, minimum), batch_size + 1) if batch_size % d == 0]
+    if not candidates:
+        raise PlanError(
+            f"A batch of {batch_size} sample(s) cannot be split into the {minimum} micro-batches the "
+            "schedule needs at least: use larger batches (drop_last=True) or schedule='gpipe'."
+        )
+    return min(candidates, key=lambda d: (abs(d - requested), d))

@@ -5,14 +5,32 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from lightning_rannc.plan.cost_model import BlockCost, estimate_gpipe_step_ms, estimate_stage_ms
-from lightning_rannc.plan.plan import PartitionPlan, StagePlan
+from lightning_rannc.errors import PlanError
+from lightning_rannc.plan.cost_model import BlockCost, estimate_stage_ms, estimate_step_ms
+from lightning_rannc.plan.plan import SCHEDULES, PartitionPlan, StagePlan, stage_ranks
 from lightning_rannc.plan.solver import solve_min_max_partition
 
-__all__ = ["plan_pipeline", "describe_span"]
+__all__ = ["plan_pipeline", "describe_span", "choose_schedule"]
 
 # 10 GB/s, RaNNC's fixed point-to-point figure; only tips the balance between equal splits.
 DEFAULT_P2P_BYTES_PER_MS = 10e9 / 1e3
+
+
+def choose_schedule(requested: str, pipeline_degree: int, num_microbatches: int, virtual_stages: int) -> str:
+    """Resolve ``"auto"``: interleaved with virtual stages, else 1F1B (fewer activations in
+    flight than GPipe, same time) when there are enough micro-batches to fill the pipeline."""
+    if requested == "auto":
+        if virtual_stages > 1:
+            return "interleaved_1f1b"
+        return "1f1b" if num_microbatches >= pipeline_degree else "gpipe"
+    if requested not in SCHEDULES:
+        raise PlanError(f"Unknown schedule {requested!r}; valid: {['auto', *SCHEDULES]}.")
+    if requested == "1f1b" and num_microbatches < pipeline_degree:
+        raise PlanError(
+            f"schedule='1f1b' needs at least as many micro-batches as pipeline stages "
+            f"({num_microbatches} < {pipeline_degree}): raise micro_batches or use schedule='gpipe'."
+        )
+    return requested
 
 
 def plan_pipeline(
@@ -24,38 +42,55 @@ def plan_pipeline(
     graph_fingerprint: str,
     tensor_bytes: Mapping[str, int],
     tensor_numel: Mapping[str, int],
+    num_replicas: int = 1,
+    virtual_stages: int = 1,
+    schedule: str = "auto",
     p2p_bytes_per_ms: float = DEFAULT_P2P_BYTES_PER_MS,
 ) -> PartitionPlan:
-    """Split ``blocks`` into ``num_stages`` stages minimising the slowest stage; one rank per stage."""
+    """Split ``blocks`` into ``num_stages`` stages minimising the slowest stage.
+
+    ``num_stages`` counts every stage: a pipeline has ``num_stages / virtual_stages`` ranks, and
+    ``num_replicas`` copies of the pipeline train on different data.
+    """
+    if num_stages % virtual_stages:
+        raise PlanError(f"{num_stages} stages cannot be spread as {virtual_stages} virtual stages per rank.")
+    pipeline_degree = num_stages // virtual_stages
 
     def cost(i: int, j: int) -> float:
         return estimate_stage_ms(blocks[i:j], p2p_bytes_per_ms, is_last=j == len(blocks))
 
     bounds, _ = solve_min_max_partition(len(blocks), num_stages, cost)
     stages = [
-        _stage_plan(index, blocks[a:b], tensor_bytes, tensor_numel)
+        _stage_plan(index, blocks[a:b], tensor_bytes, tensor_numel, stage_ranks(index, pipeline_degree, num_replicas))
         for index, (a, b) in enumerate(zip(bounds, bounds[1:]))
     ]
     stage_ms = [cost(a, b) for a, b in zip(bounds, bounds[1:])]
     plan = PartitionPlan(
         graph_fingerprint=graph_fingerprint,
-        world_size=num_stages,
+        world_size=pipeline_degree * num_replicas,
         num_microbatches=num_microbatches,
         microbatch_size=microbatch_size,
         stages=stages,
-        predicted_step_ms=estimate_gpipe_step_ms(stage_ms, num_microbatches),
+        schedule=choose_schedule(schedule, pipeline_degree, num_microbatches, virtual_stages),
+        num_replicas=num_replicas,
+        virtual_stages=virtual_stages,
+        predicted_step_ms=estimate_step_ms(stage_ms, num_microbatches, virtual_stages),
     )
     plan.validate()
     return plan
 
 
 def _stage_plan(
-    index: int, blocks: Sequence[BlockCost], tensor_bytes: Mapping[str, int], tensor_numel: Mapping[str, int]
+    index: int,
+    blocks: Sequence[BlockCost],
+    tensor_bytes: Mapping[str, int],
+    tensor_numel: Mapping[str, int],
+    ranks: list[int],
 ) -> StagePlan:
     names = list(dict.fromkeys(n for b in blocks for n in b.tensor_names))
     return StagePlan(
         stage_index=index,
-        ranks=[index],
+        ranks=ranks,
         node_start=blocks[0].start,
         node_end=blocks[-1].end,
         module_span=describe_span([p for b in blocks for p in b.module_paths]),

@@ -3,11 +3,16 @@
 The strategy owns one ``PipelineEngine``. It is built lazily at the first training batch
 (capture needs a real batch, as RaNNC partitions at the first forward): every rank captures
 the step, rank 0 profiles and plans, the plan is broadcast (or rank 0's error, so that every
-rank raises it), and each rank builds only its own stage and frees the other stages' tensors.
+rank raises it), the mesh's process groups are created, and each rank builds only its own
+stages and frees the other stages' tensors.
+
+A batch of another shape (a smaller last batch, another sequence length) is captured again
+and gets its own stage objects for the same plan; nothing is re-planned.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +24,20 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_unflatten
 
 from lightning_rannc._utils import where_defined
-from lightning_rannc.capture.export import CapturedStep, capture_training_step, flatten_batch
-from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.capture.export import CapturedStep, capture_training_step, fake_module_state, flatten_batch
+from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
 from lightning_rannc.plan.planner import plan_pipeline
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
-from lightning_rannc.runtime.optim import gather_optimizer_state, keep_local_params
+from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
+from lightning_rannc.runtime.optim import (
+    broadcast_from_owners,
+    clip_grad_norm,
+    gather_optimizer_state,
+    keep_local_params,
+    shard_over_replicas,
+)
 from lightning_rannc.runtime.pipeline import PipelineRuntime
 from lightning_rannc.runtime.state import gather_tensors, install_tensors, local_tensors, release_tensors
 
@@ -33,11 +45,18 @@ __all__ = ["EngineOptions", "PipelineEngine"]
 
 log = logging.getLogger("lightning_rannc")
 
+ShapeKey = tuple[tuple[int, ...], ...]
+
 
 @dataclass(kw_only=True, frozen=True)
 class EngineOptions:
-    num_stages: int
-    num_microbatches: int
+    pipeline_degree: int
+    """Ranks per pipeline (S)."""
+    num_replicas: int = 1
+    """Data-parallel copies of the pipeline (D)."""
+    virtual_stages: int = 1
+    num_microbatches: int = 4
+    schedule: str = "auto"
     max_blocks: int = 64
     profile_repeats: int = 3
 
@@ -45,7 +64,9 @@ class EngineOptions:
 class PipelineEngine:
     """One rank's view of the pipelined training step of ``module``."""
 
-    def __init__(self, module: nn.Module, options: EngineOptions, rank: int, device: torch.device) -> None:
+    def __init__(
+        self, module: nn.Module, options: EngineOptions, rank: int, device: torch.device, groups: ProcessGroups
+    ) -> None:
         self.module = module
         self.options = options
         self.rank = rank
@@ -53,56 +74,76 @@ class PipelineEngine:
         self.where = where_defined(type(module).training_step)  # type: ignore[attr-defined]
         self.plan: PartitionPlan | None = None
         self._captured: CapturedStep | None = None
-        self._runtime: PipelineRuntime | None = None
-        self._leaf_shapes: list[torch.Size] = []
+        self._groups = groups
+        self._runtimes: dict[ShapeKey, PipelineRuntime] = {}
+        self._last_runtime: PipelineRuntime | None = None
+        self._local: set[str] = set()
         self._owned: set[str] = set()
         self._names: dict[int, str] = {}
         self._layouts: dict[int, list[list[str]]] = {}
+        self._optimizer_owner: dict[str, int] = {}
+        self._updated_elsewhere: list[str] = []
+        self._node_keys: list[tuple[str, str]] = []
+        self._node_names: list[str] = []
 
     @property
     def built(self) -> bool:
-        return self._runtime is not None
+        return self.plan is not None
 
     # --- building -------------------------------------------------------------------------
 
     def build(self, batch: Any) -> None:
-        """Capture, plan and build this rank's stage from the first batch. Collective."""
-        leaves, spec = flatten_batch(batch, self.where)
-        microbatch_size = self._check_batch_size(leaves)
-        micro_leaves = [leaf[:microbatch_size] for leaf in leaves]
-        self._captured = capture_training_step(self.module, tree_unflatten(micro_leaves, spec))
-        graph = StepGraph.from_captured(self._captured)
-        self.plan = self._agree_on_plan(graph, micro_leaves)
-        self._leaf_shapes = [leaf.shape for leaf in leaves]
-        self._runtime = PipelineRuntime(graph, self.plan, self.rank, self.device)
-        self._owned = self._owned_names()
-        self._names = {id(t): n for n, t in self._captured.tensors.items()}
+        """Capture, plan and build this rank's stages from the first batch. Collective."""
+        leaves, _ = flatten_batch(batch, self.where)
+        batch_size = _batch_size(leaves, self.where)
+        num_microbatches = choose_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
+        captured, graph = self._capture(batch, num_microbatches)
+        self.plan = self._agree_on_plan(graph, leaves, num_microbatches)
+        self._captured = captured
+        self._node_keys, self._node_names = graph.node_keys(), [n.name for n in graph.nodes]
+        trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
+        add_tied_groups(self._groups, self.plan, self.rank, trainable)
+        self._local = {n for s in self.plan.stages_of_rank(self.rank) for n in s.tensor_names}
+        self._owned = self._state_owned_names()
+        self._names = {id(t): n for n, t in captured.tensors.items()}
+        self._optimizer_owner = shard_over_replicas(
+            {n: captured.tensors[n].numel() for n in sorted(self._local & trainable)}, self.plan.num_replicas
+        )
+        self._add_runtime(_shape_key(leaves), graph, num_microbatches)
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
-        self._captured.forget_tensors_except(self._owned)
+        captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:
             for line in self.plan.summary():
                 log.info(line)
 
-    def _check_batch_size(self, leaves: list[torch.Tensor]) -> int:
-        sizes = {int(leaf.shape[0]) if leaf.dim() else -1 for leaf in leaves}
-        if len(sizes) != 1 or -1 in sizes:
-            raise RuntimeSetupError(
-                f"Every tensor in the batch given to `training_step` ({self.where}) must have the batch "
-                f"size as its first dimension; got first dimensions {sorted(sizes)}."
-            )
-        batch_size, num_mb = sizes.pop(), self.options.num_microbatches
-        if batch_size < num_mb or batch_size % num_mb:
-            raise RuntimeSetupError(
-                f"The batch size ({batch_size}) must be a multiple of `micro_batches` ({num_mb}) of "
-                f"RaNNCStrategy: change the DataLoader's batch_size or the strategy's micro_batches."
-            )
-        return batch_size // num_mb
+    def _min_microbatches(self) -> int:
+        needs_fill = self.options.schedule in ("1f1b", "interleaved_1f1b") or self.options.virtual_stages > 1
+        return self.options.pipeline_degree if needs_fill else 1
 
-    def _agree_on_plan(self, graph: StepGraph, micro_leaves: list[torch.Tensor]) -> PartitionPlan:
+    def _capture(self, batch: Any, num_microbatches: int) -> tuple[CapturedStep, StepGraph]:
+        leaves, spec = flatten_batch(batch, self.where)
+        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
+        micro = tree_unflatten([leaf[:microbatch_size] for leaf in leaves], spec)
+        captured = capture_training_step(self.module, micro)
+        return captured, StepGraph.from_captured(captured)
+
+    def _capture_again(self, batch: Any, num_microbatches: int) -> StepGraph:
+        """Capture the step for another batch shape, with fake tensors standing in for the
+        module's (other stages' are freed), then point the graph at this rank's real tensors."""
+        assert self._captured is not None
+        leaves, spec = flatten_batch(batch, self.where)
+        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
+        with fake_module_state(self.module, self.device) as mode:
+            micro = tree_unflatten([mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves], spec)
+            graph = StepGraph.from_captured(capture_training_step(self.module, micro))
+        graph.tensors = self._captured.tensors  # this rank's parameters, buffers and constants
+        return graph
+
+    def _agree_on_plan(self, graph: StepGraph, leaves: list[torch.Tensor], num_microbatches: int) -> PartitionPlan:
         payload: list[Any] = [None]
         if self.rank == 0:
             try:
-                payload[0] = self._make_plan(graph, micro_leaves)
+                payload[0] = self._make_plan(graph, leaves, num_microbatches)
             except Exception as err:  # every rank must learn of the failure, not wait for a plan
                 payload[0] = err
         if dist.is_initialized():
@@ -112,71 +153,113 @@ class PipelineEngine:
         plan: PartitionPlan = payload[0]
         if plan.graph_fingerprint != graph.fingerprint():
             raise RuntimeSetupError(
-                f"Rank {self.rank} captured a different graph of `training_step` ({self.where}) than rank 0. "
-                "The step must trace the same way on every rank (no rank-dependent code in training_step)."
+                f"Rank {self.rank} captured a different graph of `training_step` ({self.where}) than rank 0 "
+                "from its first batch. Every rank must trace the same step (no rank-dependent branches, "
+                "and the same batch shapes on every rank at the first step)."
             )
         return plan
 
-    def _make_plan(self, graph: StepGraph, micro_leaves: list[torch.Tensor]) -> PartitionPlan:
-        spans = group_nodes(graph, self.options.max_blocks)
-        if len(spans) < self.options.num_stages:
+    def _plan_for(self, graph: StepGraph, num_microbatches: int) -> PartitionPlan:
+        """The plan, with its node ranges moved onto another capture of the step (another shape)."""
+        assert self.plan is not None and self._captured is not None
+        plan = dataclasses.replace(self.plan, num_microbatches=num_microbatches)
+        if graph.fingerprint() == plan.graph_fingerprint:
+            return plan
+        matched = align_nodes(self._node_keys, graph.node_keys())
+        starts = [_next_matched(matched, s.node_start, len(graph)) for s in plan.stages] + [len(graph)]
+        stages = [dataclasses.replace(s, node_start=a, node_end=b) for s, a, b in zip(plan.stages, starts, starts[1:])]
+        names = {i: n.name for i, n in enumerate(graph.nodes)}
+        no_grad = [
+            names[matched[i]] for i, n in enumerate(self._node_names) if n in plan.no_grad_values and i in matched
+        ]
+        plan = dataclasses.replace(plan, stages=stages, no_grad_values=no_grad + list(plan.no_grad_values))
+        for stage in plan.stages_of_rank(self.rank):
+            missing = set(graph.tensor_names(stage.node_start, stage.node_end)) - set(self._captured.tensors)
+            if stage.node_start >= stage.node_end or missing:
+                raise RuntimeSetupError(
+                    f"A batch of another shape changes the graph of `training_step` ({self.where}) so much "
+                    f"that stage {stage.stage_index} no longer matches the plan (needs {sorted(missing)}). "
+                    "Use fixed batch shapes (drop_last=True, padding to one length)."
+                )
+        return plan
+
+    def _make_plan(self, graph: StepGraph, leaves: list[torch.Tensor], num_microbatches: int) -> PartitionPlan:
+        options = self.options
+        num_stages = options.pipeline_degree * options.virtual_stages
+        spans = group_nodes(graph, options.max_blocks)
+        if len(spans) < num_stages:
             raise PlanError(
                 f"The training step of {type(self.module).__name__} ({self.where}) splits into only "
-                f"{len(spans)} block(s), fewer than the {self.options.num_stages} pipeline stages asked for: "
-                "use fewer devices or pipeline_stages, or raise max_blocks."
+                f"{len(spans)} block(s), fewer than the {num_stages} pipeline stages asked for: "
+                "use fewer pipeline stages, or raise max_blocks."
             )
-        costs = profile_blocks(graph, micro_leaves, spans, self.options.profile_repeats)
+        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
+        micro_leaves = [leaf[:microbatch_size] for leaf in leaves]
+        costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
         tensors = graph.tensors
         plan = plan_pipeline(
             costs,
-            num_stages=self.options.num_stages,
-            num_microbatches=self.options.num_microbatches,
-            microbatch_size=int(micro_leaves[0].shape[0]),
+            num_stages=num_stages,
+            num_microbatches=options.num_microbatches,
+            microbatch_size=microbatch_size,
             graph_fingerprint=graph.fingerprint(),
             tensor_bytes={n: t.numel() * t.element_size() for n, t in tensors.items()},
             tensor_numel={n: t.numel() for n, t in tensors.items()},
+            num_replicas=options.num_replicas,
+            virtual_stages=options.virtual_stages,
+            schedule=options.schedule,
         )
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         return plan
 
-    def _owned_names(self) -> set[str]:
-        """Canonical names of the module's state this rank keeps; unused tensors stay on rank 0."""
+    def _state_owned_names(self) -> set[str]:
+        """Tensors this rank contributes to a gathered state dict: its stages' on the first
+        replica; tensors no stage uses stay on rank 0."""
         assert self._captured is not None and self.plan is not None
         canonical = set(self._captured.aliases.values())
-        owned = canonical & set(self.plan.stage_of_rank(self.rank).tensor_names)
+        owned = canonical & self._local if self._groups.dp_rank == 0 else set()
         if self.rank == 0:
-            used = {n for s in self.plan.stages for n in s.tensor_names}
-            owned |= canonical - used
+            owned |= canonical - {n for s in self.plan.stages for n in s.tensor_names}
         return owned
 
+    def _add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
+        plan = self._plan_for(graph, num_microbatches)
+        runtime = PipelineRuntime(graph, plan, self.rank, self.device, self._groups)
+        self._runtimes[key] = runtime
+        return runtime
+
+    def _runtime_for(self, batch: Any, leaves: list[torch.Tensor], batch_idx: int) -> PipelineRuntime:
+        key = _shape_key(leaves)
+        if key in self._runtimes:
+            return self._runtimes[key]
+        assert self.plan is not None
+        num_microbatches = self.plan.microbatches_for(_batch_size(leaves, self.where))
+        log.debug("batch %d has shapes %s: capturing the step for them", batch_idx, key)
+        graph = self._capture_again(batch, num_microbatches)
+        return self._add_runtime(key, graph, num_microbatches)
+
     def restrict_optimizers(self, optimizers: list[Optimizer]) -> None:
-        """Keep only this rank's parameters in the user's optimizers, then free the others' memory."""
-        assert self._captured is not None
+        """Keep in the user's optimizers only the parameters whose optimizer state this rank
+        holds (its stages', sharded over replicas), then free other stages' memory."""
+        dp_rank = self._groups.dp_rank
+        keep = {n for n in self._local if self._optimizer_owner.get(n, dp_rank) == dp_rank}
+        self._updated_elsewhere = sorted(set(self._optimizer_owner) - keep)
         for index, optimizer in enumerate(optimizers):
-            self._layouts[index] = keep_local_params(optimizer, self._names, self._owned)
-        self._names = {i: n for i, n in self._names.items() if n in self._owned}
+            self._layouts[index] = keep_local_params(optimizer, self._names, keep)
+        self._names = {i: n for i, n in self._names.items() if n in self._local | self._owned}
         self.release()
 
     def release(self) -> None:
         assert self._captured is not None
-        release_tensors(self.module, self._captured.aliases, self._owned)
+        release_tensors(self.module, self._captured.aliases, self._local | self._owned)
 
     # --- stepping -------------------------------------------------------------------------
 
-    def check_batch(self, batch: Any, batch_idx: int) -> list[torch.Tensor]:
+    def run(self, batch: Any, batch_idx: int) -> torch.Tensor:
         leaves, _ = flatten_batch(batch, self.where)
-        shapes = [leaf.shape for leaf in leaves]
-        if shapes != self._leaf_shapes:
-            raise RuntimeSetupError(
-                f"Batch {batch_idx} has tensor shapes {[tuple(s) for s in shapes]}, but the pipeline was "
-                f"built for {[tuple(s) for s in self._leaf_shapes]}. RaNNCStrategy needs a fixed batch "
-                "shape so far: use `drop_last=True` in the DataLoader and pad to a fixed sequence length."
-            )
-        return leaves
-
-    def run(self, leaves: list[torch.Tensor]) -> torch.Tensor:
-        assert self._runtime is not None
-        return self._runtime.run(leaves)
+        runtime = self._runtime_for(batch, leaves, batch_idx)
+        self._last_runtime = runtime
+        return runtime.run(leaves)
 
     def replay_logs(self, values: torch.Tensor) -> None:
         """Call the user's ``self.log`` with each logged value, now equal on every rank."""
@@ -195,8 +278,26 @@ class PipelineEngine:
         return {"loss": loss, **extras}
 
     def accumulate_grads(self, scale: float) -> None:
-        assert self._runtime is not None
-        self._runtime.accumulate_grads(scale)
+        assert self._last_runtime is not None
+        self._last_runtime.accumulate_grads(scale)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip this rank's gradients by the norm over the whole model (all stages). Collective."""
+        assert self.plan is not None and self._captured is not None
+        first_holder = _first_holders(self.plan)
+        params = {n: self._captured.tensors[n] for n in sorted(self._local) if n in self._captured.tensors}
+        counted = [p for n, p in params.items() if first_holder.get(n) == self._groups.pp_rank]
+        return clip_grad_norm(list(params.values()), counted, max_norm, self._groups.pp_group)
+
+    def after_optimizer_step(self) -> None:
+        """Share the parameters each replica updated with the others (sharded optimizer state)."""
+        assert self._captured is not None
+        if self._groups.num_replicas > 1:
+            broadcast_from_owners(self._captured.tensors, self._optimizer_owner, self._groups)
+        # Lightning's zero_grad only reaches parameters in the optimizer; the others' gradients
+        # (kept for the gradient norm) must not leak into the next accumulation window.
+        for name in self._updated_elsewhere:
+            self._captured.tensors[name].grad = None
 
     # --- full state -----------------------------------------------------------------------
 
@@ -216,3 +317,32 @@ class PipelineEngine:
         assert self._captured is not None
         values = gather_tensors(local_tensors(self._captured.tensors, sorted(self._owned)), None)
         install_tensors(self.module, self._captured.aliases, values, self.device)
+
+
+def _batch_size(leaves: list[torch.Tensor], where: str) -> int:
+    sizes = {int(leaf.shape[0]) if leaf.dim() else -1 for leaf in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise RuntimeSetupError(
+            f"Every tensor in the batch given to `training_step` ({where}) must have the batch "
+            f"size as its first dimension; got first dimensions {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def _shape_key(leaves: list[torch.Tensor]) -> ShapeKey:
+    return tuple(tuple(leaf.shape) for leaf in leaves)
+
+
+def _next_matched(matched: dict[int, int], index: int, default: int) -> int:
+    """New index of the first node at or after ``index`` that both captures share."""
+    later = [matched[i] for i in matched if i >= index]
+    return min(later) if later else default
+
+
+def _first_holders(plan: PartitionPlan) -> dict[str, int]:
+    """Pipeline position of the first stage holding each tensor (counts it once in norms)."""
+    first: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.tensor_names:
+            first.setdefault(name, stage.stage_index % plan.pipeline_degree)
+    return first

@@ -2,8 +2,10 @@
 
 The optimizer object from ``configure_optimizers`` is kept (LR schedulers hold it); only the
 ``params`` lists of its groups are filtered in place, so group hyperparameters and scheduler
-updates keep working. ``gather_optimizer_state`` rebuilds the state dict the unpartitioned
-optimizer would have, so checkpoints look like a single-device run's.
+updates keep working. With replicas, each parameter of a stage is updated by one replica only
+(ZeRO stage 1: each replica holds about 1/D of the stage's optimizer state), which then
+broadcasts the new values to the others. ``gather_optimizer_state`` rebuilds the state dict the
+unpartitioned optimizer would have, so checkpoints look like a single-device run's.
 """
 
 from __future__ import annotations
@@ -12,11 +14,70 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
+from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.state import gather_tensors
 
-__all__ = ["keep_local_params", "gather_optimizer_state"]
+__all__ = [
+    "keep_local_params",
+    "gather_optimizer_state",
+    "shard_over_replicas",
+    "broadcast_from_owners",
+    "clip_grad_norm",
+]
+
+
+def shard_over_replicas(numels: Mapping[str, int], num_replicas: int) -> dict[str, int]:
+    """Assign each parameter to the replica that updates it: largest first, to the least loaded."""
+    load = [0] * num_replicas
+    owner: dict[str, int] = {}
+    for name in sorted(numels, key=lambda n: (-numels[n], n)):
+        replica = load.index(min(load))
+        owner[name] = replica
+        load[replica] += numels[name]
+    return owner
+
+
+def broadcast_from_owners(tensors: Mapping[str, torch.Tensor], owner: Mapping[str, int], groups: ProcessGroups) -> None:
+    """After the optimizer step, copy every parameter from the replica that updated it. Collective
+    over the replica group; one flat broadcast per replica."""
+    for replica in range(groups.num_replicas):
+        params = [tensors[n] for n in sorted(owner) if owner[n] == replica]
+        if not params:
+            continue
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        dist.broadcast(flat, src=groups.replica_rank(replica), group=groups.dp_group)
+        with torch.no_grad():
+            for param, chunk in zip(params, flat.split([p.numel() for p in params])):
+                param.copy_(chunk.view_as(param))
+
+
+def clip_grad_norm(
+    params: list[torch.Tensor], counted: list[torch.Tensor], max_norm: float, group: Any
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over the whole pipeline.
+
+    Lightning clips with the norm of this process's parameters only; the model's norm needs the
+    squares of every stage's gradients, each parameter counted once (``counted``: the tensors
+    this rank contributes), summed over the pipeline ``group``. All of ``params`` are scaled.
+    """
+    grads = [p.grad for p in counted if p.grad is not None]
+    device = params[0].device if params else torch.device("cpu")
+    total = (
+        torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
+        if grads
+        else torch.zeros((), dtype=torch.float64, device=device)
+    )
+    if dist.is_initialized():
+        dist.all_reduce(total, group=group)
+    norm = total.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for param in params:
+        if param.grad is not None:
+            param.grad.mul_(coef.to(param.grad.dtype))
+    return norm.float()
 
 
 def keep_local_params(optimizer: Optimizer, names: Mapping[int, str], local: set[str]) -> list[list[str]]:

@@ -1,11 +1,13 @@
 """Pipelined training across processes gives the numbers of plain single-process Lightning.
 
-The pipelined runs go through a real script and Lightning's own launcher (one run per world
-size, several cases per run, to keep the suite short); the references run in this process.
+The pipelined runs go through a real script and Lightning's own launcher (one script per world
+size, several runs per script, to keep the suite short); the references run in this process
+with the same global batches. Layouts are (S ranks per pipeline, D replicas).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,111 +21,108 @@ from models import GPT
 
 pytestmark = pytest.mark.distributed
 
-TWO_PROCESS_CASES = ("gpt", "cnn", "logging")
+
+def _run(label: str, case: str, **strategy: object) -> dict:
+    return {"label": label, "case": case, "strategy": strategy}
 
 
-@pytest.fixture(scope="module")
-def two_process_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pipelined2")
-    run_script("run_pipelined.py", str(out), "2", ",".join(TWO_PROCESS_CASES), timeout=420)
-    return out
+RUNS = {
+    2: [
+        _run("gpt", "gpt"),
+        _run("cnn", "cnn"),
+        _run("logging", "logging"),
+        _run("s1d2_gpipe", "gpt_full", pipeline_stages=1, schedule="gpipe"),
+        _run("s1d2_1f1b", "gpt_full", pipeline_stages=1, schedule="1f1b"),
+        _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
+        _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
+        _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
+        _run("varlen", "gpt_varlen"),
+    ],
+    3: [_run("gpt6", "gpt6")],
+    4: [
+        _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
+        _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
+        _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
+        _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
+    ],
+}
+LAYOUTS = [(world, run) for world, runs in RUNS.items() for run in runs]
 
 
-@pytest.fixture(scope="module")
-def three_process_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("pipelined3")
-    run_script("run_pipelined.py", str(out), "3", "gpt6", timeout=300)
-    return out
+def _replicas(world: int, run: dict) -> int:
+    return world // run["strategy"].get("pipeline_stages", world)
 
 
-_REFERENCES: dict[str, Path] = {}
+_PIPELINED: dict[int, Path] = {}
+_REFERENCES: dict[tuple[str, int], Path] = {}
 
 
 @pytest.fixture
-def reference_dir(tmp_path_factory: pytest.TempPathFactory):
-    def get(name: str) -> Path:
-        if name not in _REFERENCES:
-            _REFERENCES[name] = tmp_path_factory.mktemp(f"reference_{name}")
-            run_case(name, _REFERENCES[name], devices=1)
-        return _REFERENCES[name]
+def pipelined(tmp_path_factory: pytest.TempPathFactory):
+    def get(world: int) -> Path:
+        if world not in _PIPELINED:
+            out = tmp_path_factory.mktemp(f"pipelined{world}")
+            run_script("run_pipelined.py", str(out), str(world), json.dumps(RUNS[world]), timeout=600)
+            _PIPELINED[world] = out
+        return _PIPELINED[world]
 
     return get
 
 
-def _checkpoint(directory: Path, name: str) -> dict:
-    return torch.load(directory / f"{name}.ckpt", weights_only=False)
+@pytest.fixture
+def reference(tmp_path_factory: pytest.TempPathFactory):
+    def get(case: str, replicas: int) -> Path:
+        if (case, replicas) not in _REFERENCES:
+            out = tmp_path_factory.mktemp(f"reference_{case}_{replicas}")
+            run_case(case, out, batch_scale=replicas, devices=1)
+            _REFERENCES[case, replicas] = out
+        return _REFERENCES[case, replicas]
+
+    return get
 
 
-def _assert_same_training(pipelined: Path, reference: Path, name: str, world_size: int) -> None:
-    ours, ref = load_record(pipelined, name, 0), load_record(reference, name, 0)
+def _checkpoint(directory: Path, label: str) -> dict:
+    return torch.load(directory / f"{label}.ckpt", weights_only=False)
+
+
+def _ids(layout: tuple[int, dict]) -> str:
+    return f"{layout[0]}proc-{layout[1]['label']}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+def test_losses_and_weights_match_single_process(pipelined, reference, layout: tuple[int, dict]) -> None:
+    world, run = layout
+    ours_dir, ref_dir = pipelined(world), reference(run["case"], _replicas(world, run))
+    ours, ref = load_record(ours_dir, run["label"], 0), load_record(ref_dir, run["case"], 0)
     assert len(ours["losses"]) == len(ref["losses"]) >= 5
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
-    ckpt, ref_ckpt = _checkpoint(pipelined, name), _checkpoint(reference, name)
+    ckpt, ref_ckpt = _checkpoint(ours_dir, run["label"]), _checkpoint(ref_dir, run["case"])
     assert list(ckpt["state_dict"]) == list(ref_ckpt["state_dict"])
     for key, value in ref_ckpt["state_dict"].items():
         torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=1e-5, atol=1e-5, msg=key)
-    for rank in range(world_size):  # after fit every rank holds the whole trained module again
-        final = load_record(pipelined, name, rank)["final_state"]
+    for rank in range(world):  # after fit every rank holds the whole trained module again
+        final = load_record(ours_dir, run["label"], rank)["final_state"]
         for key, value in ref["final_state"].items():
             torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-5, msg=f"rank {rank}: {key}")
 
 
-@pytest.mark.parametrize("name", TWO_PROCESS_CASES)
-def test_two_stages_match_single_process(two_process_dir: Path, reference_dir, name: str) -> None:
-    _assert_same_training(two_process_dir, reference_dir(name), name, world_size=2)
-
-
-def test_three_uneven_stages_match_single_process(three_process_dir: Path, reference_dir) -> None:
-    _assert_same_training(three_process_dir, reference_dir("gpt6"), "gpt6", world_size=3)
-    plan = PartitionPlan.from_json(load_record(three_process_dir, "gpt6", 0)["plan"])
-    assert plan.num_stages == 3
-    assert [s.ranks for s in plan.stages] == [[0], [1], [2]]
-    assert len({s.node_end - s.node_start for s in plan.stages}) > 1  # an uneven split of the graph
-
-
-@pytest.mark.parametrize("name", TWO_PROCESS_CASES)
-def test_logged_values_equal_on_every_rank_and_match_reference(two_process_dir: Path, reference_dir, name: str) -> None:
-    rank0, rank1 = load_record(two_process_dir, name, 0), load_record(two_process_dir, name, 1)
-    assert rank0["metrics"] == rank1["metrics"]
-    if name == "logging":  # validated at steps 3 and 6 on the gathered module, between training steps
-        assert "val_loss" in rank0["metrics"][3] and "val_loss" not in rank0["metrics"][1]
-    ref = load_record(reference_dir(name), name, 0)
-    for ours, theirs in zip(rank0["metrics"], ref["metrics"], strict=True):
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+def test_logged_values_equal_on_every_rank_and_match_reference(pipelined, reference, layout) -> None:
+    world, run = layout
+    records = [load_record(pipelined(world), run["label"], rank) for rank in range(world)]
+    assert all(r["metrics"] == records[0]["metrics"] for r in records)
+    ref = load_record(reference(run["case"], _replicas(world, run)), run["case"], 0)
+    for ours, theirs in zip(records[0]["metrics"], ref["metrics"], strict=True):
         assert ours.keys() == theirs.keys()
         for key in theirs:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize("name", TWO_PROCESS_CASES)
-def test_each_rank_holds_only_its_stage_parameters_while_training(two_process_dir: Path, name: str) -> None:
-    plan = PartitionPlan.from_json(load_record(two_process_dir, name, 0)["plan"])
-    kept = [set(load_record(two_process_dir, name, rank)["kept_params"]) for rank in range(2)]
-    all_params = set(load_record(two_process_dir, name, 0)["final_state"])
-    for rank, stage in enumerate(plan.stages):
-        assert kept[rank] == set(stage.tensor_names) & all_params
-    assert kept[0] | kept[1] >= all_params - {"head.weight"}  # head.weight is tok_emb.weight
-    assert kept[0] != kept[1]
-
-
-def test_tied_embedding_spans_first_and_last_stage(two_process_dir: Path) -> None:
-    plan = PartitionPlan.from_json(load_record(two_process_dir, "gpt", 0)["plan"])
-    assert "tok_emb.weight" in plan.stages[0].tensor_names
-    assert "tok_emb.weight" in plan.stages[-1].tensor_names  # the head uses it too
-    final = load_record(two_process_dir, "gpt", 1)["final_state"]
-    assert torch.equal(final["tok_emb.weight"], final["head.weight"])
-
-
-def test_checkpoint_loads_as_a_plain_lightning_checkpoint(two_process_dir: Path) -> None:
-    path = two_process_dir / "gpt.ckpt"
-    torch.load(path, weights_only=True)  # nothing of lightning_rannc is pickled in it
-    model = GPT.load_from_checkpoint(path)
-    saved = _checkpoint(two_process_dir, "gpt")["state_dict"]
-    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
-    assert model.head.weight is model.tok_emb.weight
-
-
-def test_checkpoint_optimizer_and_scheduler_state_match_single_process(two_process_dir: Path, reference_dir) -> None:
-    ckpt, ref = _checkpoint(two_process_dir, "logging"), _checkpoint(reference_dir("logging"), "logging")
+@pytest.mark.parametrize("layout", [x for x in LAYOUTS if x[1]["case"] in ("gpt_full", "logging")], ids=_ids)
+def test_checkpoint_optimizer_and_scheduler_state_match_single_process(pipelined, reference, layout) -> None:
+    world, run = layout
+    ckpt = _checkpoint(pipelined(world), run["label"])
+    ref = _checkpoint(reference(run["case"], _replicas(world, run)), run["case"])
     assert ckpt["lr_schedulers"] == ref["lr_schedulers"]
     ours, theirs = ckpt["optimizer_states"][0], ref["optimizer_states"][0]
     assert ours["param_groups"] == theirs["param_groups"]
@@ -131,3 +130,62 @@ def test_checkpoint_optimizer_and_scheduler_state_match_single_process(two_proce
     for index, state in theirs["state"].items():
         for key, value in state.items():
             torch.testing.assert_close(ours["state"][index][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_logging_case_validated_between_training_steps(pipelined) -> None:
+    metrics = load_record(pipelined(2), "logging", 0)["metrics"]
+    assert "val_loss" in metrics[3] and "val_loss" not in metrics[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
+def test_each_rank_holds_only_its_stages_parameters_while_training(pipelined, layout) -> None:
+    world, run = layout
+    plan = PartitionPlan.from_json(load_record(pipelined(world), run["label"], 0)["plan"])
+    all_params = set(load_record(pipelined(world), run["label"], 0)["final_state"])
+    kept = {r: set(load_record(pipelined(world), run["label"], r)["kept_params"]) for r in range(world)}
+    for rank in range(world):
+        expected = {n for s in plan.stages_of_rank(rank) for n in s.tensor_names} & all_params
+        assert kept[rank] == expected
+    assert set().union(*kept.values()) >= all_params - {"head.weight"}  # head.weight is tok_emb.weight
+
+
+@pytest.mark.parametrize("label", ["s1d2_gpipe", "s1d2_1f1b"])
+def test_replicas_each_hold_about_half_of_the_optimizer_state(pipelined, reference, label: str) -> None:
+    ours = [load_record(pipelined(2), label, rank)["optimizer_state_numel"] for rank in range(2)]
+    full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
+    assert sum(ours) == full
+    assert all(0.4 * full < part < 0.6 * full for part in ours)
+
+
+def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
+    plan = PartitionPlan.from_json(load_record(pipelined(4), "s2d2_1f1b", 0)["plan"])
+    assert (plan.pipeline_degree, plan.num_replicas, plan.schedule) == (2, 2, "1f1b")
+    assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3]]
+    plan = PartitionPlan.from_json(load_record(pipelined(2), "s2d1_interleaved", 0)["plan"])
+    assert (plan.num_stages, plan.virtual_stages, plan.schedule) == (4, 2, "interleaved_1f1b")
+    plan = PartitionPlan.from_json(load_record(pipelined(3), "gpt6", 0)["plan"])
+    assert plan.num_stages == 3 and len({s.node_end - s.node_start for s in plan.stages}) > 1  # uneven
+
+
+def test_changing_shapes_reuse_the_plan_with_stages_built_per_shape(pipelined) -> None:
+    record = load_record(pipelined(2), "varlen", 0)
+    # lengths 16, 12, 8 at batch 8, and the 4-sample last batch of each epoch at two lengths
+    assert record["batch_shapes_built"] >= 4
+    assert len(record["losses"]) == 10
+
+
+def test_tied_embedding_spans_first_and_last_stage(pipelined) -> None:
+    plan = PartitionPlan.from_json(load_record(pipelined(2), "gpt", 0)["plan"])
+    assert "tok_emb.weight" in plan.stages[0].tensor_names
+    assert "tok_emb.weight" in plan.stages[-1].tensor_names  # the head uses it too
+    final = load_record(pipelined(2), "gpt", 1)["final_state"]
+    assert torch.equal(final["tok_emb.weight"], final["head.weight"])
+
+
+def test_checkpoint_loads_as_a_plain_lightning_checkpoint(pipelined) -> None:
+    path = pipelined(2) / "gpt.ckpt"
+    torch.load(path, weights_only=True)  # nothing of lightning_rannc is pickled in it
+    model = GPT.load_from_checkpoint(path)
+    saved = _checkpoint(pipelined(2), "gpt")["state_dict"]
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert model.head.weight is model.tok_emb.weight

@@ -1,9 +1,11 @@
 """Run test cases with ``Trainer(strategy=RaNNCStrategy(...), devices=N)``.
 
 Started by the tests as a plain script, so Lightning's own launcher starts the other ranks,
-exactly as for a user. Usage: ``python run_pipelined.py OUT_DIR DEVICES CASE[,CASE...]``.
+exactly as for a user. Usage: ``python run_pipelined.py OUT_DIR DEVICES RUNS_JSON`` where
+RUNS_JSON is a list of ``{"label": ..., "case": ..., "strategy": {RaNNCStrategy arguments}}``.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,11 +17,10 @@ from cases import run_case  # noqa: E402
 
 
 def main() -> None:
-    out_dir, devices, names = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
-    for name in names:
-        # The ranks must read the reference's batch order; Lightning's injected sampler would shuffle.
-        strategy = lightning_rannc.RaNNCStrategy(micro_batches=4, timeout=120)
-        run_case(name, out_dir, strategy=strategy, devices=devices, use_distributed_sampler=False)
+    out_dir, devices, runs = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+    for run in runs:
+        strategy = lightning_rannc.RaNNCStrategy(timeout=120, **run.get("strategy", {}))
+        run_case(run["case"], out_dir, label=run["label"], strategy=strategy, devices=devices)
 
 
 if __name__ == "__main__":

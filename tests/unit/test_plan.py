@@ -3,8 +3,9 @@ import json
 import pytest
 
 from lightning_rannc import PartitionPlan, PlanError, StagePlan
-from lightning_rannc.plan.cost_model import BlockCost
-from lightning_rannc.plan.planner import describe_span, plan_pipeline
+from lightning_rannc.plan.cost_model import BlockCost, estimate_step_ms
+from lightning_rannc.plan.plan import stage_ranks
+from lightning_rannc.plan.planner import choose_schedule, describe_span, plan_pipeline
 
 
 def _blocks() -> list[BlockCost]:
@@ -24,7 +25,7 @@ def _blocks() -> list[BlockCost]:
     ]
 
 
-def _plan(num_stages: int = 2) -> PartitionPlan:
+def _plan(num_stages: int = 2, **options) -> PartitionPlan:
     names = [f"layers.{i}.weight" for i in range(5)] + ["emb.weight"]
     return plan_pipeline(
         _blocks(),
@@ -34,6 +35,7 @@ def _plan(num_stages: int = 2) -> PartitionPlan:
         graph_fingerprint="abc",
         tensor_bytes={n: 40 for n in names},
         tensor_numel={n: 10 for n in names},
+        **options,
     )
 
 
@@ -67,7 +69,9 @@ def test_plan_summary_has_one_line_per_stage() -> None:
     [
         (lambda d: d.update(version=99), "format version 99"),
         (lambda d: d["stages"][1].update(node_start=25), "not contiguous"),
-        (lambda d: d["stages"][1].update(ranks=[0]), "each of the 2 ranks once"),
+        (lambda d: d["stages"][1].update(ranks=[0]), r"Stage 1 must run on ranks \[1\], not \[0\]"),
+        (lambda d: d.update(world_size=4), r"world_size \(4\) must equal replicas \(1\) x pipeline ranks \(2\)"),
+        (lambda d: d.update(virtual_stages=2), "needs schedule='interleaved_1f1b'"),
         (lambda d: d.update(schedule="zigzag"), "Unknown schedule 'zigzag'"),
         (lambda d: d["stages"][0].pop("ranks"), "Not a valid lightning_rannc plan"),
     ],
@@ -107,3 +111,41 @@ def test_stage_plan_is_plain_data() -> None:
     stage = _plan().stages[0]
     assert isinstance(stage, StagePlan)
     assert StagePlan(**json.loads(json.dumps(stage.__dict__))) == stage
+
+
+def test_replicas_and_virtual_stages_place_stages_on_the_mesh() -> None:
+    plan = _plan(4, num_replicas=2, virtual_stages=2)
+    assert plan.world_size == 4 and plan.pipeline_degree == 2
+    assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    assert [s.stage_index for s in plan.stages_of_rank(3)] == [1, 3]
+    assert plan.schedule == "interleaved_1f1b"
+    assert PartitionPlan.from_json(plan.to_json()) == plan
+
+
+def test_stage_ranks_keep_a_pipeline_on_neighbouring_ranks() -> None:
+    assert [stage_ranks(i, 4, 2) for i in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize(
+    ("requested", "degree", "microbatches", "virtual", "expected"),
+    [
+        ("auto", 2, 4, 1, "1f1b"),
+        ("auto", 4, 2, 1, "gpipe"),
+        ("auto", 2, 4, 2, "interleaved_1f1b"),
+        ("gpipe", 2, 4, 1, "gpipe"),
+    ],
+)
+def test_auto_schedule(requested: str, degree: int, microbatches: int, virtual: int, expected: str) -> None:
+    assert choose_schedule(requested, degree, microbatches, virtual) == expected
+
+
+def test_schedule_requests_that_cannot_run_are_refused() -> None:
+    with pytest.raises(PlanError, match=r"'1f1b' needs at least as many micro-batches as pipeline stages \(2 < 4\)"):
+        choose_schedule("1f1b", 4, 2, 1)
+    with pytest.raises(PlanError, match="Unknown schedule 'zb'"):
+        choose_schedule("zb", 2, 2, 1)
+
+
+def test_step_estimate_counts_the_bubble_and_shrinks_it_with_virtual_stages() -> None:
+    assert estimate_step_ms([1.0, 2.0], num_microbatches=4) == (4 + 1) * 2.0
+    assert estimate_step_ms([1.0, 1.0, 1.0, 1.0], num_microbatches=4, virtual_stages=2) == 4 * 2.0 + 1 * 1.0
