@@ -60,6 +60,11 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda b: ShardedData(_gpt_tokens(256), b),
         {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2},
     ),
+    "gpt_dropout": (
+        lambda: GPT(layers=4, dim=32, seq_len=16, dropout=0.1),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {},
+    ),
     # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
     "gpt_varlen": (
         lambda: GPT(layers=2, dim=32, seq_len=16),

@@ -84,6 +84,8 @@ class PipelineEngine:
         self._optimizer_owner: dict[str, int] = {}
         self._updated_elsewhere: list[str] = []
         self._node_keys: list[tuple[str, str]] = []
+        self._seed = 0
+        self._steps = 0
         self._node_names: list[str] = []
 
     @property
@@ -140,7 +142,10 @@ class PipelineEngine:
         return graph
 
     def _agree_on_plan(self, graph: StepGraph, leaves: list[torch.Tensor], num_microbatches: int) -> PartitionPlan:
-        payload: list[Any] = [None]
+        # Rank 0's seed for the stages' random streams: drawn from the seeded training RNG, so a
+        # run with the same seed draws the same dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            payload: list[Any] = [None, int(torch.randint(2**62, (1,)))]
         if self.rank == 0:
             try:
                 payload[0] = self._make_plan(graph, leaves, num_microbatches)
@@ -151,6 +156,7 @@ class PipelineEngine:
         if isinstance(payload[0], Exception):
             raise payload[0]
         plan: PartitionPlan = payload[0]
+        self._seed = payload[1]
         if plan.graph_fingerprint != graph.fingerprint():
             raise RuntimeSetupError(
                 f"Rank {self.rank} captured a different graph of `training_step` ({self.where}) than rank 0 "
@@ -259,7 +265,8 @@ class PipelineEngine:
         leaves, _ = flatten_batch(batch, self.where)
         runtime = self._runtime_for(batch, leaves, batch_idx)
         self._last_runtime = runtime
-        return runtime.run(leaves)
+        self._steps += 1
+        return runtime.run(leaves, self._seed, self._steps)
 
     def replay_logs(self, values: torch.Tensor) -> None:
         """Call the user's ``self.log`` with each logged value, now equal on every rank."""

@@ -28,12 +28,40 @@ from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 
-__all__ = ["PipelineRuntime"]
+__all__ = ["PipelineRuntime", "SeededStage"]
 
 _STEP_TAKES_RETURN_OUTPUTS = "return_outputs" in inspect.signature(ScheduleGPipe.step).parameters
 _SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 Grads = dict[torch.nn.Parameter, torch.Tensor | None]
+
+
+class SeededStage(torch.nn.Module):
+    """Runs a stage module with its own random stream per micro-batch.
+
+    The stream depends on (seed, step, stage, replica, micro-batch) only, so dropout masks do
+    not depend on the schedule (GPipe and 1F1B draw the same ones) and the training RNG is left
+    untouched. A stage runs its forwards in micro-batch order under every schedule.
+    """
+
+    def __init__(self, module: torch.nn.Module, stage_index: int, replica: int, device: torch.device) -> None:
+        super().__init__()
+        self.module = module
+        self.key = (stage_index, replica)
+        self.devices = [device] if device.type == "cuda" else []
+        self.seed = 0
+        self.step = 0
+        self.microbatch = 0
+
+    def start_step(self, seed: int, step: int) -> None:
+        self.seed, self.step, self.microbatch = seed, step, 0
+
+    def forward(self, *args: Any) -> Any:
+        stream = hash((self.seed, self.step, *self.key, self.microbatch)) & (2**63 - 1)
+        self.microbatch += 1
+        with torch.random.fork_rng(devices=self.devices):
+            torch.manual_seed(stream)
+            return self.module(*args)
 
 
 class PipelineRuntime:
@@ -50,9 +78,13 @@ class PipelineRuntime:
         self.modules = [
             build_range_module(graph, s.node_start, s.node_end, detach=no_grad) for s in plan.stages_of_rank(rank)
         ]
+        self._seeded = [
+            SeededStage(module, s.stage_index, groups.dp_rank, device)
+            for module, s in zip(self.modules, plan.stages_of_rank(rank))
+        ]
         self._stages = [
-            _build_stage(graph, module, stage_plan.node_start, stage_plan.node_end, plan, device, groups, no_grad)
-            for module, stage_plan in zip(self.modules, plan.stages_of_rank(rank))
+            _build_stage(graph, seeded, stage_plan.node_start, stage_plan.node_end, plan, device, groups, no_grad)
+            for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))
         ]
         self._schedule = _build_schedule(plan, self._stages, self._loss_fn)
         self._outputs: list[list[torch.Tensor]] = []
@@ -74,8 +106,10 @@ class PipelineRuntime:
         self._outputs[int(target.reshape(-1)[0])] = [o.detach() for o in output]
         return output[0]
 
-    def run(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    def run(self, leaves: Sequence[torch.Tensor], seed: int, step: int) -> torch.Tensor:
         """Run one step; return the mean over micro-batches and replicas of every graph output."""
+        for seeded in self._seeded:
+            seeded.start_step(seed, step)
         num_microbatches = self.plan.num_microbatches
         self._outputs = [[] for _ in range(num_microbatches)]
         held = self._take_grads()
@@ -144,7 +178,7 @@ def _reduce_flat(pending: Grads, params: list[torch.nn.Parameter], group: Any, s
 
 def _build_stage(
     graph: StepGraph,
-    module: fx.GraphModule,
+    module: torch.nn.Module,
     start: int,
     end: int,
     plan: PartitionPlan,

@@ -26,7 +26,7 @@ def _run(label: str, case: str, **strategy: object) -> dict:
     return {"label": label, "case": case, "strategy": strategy}
 
 
-RUNS = {
+RUNS: dict[int | str, list[dict]] = {
     2: [
         _run("gpt", "gpt"),
         _run("cnn", "cnn"),
@@ -38,6 +38,12 @@ RUNS = {
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
         _run("varlen", "gpt_varlen"),
     ],
+    # Dropout: compared among themselves (the streams are not a single process's).
+    "2-dropout": [
+        _run("drop_gpipe", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
+        _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, schedule="1f1b"),
+        _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
+    ],
     3: [_run("gpt6", "gpt6")],
     4: [
         _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
@@ -46,23 +52,24 @@ RUNS = {
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
     ],
 }
-LAYOUTS = [(world, run) for world, runs in RUNS.items() for run in runs]
+LAYOUTS = [(world, run) for world, runs in RUNS.items() if isinstance(world, int) for run in runs]
 
 
 def _replicas(world: int, run: dict) -> int:
     return world // run["strategy"].get("pipeline_stages", world)
 
 
-_PIPELINED: dict[int, Path] = {}
+_PIPELINED: dict[int | str, Path] = {}
 _REFERENCES: dict[tuple[str, int], Path] = {}
 
 
 @pytest.fixture
 def pipelined(tmp_path_factory: pytest.TempPathFactory):
-    def get(world: int) -> Path:
+    def get(world: int | str) -> Path:
         if world not in _PIPELINED:
             out = tmp_path_factory.mktemp(f"pipelined{world}")
-            run_script("run_pipelined.py", str(out), str(world), json.dumps(RUNS[world]), timeout=600)
+            devices = str(world).split("-")[0]
+            run_script("run_pipelined.py", str(out), devices, json.dumps(RUNS[world]), timeout=600)
             _PIPELINED[world] = out
         return _PIPELINED[world]
 
@@ -189,3 +196,14 @@ def test_checkpoint_loads_as_a_plain_lightning_checkpoint(pipelined) -> None:
     saved = _checkpoint(pipelined(2), "gpt")["state_dict"]
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
     assert model.head.weight is model.tok_emb.weight
+
+
+def test_dropout_streams_are_reproducible_and_independent_of_the_schedule(pipelined) -> None:
+    runs = {
+        label: load_record(pipelined("2-dropout"), label, 0)["losses"]
+        for label in ("drop_gpipe", "drop_1f1b", "drop_gpipe_again")
+    }
+    assert runs["drop_gpipe"] == runs["drop_gpipe_again"]
+    assert runs["drop_gpipe"] == runs["drop_1f1b"]
+    final = [load_record(pipelined("2-dropout"), label, 0)["final_state"] for label in runs]
+    assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0])
