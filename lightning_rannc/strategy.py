@@ -35,7 +35,8 @@ from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 
 __all__ = ["RaNNCStrategy"]
 
-_SUPPORTED_PRECISION = ("32-true",)
+# "16-mixed" needs a loss scaler whose overflow check every rank agrees on: not yet.
+_SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
 
 
 if TYPE_CHECKING:
@@ -193,6 +194,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         # Lightning clips by the norm of this process's gradients; the model spans processes.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
         self.accelerator.setup(trainer)
+        assert self.model is not None
+        self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
@@ -246,12 +249,15 @@ class _RaNNCStrategyMixin(_MixinBase):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch, batch_idx = _batch_and_index(args, kwargs)
+        batch = self.precision_plugin.convert_input(batch)
         engine = self._engine
         assert engine is not None, "training_step before setup"
-        if not engine.built:
-            engine.build(batch)
-            engine.restrict_optimizers(self.optimizers)
+        # Capture, profile and run under the precision's context (autocast, default dtype):
+        # the captured graph then knows the dtypes its values have at run time.
         with self.precision_plugin.train_step_context():
+            if not engine.built:
+                engine.build(batch)
+                engine.restrict_optimizers(self.optimizers)
             values = engine.run(batch, batch_idx)
         engine.replay_logs(values)
         return engine.step_output(values)

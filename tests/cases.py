@@ -65,6 +65,16 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda b: ShardedData(_gpt_tokens(64), b),
         {},
     ),
+    "gpt_bf16_mixed": (
+        lambda: GPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"precision": "bf16-mixed"},
+    ),
+    "gpt_bf16_true": (
+        lambda: GPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"precision": "bf16-true"},
+    ),
     # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
     "gpt_varlen": (
         lambda: GPT(layers=2, dim=32, seq_len=16),

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from lightning_rannc import _rng
 from lightning_rannc.capture.graph import StepGraph
 
 __all__ = ["build_range_module"]
@@ -46,9 +47,11 @@ def build_range_module(graph: StepGraph, start: int, end: int, detach: Collectio
             env[value].meta = dict(value.meta)
         return env[value]
 
-    for node in graph.nodes[start:end]:
+    for index, node in enumerate(graph.nodes[start:end], start):
         if node.op == "get_attr":
             root[str(node.target)] = _get_attr(graph.graph_module, str(node.target))
+        if _rng.is_random(node.target):
+            new_graph.call_function(_rng.reseed, (index,))  # see lightning_rannc/_rng.py
         env[node] = new_graph.node_copy(node, lookup)
 
     outputs = []

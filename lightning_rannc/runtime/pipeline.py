@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import fx
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from lightning_rannc import _rng
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.plan import PartitionPlan
@@ -37,17 +38,17 @@ Grads = dict[torch.nn.Parameter, torch.Tensor | None]
 
 
 class SeededStage(torch.nn.Module):
-    """Runs a stage module with its own random stream per micro-batch.
+    """Runs a stage module inside the random stream of the current micro-batch.
 
-    The stream depends on (seed, step, stage, replica, micro-batch) only, so dropout masks do
-    not depend on the schedule (GPipe and 1F1B draw the same ones) and the training RNG is left
-    untouched. A stage runs its forwards in micro-batch order under every schedule.
+    The stage's random ops seed themselves from (seed, step, replica, micro-batch, node): see
+    ``lightning_rannc/_rng.py``. A stage runs its forwards in micro-batch order under every
+    schedule, so counting them gives the micro-batch.
     """
 
-    def __init__(self, module: torch.nn.Module, stage_index: int, replica: int, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, replica: int, device: torch.device) -> None:
         super().__init__()
         self.module = module
-        self.key = (stage_index, replica)
+        self.replica = replica
         self.devices = [device] if device.type == "cuda" else []
         self.seed = 0
         self.step = 0
@@ -57,10 +58,9 @@ class SeededStage(torch.nn.Module):
         self.seed, self.step, self.microbatch = seed, step, 0
 
     def forward(self, *args: Any) -> Any:
-        stream = hash((self.seed, self.step, *self.key, self.microbatch)) & (2**63 - 1)
+        key = (self.seed, self.step, self.replica, self.microbatch)
         self.microbatch += 1
-        with torch.random.fork_rng(devices=self.devices):
-            torch.manual_seed(stream)
+        with _rng.stream(key, self.devices):
             return self.module(*args)
 
 
@@ -78,10 +78,7 @@ class PipelineRuntime:
         self.modules = [
             build_range_module(graph, s.node_start, s.node_end, detach=no_grad) for s in plan.stages_of_rank(rank)
         ]
-        self._seeded = [
-            SeededStage(module, s.stage_index, groups.dp_rank, device)
-            for module, s in zip(self.modules, plan.stages_of_rank(rank))
-        ]
+        self._seeded = [SeededStage(module, groups.dp_rank, device) for module in self.modules]
         self._stages = [
             _build_stage(graph, seeded, stage_plan.node_start, stage_plan.node_end, plan, device, groups, no_grad)
             for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))

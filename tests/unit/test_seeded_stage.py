@@ -1,29 +1,52 @@
-import torch
+"""Random streams follow the computation: same masks whatever the stage split or schedule."""
 
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_rannc.capture.export import capture_training_step
+from lightning_rannc.capture.graph import StepGraph
+from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.runtime.pipeline import SeededStage
 
 
-def _dropout_stage(stage_index: int = 0, replica: int = 0) -> SeededStage:
-    return SeededStage(torch.nn.Dropout(0.5), stage_index, replica, torch.device("cpu"))
+class TwoDropouts(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.5)
+
+    def training_step(self, batch, batch_idx):
+        return self.b(self.drop(torch.tanh(self.a(self.drop(batch))))).sum()
 
 
-def test_each_micro_batch_draws_its_own_stream_reproducibly_without_touching_training_rng() -> None:
-    stage, x = _dropout_stage(), torch.ones(64)
+def _graph() -> StepGraph:
+    return StepGraph.from_captured(capture_training_step(TwoDropouts(), torch.ones(4, 8)))
+
+
+def _run(graph: StepGraph, cuts: list[int], microbatch: int, step: int = 1, replica: int = 0) -> torch.Tensor:
+    values: tuple = (torch.ones(4, 8),)
+    for a, b in zip([0, *cuts], [*cuts, len(graph)]):
+        stage = SeededStage(build_range_module(graph, a, b), replica, torch.device("cpu"))
+        stage.start_step(seed=7, step=step)
+        stage.microbatch = microbatch
+        values = stage(*values)
+    return values[0]
+
+
+def test_masks_do_not_depend_on_the_stage_split() -> None:
+    graph = _graph()
+    cut = next(b for b in range(1, len(graph)) if graph.cut_allowed()[b] and graph.module_path(b) == "b")
+    whole = _run(graph, [], microbatch=0)
+    assert torch.equal(whole, _run(graph, [cut], microbatch=0))
+    assert torch.equal(whole, _run(graph, [], microbatch=0))  # reproducible
+
+
+def test_micro_batches_steps_and_replicas_draw_different_masks_without_touching_training_rng() -> None:
+    graph = _graph()
     before = torch.get_rng_state()
-    stage.start_step(seed=7, step=1)
-    first = [stage(x) for _ in range(4)]
-    assert all(not torch.equal(first[i], first[j]) for i in range(4) for j in range(i))
-    stage.start_step(seed=7, step=1)
-    assert all(torch.equal(a, stage(x)) for a in first)
-    stage.start_step(seed=7, step=2)
-    assert not torch.equal(first[0], stage(x))
+    first = _run(graph, [], microbatch=0)
+    assert not torch.equal(first, _run(graph, [], microbatch=1))
+    assert not torch.equal(first, _run(graph, [], microbatch=0, step=2))
+    assert not torch.equal(first, _run(graph, [], microbatch=0, replica=1))
     assert torch.equal(torch.get_rng_state(), before)
-
-
-def test_stages_and_replicas_draw_different_streams() -> None:
-    x = torch.ones(64)
-    outputs = []
-    for stage in (_dropout_stage(0, 0), _dropout_stage(1, 0), _dropout_stage(0, 1)):
-        stage.start_step(seed=7, step=1)
-        outputs.append(stage(x))
-    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])

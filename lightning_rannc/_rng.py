@@ -1,0 +1,41 @@
+"""Random streams that depend on what is computed, not on where or when.
+
+Every random op of a stage (dropout, ``rand_like``, ...) is preceded in the stage's graph by a
+call to ``reseed(node_index)``, which seeds the generator from (seed, step, replica,
+micro-batch, node). Dropout masks are then the same whatever the stage split, the schedule or
+the order of micro-batches, and runs with the same seed are reproducible. ``stream`` sets the
+step's key around a stage's forward and restores the training RNG afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+__all__: list[str] = []
+
+_KEY = threading.local()
+
+
+@contextlib.contextmanager
+def stream(key: tuple[int, ...], devices: list[torch.device]) -> Iterator[None]:
+    """Seed random ops inside this block from ``key`` and each op's node; restore the RNG after."""
+    with torch.random.fork_rng(devices=devices):
+        previous, _KEY.value = getattr(_KEY, "value", None), key
+        try:
+            yield
+        finally:
+            _KEY.value = previous
+
+
+def reseed(node_index: int) -> None:
+    key = getattr(_KEY, "value", None)
+    if key is not None:  # outside a stream (profiling, verification) the ambient RNG is used
+        torch.manual_seed(hash((*key, node_index)) & (2**63 - 1))
+
+
+def is_random(target: object) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
