@@ -233,10 +233,10 @@ class _RaNNCStrategyMixin(_MixinBase):
                 f"{name} runs the pipelined step for you, so it needs automatic optimization; "
                 f"{type(trainer.lightning_module).__name__} sets `automatic_optimization = False`."
             )
-        if str(trainer.precision) not in _SUPPORTED_PRECISION:
+        if str(trainer.precision) not in _SUPPORTED_PRECISION or getattr(self.precision_plugin, "scaler", None):
             raise RuntimeSetupError(
-                f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far; got "
-                f"Trainer(precision={trainer.precision!r})."
+                f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far, without a loss scaler; got "
+                f"Trainer(precision={trainer.precision!r}). Use 'bf16-mixed' instead of '16-mixed'."
             )
 
     @override
