@@ -18,7 +18,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models import GPT, LoggingMLP, ResCNN, ScheduledGPT, SyntheticTokens, VaryingLength, image_data, table_data
+from models import (
+    GPT,
+    BatchNormCNN,
+    LoggingMLP,
+    ResCNN,
+    ScheduledGPT,
+    SyntheticTokens,
+    VaryingLength,
+    image_data,
+    table_data,
+)
 
 MAX_STEPS = 6
 
@@ -52,6 +62,8 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
     "gpt": (lambda: GPT(layers=4, dim=32, seq_len=16), lambda b: ShardedData(_gpt_tokens(64), b), {}),
     "gpt6": (lambda: GPT(layers=6, dim=32, seq_len=16), lambda b: ShardedData(_gpt_tokens(64), b), {}),
     "cnn": (ResCNN, lambda b: ShardedData(image_data(64), b), {}),
+    # BatchNorm statistics are per micro-batch: the reference reads micro-batches and accumulates.
+    "cnn_bn": (BatchNormCNN, lambda b: ShardedData(image_data(64), b), {}),
     # Validation every 3 steps: the module is gathered for it, then released, and training goes on.
     "logging": (LoggingMLP, lambda b: ShardedData(table_data(64), b, val=table_data(16)), {"val_check_interval": 3}),
     # Every training knob at once: tied embedding, LR scheduler, norm clipping, accumulation.
@@ -93,6 +105,7 @@ class Recorder(L.Callback):
         self.metrics: list[dict[str, float]] = []
         self.kept_params: list[str] = []
         self.optimizer_state_numel = 0
+        self.local_buffers: dict[str, Any] = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
@@ -109,6 +122,7 @@ class Recorder(L.Callback):
     def _last_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Parameters this rank still holds (others' are meta tensors while training).
         self.kept_params = [n for n, p in pl_module.named_parameters() if not p.is_meta]
+        self.local_buffers = {n: b.tolist() for n, b in pl_module.named_buffers() if not b.is_meta}
         state = trainer.optimizers[0].state.values()
         self.optimizer_state_numel = sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())
         if self.checkpoint is not None:
@@ -116,7 +130,12 @@ class Recorder(L.Callback):
 
 
 def run_case(
-    name: str, out_dir: Path, label: str | None = None, batch_scale: int = 1, **trainer_kwargs: Any
+    name: str,
+    out_dir: Path,
+    label: str | None = None,
+    batch_scale: int = 1,
+    batch_size: int | None = None,
+    **trainer_kwargs: Any,
 ) -> L.Trainer:
     """Train case ``name``; write ``<label>_rank<r>.json`` and ``<label>.ckpt`` under ``out_dir``."""
     label = label or name
@@ -139,13 +158,14 @@ def run_case(
         options["max_steps"] = -1
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)
-    trainer.fit(model, datamodule=make_data(8 * batch_scale))
+    trainer.fit(model, datamodule=make_data(batch_size or 8 * batch_scale))
     plan = getattr(trainer.strategy, "plan", None)
     record = {
         "plan": plan.to_json() if plan is not None else None,
         "losses": recorder.losses,
         "metrics": recorder.metrics,
         "kept_params": recorder.kept_params,
+        "local_buffers": recorder.local_buffers,
         "optimizer_state_numel": recorder.optimizer_state_numel,
         "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
         "final_state": {k: v.tolist() for k, v in model.state_dict().items()},

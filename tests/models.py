@@ -19,6 +19,7 @@ __all__ = [
     "GPT",
     "ScheduledGPT",
     "ResCNN",
+    "BatchNormCNN",
     "LoggingMLP",
     "SyntheticTokens",
     "VaryingLength",
@@ -88,6 +89,23 @@ class ResCNN(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class NormResidualBlock(ResidualBlock):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.norm(self.conv1(x)))))
+
+
+class BatchNormCNN(ResCNN):
+    """ResCNN with BatchNorm: running statistics are buffers updated in every training step."""
+
+    def __init__(self, channels: int = 8, blocks: int = 3, classes: int = 10) -> None:
+        super().__init__(channels, blocks, classes)
+        self.blocks = nn.Sequential(*[NormResidualBlock(channels) for _ in range(blocks)])
 
 
 class LoggingMLP(L.LightningModule):

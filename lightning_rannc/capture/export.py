@@ -62,6 +62,8 @@ class CapturedStep:
     """Keys of ``module.state_dict()`` in order, to rebuild a full state dict later."""
     placeholder_names: dict[str, str] = field(default_factory=dict)
     """Graph placeholder name -> canonical tensor name, for parameters, buffers and constants."""
+    written_buffers: list[str] = field(default_factory=list)
+    """Buffers the step updates in place (BatchNorm running statistics), by canonical name."""
 
     def forget_tensors_except(self, keep: set[str]) -> None:
         """Drop the program and every tensor not in ``keep``, so that other stages' memory can be freed."""
@@ -232,31 +234,39 @@ def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dic
     return placeholders, tensors
 
 
-def _check_signature(program: ExportedProgram, placeholders: dict[str, str], where: str) -> None:
+# Composite ops whose schemas do not mark the running statistics they update in place
+# (op -> argument positions); the training IR keeps them whole.
+_HIDDEN_WRITES: dict[str, tuple[int, ...]] = {
+    "aten.batch_norm.default": (3, 4),
+    "aten.instance_norm.default": (3, 4),
+}
+
+
+def _written_buffers(program: ExportedProgram, placeholders: dict[str, str], where: str) -> list[str]:
+    """Buffers the step updates in place (BatchNorm running statistics); parameters may not be."""
     from torch.export.graph_signature import OutputKind
 
     for spec in program.graph_signature.output_specs:
-        if spec.kind == OutputKind.BUFFER_MUTATION:
-            _refuse_buffer_update(spec.target.removeprefix("module."), where)
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"`training_step` ({where}) produces a {spec.kind.name} output, which is not supported.")
+    parameters = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "PARAMETER"}
+    written: dict[str, None] = {}
     for node in program.graph.nodes:
         schema = getattr(node.target, "_schema", None)
         if node.op != "call_function" or schema is None:
             continue
-        for argument, value in zip(schema.arguments, node.args):
-            written = argument.alias_info is not None and argument.alias_info.is_write
-            if written and isinstance(value, torch.fx.Node) and value.name in placeholders:
-                _refuse_buffer_update(placeholders[value.name], where)
-
-
-def _refuse_buffer_update(name: str, where: str) -> None:
-    # TODO(rannc): update buffers on their owning stage once micro-batch semantics are settled.
-    raise CaptureError(
-        f"`training_step` ({where}) updates the buffer `{name}` in place (e.g. BatchNorm running "
-        "statistics). Buffers updated during training are not supported by RaNNCStrategy yet: "
-        "use GroupNorm/LayerNorm, or put BatchNorm layers in eval mode."
-    )
+        hidden = _HIDDEN_WRITES.get(str(node.target), ())
+        for position, (argument, value) in enumerate(zip(schema.arguments, node.args)):
+            is_write = position in hidden or (argument.alias_info is not None and argument.alias_info.is_write)
+            if not (is_write and isinstance(value, torch.fx.Node) and value.name in placeholders):
+                continue
+            if value.name in parameters:
+                raise CaptureError(
+                    f"`training_step` ({where}) changes the parameter `{placeholders[value.name]}` in place; "
+                    "only the optimizer may change parameters. Compute a new tensor instead."
+                )
+            written[placeholders[value.name]] = None
+    return list(written)
 
 
 @contextlib.contextmanager
@@ -320,7 +330,7 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
             "set the `lightning_rannc` logger to DEBUG for the full torch.export report."
         ) from err
     placeholders, tensors = _tensor_names(wrapper, program)
-    _check_signature(program, placeholders, where)
+    written = _written_buffers(program, placeholders, where)
     _, aliases, _ = _canonical_names(module)
     return CapturedStep(
         program=program,
@@ -333,4 +343,5 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
         aliases=aliases,
         state_dict_keys=list(module.state_dict().keys()),
         placeholder_names=placeholders,
+        written_buffers=written,
     )

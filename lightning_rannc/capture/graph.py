@@ -40,6 +40,8 @@ class StepGraph:
     """Placeholder of a parameter/buffer/constant -> its canonical tensor name."""
     tensors: dict[str, torch.Tensor]
     """Canonical tensor name -> tensor."""
+    written_buffers: list[str]
+    """Buffers updated in place by the step."""
 
     @classmethod
     def from_captured(cls, captured: CapturedStep) -> StepGraph:
@@ -57,6 +59,7 @@ class StepGraph:
             outputs=list(output_node.args[0]),
             tensor_of=tensor_of,
             tensors=captured.tensors,
+            written_buffers=list(captured.written_buffers),
         )
         graph._index()
         return graph

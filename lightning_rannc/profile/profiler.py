@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +43,9 @@ def profile_blocks(
     """Profile each block ``(start, end)`` of ``graph`` on one micro-batch ``leaves``."""
     devices = [leaves[0].device] if leaves[0].device.type == "cuda" else []
     cut_bytes = graph.cut_bytes()
-    # Profiling runs random ops (dropout); keep the training RNG stream untouched.
-    with torch.random.fork_rng(devices=devices):
+    # Profiling runs random ops (dropout) and updates buffers (BatchNorm statistics) many
+    # times: keep the training RNG stream and the buffers as they were.
+    with torch.random.fork_rng(devices=devices), _buffers_restored(graph):
         values = run_graph(graph, leaves)
         costs = [_profile_block(graph, values, a, b, cut_bytes[b], repeats) for a, b in spans]
     for tensor in graph.tensors.values():
@@ -130,14 +131,26 @@ def find_no_grad_values(graph: StepGraph, leaves: Sequence[torch.Tensor], bounda
     """
     leaving = [v for b in boundaries for v in graph.live_values(b)] + list(graph.outputs[1:])
     devices = [leaves[0].device] if leaves[0].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _buffers_restored(graph):
         values = run_graph(graph, leaves, grad=True)
-    floats = [v for v in dict.fromkeys(leaving) if _is_float(values.get(v))]
-    loss = values[graph.outputs[0]]
-    with_grad = [v for v in floats if values[v].requires_grad]
-    grads = torch.autograd.grad(loss, [values[v] for v in with_grad], allow_unused=True) if with_grad else ()
+        floats = [v for v in dict.fromkeys(leaving) if _is_float(values.get(v))]
+        loss = values[graph.outputs[0]]
+        with_grad = [v for v in floats if values[v].requires_grad]
+        grads = torch.autograd.grad(loss, [values[v] for v in with_grad], allow_unused=True) if with_grad else ()
     receives = {v for v, g in zip(with_grad, grads) if g is not None}
     return [v.name for v in floats if v not in receives]
+
+
+@contextlib.contextmanager
+def _buffers_restored(graph: StepGraph) -> Iterator[None]:
+    buffers = [t for t in graph.tensors.values() if not isinstance(t, torch.nn.Parameter)]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
 
 
 def _is_float(value: Any) -> bool:

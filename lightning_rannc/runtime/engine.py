@@ -216,7 +216,18 @@ class PipelineEngine:
             schedule=options.schedule,
         )
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
+        self._check_written_buffers(plan, graph)
         return plan
+
+    def _check_written_buffers(self, plan: PartitionPlan, graph: StepGraph) -> None:
+        written = set(graph.written_buffers)
+        for name in written:
+            users = [s.stage_index for s in plan.stages if name in s.tensor_names]
+            if len(users) > 1:
+                raise PlanError(
+                    f"The buffer `{name}` is updated in place by `training_step` ({self.where}) and used by "
+                    f"stages {users}: its copies would diverge. Use fewer pipeline stages or a larger max_blocks."
+                )
 
     def _state_owned_names(self) -> set[str]:
         """Tensors this rank contributes to a gathered state dict: its stages' on the first
@@ -266,7 +277,17 @@ class PipelineEngine:
         runtime = self._runtime_for(batch, leaves, batch_idx)
         self._last_runtime = runtime
         self._steps += 1
-        return runtime.run(leaves, self._seed, self._steps)
+        values = runtime.run(leaves, self._seed, self._steps)
+        self._share_written_buffers()
+        return values
+
+    def _share_written_buffers(self) -> None:
+        """Replicas see different data; like DDP, every replica takes replica 0's buffers."""
+        assert self._captured is not None
+        if self._groups.num_replicas == 1:
+            return
+        for name in sorted(set(self._captured.written_buffers) & self._local):
+            dist.broadcast(self._captured.tensors[name], src=self._groups.replica_rank(0), group=self._groups.dp_group)
 
     def replay_logs(self, values: torch.Tensor) -> None:
         """Call the user's ``self.log`` with each logged value, now equal on every rank."""

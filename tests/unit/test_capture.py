@@ -102,7 +102,7 @@ def test_logging_a_non_scalar_is_refused() -> None:
         _capture_step(step)
 
 
-def test_buffer_updates_in_training_are_refused_until_supported() -> None:
+def test_buffers_updated_in_place_are_recorded_and_parameters_refused() -> None:
     class WithBatchNorm(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -111,5 +111,15 @@ def test_buffer_updates_in_training_are_refused_until_supported() -> None:
         def training_step(self, batch, batch_idx):
             return F.relu(self.norm(batch)).sum()
 
-    with pytest.raises(CaptureError, match="updates the buffer `norm.num_batches_tracked` in place"):
-        capture_training_step(WithBatchNorm(), torch.randn(4, 4))
+    captured = capture_training_step(WithBatchNorm(), torch.randn(4, 4))
+    assert set(captured.written_buffers) == {"norm.running_mean", "norm.running_var", "norm.num_batches_tracked"}
+
+    def step(self, batch, batch_idx):
+        self.layer.bias.mul_(0.5)  # a frozen parameter (see below) changed in place
+        return self.layer(batch).sum()
+
+    module = _Step()
+    module.layer.bias.requires_grad_(False)
+    module.training_step = step.__get__(module)
+    with pytest.raises(CaptureError, match="changes the parameter `layer.bias` in place"):
+        capture_training_step(module, torch.randn(2, 4))
