@@ -21,10 +21,10 @@ _KEY = threading.local()
 
 
 @contextlib.contextmanager
-def stream(key: tuple[int, ...], devices: list[torch.device]) -> Iterator[None]:
+def stream(key: tuple[int, ...], device: torch.device) -> Iterator[None]:
     """Seed random ops inside this block from ``key`` and each op's node; restore the RNG after."""
-    with torch.random.fork_rng(devices=devices):
-        previous, _KEY.value = getattr(_KEY, "value", None), key
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        previous, _KEY.value = getattr(_KEY, "value", None), (key, _generator(device))
         try:
             yield
         finally:
@@ -32,9 +32,18 @@ def stream(key: tuple[int, ...], devices: list[torch.device]) -> Iterator[None]:
 
 
 def reseed(node_index: int) -> None:
-    key = getattr(_KEY, "value", None)
-    if key is not None:  # outside a stream (profiling, verification) the ambient RNG is used
-        torch.manual_seed(hash((*key, node_index)) & (2**63 - 1))
+    current = getattr(_KEY, "value", None)
+    if current is not None:  # outside a stream (profiling, verification) the ambient RNG is used
+        key, generator = current
+        generator.manual_seed(hash((*key, node_index)) & (2**63 - 1))
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    # Not torch.manual_seed: it also queues a CUDA seeding call with a formatted stack trace
+    # while CUDA is uninitialised, which costs milliseconds per call and grows without bound.
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
 
 
 def is_random(target: object) -> bool:

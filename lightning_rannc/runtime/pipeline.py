@@ -49,7 +49,7 @@ class SeededStage(torch.nn.Module):
         super().__init__()
         self.module = module
         self.replica = replica
-        self.devices = [device] if device.type == "cuda" else []
+        self.device = device
         self.seed = 0
         self.step = 0
         self.microbatch = 0
@@ -60,7 +60,7 @@ class SeededStage(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         key = (self.seed, self.step, self.replica, self.microbatch)
         self.microbatch += 1
-        with _rng.stream(key, self.devices):
+        with _rng.stream(key, self.device):
             return self.module(*args)
 
 

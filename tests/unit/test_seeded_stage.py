@@ -50,3 +50,13 @@ def test_micro_batches_steps_and_replicas_draw_different_masks_without_touching_
     assert not torch.equal(first, _run(graph, [], microbatch=0, step=2))
     assert not torch.equal(first, _run(graph, [], microbatch=0, replica=1))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_reseeding_queues_no_cuda_work() -> None:
+    # torch.manual_seed queues a CUDA call with a formatted stack per call while CUDA is idle:
+    # milliseconds each, and an unbounded queue. Stages reseed at every random op.
+    graph = _graph()
+    queued = len(getattr(torch.cuda, "_queued_calls", []))
+    for microbatch in range(20):
+        _run(graph, [], microbatch=microbatch)
+    assert len(getattr(torch.cuda, "_queued_calls", [])) == queued

@@ -1,0 +1,127 @@
+"""Throughput and memory of the example GPT: plain Lightning, DDP and RaNNCStrategy layouts.
+
+Every run is a fresh script started with one thread per process (so that 2 processes on a
+2-core machine compare with 1 process fairly), timed after warm-up steps, and repeated: the
+machine is noisy, so compare the ratios inside one repetition. Samples/s counts the global
+batch: DDP and data-parallel replicas read one batch per process, a pipeline one per pipeline.
+
+    python benchmarks/throughput.py                 # all layouts, 2 repetitions
+    python benchmarks/throughput.py --repeat 3 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {
+    # name: (devices, strategy description)
+    "lightning_1proc": (1, "auto"),
+    "ddp_2proc": (2, "ddp"),
+    # pure data parallelism needs no micro-batches; a 2-stage pipeline needs some to fill
+    "rannc_s1_d2": (2, {"pipeline_stages": 1, "micro_batches": 1}),
+    "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
+}
+
+
+def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim: int) -> None:
+    """One run (inside Lightning's processes); rank 0 prints a JSON line of results."""
+    import lightning as L
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import lightning_rannc
+    from gpt import GPT, make_dataloader
+
+    torch.set_num_threads(1)
+    devices, strategy = RUNS[name]
+    if isinstance(strategy, dict):
+        strategy = lightning_rannc.RaNNCStrategy(**strategy)
+
+    class Timer(L.Callback):
+        start = 0.0
+
+        def on_train_batch_start(self, trainer, module, batch, idx):
+            if trainer.global_step == warmup:
+                self.start = time.perf_counter()
+
+    L.seed_everything(0, verbose=False)
+    model = GPT(layers=layers, dim=dim, seq_len=64)
+    timer = Timer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    loader = make_dataloader(batch_size, 64, model.hparams.vocab_size, size=batch_size * (warmup + steps) * 2)
+    trainer.fit(model, loader)
+    elapsed = time.perf_counter() - timer.start
+    memory = _memory(trainer, model)
+    all_memory = trainer.strategy.all_gather(torch.tensor(memory)).tolist() if devices > 1 else [memory]
+    if trainer.is_global_zero:
+        replicas = devices if strategy == "ddp" else getattr(trainer.strategy, "num_replicas", 1)
+        samples = steps * batch_size * replicas
+        print("RESULT " + json.dumps({"run": name, "samples_per_s": samples / elapsed, "memory": all_memory}))
+
+
+def _memory(trainer, model) -> list[int]:
+    """Bytes of parameters this process holds, and of its optimizer state, at the end of training."""
+    import torch
+
+    strategy_params = getattr(trainer.strategy, "_engine", None)
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+    if strategy_params is not None:  # after fit the module was gathered again: count the stage's
+        local = strategy_params._local
+        params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in local)
+    state = trainer.optimizers[0].state.values()
+    optimizer = sum(t.numel() * t.element_size() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())
+    return [params, optimizer]
+
+
+def _launch(name: str, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, __file__, "--run", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
+    output = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    if args.run:
+        _train(args.run, args.steps, args.warmup, args.batch_size, args.layers, args.dim)
+        return
+    print(f"GPT layers={args.layers} dim={args.dim} seq=64, batch {args.batch_size} per pipeline/process")
+    for repetition in range(args.repeat):
+        results = {name: _launch(name, args) for name in RUNS}
+        base = results["lightning_1proc"]["samples_per_s"]
+        print(f"repetition {repetition + 1}:")
+        for name, result in results.items():
+            ratio = result["samples_per_s"] / base
+            memory = ", ".join(f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"])
+            print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
+
+
+if __name__ == "__main__":
+    main()
