@@ -367,6 +367,9 @@ class _RaNNCStrategyMixin(_MixinBase):
     @override
     def teardown(self) -> None:
         # Lightning's teardown moves the module to the CPU; released tensors are meta and stay so.
+        if self._groups is not None:
+            self._groups.destroy()
+            self._groups = None
         if self.cluster_environment is not None:
             self.cluster_environment.teardown()
         _optimizers_to_device(self.optimizers, torch.device("cpu"))

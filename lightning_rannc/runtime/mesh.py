@@ -37,6 +37,16 @@ class ProcessGroups:
     tied: list[tuple[dist.ProcessGroup, list[str]]] = field(default_factory=list)
     """Groups of this rank's pipeline that share parameters, with the shared parameter names."""
 
+    def destroy(self) -> None:
+        """Destroy the groups made for this mesh. Left to interpreter exit, gloo's threads can end
+        the process with "terminate called without an active exception"."""
+        if not dist.is_initialized():
+            return
+        groups = [g for g, _ in self.tied] + [self.pp_group, self.dp_group]
+        for group in {id(g): g for g in groups if g is not None and g is not dist.GroupMember.WORLD}.values():
+            dist.destroy_process_group(group)
+        self.tied, self.pp_group, self.dp_group, self.mesh = [], None, None, None
+
     def replica_rank(self, dp_rank: int) -> int:
         """Global rank of replica ``dp_rank`` at this rank's pipeline position."""
         return dp_rank * self.pipeline_degree + self.pp_rank
