@@ -57,6 +57,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         micro_batches: int = 4,
         schedule: str = "auto",
         virtual_stages: int = 1,
+        activation_checkpointing: bool = False,
         max_blocks: int = 64,
         profile_repeats: int = 3,
         process_group_backend: str | None = None,
@@ -78,6 +79,9 @@ class _RaNNCStrategyMixin(_MixinBase):
             schedule: ``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``; ``"auto"`` takes
                 1F1B when there are at least as many micro-batches as stages, else GPipe.
             virtual_stages: stages per rank for ``"interleaved_1f1b"`` (V).
+            activation_checkpointing: recompute every stage's activations in backward instead of
+                keeping them for all micro-batches in flight (``torch.utils.checkpoint``,
+                non-reentrant; dropout masks are the same in the recomputation).
             max_blocks: the graph is grouped into at most this many blocks before profiling;
                 stages are cut only between blocks.
             profile_repeats: timed repetitions per block when profiling.
@@ -103,6 +107,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.micro_batches = micro_batches
         self.schedule = schedule
         self.virtual_stages = virtual_stages
+        self.activation_checkpointing = activation_checkpointing
         self.max_blocks = max_blocks
         self.profile_repeats = profile_repeats
         self._process_group_backend = process_group_backend
@@ -210,6 +215,7 @@ class _RaNNCStrategyMixin(_MixinBase):
                 num_replicas=self.num_replicas,
                 virtual_stages=self.virtual_stages,
                 schedule=self.schedule,
+                checkpointing=self.activation_checkpointing,
                 num_microbatches=self.micro_batches,
                 max_blocks=self.max_blocks,
                 profile_repeats=self.profile_repeats,

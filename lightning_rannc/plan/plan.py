@@ -44,6 +44,8 @@ class StagePlan:
     """Bytes saved for backward per micro-batch."""
     send_bytes: int
     """Bytes sent to the next stage per micro-batch."""
+    checkpoint: bool = False
+    """Recompute the stage's activations in backward instead of keeping them (per micro-batch)."""
 
 
 @dataclass(kw_only=True)
@@ -162,6 +164,7 @@ class PartitionPlan:
                 f"  stage {s.stage_index} ranks={s.ranks} modules=[{s.module_span}] params={s.num_params:,} "
                 f"fwd={s.fwd_ms:.3f}ms bwd={s.bwd_ms:.3f}ms param_mem={_mib(s.param_bytes)} "
                 f"act_mem/mb={_mib(s.activation_bytes)} send/mb={_mib(s.send_bytes)}"
+                + (" checkpointed" if s.checkpoint else "")
             )
         return lines
 

@@ -45,6 +45,7 @@ def plan_pipeline(
     num_replicas: int = 1,
     virtual_stages: int = 1,
     schedule: str = "auto",
+    checkpoint: bool = False,
     p2p_bytes_per_ms: float = DEFAULT_P2P_BYTES_PER_MS,
 ) -> PartitionPlan:
     """Split ``blocks`` into ``num_stages`` stages minimising the slowest stage.
@@ -64,6 +65,8 @@ def plan_pipeline(
         _stage_plan(index, blocks[a:b], tensor_bytes, tensor_numel, stage_ranks(index, pipeline_degree, num_replicas))
         for index, (a, b) in enumerate(zip(bounds, bounds[1:]))
     ]
+    for stage in stages:
+        stage.checkpoint = checkpoint
     stage_ms = [cost(a, b) for a, b in zip(bounds, bounds[1:])]
     plan = PartitionPlan(
         graph_fingerprint=graph_fingerprint,

@@ -57,6 +57,7 @@ class EngineOptions:
     virtual_stages: int = 1
     num_microbatches: int = 4
     schedule: str = "auto"
+    checkpointing: bool = False
     max_blocks: int = 64
     profile_repeats: int = 3
 
@@ -214,6 +215,7 @@ class PipelineEngine:
             num_replicas=options.num_replicas,
             virtual_stages=options.virtual_stages,
             schedule=options.schedule,
+            checkpoint=options.checkpointing,
         )
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)

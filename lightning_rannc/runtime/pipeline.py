@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import fx
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -38,18 +39,21 @@ Grads = dict[torch.nn.Parameter, torch.Tensor | None]
 
 
 class SeededStage(torch.nn.Module):
-    """Runs a stage module inside the random stream of the current micro-batch.
+    """Runs a stage module inside the random stream of the current micro-batch, optionally
+    recomputing its activations in backward (activation checkpointing).
 
     The stage's random ops seed themselves from (seed, step, replica, micro-batch, node): see
     ``lightning_rannc/_rng.py``. A stage runs its forwards in micro-batch order under every
-    schedule, so counting them gives the micro-batch.
+    schedule, so counting them gives the micro-batch. The recomputation runs in the same stream,
+    so it draws the same dropout masks as the forward.
     """
 
-    def __init__(self, module: torch.nn.Module, replica: int, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, replica: int, device: torch.device, checkpoint: bool = False) -> None:
         super().__init__()
         self.module = module
         self.replica = replica
         self.device = device
+        self.checkpoint = checkpoint
         self.seed = 0
         self.step = 0
         self.microbatch = 0
@@ -60,6 +64,11 @@ class SeededStage(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         key = (self.seed, self.step, self.replica, self.microbatch)
         self.microbatch += 1
+        if self.checkpoint:
+            return torch.utils.checkpoint.checkpoint(self._run, key, *args, use_reentrant=False)
+        return self._run(key, *args)
+
+    def _run(self, key: tuple[int, ...], *args: Any) -> Any:
         with _rng.stream(key, self.device):
             return self.module(*args)
 
@@ -78,7 +87,10 @@ class PipelineRuntime:
         self.modules = [
             build_range_module(graph, s.node_start, s.node_end, detach=no_grad) for s in plan.stages_of_rank(rank)
         ]
-        self._seeded = [SeededStage(module, groups.dp_rank, device) for module in self.modules]
+        self._seeded = [
+            SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint)
+            for module, s in zip(self.modules, plan.stages_of_rank(rank))
+        ]
         self._stages = [
             _build_stage(graph, seeded, stage_plan.node_start, stage_plan.node_end, plan, device, groups, no_grad)
             for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))

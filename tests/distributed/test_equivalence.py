@@ -36,6 +36,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
+        _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
         _run("varlen", "gpt_varlen"),
         _run("cnn_bn", "cnn_bn", pipeline_stages=2),
     ],
@@ -45,6 +46,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, schedule="1f1b"),
         _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
         _run("drop_interleaved", "gpt_dropout", pipeline_stages=2, virtual_stages=2),
+        _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, activation_checkpointing=True),
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
     ],
@@ -206,12 +208,14 @@ def test_checkpoint_loads_as_a_plain_lightning_checkpoint(pipelined) -> None:
 
 
 def test_dropout_masks_are_reproducible_and_independent_of_schedule_and_split(pipelined) -> None:
-    labels = ("drop_gpipe", "drop_1f1b", "drop_gpipe_again", "drop_interleaved")
+    labels = ("drop_gpipe", "drop_1f1b", "drop_gpipe_again", "drop_interleaved", "drop_checkpointed")
     runs = {label: load_record(pipelined("2-dropout"), label, 0)["losses"] for label in labels}
     assert runs["drop_gpipe"] == runs["drop_gpipe_again"]
     torch.testing.assert_close(runs["drop_1f1b"], runs["drop_gpipe"], rtol=1e-6, atol=0)
     # 4 stages instead of 2: the same masks, so the same numbers up to float rounding
     torch.testing.assert_close(runs["drop_interleaved"], runs["drop_gpipe"], rtol=1e-5, atol=0)
+    # recomputed activations draw the forward's masks again
+    torch.testing.assert_close(runs["drop_checkpointed"], runs["drop_gpipe"], rtol=1e-6, atol=0)
     final = [load_record(pipelined("2-dropout"), label, 0)["final_state"] for label in runs]
     assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0])
 

@@ -60,3 +60,27 @@ def test_reseeding_queues_no_cuda_work() -> None:
     for microbatch in range(20):
         _run(graph, [], microbatch=microbatch)
     assert len(getattr(torch.cuda, "_queued_calls", [])) == queued
+
+
+def test_checkpointed_stage_recomputes_with_the_same_masks_and_keeps_fewer_activations() -> None:
+    graph = _graph()
+    module = build_range_module(graph, 0, len(graph))
+    results = []
+    for checkpoint in (False, True):
+        stage = SeededStage(module, 0, torch.device("cpu"), checkpoint=checkpoint)
+        stage.start_step(seed=7, step=1)
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = stage(torch.ones(4, 8))[0]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters()], sum(saved)))
+        module.zero_grad(set_to_none=True)
+    (plain_loss, plain_grads, plain_saved), (ckpt_loss, ckpt_grads, ckpt_saved) = results
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads))
+    assert ckpt_saved < plain_saved
