@@ -6,6 +6,7 @@ and the standalone ``pytorch_lightning`` package, whose Strategy base classes di
 
 from __future__ import annotations
 
+import functools
 import importlib
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,8 +36,7 @@ from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 
 __all__ = ["RaNNCStrategy"]
 
-# "16-mixed" needs a loss scaler whose overflow check every rank agrees on: not yet.
-_SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "bf16-true", "16-true")
+_SUPPORTED_PRECISION = ("32-true", "64-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true")
 
 
 if TYPE_CHECKING:
@@ -198,6 +198,10 @@ class _RaNNCStrategyMixin(_MixinBase):
         assert self.accelerator is not None and self.lightning_module is not None
         # Lightning clips by the norm of this process's gradients; the model spans processes.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm  # type: ignore[method-assign]
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            # Each rank sees only its share of the gradients: all must agree on skipping a step.
+            scaler.unscale_ = functools.partial(self._unscale_agreed, scaler, scaler.unscale_)
         self.accelerator.setup(trainer)
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
@@ -239,10 +243,10 @@ class _RaNNCStrategyMixin(_MixinBase):
                 f"{name} runs the pipelined step for you, so it needs automatic optimization; "
                 f"{type(trainer.lightning_module).__name__} sets `automatic_optimization = False`."
             )
-        if str(trainer.precision) not in _SUPPORTED_PRECISION or getattr(self.precision_plugin, "scaler", None):
+        if str(trainer.precision) not in _SUPPORTED_PRECISION:
             raise RuntimeSetupError(
-                f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far, without a loss scaler; got "
-                f"Trainer(precision={trainer.precision!r}). Use 'bf16-mixed' instead of '16-mixed'."
+                f"{name} supports precision={list(_SUPPORTED_PRECISION)} so far; got "
+                f"Trainer(precision={trainer.precision!r})."
             )
 
     @override
@@ -260,11 +264,12 @@ class _RaNNCStrategyMixin(_MixinBase):
         assert engine is not None, "training_step before setup"
         # Capture, profile and run under the precision's context (autocast, default dtype):
         # the captured graph then knows the dtypes its values have at run time.
+        scaler = getattr(self.precision_plugin, "scaler", None)
         with self.precision_plugin.train_step_context():
             if not engine.built:
                 engine.build(batch)
                 engine.restrict_optimizers(self.optimizers)
-            values = engine.run(batch, batch_idx)
+            values = engine.run(batch, batch_idx, loss_scale=float(scaler.get_scale()) if scaler else 1.0)
         engine.replay_logs(values)
         return engine.step_output(values)
 
@@ -286,6 +291,23 @@ class _RaNNCStrategyMixin(_MixinBase):
         if self._engine is not None and self._engine.built:
             self._engine.after_optimizer_step()
         return output
+
+    def _unscale_agreed(self, scaler: Any, unscale: Any, optimizer: Optimizer) -> None:
+        """GradScaler.unscale_, then an overflow found on any rank counts on every rank."""
+        unscale(optimizer)
+        assert self._engine is not None
+        self._engine.unscale_updated_elsewhere(1.0 / float(scaler.get_scale()))
+        # TODO(rannc): GradScaler keeps per-optimizer overflow flags in a private dict; no public hook.
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        total = torch.stack([f.to(self.root_device) for f in found.values()]).amax() if found else None
+        if total is None:
+            total = torch.zeros((), device=self.root_device)
+        if _distributed_is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        for device, flag in found.items():
+            flag.copy_(total.to(device))
+        if not found:  # no parameter here: register the agreed flag for step() and update()
+            found[self.root_device] = total
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: int | float) -> None:
         assert self._engine is not None

@@ -22,6 +22,7 @@ from models import (
     GPT,
     BatchNormCNN,
     LoggingMLP,
+    LoudHeadGPT,
     ResCNN,
     ScheduledGPT,
     SyntheticTokens,
@@ -87,6 +88,12 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda b: ShardedData(_gpt_tokens(64), b),
         {"precision": "bf16-true"},
     ),
+    # Loss scaling where the first step overflows in the last stage's weights only.
+    "gpt_fp16": (
+        lambda: LoudHeadGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"plugins": lambda: [_overflowing_fp16()]},
+    ),
     # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
     "gpt_varlen": (
         lambda: GPT(layers=2, dim=32, seq_len=16),
@@ -94,6 +101,13 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         {"max_epochs": 2},
     ),
 }
+
+
+def _overflowing_fp16() -> Any:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, backoff_factor=2.0**-10, growth_interval=1000)
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
 
 
 class Recorder(L.Callback):
@@ -106,11 +120,15 @@ class Recorder(L.Callback):
         self.kept_params: list[str] = []
         self.optimizer_state_numel = 0
         self.local_buffers: dict[str, Any] = {}
+        self.loss_scales: list[float] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.losses.append(float(outputs["loss"]))
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            self.loss_scales.append(float(scaler.get_scale()))
         self.metrics.append({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
         if trainer.global_step == trainer.max_steps and not self.kept_params:
             self._last_step(trainer, pl_module)
@@ -153,7 +171,7 @@ def run_case(
         num_sanity_val_steps=0,
         callbacks=[recorder],
     )
-    options.update(case_kwargs)
+    options.update({k: v() if callable(v) else v for k, v in case_kwargs.items()})
     if "max_epochs" in case_kwargs:
         options["max_steps"] = -1
     options.update(trainer_kwargs)
@@ -166,6 +184,7 @@ def run_case(
         "metrics": recorder.metrics,
         "kept_params": recorder.kept_params,
         "local_buffers": recorder.local_buffers,
+        "loss_scales": recorder.loss_scales,
         "optimizer_state_numel": recorder.optimizer_state_numel,
         "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
         "final_state": {k: v.tolist() for k, v in model.state_dict().items()},

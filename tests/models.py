@@ -18,6 +18,7 @@ from gpt import GPT, SyntheticTokens, make_dataloader  # noqa: E402
 __all__ = [
     "GPT",
     "ScheduledGPT",
+    "LoudHeadGPT",
     "ResCNN",
     "BatchNormCNN",
     "LoggingMLP",
@@ -42,6 +43,22 @@ class ScheduledGPT(GPT):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LoudHeadGPT(GPT):
+    """Its own output layer sees inputs 500x larger: under fp16 loss scaling only that layer's
+    weight gradient overflows, on the last pipeline stage alone."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out = nn.Linear(self.hparams.dim, self.hparams.vocab_size, bias=False)
+        nn.init.normal_(self.out.weight, std=1e-5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(tokens) + self.pos_emb[:, : tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.ln_f(x) * 500)
 
 
 class VaryingLength:

@@ -274,12 +274,12 @@ class PipelineEngine:
 
     # --- stepping -------------------------------------------------------------------------
 
-    def run(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def run(self, batch: Any, batch_idx: int, loss_scale: float = 1.0) -> torch.Tensor:
         leaves, _ = flatten_batch(batch, self.where)
         runtime = self._runtime_for(batch, leaves, batch_idx)
         self._last_runtime = runtime
         self._steps += 1
-        values = runtime.run(leaves, self._seed, self._steps)
+        values = runtime.run(leaves, self._seed, self._steps, loss_scale)
         self._share_written_buffers()
         return values
 
@@ -318,6 +318,15 @@ class PipelineEngine:
         params = {n: self._captured.tensors[n] for n in sorted(self._local) if n in self._captured.tensors}
         counted = [p for n, p in params.items() if first_holder.get(n) == self._groups.pp_rank]
         return clip_grad_norm(list(params.values()), counted, max_norm, self._groups.pp_group)
+
+    def unscale_updated_elsewhere(self, inv_scale: float) -> None:
+        """Unscale the gradients the optimizer does not hold (it unscales its own): they enter
+        the gradient norm."""
+        assert self._captured is not None
+        for name in self._updated_elsewhere:
+            grad = self._captured.tensors[name].grad
+            if grad is not None:
+                grad.mul_(inv_scale)
 
     def after_optimizer_step(self) -> None:
         """Share the parameters each replica updated with the others (sharded optimizer state)."""

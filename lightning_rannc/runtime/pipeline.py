@@ -98,6 +98,7 @@ class PipelineRuntime:
         self._schedule = _build_schedule(plan, self._stages, self._loss_fn)
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
+        self._loss_scale = 1.0
         self._params = list({id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}.values())
         names = {id(p): n for m in self.modules for n, p in m.named_parameters()}
         self._tied = [(group, [p for p in self._params if names[id(p)] in tied]) for group, tied in groups.tied]
@@ -113,10 +114,18 @@ class PipelineRuntime:
     def _loss_fn(self, output: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         # `target` is the micro-batch index (see `run`): keep outputs in micro-batch order.
         self._outputs[int(target.reshape(-1)[0])] = [o.detach() for o in output]
-        return output[0]
+        # The step's loss is the mean over micro-batches: dividing each micro-batch's loss before
+        # backward (not its gradients after, scale_grads=False) keeps every activation gradient
+        # what one device computes, so fp16 overflows where one device would, not M times sooner.
+        return output[0] * (self._loss_scale / self.plan.num_microbatches)
 
-    def run(self, leaves: Sequence[torch.Tensor], seed: int, step: int) -> torch.Tensor:
-        """Run one step; return the mean over micro-batches and replicas of every graph output."""
+    def run(self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float = 1.0) -> torch.Tensor:
+        """Run one step; return the mean over micro-batches and replicas of every graph output.
+
+        ``loss_scale`` multiplies the loss before backward (16-bit loss scaling): the gradients
+        come out scaled, as Lightning's scaler expects after its own ``scale(loss).backward()``.
+        """
+        self._loss_scale = loss_scale
         for seeded in self._seeded:
             seeded.start_step(seed, step)
         num_microbatches = self.plan.num_microbatches
@@ -212,10 +221,10 @@ def _build_stage(
 def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: Any) -> Any:
     if plan.schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(
-            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=True
+            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
         )
     schedule_class = _SINGLE_STAGE_SCHEDULES[plan.schedule]
-    return schedule_class(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=True)
+    return schedule_class(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def _examples(

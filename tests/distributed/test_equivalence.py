@@ -49,6 +49,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, activation_checkpointing=True),
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
+        _run("fp16", "gpt_fp16", pipeline_stages=2),
     ],
     3: [_run("gpt6", "gpt6")],
     4: [
@@ -247,3 +248,11 @@ def test_batchnorm_statistics_are_equal_on_all_replicas(pipelined) -> None:
     buffers = [load_record(pipelined(4), "cnn_bn_s2d2", rank)["local_buffers"] for rank in range(4)]
     for rank in (0, 1):  # rank r and r + 2 run the same stage on different data
         assert buffers[rank] and buffers[rank] == buffers[rank + 2]
+
+
+def test_fp16_overflows_skip_the_same_steps_on_every_rank_as_on_one_device(pipelined, reference) -> None:
+    records = [load_record(pipelined("2-dropout"), "fp16", rank) for rank in range(2)]
+    ref = load_record(reference("gpt_fp16", 1), "gpt_fp16", 0)
+    assert records[0]["loss_scales"] == records[1]["loss_scales"] == ref["loss_scales"]
+    assert ref["loss_scales"][0] < 2.0**16  # the first step overflowed (on the last stage only) and was skipped
+    torch.testing.assert_close(torch.tensor(records[0]["losses"]), torch.tensor(ref["losses"]), rtol=2e-2, atol=0)
