@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.plugins import MixedPrecision
 
 import lightning_rannc
 from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
@@ -134,13 +133,6 @@ def test_manual_optimization_is_refused() -> None:
     model.automatic_optimization = False
     with pytest.raises(RuntimeSetupError, match="needs automatic optimization"):
         _fit(model, table_loader())
-
-
-def test_loss_scaled_precision_is_refused() -> None:
-    # On CPU Lightning turns "16-mixed" into "bf16-mixed"; a scaler plugin is what 16-mixed means on GPUs.
-    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(RuntimeSetupError, match=r"without a loss scaler; got Trainer\(precision='16-mixed'\)"):
-        _fit(LoggingMLP(), table_loader(), plugins=[scaled])
 
 
 def test_step_returning_none_is_refused_at_capture() -> None:
