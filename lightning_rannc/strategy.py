@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Generator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -251,8 +253,22 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def model_to_device(self) -> None:
+        # Tensors on the meta device stay there: each rank materialises only its stage's.
         assert self.model is not None
-        self.model.to(self.root_device)
+        self.model._apply(lambda t: t if t.is_meta else t.to(self.root_device))
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """``trainer.init_module(empty_init=True)`` builds the module on the meta device: no rank
+        allocates it; at the first batch each rank allocates and initialises (with the modules'
+        ``reset_parameters``) only the tensors of its own stages."""
+        if not empty_init:
+            with super().tensor_init_context(empty_init):  # type: ignore[misc]
+                yield
+            return
+        with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
 
     # --- the training step ----------------------------------------------------------------
 

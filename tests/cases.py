@@ -23,6 +23,7 @@ from models import (
     BatchNormCNN,
     LoggingMLP,
     LoudHeadGPT,
+    MetaGPT,
     ResCNN,
     ScheduledGPT,
     SyntheticTokens,
@@ -94,6 +95,12 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda b: ShardedData(_gpt_tokens(64), b),
         {"plugins": lambda: [_overflowing_fp16()]},
     ),
+    # Created on the meta device: each rank allocates and initialises only its stages' tensors.
+    "gpt_meta": (
+        lambda: MetaGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"meta_init": True},
+    ),
     # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
     "gpt_varlen": (
         lambda: GPT(layers=2, dim=32, seq_len=16),
@@ -158,8 +165,6 @@ def run_case(
     """Train case ``name``; write ``<label>_rank<r>.json`` and ``<label>.ckpt`` under ``out_dir``."""
     label = label or name
     make_model, make_data, case_kwargs = CASES[name]
-    L.seed_everything(0, verbose=False)
-    model = make_model()
     recorder = Recorder(out_dir / f"{label}.ckpt")
     options: dict[str, Any] = dict(
         accelerator="cpu",
@@ -171,11 +176,18 @@ def run_case(
         num_sanity_val_steps=0,
         callbacks=[recorder],
     )
-    options.update({k: v() if callable(v) else v for k, v in case_kwargs.items()})
+    meta_init = case_kwargs.get("meta_init", False)
+    options.update({k: v() if callable(v) else v for k, v in case_kwargs.items() if k != "meta_init"})
     if "max_epochs" in case_kwargs:
         options["max_steps"] = -1
     options.update(trainer_kwargs)
     trainer = L.Trainer(**options)
+    L.seed_everything(0, verbose=False)
+    if meta_init:
+        with trainer.init_module(empty_init=True):
+            model = make_model()
+    else:
+        model = make_model()
     trainer.fit(model, datamodule=make_data(batch_size or 8 * batch_scale))
     plan = getattr(trainer.strategy, "plan", None)
     record = {

@@ -19,6 +19,7 @@ __all__ = [
     "GPT",
     "ScheduledGPT",
     "LoudHeadGPT",
+    "MetaGPT",
     "ResCNN",
     "BatchNormCNN",
     "LoggingMLP",
@@ -43,6 +44,13 @@ class ScheduledGPT(GPT):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class MetaGPT(GPT):
+    """The example GPT, able to initialise its own top-level parameter after meta-device creation."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos_emb, std=0.02)
 
 
 class LoudHeadGPT(GPT):

@@ -22,7 +22,14 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from lightning_rannc._utils import where_defined
 from lightning_rannc.errors import CaptureError
 
-__all__ = ["LoggedValue", "CapturedStep", "capture_training_step", "flatten_batch", "fake_module_state"]
+__all__ = [
+    "LoggedValue",
+    "CapturedStep",
+    "capture_training_step",
+    "flatten_batch",
+    "fake_module_state",
+    "module_tensors",
+]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -192,6 +199,11 @@ def _canonical_names(module: nn.Module) -> tuple[dict[int, str], dict[str, str],
         aliases[name] = first_name.setdefault(id(tensor), name)
         tensors.setdefault(aliases[name], tensor)
     return first_name, aliases, tensors
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Canonical name -> the module's parameter or buffer object (tied tensors once)."""
+    return _canonical_names(module)[2]
 
 
 def _logged_values(calls: list[tuple[str, Any, dict[str, Any]]]) -> list[LoggedValue]:

@@ -24,11 +24,18 @@ from torch.optim import Optimizer
 from torch.utils._pytree import tree_unflatten
 
 from lightning_rannc._utils import where_defined
-from lightning_rannc.capture.export import CapturedStep, capture_training_step, fake_module_state, flatten_batch
+from lightning_rannc.capture.export import (
+    CapturedStep,
+    capture_training_step,
+    fake_module_state,
+    flatten_batch,
+    module_tensors,
+)
 from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
 from lightning_rannc.plan.planner import plan_pipeline
+from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
 from lightning_rannc.runtime.optim import (
@@ -39,7 +46,13 @@ from lightning_rannc.runtime.optim import (
     shard_over_replicas,
 )
 from lightning_rannc.runtime.pipeline import PipelineRuntime
-from lightning_rannc.runtime.state import gather_tensors, install_tensors, local_tensors, release_tensors
+from lightning_rannc.runtime.state import (
+    gather_tensors,
+    initialize_tensors,
+    install_tensors,
+    local_tensors,
+    release_tensors,
+)
 
 __all__ = ["EngineOptions", "PipelineEngine"]
 
@@ -100,23 +113,29 @@ class PipelineEngine:
         leaves, _ = flatten_batch(batch, self.where)
         batch_size = _batch_size(leaves, self.where)
         num_microbatches = choose_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
-        captured, graph = self._capture(batch, num_microbatches)
-        self.plan = self._agree_on_plan(graph, leaves, num_microbatches)
-        self._captured = captured
+        on_meta = any(t.is_meta for t in module_tensors(self.module).values())
+        if on_meta:
+            captured, graph, plan = self._plan_on_meta(batch, num_microbatches)
+        else:
+            captured, graph = self._capture(batch, num_microbatches)
+            micro_leaves = [leaf[: batch_size // num_microbatches] for leaf in leaves]
+            plan = self._share_plan(self._propose_plan(graph, micro_leaves, num_microbatches), graph)
+        self.plan, self._captured = plan, captured
         self._node_keys, self._node_names = graph.node_keys(), [n.name for n in graph.nodes]
         trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
-        add_tied_groups(self._groups, self.plan, self.rank, trainable)
-        self._local = {n for s in self.plan.stages_of_rank(self.rank) for n in s.tensor_names}
+        add_tied_groups(self._groups, plan, self.rank, trainable)
+        self._local = {n for s in plan.stages_of_rank(self.rank) for n in s.tensor_names}
         self._owned = self._state_owned_names()
         self._names = {id(t): n for n, t in captured.tensors.items()}
-        self._optimizer_owner = shard_over_replicas(
-            {n: captured.tensors[n].numel() for n in sorted(self._local & trainable)}, self.plan.num_replicas
-        )
+        if on_meta:
+            self._materialize_own_tensors(graph)
+        sizes = {n: captured.tensors[n].numel() for n in sorted(self._local & trainable)}
+        self._optimizer_owner = shard_over_replicas(sizes, plan.num_replicas)
         self._add_runtime(_shape_key(leaves), graph, num_microbatches)
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:
-            for line in self.plan.summary():
+            for line in plan.summary():
                 log.info(line)
 
     def _min_microbatches(self) -> int:
@@ -142,16 +161,54 @@ class PipelineEngine:
         graph.tensors = self._captured.tensors  # this rank's parameters, buffers and constants
         return graph
 
-    def _agree_on_plan(self, graph: StepGraph, leaves: list[torch.Tensor], num_microbatches: int) -> PartitionPlan:
-        # Rank 0's seed for the stages' random streams: drawn from the seeded training RNG, so a
-        # run with the same seed draws the same dropout masks.
+    def _plan_on_meta(self, batch: Any, num_microbatches: int) -> tuple[CapturedStep, StepGraph, PartitionPlan]:
+        """Capture and plan a module whose tensors are on the meta device, from fake tensors and
+        analytic costs (nothing can run), then point the graph at the module's own tensors."""
+        leaves, spec = flatten_batch(batch, self.where)
+        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
+        with fake_module_state(self.module, self.device) as mode:
+            micro = [mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves]
+            captured = capture_training_step(self.module, tree_unflatten(micro, spec))
+            graph = StepGraph.from_captured(captured)
+            proposal = self._propose_plan(graph, micro, num_microbatches, analytic=True)
+        plan = self._share_plan(proposal, graph)
+        real = module_tensors(self.module)
+        constants = sorted(set(captured.tensors) - set(real))
+        if constants:
+            raise RuntimeSetupError(
+                f"`training_step` ({self.where}) uses tensors created outside the module ({constants}); a module "
+                "created on the meta device cannot provide them. Register them as buffers."
+            )
+        captured.tensors = graph.tensors = real
+        return captured, graph, plan
+
+    def _materialize_own_tensors(self, graph: StepGraph) -> None:
+        """Allocate and initialise only the tensors this rank holds (RaNNC's DistributeModelParams)."""
+        assert self._captured is not None
+        names = sorted(n for n in self._local | self._owned if n in self._captured.tensors)
+        tensors = self._captured.tensors
+        empty = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=self.device) for n in names}
+        install_tensors(self.module, self._captured.aliases, empty, self.device)
+        initialize_tensors(self.module, names, self._seed, self.device)
+        self._captured.tensors = graph.tensors = module_tensors(self.module)
+        self._names.update({id(t): n for n, t in self._captured.tensors.items()})
+
+    def _propose_plan(
+        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool = False
+    ) -> list[Any]:
+        """Rank 0's plan (or its error) and seed; other ranks propose nothing."""
+        # The seed of the stages' random streams and of meta-device initialisation: drawn from
+        # the seeded training RNG (without advancing it), so the same seed gives the same run.
         with torch.random.fork_rng(devices=[]):
-            payload: list[Any] = [None, int(torch.randint(2**62, (1,)))]
+            payload: list[Any] = [None, int(torch.empty((), dtype=torch.int64, device="cpu").random_(2**62))]
         if self.rank == 0:
             try:
-                payload[0] = self._make_plan(graph, leaves, num_microbatches)
+                payload[0] = self._make_plan(graph, micro_leaves, num_microbatches, analytic)
             except Exception as err:  # every rank must learn of the failure, not wait for a plan
                 payload[0] = err
+        return payload
+
+    def _share_plan(self, payload: list[Any], graph: StepGraph) -> PartitionPlan:
         if dist.is_initialized():
             dist.broadcast_object_list(payload, src=0)
         if isinstance(payload[0], Exception):
@@ -190,7 +247,9 @@ class PipelineEngine:
                 )
         return plan
 
-    def _make_plan(self, graph: StepGraph, leaves: list[torch.Tensor], num_microbatches: int) -> PartitionPlan:
+    def _make_plan(
+        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool
+    ) -> PartitionPlan:
         options = self.options
         num_stages = options.pipeline_degree * options.virtual_stages
         spans = group_nodes(graph, options.max_blocks)
@@ -200,9 +259,11 @@ class PipelineEngine:
                 f"{len(spans)} block(s), fewer than the {num_stages} pipeline stages asked for: "
                 "use fewer pipeline stages, or raise max_blocks."
             )
-        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
-        micro_leaves = [leaf[:microbatch_size] for leaf in leaves]
-        costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
+        microbatch_size = int(micro_leaves[0].shape[0])
+        if analytic:
+            costs = estimate_blocks(graph, micro_leaves, spans)
+        else:
+            costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
         tensors = graph.tensors
         plan = plan_pipeline(
             costs,
@@ -260,10 +321,14 @@ class PipelineEngine:
     def restrict_optimizers(self, optimizers: list[Optimizer]) -> None:
         """Keep in the user's optimizers only the parameters whose optimizer state this rank
         holds (its stages', sharded over replicas), then free other stages' memory."""
+        assert self._captured is not None
         dp_rank = self._groups.dp_rank
         keep = {n for n in self._local if self._optimizer_owner.get(n, dp_rank) == dp_rank}
         self._updated_elsewhere = sorted(set(self._optimizer_owner) - keep)
         for index, optimizer in enumerate(optimizers):
+            # Parameters materialised from the meta device are new objects: put them in the groups.
+            for group in optimizer.param_groups:
+                group["params"] = [self._captured.tensors.get(self._names[id(p)], p) for p in group["params"]]
             self._layouts[index] = keep_local_params(optimizer, self._names, keep)
         self._names = {i: n for i, n in self._names.items() if n in self._local | self._owned}
         self.release()

@@ -7,13 +7,16 @@ state is gathered only when asked: a checkpoint, or at the end of ``fit``.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors"]
+from lightning_rannc.errors import RuntimeSetupError
+
+__all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors", "initialize_tensors"]
 
 
 def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
@@ -61,6 +64,33 @@ def install_tensors(
                 nn.Parameter(value, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else value
             )
         _set_tensor(module, path, made[canonical])
+
+
+def initialize_tensors(module: nn.Module, names: Iterable[str], seed: int, device: torch.device) -> None:
+    """Initialise freshly materialised tensors with their modules' ``reset_parameters``.
+
+    Each module draws from a stream seeded by (seed, module path): a tensor gets the same values
+    on every rank that holds it and whatever the stage split. ``reset_parameters`` must
+    initialise only the module's own tensors, as PyTorch's layers do.
+    """
+    owners = sorted({name.rpartition(".")[0] for name in names})
+    missing = [
+        path or "<the LightningModule>"
+        for path in owners
+        if not hasattr(module.get_submodule(path), "reset_parameters")
+    ]
+    if missing:
+        raise RuntimeSetupError(
+            f"The module was created on the meta device, but {missing} define no `reset_parameters()` "
+            "to initialise their own parameters and buffers on the rank that holds them. Add one "
+            "(it must set only that module's direct tensors), or create the module normally."
+        )
+    generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+    for path in owners:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            # zlib.crc32, not hash(): str hashes differ between processes (PYTHONHASHSEED).
+            generator.manual_seed(hash((seed, zlib.crc32(path.encode()))) & (2**63 - 1))
+            module.get_submodule(path).reset_parameters()  # type: ignore[operator]
 
 
 def local_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_rannc import PartitionPlan
+from lightning_rannc import PartitionPlan, RaNNCStrategy
 
 from _dist import run_script
 from cases import load_record, run_case
@@ -50,6 +50,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
         _run("fp16", "gpt_fp16", pipeline_stages=2),
+        _run("meta", "gpt_meta", pipeline_stages=2),
     ],
     3: [_run("gpt6", "gpt6")],
     4: [
@@ -256,3 +257,18 @@ def test_fp16_overflows_skip_the_same_steps_on_every_rank_as_on_one_device(pipel
     assert records[0]["loss_scales"] == records[1]["loss_scales"] == ref["loss_scales"]
     assert ref["loss_scales"][0] < 2.0**16  # the first step overflowed (on the last stage only) and was skipped
     torch.testing.assert_close(torch.tensor(records[0]["losses"]), torch.tensor(ref["losses"]), rtol=2e-2, atol=0)
+
+
+def test_meta_device_module_initialises_each_stage_on_its_rank_as_one_device_would(pipelined, tmp_path: Path) -> None:
+    """Initialisation is seeded per module, so two stages on two ranks start from the weights
+    one stage on one process gets; each rank only ever allocates its own stage."""
+    run_case("gpt_meta", tmp_path, strategy=RaNNCStrategy(), devices=1)
+    ours, single = load_record(pipelined("2-dropout"), "meta", 0), load_record(tmp_path, "gpt_meta", 0)
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=0)
+    for key, value in single["final_state"].items():
+        torch.testing.assert_close(ours["final_state"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+    plan = PartitionPlan.from_json(ours["plan"])
+    for rank in range(2):
+        kept = set(load_record(pipelined("2-dropout"), "meta", rank)["kept_params"])
+        assert kept == set(plan.stages[rank].tensor_names) & set(single["final_state"])
+    assert single["losses"][-1] < single["losses"][0]

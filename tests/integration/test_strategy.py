@@ -155,3 +155,21 @@ def test_invalid_options_name_the_option(option: str, value: int) -> None:
 def test_unknown_schedule_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match=r"RaNNCStrategy\(schedule='zb'\): valid values are \['auto', 'gpipe', '1f1b'"):
         RaNNCStrategy(schedule="zb")
+
+
+def test_meta_device_module_without_reset_parameters_is_refused_with_the_module_named() -> None:
+    class TopLevelParameter(LoggingMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.offset = torch.nn.Parameter(torch.zeros(4))
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            return out["loss"] + self.offset.sum()
+
+    trainer = _trainer()
+    with trainer.init_module(empty_init=True):
+        model = TopLevelParameter()
+    assert all(p.is_meta for p in model.parameters())
+    with pytest.raises(RuntimeSetupError, match=r"\['<the LightningModule>'\] define no `reset_parameters\(\)`"):
+        trainer.fit(model, table_loader())

@@ -48,3 +48,20 @@ def test_values_without_gradient_are_found() -> None:
         v for v in graph.live_values(middle) if v.meta["val"].is_floating_point() and v.meta["val"].dim() == 2
     ]
     assert any(v.name not in no_grad for v in activation)  # the hidden state carries gradient
+
+
+def test_analytic_costs_follow_flops_without_running_anything() -> None:
+    from lightning_rannc.capture.export import fake_module_state
+    from lightning_rannc.profile.analytic import estimate_blocks
+
+    model = GPT(layers=2, dim=256, seq_len=64).to("meta")  # big enough for FLOPs to outweigh per-node costs
+    model.log = lambda *a, **k: None
+    tokens = torch.randint(0, 256, (4, 64))
+    with fake_module_state(model, torch.device("cpu")) as mode:
+        leaves = [mode.from_tensor(tokens), mode.from_tensor(tokens.roll(1, 1))]
+        graph = StepGraph.from_captured(capture_training_step(model, {"tokens": leaves[0], "targets": leaves[1]}))
+        costs = estimate_blocks(graph, leaves, group_nodes(graph, max_blocks=8))
+    assert all(c.bwd_ms == 2 * c.fwd_ms > 0 for c in costs)
+    heavy = max(costs, key=lambda c: c.fwd_ms)
+    assert any("mlp" in p or "qkv" in p or "head" in p for p in heavy.module_paths)  # matmuls dominate
+    assert all(p.is_meta for p in model.parameters())
