@@ -342,6 +342,11 @@ class _RaNNCStrategyMixin(_MixinBase):
     @override
     def on_validation_start(self) -> None:
         # TODO(rannc): run evaluation through the pipeline instead of gathering the module.
+        if self._engine is not None and self._engine.from_meta:
+            raise RuntimeSetupError(
+                f"{type(self).__name__} cannot validate a module created on the meta device yet (it would "
+                "gather the whole model on every rank): set `limit_val_batches=0` and `num_sanity_val_steps=0`."
+            )
         self._materialize()
 
     @override
@@ -352,7 +357,9 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def on_train_end(self) -> None:
-        self._materialize()
+        # A module built on the meta device may not fit one device: it stays partitioned.
+        if self._engine is not None and not self._engine.from_meta:
+            self._materialize()
 
     # --- checkpoints ----------------------------------------------------------------------
 

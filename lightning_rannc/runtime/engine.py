@@ -100,11 +100,20 @@ class PipelineEngine:
         self._node_keys: list[tuple[str, str]] = []
         self._seed = 0
         self._steps = 0
+        self._from_meta: bool | None = None
         self._node_names: list[str] = []
 
     @property
     def built(self) -> bool:
         return self.plan is not None
+
+    @property
+    def from_meta(self) -> bool:
+        """Whether the module was created on the meta device (then it is never gathered whole).
+        After the build other stages' tensors are meta on every rank: the answer is kept."""
+        if self._from_meta is None:
+            return any(t.is_meta for t in module_tensors(self.module).values())
+        return self._from_meta
 
     # --- building -------------------------------------------------------------------------
 
@@ -113,7 +122,7 @@ class PipelineEngine:
         leaves, _ = flatten_batch(batch, self.where)
         batch_size = _batch_size(leaves, self.where)
         num_microbatches = choose_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
-        on_meta = any(t.is_meta for t in module_tensors(self.module).values())
+        on_meta = self._from_meta = self.from_meta
         if on_meta:
             captured, graph, plan = self._plan_on_meta(batch, num_microbatches)
         else:

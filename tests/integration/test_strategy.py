@@ -173,3 +173,13 @@ def test_meta_device_module_without_reset_parameters_is_refused_with_the_module_
     assert all(p.is_meta for p in model.parameters())
     with pytest.raises(RuntimeSetupError, match=r"\['<the LightningModule>'\] define no `reset_parameters\(\)`"):
         trainer.fit(model, table_loader())
+
+
+def test_validating_a_meta_device_module_is_refused_with_advice() -> None:
+    trainer = _trainer(limit_val_batches=1, num_sanity_val_steps=1)
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    with pytest.raises(
+        RuntimeSetupError, match="cannot validate a module created on the meta device.*limit_val_batches=0"
+    ):
+        trainer.fit(model, table_loader(), table_loader(size=16))
