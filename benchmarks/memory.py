@@ -28,6 +28,7 @@ def _train(stages: int, dim: int, layers: int) -> None:
 
     sys.path.insert(0, str(ROOT / "examples"))
     import lightning_rannc
+
     from gpt import GPT, make_dataloader
 
     class MetaGPT(GPT):

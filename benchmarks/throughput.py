@@ -37,6 +37,7 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
 
     sys.path.insert(0, str(ROOT / "examples"))
     import lightning_rannc
+
     from gpt import GPT, make_dataloader
 
     torch.set_num_threads(1)
@@ -119,7 +120,9 @@ def main() -> None:
         print(f"repetition {repetition + 1}:")
         for name, result in results.items():
             ratio = result["samples_per_s"] / base
-            memory = ", ".join(f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"])
+            memory = ", ".join(
+                f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"]
+            )
             print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
 
 

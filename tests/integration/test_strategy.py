@@ -14,18 +14,19 @@ from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
 from cases import Recorder, load_record, run_case
 from models import LoggingMLP, table_loader
 
+_QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    max_steps=2,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
 
 def _trainer(**kwargs) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    options.update(kwargs)
+    options = {**_QUIET, **kwargs}
     options.setdefault("strategy", RaNNCStrategy(micro_batches=2))
     return L.Trainer(**options)
 
@@ -54,16 +55,7 @@ def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    trainer = pl.Trainer(
-        strategy="rannc",
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        use_distributed_sampler=False,
-    )
+    trainer = pl.Trainer(strategy="rannc", use_distributed_sampler=False, **_QUIET)
     assert isinstance(trainer.strategy, PLRaNNCStrategy)
     assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=8)
