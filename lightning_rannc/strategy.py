@@ -203,7 +203,10 @@ class _RaNNCStrategyMixin(_MixinBase):
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             # Each rank sees only its share of the gradients: all must agree on skipping a step.
-            scaler.unscale_ = functools.partial(self._unscale_agreed, scaler, scaler.unscale_)
+            # The class's method, not the attribute: a second fit must not wrap the wrapper.
+            scaler.unscale_ = functools.partial(
+                self._unscale_agreed, scaler, functools.partial(type(scaler).unscale_, scaler)
+            )
         self.accelerator.setup(trainer)
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
