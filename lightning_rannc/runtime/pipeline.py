@@ -27,7 +27,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from lightning_rannc import _rng
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 
 __all__ = ["PipelineRuntime", "SeededStage"]
@@ -92,7 +92,7 @@ class PipelineRuntime:
             for module, s in zip(self.modules, plan.stages_of_rank(rank))
         ]
         self._stages = [
-            _build_stage(graph, seeded, stage_plan.node_start, stage_plan.node_end, plan, device, groups, no_grad)
+            _build_stage(graph, seeded, stage_plan, plan.num_stages, device, groups.pp_group, no_grad)
             for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))
         ]
         self._schedule = _build_schedule(plan, self._stages, self._loss_fn)
@@ -197,24 +197,22 @@ def _reduce_flat(pending: Grads, params: list[torch.nn.Parameter], group: Any, s
 def _build_stage(
     graph: StepGraph,
     module: torch.nn.Module,
-    start: int,
-    end: int,
-    plan: PartitionPlan,
+    stage: StagePlan,
+    num_stages: int,
     device: torch.device,
-    groups: ProcessGroups,
+    group: Any,
     no_grad: set[str],
 ) -> PipelineStage:
     # Static metadata: without it the pipeline infers shapes by running the stage on
     # uninitialised tensors, which breaks ops that check their integer inputs (labels).
-    stage_index = next(s.stage_index for s in plan.stages if s.node_start == start)
     return PipelineStage(
         module,
-        stage_index,
-        plan.num_stages,
+        stage.stage_index,
+        num_stages,
         device,
-        input_args=_examples(graph.stage_inputs(start), no_grad, device, root=start == 0),
-        output_args=_examples(graph.stage_outputs(end), no_grad, device, root=False),
-        group=groups.pp_group,
+        input_args=_examples(graph.stage_inputs(stage.node_start), no_grad, device, root=stage.node_start == 0),
+        output_args=_examples(graph.stage_outputs(stage.node_end), no_grad, device, root=False),
+        group=group,
     )
 
 
