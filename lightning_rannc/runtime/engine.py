@@ -245,7 +245,7 @@ class PipelineEngine:
         no_grad = [
             names[matched[i]] for i, n in enumerate(self._node_names) if n in plan.no_grad_values and i in matched
         ]
-        plan = dataclasses.replace(plan, stages=stages, no_grad_values=no_grad + list(plan.no_grad_values))
+        plan = dataclasses.replace(plan, stages=stages, no_grad_values=no_grad)  # names of the new graph
         for stage in plan.stages_of_rank(self.rank):
             missing = set(graph.tensor_names(stage.node_start, stage.node_end)) - set(self._captured.tensors)
             if stage.node_start >= stage.node_end or missing:
