@@ -102,6 +102,7 @@ class _LogRecorder:
         # What the step returned. Kept here, not on the traced module: export restores the
         # module's attributes after tracing.
         self.output_info: dict[str, Any] = {}
+        self.counter_reads: set[str] = set()
 
     def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if args:
@@ -168,6 +169,61 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
+class _WatchedIndex(int):
+    """The ``batch_idx`` handed to the traced step: an int that notes being used."""
+
+    reads: set[str]
+
+    def __new__(cls, value: int, reads: set[str]) -> _WatchedIndex:
+        index = super().__new__(cls, value)
+        index.reads = reads
+        return index
+
+
+def _noting(name: str) -> Any:
+    method = getattr(int, name)
+
+    def noted(self: _WatchedIndex, *args: Any) -> Any:
+        self.reads.add("batch_idx")
+        return method(int(self), *args)
+
+    return noted
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__mod__", "__floordiv__",
+              "__truediv__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__index__",
+              "__float__", "__format__", "__str__", "__repr__", "__hash__"):  # fmt: skip
+    setattr(_WatchedIndex, _name, _noting(_name))
+
+
+class _WatchedTrainer:
+    """Stands in for ``module.trainer`` while tracing and notes reads of per-step counters."""
+
+    _COUNTERS = ("current_epoch", "global_step")
+
+    def __init__(self, trainer: Any, reads: set[str]) -> None:
+        object.__setattr__(self, "_trainer", trainer)
+        object.__setattr__(self, "_reads", reads)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._COUNTERS:
+            self._reads.add(name)
+        return getattr(self._trainer, name)
+
+
+@contextlib.contextmanager
+def _watching_counters(module: nn.Module, reads: set[str]) -> Iterator[None]:
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        yield
+        return
+    module._trainer = _WatchedTrainer(trainer, reads)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        module._trainer = trainer
+
+
 class _TrainingStep(nn.Module):
     """The function that is exported: batch leaves in, (loss, logged values, extras) out."""
 
@@ -181,8 +237,9 @@ class _TrainingStep(nn.Module):
     def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = tree_unflatten(list(leaves), self.spec)
         self.recorder.calls.clear()
-        with _recording_logs(self.module, self.recorder):
-            output = self.module.training_step(batch, 0)  # type: ignore[operator]
+        reads = self.recorder.counter_reads
+        with _recording_logs(self.module, self.recorder), _watching_counters(self.module, reads):
+            output = self.module.training_step(batch, _WatchedIndex(0, reads))  # type: ignore[operator]
         loss, extras = _split_step_output(output, self.where)
         self.recorder.output_info.update(returns_dict=isinstance(output, Mapping), extra_keys=list(extras))
         logged = [v for _, v, _ in self.recorder.calls if isinstance(v, torch.Tensor)]
@@ -313,6 +370,17 @@ def fake_module_state(module: nn.Module, device: torch.device) -> Iterator[Any]:
             store[key] = tensor  # type: ignore[assignment]
 
 
+def _warn_fixed_counters(names: list[str], where: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"`training_step` ({where}) reads {', '.join(names)}. RaNNCStrategy captures the step once, so "
+        "every step uses the value seen at capture (batch_idx=0, the first step's epoch and step): "
+        "anything computed from it is fixed. Move such logic to a hook (e.g. `on_train_batch_start`) "
+        "or put the value in the batch."
+    )
+
+
 def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
     """Export ``module.training_step`` for one micro-batch.
 
@@ -343,6 +411,8 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
         ) from err
     placeholders, tensors = _tensor_names(wrapper, program)
     written = _written_buffers(program, placeholders, where)
+    if wrapper.recorder.counter_reads:
+        _warn_fixed_counters(sorted(wrapper.recorder.counter_reads), where)
     _, aliases, _ = _canonical_names(module)
     return CapturedStep(
         program=program,

@@ -175,3 +175,20 @@ def test_validating_a_meta_device_module_is_refused_with_advice() -> None:
         RuntimeSetupError, match="cannot validate a module created on the meta device.*limit_val_batches=0"
     ):
         trainer.fit(model, table_loader(), table_loader(size=16))
+
+
+@pytest.mark.parametrize("counter", ["batch_idx", "current_epoch", "global_step"])
+def test_steps_that_read_per_step_counters_warn_that_they_are_fixed(counter: str) -> None:
+    class ReadsCounter(LoggingMLP):
+        def training_step(self, batch, batch_idx):
+            value = batch_idx if counter == "batch_idx" else getattr(self, counter)
+            out = super().training_step(batch, batch_idx)
+            return out["loss"] * (1.0 + 0.0 * (value % 7))
+
+    with pytest.warns(UserWarning, match=rf"reads {counter}\. RaNNCStrategy captures the step once"):
+        _fit(ReadsCounter(), table_loader())
+
+
+def test_steps_that_ignore_counters_do_not_warn(recwarn: pytest.WarningsRecorder) -> None:
+    _fit(LoggingMLP(), table_loader())
+    assert not [w for w in recwarn if "captures the step once" in str(w.message)]
