@@ -62,6 +62,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         activation_checkpointing: bool = False,
         max_blocks: int = 64,
         profile_repeats: int = 3,
+        deployment: str | None = None,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -87,6 +88,9 @@ class _RaNNCStrategyMixin(_MixinBase):
             max_blocks: the graph is grouped into at most this many blocks before profiling;
                 stages are cut only between blocks.
             profile_repeats: timed repetitions per block when profiling.
+            deployment: path of a plan file (RaNNC's deployment). If it exists it is used without
+                profiling or search (and refused if it was made for another graph, layout or
+                batch size); otherwise the new plan is written there.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
             timeout: seconds a collective may wait before the process group gives up.
             start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); others spawn.
@@ -112,6 +116,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.activation_checkpointing = activation_checkpointing
         self.max_blocks = max_blocks
         self.profile_repeats = profile_repeats
+        self.deployment = deployment
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=timeout)
         self._start_method = start_method
@@ -228,6 +233,7 @@ class _RaNNCStrategyMixin(_MixinBase):
                 num_microbatches=self.micro_batches,
                 max_blocks=self.max_blocks,
                 profile_repeats=self.profile_repeats,
+                deployment=self.deployment,
             ),
             rank=self.global_rank,
             device=self.root_device,

@@ -145,7 +145,25 @@ class PartitionPlan:
         return plan
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the plan as JSON; atomically (a crash never leaves a half-written plan)."""
+        path = Path(path)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(self.to_json())
+        temporary.replace(path)
+
+    def check_matches(self, path: str | Path, **expected: Any) -> None:
+        """Refuse a saved plan (a deployment) made for another graph, layout or batch.
+
+        ``expected`` maps field names of the plan (``graph_fingerprint``, ``world_size``, ...) to
+        the values of the run that wants to use it.
+        """
+        stale = {k: (getattr(self, k), v) for k, v in expected.items() if getattr(self, k) != v}
+        if stale:
+            details = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in stale.items())
+            raise PlanError(
+                f"The deployment {str(path)!r} was planned for another run ({details}). Delete it to "
+                "plan again, or restore the settings it was made for."
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> PartitionPlan:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,6 +74,8 @@ class EngineOptions:
     checkpointing: bool = False
     max_blocks: int = 64
     profile_repeats: int = 3
+    deployment: str | None = None
+    """A plan file: loaded when it exists (no profiling, no search), written otherwise."""
 
 
 class PipelineEngine:
@@ -212,10 +215,34 @@ class PipelineEngine:
             payload: list[Any] = [None, int(torch.empty((), dtype=torch.int64, device="cpu").random_(2**62))]
         if self.rank == 0:
             try:
-                payload[0] = self._make_plan(graph, micro_leaves, num_microbatches, analytic)
+                payload[0] = self._deployed_or_new_plan(graph, micro_leaves, num_microbatches, analytic)
             except Exception as err:  # every rank must learn of the failure, not wait for a plan
                 payload[0] = err
         return payload
+
+    def _deployed_or_new_plan(
+        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool
+    ) -> PartitionPlan:
+        """RaNNC's save/load_deployment: reuse a saved plan when it fits this run, else plan."""
+        path = self.options.deployment
+        if path is None or not Path(path).exists():
+            plan = self._make_plan(graph, micro_leaves, num_microbatches, analytic)
+            if path is not None:
+                plan.save(path)
+                log.info("saved the plan as deployment %s", path)
+            return plan
+        plan = PartitionPlan.load(path)
+        plan.check_matches(
+            path,
+            graph_fingerprint=graph.fingerprint(),
+            world_size=self.options.pipeline_degree * self.options.num_replicas,
+            num_replicas=self.options.num_replicas,
+            virtual_stages=self.options.virtual_stages,
+            microbatch_size=int(micro_leaves[0].shape[0]),
+            num_microbatches=self.options.num_microbatches,
+        )
+        log.info("loaded deployment %s: no profiling, no search", path)
+        return plan
 
     def _share_plan(self, payload: list[Any], graph: StepGraph) -> PartitionPlan:
         if dist.is_initialized():

@@ -192,3 +192,23 @@ def test_steps_that_read_per_step_counters_warn_that_they_are_fixed(counter: str
 def test_steps_that_ignore_counters_do_not_warn(recwarn: pytest.WarningsRecorder) -> None:
     _fit(LoggingMLP(), table_loader())
     assert not [w for w in recwarn if "captures the step once" in str(w.message)]
+
+
+def test_deployment_is_saved_then_reused_without_profiling_and_refused_when_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "plan.json"
+    _fit(LoggingMLP(), table_loader(), strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))
+    saved = lightning_rannc.PartitionPlan.load(path)
+    torch.distributed.destroy_process_group()
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("a deployment must skip profiling")
+
+    monkeypatch.setattr("lightning_rannc.runtime.engine.profile_blocks", no_profiling)
+    trainer = _trainer(strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))
+    trainer.fit(LoggingMLP(), table_loader())
+    assert trainer.strategy.plan.stages == saved.stages
+    torch.distributed.destroy_process_group()
+    with pytest.raises(lightning_rannc.PlanError, match=r"planned for another run \(microbatch_size: saved 4, now 2"):
+        _fit(LoggingMLP(), table_loader(batch_size=4), strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))

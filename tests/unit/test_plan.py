@@ -149,3 +149,12 @@ def test_schedule_requests_that_cannot_run_are_refused() -> None:
 def test_step_estimate_counts_the_bubble_and_shrinks_it_with_virtual_stages() -> None:
     assert estimate_step_ms([1.0, 2.0], num_microbatches=4) == (4 + 1) * 2.0
     assert estimate_step_ms([1.0, 1.0, 1.0, 1.0], num_microbatches=4, virtual_stages=2) == 4 * 2.0 + 1 * 1.0
+
+
+def test_saved_plan_leaves_no_temporary_file_and_names_every_stale_field(tmp_path) -> None:
+    plan = _plan()
+    plan.save(tmp_path / "plan.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    plan.check_matches("plan.json", world_size=2, graph_fingerprint="abc")
+    with pytest.raises(PlanError, match=r"world_size: saved 2, now 4, graph_fingerprint: saved 'abc', now 'xyz'"):
+        plan.check_matches("plan.json", world_size=4, graph_fingerprint="xyz")
