@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_rannc  # noqa: F401  (registers strategy="rannc")
+from lightning_rannc import RaNNCConfig
 
 
 class Block(nn.Module):
@@ -117,7 +118,8 @@ def main() -> None:
     L.seed_everything(0)
     model = GPT(**config.model)
     trainer = L.Trainer(
-        strategy=lightning_rannc.RaNNCStrategy(**config.strategy),
+        # The schema type-checks the YAML's strategy section and names a wrong key or value.
+        strategy=lightning_rannc.RaNNCStrategy(**OmegaConf.merge(OmegaConf.structured(RaNNCConfig), config.strategy)),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -10,12 +10,14 @@ import importlib.util
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import CaptureError, PlanError, RaNNCError, RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, Plan, StagePlan
 from lightning_rannc.strategy import RaNNCStrategy
 
 __all__ = [
     "RaNNCStrategy",
+    "RaNNCConfig",
     "PartitionPlan",
     "Plan",
     "StagePlan",

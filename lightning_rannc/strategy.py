@@ -31,8 +31,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_rannc._utils import _configure_logger
+from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import RuntimeSetupError
-from lightning_rannc.plan.plan import SCHEDULES
 from lightning_rannc.runtime.engine import EngineOptions, PipelineEngine
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 
@@ -94,6 +94,10 @@ class _RaNNCStrategyMixin(_MixinBase):
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
             timeout: seconds a collective may wait before the process group gives up.
             start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); others spawn.
+
+        The options from ``pipeline_stages`` to ``timeout`` form a ``RaNNCConfig``; each can also
+        come from an environment variable ``RANNC_<OPTION>`` (``RANNC_MICRO_BATCHES=8``), which
+        wins over the argument.
         """
         super().__init__(  # type: ignore[call-arg]
             accelerator=accelerator,
@@ -102,23 +106,28 @@ class _RaNNCStrategyMixin(_MixinBase):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        _check_positive("micro_batches", micro_batches)
-        _check_positive("virtual_stages", virtual_stages)
-        _check_choice("schedule", schedule, ("auto", *SCHEDULES))
-        _check_positive("max_blocks", max_blocks)
-        _check_positive("profile_repeats", profile_repeats)
-        if pipeline_stages is not None:
-            _check_positive("pipeline_stages", pipeline_stages)
-        self.pipeline_stages = pipeline_stages
-        self.micro_batches = micro_batches
-        self.schedule = schedule
-        self.virtual_stages = virtual_stages
-        self.activation_checkpointing = activation_checkpointing
-        self.max_blocks = max_blocks
-        self.profile_repeats = profile_repeats
-        self.deployment = deployment
+        self.config = RaNNCConfig(
+            pipeline_stages=pipeline_stages,
+            micro_batches=micro_batches,
+            schedule=schedule,
+            virtual_stages=virtual_stages,
+            activation_checkpointing=activation_checkpointing,
+            max_blocks=max_blocks,
+            profile_repeats=profile_repeats,
+            deployment=deployment,
+            timeout=timeout,
+        ).with_env_overrides()
+        config = self.config
+        self.pipeline_stages = config.pipeline_stages
+        self.micro_batches = config.micro_batches
+        self.schedule = config.schedule
+        self.virtual_stages = config.virtual_stages
+        self.activation_checkpointing = config.activation_checkpointing
+        self.max_blocks = config.max_blocks
+        self.profile_repeats = config.profile_repeats
+        self.deployment = config.deployment
         self._process_group_backend = process_group_backend
-        self._timeout = timedelta(seconds=timeout)
+        self._timeout = timedelta(seconds=config.timeout)
         self._start_method = start_method
         self._num_nodes = 1
         self._engine: PipelineEngine | None = None
@@ -470,13 +479,3 @@ def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any
     batch = args[0] if args else kwargs["batch"]
     batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
     return batch, int(batch_idx)
-
-
-def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"RaNNCStrategy({option}={value!r}): valid values are {list(choices)}.")
-
-
-def _check_positive(option: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer.")
