@@ -24,7 +24,7 @@ _KEY = threading.local()
 def stream(key: tuple[int, ...], device: torch.device) -> Iterator[None]:
     """Seed random ops inside this block from ``key`` and each op's node; restore the RNG after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        previous, _KEY.value = getattr(_KEY, "value", None), (key, _generator(device))
+        previous, _KEY.value = getattr(_KEY, "value", None), (key, device_generator(device))
         try:
             yield
         finally:
@@ -38,7 +38,8 @@ def reseed(node_index: int) -> None:
         generator.manual_seed(hash((*key, node_index)) & (2**63 - 1))
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def device_generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device``."""
     # Not torch.manual_seed: it also queues a CUDA seeding call with a formatted stack trace
     # while CUDA is uninitialised, which costs milliseconds per call and grows without bound.
     if device.type == "cuda":

@@ -12,8 +12,10 @@ and gets its own stage objects for the same plan; nothing is re-planned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,27 +163,32 @@ class PipelineEngine:
         captured = capture_training_step(self.module, micro)
         return captured, StepGraph.from_captured(captured)
 
-    def _capture_again(self, batch: Any, num_microbatches: int) -> StepGraph:
-        """Capture the step for another batch shape, with fake tensors standing in for the
-        module's (other stages' are freed), then point the graph at this rank's real tensors."""
-        assert self._captured is not None
+    @contextlib.contextmanager
+    def _fake_capture(
+        self, batch: Any, num_microbatches: int
+    ) -> Iterator[tuple[CapturedStep, StepGraph, list[torch.Tensor]]]:
+        """Capture the step with fake tensors standing in for the module's and the batch's
+        (other stages' tensors are freed or were never allocated). Yields the capture, its
+        graph and the fake micro-batch leaves, valid inside the block."""
         leaves, spec = flatten_batch(batch, self.where)
         microbatch_size = _batch_size(leaves, self.where) // num_microbatches
         with fake_module_state(self.module, self.device) as mode:
-            micro = tree_unflatten([mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves], spec)
-            graph = StepGraph.from_captured(capture_training_step(self.module, micro))
+            micro = [mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves]
+            captured = capture_training_step(self.module, tree_unflatten(micro, spec))
+            yield captured, StepGraph.from_captured(captured), micro
+
+    def _capture_again(self, batch: Any, num_microbatches: int) -> StepGraph:
+        """Capture the step for another batch shape; the graph uses this rank's real tensors."""
+        assert self._captured is not None
+        with self._fake_capture(batch, num_microbatches) as (_, graph, _):
+            pass
         graph.tensors = self._captured.tensors  # this rank's parameters, buffers and constants
         return graph
 
     def _plan_on_meta(self, batch: Any, num_microbatches: int) -> tuple[CapturedStep, StepGraph, PartitionPlan]:
         """Capture and plan a module whose tensors are on the meta device, from fake tensors and
         analytic costs (nothing can run), then point the graph at the module's own tensors."""
-        leaves, spec = flatten_batch(batch, self.where)
-        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
-        with fake_module_state(self.module, self.device) as mode:
-            micro = [mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves]
-            captured = capture_training_step(self.module, tree_unflatten(micro, spec))
-            graph = StepGraph.from_captured(captured)
+        with self._fake_capture(batch, num_microbatches) as (captured, graph, micro):
             proposal = self._propose_plan(graph, micro, num_microbatches, analytic=True)
         plan = self._share_plan(proposal, graph)
         real = module_tensors(self.module)

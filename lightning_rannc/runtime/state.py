@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_rannc._rng import device_generator
 from lightning_rannc.errors import RuntimeSetupError
 
 __all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors", "initialize_tensors"]
@@ -85,7 +86,7 @@ def initialize_tensors(module: nn.Module, names: Iterable[str], seed: int, devic
             "to initialise their own parameters and buffers on the rank that holds them. Add one "
             "(it must set only that module's direct tensors), or create the module normally."
         )
-    generator = torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+    generator = device_generator(device)
     for path in owners:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             # zlib.crc32, not hash(): str hashes differ between processes (PYTHONHASHSEED).
