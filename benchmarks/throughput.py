@@ -74,7 +74,12 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
     if trainer.is_global_zero:
         replicas = devices if strategy == "ddp" else getattr(trainer.strategy, "num_replicas", 1)
         samples = steps * batch_size * replicas
-        print("RESULT " + json.dumps({"run": name, "samples_per_s": samples / elapsed, "memory": all_memory}))
+        result = {"run": name, "samples_per_s": samples / elapsed, "memory": all_memory, "ms": elapsed / steps * 1e3}
+        plan = getattr(trainer.strategy, "plan", None)
+        if plan is not None:  # the planner's predictions, to compare with what was measured
+            result["predicted_ms"] = plan.predicted_step_ms
+            result["predicted_memory"] = [[s.memory["params"], s.memory["optimizer"]] for s in plan.stages]
+        print("RESULT " + json.dumps(result))
 
 
 def _memory(trainer, model) -> list[int]:
@@ -124,6 +129,13 @@ def main() -> None:
                 f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"]
             )
             print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
+            if "predicted_ms" in result:
+                predicted = ", ".join(f"{(p + o) / 2**20:.2f} MiB" for p, o in result["predicted_memory"])
+                print(
+                    f"  {'':16s} step {result['ms']:.1f} ms measured, {result['predicted_ms']:.1f} ms predicted "
+                    f"({result['predicted_ms'] / result['ms']:.2f}x); predicted params + optimizer per stage: "
+                    + predicted
+                )
 
 
 if __name__ == "__main__":

@@ -37,3 +37,15 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return 0
+
+
+def optimizer_kind(optimizer: Any) -> str:
+    """The memory model's name for an optimizer's state (``"adamw"`` for unknown ones: two
+    moments per parameter is the common case)."""
+    import torch
+
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd_momentum" if optimizer.defaults.get("momentum", 0) else "sgd"
+    if isinstance(optimizer, (torch.optim.RMSprop, torch.optim.Adagrad)):
+        return type(optimizer).__name__.lower()
+    return "adamw"

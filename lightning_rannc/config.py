@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_rannc.plan.devices import get_device, parse_bytes
 from lightning_rannc.plan.plan import SCHEDULES
 
 __all__ = ["RaNNCConfig"]
@@ -37,8 +38,17 @@ class RaNNCConfig:
     """``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``."""
     virtual_stages: int = 1
     """Stages per rank for ``"interleaved_1f1b"``."""
-    activation_checkpointing: bool = False
-    """Recompute each stage's activations in backward."""
+    activation_checkpointing: bool | str = False
+    """Recompute stages' activations in backward: ``True`` every stage, ``"auto"`` only the stages
+    that need it to fit the memory limit."""
+    memory_limit: int | str | None = None
+    """Bytes per device the plan may use (``"80GB"``, ``"16GiB"``); ``None``: the CUDA device's
+    total memory, unlimited on CPU."""
+    memory_margin: float = 0.1
+    """Share of the memory limit kept free for what the model does not predict."""
+    device_preset: str | None = None
+    """Device description for link bandwidths and analytic costs (``"h100"``, ``"a100"``,
+    ``"v100"``, ``"cpu"``); ``None``: from the device's name."""
     max_blocks: int = 64
     """At most this many blocks are profiled; stages are cut only between blocks."""
     profile_repeats: int = 3
@@ -55,6 +65,16 @@ class RaNNCConfig:
             _check_positive("pipeline_stages", self.pipeline_stages)
         if self.schedule not in ("auto", *SCHEDULES):
             raise ValueError(f"RaNNCStrategy(schedule={self.schedule!r}): valid values are {['auto', *SCHEDULES]}.")
+        if self.activation_checkpointing not in (True, False, "auto"):
+            raise ValueError(
+                f"RaNNCStrategy(activation_checkpointing={self.activation_checkpointing!r}): use True, False or 'auto'."
+            )
+        if self.memory_limit is not None:
+            parse_bytes(self.memory_limit)  # raises with the accepted spellings
+        if not 0 <= self.memory_margin < 1:
+            raise ValueError(f"RaNNCStrategy(memory_margin={self.memory_margin!r}): use a fraction in [0, 1).")
+        if self.device_preset is not None:
+            get_device(self.device_preset)
         if self.timeout <= 0:
             raise ValueError(f"RaNNCStrategy(timeout={self.timeout!r}): timeout must be positive seconds.")
 
@@ -85,16 +105,23 @@ def _check_positive(option: str, value: Any) -> None:
 
 
 def _parse(text: str, hint: Any, variable: str) -> Any:
-    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    """``text`` as the first type of ``hint`` (in declaration order) that reads it."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if type(None) in kinds and text.strip().lower() in ("", "none", "null"):
         return None
-    kind = next(k for k in kinds if k is not type(None))
-    try:
-        if kind is bool:
-            lowered = text.strip().lower()
-            if lowered not in _TRUE + _FALSE:
-                raise ValueError
-            return lowered in _TRUE
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a valid {kind.__name__}.") from None
+    for kind in (k for k in kinds if k is not type(None)):
+        try:
+            return _parse_as(text, kind)
+        except ValueError:
+            continue
+    names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+    raise ValueError(f"{variable}={text!r} is not a valid {names}.")
+
+
+def _parse_as(text: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered not in _TRUE + _FALSE:
+            raise ValueError
+        return lowered in _TRUE
+    return kind(text)

@@ -30,9 +30,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_rannc._utils import _configure_logger
+from lightning_rannc._utils import _configure_logger, optimizer_kind
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.plan.devices import parse_bytes
 from lightning_rannc.runtime.engine import EngineOptions, PipelineEngine
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 
@@ -59,7 +60,10 @@ class _RaNNCStrategyMixin(_MixinBase):
         micro_batches: int = 4,
         schedule: str = "auto",
         virtual_stages: int = 1,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | str = False,
+        memory_limit: int | str | None = None,
+        memory_margin: float = 0.1,
+        device_preset: str | None = None,
         max_blocks: int = 64,
         profile_repeats: int = 3,
         deployment: str | None = None,
@@ -84,7 +88,15 @@ class _RaNNCStrategyMixin(_MixinBase):
             virtual_stages: stages per rank for ``"interleaved_1f1b"`` (V).
             activation_checkpointing: recompute every stage's activations in backward instead of
                 keeping them for all micro-batches in flight (``torch.utils.checkpoint``,
-                non-reentrant; dropout masks are the same in the recomputation).
+                non-reentrant; dropout masks are the same in the recomputation). ``"auto"``: only
+                the stages that do not fit ``memory_limit`` otherwise.
+            memory_limit: bytes per device the plan may use (``"80GB"``, ``"16GiB"`` or an int);
+                ``None``: the CUDA device's total memory, no limit on CPU. A layout that cannot
+                fit raises an error naming the device count or memory that would.
+            memory_margin: share of ``memory_limit`` kept free (allocator, temporary buffers).
+            device_preset: ``"h100"``, ``"a100"``, ``"v100"`` or ``"cpu"``: link bandwidths for the
+                plan's predictions, and FLOP rates for modules on the meta device (which cannot be
+                profiled). ``None``: from the device's name.
             max_blocks: the graph is grouped into at most this many blocks before profiling;
                 stages are cut only between blocks.
             profile_repeats: timed repetitions per block when profiling.
@@ -112,6 +124,9 @@ class _RaNNCStrategyMixin(_MixinBase):
             schedule=schedule,
             virtual_stages=virtual_stages,
             activation_checkpointing=activation_checkpointing,
+            memory_limit=memory_limit,
+            memory_margin=memory_margin,
+            device_preset=device_preset,
             max_blocks=max_blocks,
             profile_repeats=profile_repeats,
             deployment=deployment,
@@ -123,6 +138,9 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.schedule = config.schedule
         self.virtual_stages = config.virtual_stages
         self.activation_checkpointing = config.activation_checkpointing
+        self.memory_limit = config.memory_limit
+        self.memory_margin = config.memory_margin
+        self.device_preset = config.device_preset
         self.max_blocks = config.max_blocks
         self.profile_repeats = config.profile_repeats
         self.deployment = config.deployment
@@ -238,7 +256,13 @@ class _RaNNCStrategyMixin(_MixinBase):
                 num_replicas=self.num_replicas,
                 virtual_stages=self.virtual_stages,
                 schedule=self.schedule,
-                checkpointing=self.activation_checkpointing,
+                checkpointing=None if self.activation_checkpointing == "auto" else bool(self.activation_checkpointing),
+                memory_limit=self._memory_limit(),
+                memory_margin=self.memory_margin,
+                device_preset=self.device_preset or _device_preset(self.root_device),
+                optimizer=optimizer_kind(getattr(self.optimizers[0], "_optimizer", self.optimizers[0]))
+                if self.optimizers
+                else "sgd",
                 num_microbatches=self.micro_batches,
                 max_blocks=self.max_blocks,
                 profile_repeats=self.profile_repeats,
@@ -248,6 +272,13 @@ class _RaNNCStrategyMixin(_MixinBase):
             device=self.root_device,
             groups=self._groups,
         )
+
+    def _memory_limit(self) -> int | None:
+        if self.memory_limit is not None:
+            return parse_bytes(self.memory_limit)
+        if self.root_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.root_device).total_memory
+        return None
 
     def _check_trainer(self, trainer: Any) -> None:
         name = type(self).__name__
@@ -479,3 +510,11 @@ def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any
     batch = args[0] if args else kwargs["batch"]
     batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
     return batch, int(batch_idx)
+
+
+def _device_preset(device: torch.device) -> str:
+    """The preset closest to ``device`` (an unknown GPU is planned as an H100)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((preset for preset in ("h100", "a100", "v100") if preset in name), "h100")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import heapq
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,13 +161,40 @@ def group_nodes(graph: StepGraph, max_blocks: int) -> list[tuple[int, int]]:
     remain. Profiling measures blocks, and the planner only cuts between blocks.
     """
     allowed = graph.cut_allowed()
-    starts = [0] + [i for i in range(1, len(graph)) if allowed[i] and graph.module_path(i) != graph.module_path(i - 1)]
-    spans = [(a, b) for a, b in zip(starts, [*starts[1:], len(graph)])]
-    while len(spans) > max(1, max_blocks):
-        sizes = [spans[k][1] - spans[k][0] + spans[k + 1][1] - spans[k + 1][0] for k in range(len(spans) - 1)]
-        k = sizes.index(min(sizes))
-        spans[k : k + 2] = [(spans[k][0], spans[k + 1][1])]
-    return spans
+    paths = [graph.module_path(i) for i in range(len(graph))]
+    starts = [0] + [i for i in range(1, len(graph)) if allowed[i] and paths[i] != paths[i - 1]]
+    return _merge_smallest_pairs(starts, len(graph), max(1, max_blocks))
+
+
+def _merge_smallest_pairs(starts: list[int], end: int, count: int) -> list[tuple[int, int]]:
+    """Merge the adjacent pair of spans with the fewest nodes (the first such pair on ties)
+    until ``count`` spans remain; spans are given by their ``starts`` and the overall ``end``.
+
+    A heap of candidate pairs keyed by (nodes, start of the left span) makes this
+    O(n log n) rather than rescanning every pair after each merge. A span is named by its
+    start, which a merge keeps; a heap entry is stale once its pair's size changed (merging
+    only grows spans, so a stale entry can never match again).
+    """
+    following = dict(zip(starts, [*starts[1:], end]))
+    preceding = dict(zip(starts[1:], starts))
+    heap = [(following[following[a]] - a, a) for a in starts[:-1]]
+    heapq.heapify(heap)
+    remaining = len(starts)
+    while remaining > count:
+        size, a = heapq.heappop(heap)
+        b = following.get(a)
+        if b is None or b == end or following[b] - a != size:
+            continue  # stale: `a` was merged away, lost its right neighbour, or grew
+        following[a] = following.pop(b)
+        preceding.pop(b)
+        if following[a] != end:
+            preceding[following[a]] = a
+            heapq.heappush(heap, (following[following[a]] - a, a))
+        if a in preceding:
+            left = preceding[a]
+            heapq.heappush(heap, (following[a] - left, left))
+        remaining -= 1
+    return sorted(following.items())
 
 
 def align_nodes(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> dict[int, int]:

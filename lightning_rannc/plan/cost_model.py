@@ -5,6 +5,7 @@ The profiler fills ``BlockCost`` from measurements; tests fill it with synthetic
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,27 @@ class BlockCost:
     """Parameters/buffers the block's nodes use."""
     module_paths: tuple[str, ...] = ()
     """Module paths of the block's nodes, in order, without repeats."""
+    fwd_fixed_ms: float = 0.0
+    """Part of ``fwd_ms`` that does not grow with the micro-batch size (operator launches)."""
+    bwd_fixed_ms: float = 0.0
+    """Part of ``bwd_ms`` that does not grow with the micro-batch size."""
+    workspace_bytes: int = 0
+    """Most bytes one micro-batch holds while the block runs beyond ``activation_bytes`` and
+    parameter gradients: gradients in flight and temporaries (the loss's gradient over a large
+    vocabulary). Only one micro-batch runs at a time, so a stage needs the largest of its
+    blocks' once, not once per micro-batch in flight. 0: unknown (the profiler does not measure it)."""
+
+    def scaled(self, factor: float) -> BlockCost:
+        """The block's cost for micro-batches ``factor`` times as large: time beyond the fixed
+        part, activations and cut bytes grow linearly (FLOPs and bytes are linear in the batch)."""
+        return dataclasses.replace(
+            self,
+            fwd_ms=self.fwd_fixed_ms + (self.fwd_ms - self.fwd_fixed_ms) * factor,
+            bwd_ms=self.bwd_fixed_ms + (self.bwd_ms - self.bwd_fixed_ms) * factor,
+            activation_bytes=int(self.activation_bytes * factor),
+            workspace_bytes=int(self.workspace_bytes * factor),
+            cut_bytes=int(self.cut_bytes * factor),
+        )
 
 
 def estimate_stage_ms(blocks: Sequence[BlockCost], p2p_bytes_per_ms: float, is_last: bool) -> float:

@@ -46,6 +46,9 @@ class StagePlan:
     """Bytes sent to the next stage per micro-batch."""
     checkpoint: bool = False
     """Recompute the stage's activations in backward instead of keeping them (per micro-batch)."""
+    memory: dict[str, int] = field(default_factory=dict)
+    """Predicted bytes per device by kind (params, grads, optimizer, activations, buffers, total);
+    empty when the plan was made without a memory model."""
 
 
 @dataclass(kw_only=True)
@@ -71,6 +74,11 @@ class PartitionPlan:
     virtual_stages: int = 1
     """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_degree``."""
     predicted_step_ms: float = 0.0
+    """Simulated schedule plus gradient exchange (searched plans), or the bottleneck formula."""
+    predicted_bubble: float = 0.0
+    """Share of the schedule the busiest stage idles (fill and drain)."""
+    predicted_exchange_ms: float = 0.0
+    """Data-parallel gradient exchange per step, included in ``predicted_step_ms``."""
     no_grad_values: list[str] = field(default_factory=list)
     """Values crossing a cut that carry no gradient to the loss; the runtime detaches them."""
     version: int = _FORMAT_VERSION
@@ -182,6 +190,7 @@ class PartitionPlan:
                 f"  stage {s.stage_index} ranks={s.ranks} modules=[{s.module_span}] params={s.num_params:,} "
                 f"fwd={s.fwd_ms:.3f}ms bwd={s.bwd_ms:.3f}ms param_mem={_mib(s.param_bytes)} "
                 f"act_mem/mb={_mib(s.activation_bytes)} send/mb={_mib(s.send_bytes)}"
+                + (f" predicted_mem={_mib(s.memory['total'])}" if s.memory else "")
                 + (" checkpointed" if s.checkpoint else "")
             )
         return lines

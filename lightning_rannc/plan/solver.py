@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from lightning_rannc.errors import PlanError
 
-__all__ = ["solve_min_max_partition"]
+__all__ = ["solve_min_max_partition", "min_max_partition"]
 
 
 def solve_min_max_partition(
@@ -49,29 +49,58 @@ def solve_min_max_partition(
             "use fewer pipeline stages (fewer devices), or a larger model."
         )
     ok = list(allowed) if allowed is not None else [True] * num_blocks
-    best = [[math.inf] * (num_blocks + 1) for _ in range(num_stages + 1)]
-    choice = [[-1] * (num_blocks + 1) for _ in range(num_stages + 1)]
-    for j in range(1, num_blocks + 1):
-        best[1][j] = stage_cost(0, j)
-    for s in range(2, num_stages + 1):
-        for j in range(s, num_blocks + 1):
-            for i in range(s - 1, j):
-                if ok[i] and best[s - 1][i] < math.inf:
-                    value = max(best[s - 1][i], stage_cost(i, j))
-                    if value < best[s][j]:
-                        best[s][j], choice[s][j] = value, i
-    if best[num_stages][num_blocks] == math.inf:
+
+    def cost(_: int, i: int, j: int) -> float:
+        return stage_cost(i, j) if ok[i] else math.inf
+
+    result = min_max_partition(num_blocks, num_stages, cost, lower_bound=lambda s, i, j: stage_cost(i, j))
+    if result is None:
         raise PlanError(
             f"No way to cut the graph into {num_stages} stages at the allowed points "
             f"({sum(ok[1:])} allowed cuts): use fewer pipeline stages."
         )
+    return result
+
+
+def min_max_partition(
+    num_blocks: int,
+    num_stages: int,
+    stage_cost: Callable[[int, int, int], float],
+    lower_bound: Callable[[int, int, int], float] | None = None,
+) -> tuple[list[int], float] | None:
+    """The DP of the module docstring with a stage cost that may depend on the stage's index:
+    ``stage_cost(s, i, j)`` for stage ``s`` holding blocks ``i .. j-1``; ``inf`` forbids it
+    (a cut that is not allowed, a stage that does not fit in memory). None if nothing fits.
+
+    ``lower_bound(s, i, j) <= stage_cost(s, i, j)`` must not decrease as the stage takes more
+    blocks (smaller ``i``); the inner loop stops once it reaches the best value so far. Without
+    it every start is tried.
+    """
+    if num_stages > num_blocks:
+        return None
+    best = [[math.inf] * (num_blocks + 1) for _ in range(num_stages + 1)]
+    choice = [[-1] * (num_blocks + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, num_stages + 1):
+        previous, current = best[s - 1], best[s]
+        for j in range(s, num_blocks - (num_stages - s) + 1):
+            for i in range(j - 1, s - 2, -1):
+                if previous[i] == math.inf:
+                    continue
+                if lower_bound is not None and lower_bound(s - 1, i, j) >= current[j]:
+                    break
+                cost = stage_cost(s - 1, i, j)
+                value = max(previous[i], cost)
+                if value < current[j]:
+                    current[j], choice[s][j] = value, i
+    if best[num_stages][num_blocks] == math.inf:
+        return None
     return _boundaries(choice, num_stages, num_blocks), best[num_stages][num_blocks]
 
 
 def _boundaries(choice: list[list[int]], num_stages: int, num_blocks: int) -> list[int]:
     bounds, j = [num_blocks], num_blocks
-    for s in range(num_stages, 1, -1):
+    for s in range(num_stages, 0, -1):
         j = choice[s][j]
         bounds.append(j)
-    bounds.append(0)
     return bounds[::-1]

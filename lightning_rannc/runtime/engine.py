@@ -36,10 +36,14 @@ from lightning_rannc.capture.export import (
 )
 from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
+from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.plan.devices import DeviceSpec, get_device
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
 from lightning_rannc.plan.planner import plan_pipeline
+from lightning_rannc.plan.search import SearchSettings, search_plan
 from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
+from lightning_rannc.profile.tensors import tensor_table
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
 from lightning_rannc.runtime.optim import (
     broadcast_from_owners,
@@ -62,6 +66,7 @@ __all__ = ["EngineOptions", "PipelineEngine"]
 log = logging.getLogger("lightning_rannc")
 
 ShapeKey = tuple[tuple[int, ...], ...]
+_UNLIMITED = 2**62  # bytes: "no memory limit" for the search
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -73,7 +78,15 @@ class EngineOptions:
     virtual_stages: int = 1
     num_microbatches: int = 4
     schedule: str = "auto"
-    checkpointing: bool = False
+    checkpointing: bool | None = False
+    """``None``: only the stages that need it to fit ``memory_limit``."""
+    memory_limit: int | None = None
+    """Bytes per device; ``None``: unlimited."""
+    memory_margin: float = 0.1
+    device_preset: str = "cpu"
+    """``DEVICES`` entry for link bandwidths and (meta modules) analytic costs."""
+    optimizer: str = "adamw"
+    """Optimizer state kind for the memory model (``memory.OPTIMIZER_STATE``)."""
     max_blocks: int = 64
     profile_repeats: int = 3
     deployment: str | None = None
@@ -303,14 +316,55 @@ class PipelineEngine:
                 "use fewer pipeline stages, or raise max_blocks."
             )
         microbatch_size = int(micro_leaves[0].shape[0])
+        device = get_device(options.device_preset)
         if analytic:
-            costs = estimate_blocks(graph, micro_leaves, spans)
+            costs = estimate_blocks(graph, micro_leaves, spans, device=device)
         else:
             costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
-        tensors = graph.tensors
-        plan = plan_pipeline(
+        if options.virtual_stages > 1:
+            plan = self._interleaved_plan(graph, costs, microbatch_size)
+        else:
+            plan = self._searched_plan(graph, costs, microbatch_size, device)
+        plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
+        self._check_written_buffers(plan, graph)
+        return plan
+
+    def _searched_plan(
+        self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int, device: DeviceSpec
+    ) -> PartitionPlan:
+        """The search with the layout and micro-batch count fixed: the data loaders are already
+        sharded over the replicas when the first batch arrives. It still picks the split under
+        the memory limit, checkpointing where needed, and the schedule."""
+        options = self.options
+        settings = SearchSettings(
+            num_devices=options.pipeline_degree * options.num_replicas,
+            global_batch_size=microbatch_size * options.num_microbatches * options.num_replicas,
+            device=device,
+            memory_limit=options.memory_limit if options.memory_limit is not None else _UNLIMITED,
+            memory_margin=options.memory_margin,
+            optimizer=options.optimizer,
+            pipeline_stages=options.pipeline_degree,
+            replicas=options.num_replicas,
+            micro_batches=options.num_microbatches,
+            schedule=options.schedule,
+            checkpointing=options.checkpointing,
+        )
+        result = search_plan(
             costs,
-            num_stages=num_stages,
+            reference_microbatch_size=microbatch_size,
+            settings=settings,
+            tensors=tensor_table(graph.tensors),
+            graph_fingerprint=graph.fingerprint(),
+        )
+        return result.plan
+
+    def _interleaved_plan(self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int) -> PartitionPlan:
+        """Interleaved schedules are not in the search: the plain min-max split, no memory model."""
+        options = self.options
+        tensors = graph.tensors
+        return plan_pipeline(
+            costs,
+            num_stages=options.pipeline_degree * options.virtual_stages,
             num_microbatches=options.num_microbatches,
             microbatch_size=microbatch_size,
             graph_fingerprint=graph.fingerprint(),
@@ -319,11 +373,8 @@ class PipelineEngine:
             num_replicas=options.num_replicas,
             virtual_stages=options.virtual_stages,
             schedule=options.schedule,
-            checkpoint=options.checkpointing,
+            checkpoint=bool(options.checkpointing),
         )
-        plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
-        self._check_written_buffers(plan, graph)
-        return plan
 
     def _check_written_buffers(self, plan: PartitionPlan, graph: StepGraph) -> None:
         written = set(graph.written_buffers)

@@ -212,3 +212,27 @@ def test_deployment_is_saved_then_reused_without_profiling_and_refused_when_stal
     torch.distributed.destroy_process_group()
     with pytest.raises(lightning_rannc.PlanError, match=r"planned for another run \(microbatch_size: saved 4, now 2"):
         _fit(LoggingMLP(), table_loader(batch_size=4), strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))
+
+
+def test_memory_limit_turns_on_checkpointing_where_needed_and_keeps_the_numbers(tmp_path: Path) -> None:
+    # GPipe holds all four micro-batches' activations; checkpointing keeps only their inputs.
+    options = dict(micro_batches=4, schedule="gpipe", activation_checkpointing="auto")
+    roomy = run_case("cnn", tmp_path, "roomy", strategy=RaNNCStrategy(**options), devices=1)
+    torch.distributed.destroy_process_group()
+    stage = roomy.strategy.plan.stages[0]
+    assert not stage.checkpoint and stage.memory["activations"] > 0
+    # Checkpointed, three of the four micro-batches' activations go: ask for half of that back.
+    tight_limit = int((stage.memory["total"] - 3 * stage.memory["activations"] // 8) / 0.9)
+    tight = run_case("cnn", tmp_path, "tight", strategy=RaNNCStrategy(memory_limit=tight_limit, **options), devices=1)
+    torch.distributed.destroy_process_group()
+    assert tight.strategy.plan.stages[0].checkpoint
+    assert tight.strategy.plan.stages[0].memory["total"] <= 0.9 * tight_limit
+    assert tight.strategy.plan.stages[0].memory["total"] < stage.memory["total"]
+    a, b = load_record(tmp_path, "tight", 0), load_record(tmp_path, "roomy", 0)
+    torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-6, atol=0)
+
+
+def test_memory_limit_nothing_fits_names_what_would(tmp_path: Path) -> None:
+    with pytest.raises(lightning_rannc.PlanError, match=r"does not fit on 1 device\(s\).*at least [0-9.]+ GiB"):
+        run_case("logging", tmp_path, strategy=RaNNCStrategy(micro_batches=2, memory_limit="1KB"), devices=1)
+    torch.distributed.destroy_process_group()

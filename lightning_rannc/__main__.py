@@ -1,0 +1,143 @@
+"""``python -m lightning_rannc plan|show``: plan a model for a cluster you may not have.
+
+    python -m lightning_rannc plan examples/gpt.py:GPT --devices 64 --nodes 8 --device h100 \\
+        --device-memory 80GB --batch-size 512 --init-args '{"layers": 48}' --output plan.json
+    python -m lightning_rannc show plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_rannc.errors import PlanError, RaNNCError
+from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
+from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.report import format_plan
+from lightning_rannc.plan.search import SearchSettings
+
+_CHECKPOINTING = {"auto": None, "on": True, "off": False}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (RaNNCError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightning_rannc", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="{plan,show}")
+    plan = commands.add_parser("plan", help="plan a LightningModule built on the meta device (dry run)")
+    plan.add_argument("target", help="MODULE_OR_FILE:ClassName of a LightningModule with a train_dataloader()")
+    plan.add_argument("--init-args", default="{}", help="JSON object of keyword arguments for the class")
+    plan.add_argument("--devices", type=int, required=True, help="devices in all (N)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes the devices are spread over")
+    plan.add_argument("--device", default="h100", choices=sorted(DEVICES), help="device preset for analytic costs")
+    plan.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB (default: the preset's)")
+    plan.add_argument("--memory-margin", type=float, default=0.1, help="share of memory kept free")
+    plan.add_argument("--batch-size", type=int, default=None, help="global batch (default: the sample batch's)")
+    plan.add_argument("--optimizer", default=None, help="adamw, sgd, sgd_momentum, ... (default: from the module)")
+    plan.add_argument("--stages", type=int, default=None, help="force the pipeline stage count")
+    plan.add_argument("--replicas", type=int, default=None, help="force the data-parallel degree")
+    plan.add_argument("--micro-batches", type=int, default=None, help="force the micro-batch count")
+    plan.add_argument("--max-micro-batches", type=int, default=64)
+    plan.add_argument("--min-micro-batch-size", type=int, default=1)
+    plan.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b"])
+    plan.add_argument("--checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
+    plan.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is coarsened into")
+    plan.add_argument("--output", default=None, help="write the plan as JSON here")
+    plan.set_defaults(run=_plan)
+    show = commands.add_parser("show", help="print a saved plan as a table")
+    show.add_argument("plan", help="a plan.json written by `plan` or by RaNNCStrategy(deployment=...)")
+    show.set_defaults(run=_show)
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from lightning_rannc.dry_run import optimizer_kind, plan_module, sample_batch
+
+    started = time.perf_counter()
+    module = _build(args.target, json.loads(args.init_args))
+    batch = sample_batch(module)
+    device = get_device(args.device)
+    settings = SearchSettings(
+        num_devices=args.devices,
+        global_batch_size=args.batch_size or _leading_size(batch),
+        device=device,
+        devices_per_node=max(1, args.devices // args.nodes),
+        memory_limit=parse_bytes(args.device_memory) if args.device_memory else None,
+        memory_margin=args.memory_margin,
+        optimizer=args.optimizer or optimizer_kind(module),
+        pipeline_stages=args.stages,
+        replicas=args.replicas,
+        micro_batches=args.micro_batches,
+        max_microbatches=args.max_micro_batches,
+        min_microbatch_size=args.min_micro_batch_size,
+        schedule=args.schedule,
+        checkpointing=_CHECKPOINTING[args.checkpointing],
+    )
+    result = plan_module(module, batch, settings, max_blocks=args.max_blocks)
+    print(format_plan(result.plan))
+    print(f"planned in {time.perf_counter() - started:.1f} s ({len(result.candidates)} layouts compared)")
+    if args.output:
+        result.plan.save(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    print(format_plan(PartitionPlan.load(args.plan)))
+    return 0
+
+
+def _build(target: str, init_args: dict[str, Any]) -> torch.nn.Module:
+    """Import ``MODULE_OR_FILE:ClassName`` and instantiate it on the meta device."""
+    source, _, name = target.rpartition(":")
+    if not source or not name:
+        raise PlanError(f"{target!r} is not MODULE_OR_FILE:ClassName (e.g. examples/gpt.py:GPT or my_pkg.models:Net).")
+    module = _import(source)
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise PlanError(f"{source} has no {name!r}.")
+    with torch.device("meta"):
+        return cls(**init_args)
+
+
+def _import(source: str) -> Any:
+    if source.endswith(".py") or "/" in source:
+        path = Path(source)
+        if not path.is_file():
+            raise PlanError(f"No such file: {source}.")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(source)
+
+
+def _leading_size(batch: Any) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor) and leaf.dim()]
+    if not leaves:
+        raise PlanError("The sample batch holds no tensor with a batch dimension; pass --batch-size.")
+    return int(leaves[0].shape[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Plan a LightningModule for a cluster without having it: capture on fake tensors, analytic
+costs for a device preset, then the search. Nothing is allocated; a module built on the meta
+device works (that is how ``python -m lightning_rannc plan`` builds it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_unflatten
+
+from lightning_rannc._utils import optimizer_kind as _optimizer_kind
+from lightning_rannc._utils import where_defined
+from lightning_rannc.capture.export import capture_training_step, fake_module_state, flatten_batch
+from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.errors import CaptureError
+from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
+from lightning_rannc.profile.analytic import estimate_blocks
+from lightning_rannc.profile.profiler import find_no_grad_values
+from lightning_rannc.profile.tensors import tensor_table
+
+__all__ = ["plan_module", "sample_batch", "optimizer_kind"]
+
+log = logging.getLogger("lightning_rannc")
+
+
+def plan_module(module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int = 64) -> SearchResult:
+    """Search the best plan for ``module``'s training step on ``settings.num_devices`` devices.
+
+    The step is captured for one sample of ``batch`` and costs scale linearly to larger
+    micro-batches; ``settings.global_batch_size`` is the batch the plan splits.
+    """
+    leaves, spec = flatten_batch(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
+    with fake_module_state(module, torch.device("cpu")) as mode:
+        sample = [mode.from_tensor(leaf[:1]) for leaf in leaves]
+        captured = capture_training_step(module, tree_unflatten(sample, spec))
+        graph = StepGraph.from_captured(captured)
+        spans = group_nodes(graph, max_blocks)
+        costs = estimate_blocks(graph, sample, spans, device=settings.device)
+        result = search_plan(
+            costs,
+            reference_microbatch_size=1,
+            settings=settings,
+            tensors=tensor_table(graph.tensors),
+            graph_fingerprint=graph.fingerprint(),
+        )
+        plan = result.plan
+        plan.no_grad_values = find_no_grad_values(graph, sample, [s.node_start for s in plan.stages[1:]])
+    return result
+
+
+def sample_batch(module: nn.Module) -> Any:
+    """One training batch of ``module``: the first of its ``train_dataloader()``."""
+    loader = getattr(module, "train_dataloader", None)
+    try:
+        return next(iter(loader())) if loader is not None else None
+    except NotImplementedError:
+        # LightningModule's default train_dataloader raises when the user defines none.
+        pass
+    raise CaptureError(
+        f"{type(module).__name__} has no `train_dataloader()` to take a sample batch from: define one "
+        "(the planner takes its first batch; the data can be random, only shapes and dtypes matter)."
+    )
+
+
+def optimizer_kind(module: nn.Module) -> str:
+    """The memory model's name for the optimizer ``configure_optimizers`` makes ("adamw" if unknown)."""
+    try:
+        configured = module.configure_optimizers()  # type: ignore[operator]
+    except Exception as error:  # user code that needs a Trainer; the guess only sizes optimizer state
+        log.info("configure_optimizers() failed without a Trainer (%s); assuming Adam-like state.", error)
+        return "adamw"
+    return _optimizer_kind(_first_optimizer(configured))
+
+
+def _first_optimizer(configured: Any) -> Any:
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict):
+        return configured.get("optimizer")
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    return None

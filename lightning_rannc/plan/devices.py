@@ -1,0 +1,109 @@
+"""Device descriptions for planning without the hardware (analytic costs, dry runs).
+
+Throughputs are what dense matmuls *achieve*, not datasheet peaks: the analytic cost model
+divides FLOPs by them. The H100 figures are measured (``shared/data/h100_profile.json``: fp32
+without TF32 51.6 TFLOP/s, bf16 787 TFLOP/s, copies 3.0 TB/s); the others are datasheet peaks
+scaled by the same achieved/peak ratio (fp32 0.77, half 0.8, memory 0.9).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lightning_rannc.errors import PlanError
+
+__all__ = ["DeviceSpec", "DEVICES", "get_device", "parse_bytes"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class DeviceSpec:
+    """What the planner needs to know about one accelerator and its links."""
+
+    name: str
+    flops_per_s: dict[str, float] = field(hash=False)
+    """Achieved dense matmul FLOP/s by dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``)."""
+    memory_bandwidth: float
+    """Achieved device memory bandwidth, bytes/s (read + write)."""
+    memory_bytes: int
+    """Memory per device, as CUDA reports it (an "80GB" H100 has 85.0e9 bytes)."""
+    intra_node_bandwidth: float
+    """Point-to-point bytes/s between devices of one node (NVLink)."""
+    inter_node_bandwidth: float
+    """Point-to-point bytes/s between devices of different nodes (per device)."""
+    op_overhead_ms: float
+    """Host time (Python, dispatcher, launch) per graph node that launches device kernels; nodes
+    that only make views cost none. Kernels run asynchronously, so a forward takes at least the
+    host time of its nodes (see ``lightning_rannc.profile.analytic``)."""
+
+    def matmul_flops(self, dtype_name: str) -> float:
+        return self.flops_per_s.get(dtype_name, self.flops_per_s["float32"])
+
+    def link_bandwidth(self, across_nodes: bool) -> float:
+        return self.inter_node_bandwidth if across_nodes else self.intra_node_bandwidth
+
+
+_GB = 1e9
+DEVICES: dict[str, DeviceSpec] = {
+    "h100": DeviceSpec(
+        name="h100",
+        flops_per_s={"float32": 51.6e12, "bfloat16": 787e12, "float16": 787e12},
+        memory_bandwidth=3000 * _GB,
+        memory_bytes=85_017_493_504,
+        intra_node_bandwidth=450 * _GB,
+        inter_node_bandwidth=50 * _GB,
+        # Fit to eager HF models at batch 1 (tests/unit/test_calibration.py): BERT-base is
+        # launch-bound, 7.9 ms for 157 launching nodes (0.050 ms each); GPT-2 small is
+        # device-bound at 10.0 ms, so its 238 launching nodes take less (under 0.042 ms each).
+        op_overhead_ms=0.044,
+    ),
+    "a100": DeviceSpec(
+        name="a100",
+        flops_per_s={"float32": 15.0e12, "bfloat16": 250e12, "float16": 250e12},
+        memory_bandwidth=1800 * _GB,
+        memory_bytes=85_198_045_184,
+        intra_node_bandwidth=300 * _GB,
+        inter_node_bandwidth=25 * _GB,
+        op_overhead_ms=0.025,
+    ),
+    "v100": DeviceSpec(
+        name="v100",
+        flops_per_s={"float32": 12.1e12, "float16": 100e12},
+        memory_bandwidth=810 * _GB,
+        memory_bytes=34_089_730_048,
+        intra_node_bandwidth=150 * _GB,
+        inter_node_bandwidth=12.5 * _GB,
+        op_overhead_ms=0.03,
+    ),
+    "cpu": DeviceSpec(
+        name="cpu",
+        flops_per_s={"float32": 50e9, "bfloat16": 25e9},
+        memory_bandwidth=10 * _GB,
+        memory_bytes=16 * 2**30,
+        intra_node_bandwidth=2 * _GB,
+        inter_node_bandwidth=1.25 * _GB,
+        op_overhead_ms=0.01,
+    ),
+}
+
+
+def get_device(name: str) -> DeviceSpec:
+    """A preset by name (case-insensitive)."""
+    try:
+        return DEVICES[name.lower()]
+    except KeyError:
+        raise PlanError(f"Unknown device preset {name!r}; known: {sorted(DEVICES)}.") from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"80GB"`` -> 80e9, ``"16GiB"`` -> 16 * 2**30; numbers are bytes already."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match[2].lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise PlanError(f"Cannot read {text!r} as a memory size; write e.g. '80GB', '16GiB' or a number of bytes.")
+    return int(float(match[1]) * _UNITS[unit])

@@ -1,0 +1,131 @@
+"""Memory one device needs to train one pipeline stage.
+
+Pure arithmetic on byte counts, shared by the search (which never exceeds a limit) and the
+plan table (which shows the breakdown). The single-device case is checked against peak memory
+measured on an H100 in ``tests/unit/test_calibration.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lightning_rannc.errors import PlanError
+
+__all__ = ["StageMemory", "stage_memory", "in_flight_microbatches", "optimizer_state_factor", "OPTIMIZER_STATE"]
+
+OPTIMIZER_STATE = {
+    "adam": 2.0,
+    "adamw": 2.0,
+    "sgd": 0.0,
+    "sgd_momentum": 1.0,
+    "rmsprop": 1.0,
+    "adagrad": 1.0,
+}
+"""Optimizer state per byte of trainable parameter (Adam keeps two moments, SGD with momentum one)."""
+
+
+def optimizer_state_factor(optimizer: str) -> float:
+    """State bytes per trainable parameter byte for an optimizer name (``"adam"``, ``"sgd"``, ...)."""
+    try:
+        return OPTIMIZER_STATE[optimizer.lower()]
+    except KeyError:
+        raise PlanError(
+            f"Unknown optimizer {optimizer!r} for the memory model; known: {sorted(OPTIMIZER_STATE)}."
+        ) from None
+
+
+@dataclass(kw_only=True, frozen=True)
+class StageMemory:
+    """Predicted bytes on one device, by what holds them."""
+
+    params: int
+    grads: int
+    """Gradients; or, when the optimizer step is the peak, gradients and the step's temporaries."""
+    optimizer: int
+    activations: int
+    """Saved activations of the micro-batches in flight, plus one running micro-batch's workspace."""
+    buffers: int
+    """Point-to-point send/receive buffers."""
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def in_flight_microbatches(
+    schedule: str, position: int, pipeline_degree: int, num_microbatches: int, virtual_stages: int = 1
+) -> int:
+    """Micro-batches whose activations a stage at ``position`` holds at once.
+
+    GPipe runs every forward before any backward: all ``M``. 1F1B starts backward as soon as the
+    last stage can, so position ``p`` holds ``S - p``. Interleaved 1F1B warms up with
+    ``2 (S - p - 1) + (V - 1) S`` chunks (Megatron-LM's schedule), spread over ``V`` stages.
+    """
+    if schedule == "gpipe":
+        return num_microbatches
+    if schedule == "1f1b":
+        return min(num_microbatches, pipeline_degree - position)
+    chunks = 2 * (pipeline_degree - position - 1) + (virtual_stages - 1) * pipeline_degree + 1
+    return min(num_microbatches, math.ceil(chunks / virtual_stages))
+
+
+def stage_memory(
+    *,
+    param_bytes: int,
+    trainable_bytes: int,
+    activation_bytes: int,
+    input_bytes: int,
+    output_bytes: int,
+    in_flight: int,
+    num_microbatches: int,
+    checkpoint: bool,
+    optimizer_factor: float,
+    num_replicas: int = 1,
+    shard_optimizer: bool = True,
+    workspace_bytes: int = 0,
+) -> StageMemory:
+    """Peak memory of a stage on one device.
+
+    Args:
+        param_bytes: parameters and buffers the stage holds.
+        trainable_bytes: the part of them that gets gradients and optimizer state.
+        activation_bytes: bytes autograd saves for backward in one micro-batch.
+        input_bytes: bytes the stage receives per micro-batch (kept when checkpointing).
+        output_bytes: bytes it sends per micro-batch.
+        in_flight: micro-batches between their forward and their backward at once.
+        num_microbatches: micro-batches per step.
+        checkpoint: activations are recomputed in backward, so only the inputs stay.
+        optimizer_factor: optimizer state bytes per trainable byte (``optimizer_state_factor``).
+        num_replicas: data-parallel replicas of the stage.
+        shard_optimizer: optimizer state is split over the replicas (ZeRO-1).
+        workspace_bytes: bytes one running micro-batch holds beyond its saved activations
+            (gradients in flight, temporaries: the largest ``BlockCost.workspace_bytes`` of the
+            stage); only one micro-batch runs at a time, so it counts once.
+    """
+    if checkpoint:
+        # Inputs of every in-flight micro-batch, plus one micro-batch being recomputed.
+        activations = in_flight * input_bytes + activation_bytes + workspace_bytes
+    else:
+        activations = in_flight * activation_bytes + workspace_bytes
+    shards = num_replicas if shard_optimizer else 1
+    # With one micro-batch, backward frees activations while it makes the gradients; with more,
+    # the gradients of finished micro-batches live next to the activations of the others.
+    backward = activations + trainable_bytes if num_microbatches > 1 else max(activations, trainable_bytes)
+    # The optimizer step runs after the activations are gone, next to the gradients. PyTorch's
+    # default (foreach) Adam/AdamW, RMSprop and Adagrad make one temporary as large as the state
+    # they update (the square root of the second moment): measured on an H100, BERT-base at
+    # batch 1 peaks there at 5.0x its parameter bytes (params, grads, 2 moments, temporary).
+    # Counted for every stateful optimizer (for SGD with momentum it is an over-estimate).
+    temporary = trainable_bytes / shards if optimizer_factor > 0 else 0
+    live = max(backward, int(trainable_bytes + temporary))
+    return StageMemory(
+        params=param_bytes,
+        grads=live - activations,
+        optimizer=int(optimizer_factor * trainable_bytes / shards),
+        activations=activations,
+        buffers=2 * (input_bytes + output_bytes),
+    )

@@ -1,0 +1,75 @@
+"""A plan as a text table (``python -m lightning_rannc plan`` / ``show``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning_rannc.plan.plan import PartitionPlan
+
+__all__ = ["format_plan"]
+
+_MEMORY_KINDS = ("params", "grads", "optimizer", "activations", "total")
+
+
+def format_plan(plan: PartitionPlan) -> str:
+    """Per stage: ranks, module span, parameters, times, memory; then the step prediction."""
+    header = ["stage", "ranks", "modules", "params", "fwd ms", "bwd ms", "ckpt"]
+    has_memory = all(s.memory for s in plan.stages)
+    if has_memory:
+        header += [f"{k[:5]} GiB" for k in _MEMORY_KINDS]
+    rows = [header]
+    for stage in plan.stages:
+        row = [
+            str(stage.stage_index),
+            _ranks(stage.ranks),
+            stage.module_span,
+            _count(stage.num_params),
+            f"{stage.fwd_ms:.2f}",
+            f"{stage.bwd_ms:.2f}",
+            "yes" if stage.checkpoint else "no",
+        ]
+        if has_memory:
+            row += [f"{stage.memory[k] / 2**30:.2f}" for k in _MEMORY_KINDS]
+        rows.append(row)
+    return "\n".join([_summary(plan), *_table(rows), *_footer(plan)])
+
+
+def _summary(plan: PartitionPlan) -> str:
+    return (
+        f"{plan.world_size} device(s): {plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s), "
+        f"{plan.num_microbatches} micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
+    )
+
+
+def _footer(plan: PartitionPlan) -> list[str]:
+    batch = plan.microbatch_size * plan.num_microbatches * plan.num_replicas
+    lines = [f"predicted step {plan.predicted_step_ms:.1f} ms"]
+    if plan.predicted_step_ms > 0:
+        lines[0] += f" ({batch / plan.predicted_step_ms * 1e3:,.1f} samples/s for batches of {batch})"
+    lines.append(
+        f"pipeline bubble {plan.predicted_bubble:.1%}; gradient exchange {plan.predicted_exchange_ms:.1f} ms per step"
+    )
+    return lines
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    if len(ranks) <= 3:
+        return ",".join(map(str, ranks))
+    step = ranks[1] - ranks[0]
+    return f"{ranks[0]},{ranks[1]}..{ranks[-1]} (x{len(ranks)}, step {step})"
+
+
+def _count(value: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) if c == 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]

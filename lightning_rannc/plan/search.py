@@ -1,0 +1,463 @@
+"""The planner's search: stages x replicas x micro-batches x checkpointing x schedule.
+
+For every layout the device count allows (``S`` stages, ``D = N / S`` replicas) and every
+micro-batch count ``M`` (powers of two, each micro-batch at least ``min_microbatch_size``), an
+exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
+the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
+fit turns on activation checkpointing if allowed. Each candidate's step time is then simulated
+(``simulate.simulate_schedule``) with the data-parallel gradient exchange added, and the fastest
+wins. Schedule: 1F1B when ``M >= S`` (same time as GPipe, fewer activations in flight), else
+GPipe; a schedule can be forced.
+
+Costs are given for one micro-batch of ``reference_microbatch_size`` samples and scaled linearly
+(``BlockCost.scaled``) to other micro-batch sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from lightning_rannc.errors import PlanError
+from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.plan.devices import DeviceSpec
+from lightning_rannc.plan.memory import StageMemory, in_flight_microbatches, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan, stage_ranks
+from lightning_rannc.plan.planner import describe_span
+from lightning_rannc.plan.simulate import ScheduleTimes, simulate_schedule
+from lightning_rannc.plan.solver import min_max_partition
+
+__all__ = ["SearchSettings", "TensorTable", "Candidate", "SearchResult", "search_plan", "evaluate_split"]
+
+
+@dataclass(kw_only=True)
+class SearchSettings:
+    """What to plan for, and which choices are fixed."""
+
+    num_devices: int
+    global_batch_size: int
+    """Samples per optimizer step over all replicas."""
+    device: DeviceSpec
+    devices_per_node: int = 8
+    memory_limit: int | None = None
+    """Bytes per device; ``None``: the device's memory."""
+    memory_margin: float = 0.1
+    """Share of the limit kept free (allocator fragmentation, temporary buffers)."""
+    optimizer: str = "adamw"
+    shard_optimizer: bool = True
+    """Optimizer state split over replicas (ZeRO-1), as the runtime does."""
+    pipeline_stages: int | None = None
+    replicas: int | None = None
+    micro_batches: int | None = None
+    max_microbatches: int = 64
+    min_microbatch_size: int = 1
+    schedule: str = "auto"
+    checkpointing: bool | None = None
+    """``None``: per stage, only where memory demands it."""
+
+    @property
+    def usable_memory(self) -> float:
+        limit = self.device.memory_bytes if self.memory_limit is None else self.memory_limit
+        return limit * (1.0 - self.memory_margin)
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """Sizes of the graph's parameters and buffers by canonical name."""
+
+    nbytes: Mapping[str, int]
+    numel: Mapping[str, int]
+    trainable: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout the search looked at."""
+
+    stages: int
+    replicas: int
+    microbatches: int
+    schedule: str
+    step_ms: float | None
+    """Predicted step time; None if no split fits in memory."""
+
+
+@dataclass
+class SearchResult:
+    plan: PartitionPlan
+    times: ScheduleTimes
+    """The simulated schedule of the plan (per-stage operation times)."""
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def search_plan(
+    blocks: Sequence[BlockCost],
+    *,
+    reference_microbatch_size: int,
+    settings: SearchSettings,
+    tensors: TensorTable,
+    graph_fingerprint: str,
+) -> SearchResult:
+    """The plan with the lowest predicted step time; ``PlanError`` naming what would fit if none does."""
+    ranges = _RangeTables(blocks, tensors)
+    candidates: list[Candidate] = []
+    best: tuple[float, PartitionPlan, ScheduleTimes] | None = None
+    for stages, replicas in _layouts(settings, len(blocks)):
+        for microbatches in _microbatch_counts(settings, replicas):
+            schedule = _schedule(settings, stages, microbatches)
+            if schedule == "1f1b" and microbatches < stages:
+                continue  # the runtime's 1F1B needs a micro-batch per stage to fill the pipeline
+            found = _plan_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+            step = found[0].predicted_step_ms if found else None
+            candidates.append(Candidate(stages, replicas, microbatches, schedule, step))
+            if found and (best is None or found[0].predicted_step_ms < best[0]):
+                best = (found[0].predicted_step_ms, *found)
+    if best is None:
+        raise PlanError(_infeasible_message(blocks, ranges, settings, reference_microbatch_size, candidates))
+    _, plan, times = best
+    plan.graph_fingerprint = graph_fingerprint
+    plan.validate()
+    return SearchResult(plan=plan, times=times, candidates=candidates)
+
+
+def _layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int]]:
+    devices = settings.num_devices
+    layouts = [(s, devices // s) for s in range(1, min(devices, num_blocks) + 1) if devices % s == 0]
+    if settings.pipeline_stages is not None:
+        layouts = [(s, d) for s, d in layouts if s == settings.pipeline_stages]
+    if settings.replicas is not None:
+        layouts = [(s, d) for s, d in layouts if d == settings.replicas]
+    if not layouts:
+        raise PlanError(
+            f"No layout of {devices} device(s) has pipeline_stages={settings.pipeline_stages} and "
+            f"replicas={settings.replicas} (stages x replicas must equal the device count, and there are "
+            f"{num_blocks} blocks to split)."
+        )
+    return layouts
+
+
+def _microbatch_counts(settings: SearchSettings, replicas: int) -> list[int]:
+    if settings.global_batch_size % replicas:
+        return []
+    per_replica = settings.global_batch_size // replicas
+    if settings.micro_batches is not None:
+        counts = [settings.micro_batches]
+    else:
+        counts = [2**k for k in range(settings.max_microbatches.bit_length()) if 2**k <= settings.max_microbatches]
+    return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size]
+
+
+def _schedule(settings: SearchSettings, stages: int, microbatches: int) -> str:
+    if settings.schedule != "auto":
+        return settings.schedule
+    return "1f1b" if microbatches >= stages else "gpipe"
+
+
+class _RangeTables:
+    """Per block range ``i .. j-1``: parameter bytes and trainable bytes (a tensor used by
+    several blocks of the range counts once), and the largest workspace."""
+
+    def __init__(self, blocks: Sequence[BlockCost], tensors: TensorTable) -> None:
+        self.tensors = tensors
+        count = len(blocks)
+        self.param_bytes = [[0] * (count + 1) for _ in range(count)]
+        self.trainable_bytes = [[0] * (count + 1) for _ in range(count)]
+        self.workspace_bytes = [[0] * (count + 1) for _ in range(count)]
+        """The largest ``workspace_bytes`` of the range's blocks (at the reference size)."""
+        for i in range(count):
+            seen: set[str] = set()
+            total = trainable = workspace = 0
+            for j in range(i, count):
+                workspace = max(workspace, blocks[j].workspace_bytes)
+                self.workspace_bytes[i][j + 1] = workspace
+                for name in blocks[j].tensor_names:
+                    if name not in seen:
+                        seen.add(name)
+                        total += tensors.nbytes[name]
+                        trainable += tensors.nbytes[name] if name in tensors.trainable else 0
+                self.param_bytes[i][j + 1], self.trainable_bytes[i][j + 1] = total, trainable
+
+
+class _Layout:
+    """Stage costs of one (stages, replicas, micro-batches) choice, for the DP."""
+
+    def __init__(
+        self,
+        blocks: Sequence[BlockCost],
+        ranges: _RangeTables,
+        settings: SearchSettings,
+        stages: int,
+        replicas: int,
+        microbatches: int,
+        factor: float,
+    ) -> None:
+        self.blocks = [b.scaled(factor) for b in blocks]
+        self.factor = factor
+        self.ranges, self.settings = ranges, settings
+        self.stages, self.replicas, self.microbatches = stages, replicas, microbatches
+        self.schedule = _schedule(settings, stages, microbatches)
+        self.fwd = _prefix([b.fwd_ms for b in self.blocks])
+        self.bwd = _prefix([b.bwd_ms for b in self.blocks])
+        self.act = _prefix([b.activation_bytes for b in self.blocks])
+        self.optimizer_factor = optimizer_state_factor(settings.optimizer)
+        self.link = [_link_bandwidth(settings, stages, replicas, p) / 1e3 for p in range(stages)]  # bytes/ms
+        self.chosen_checkpoint: dict[tuple[int, int, int], bool] = {}
+        self.spread_exchange = True
+        """Count each stage's gradient exchange in its per-slot cost (see ``_plan_layout``)."""
+
+    def cut_bytes(self, j: int) -> int:
+        """Bytes crossing the cut before block ``j`` (0 at the ends of the graph)."""
+        return self.blocks[j - 1].cut_bytes if 0 < j < len(self.blocks) else 0
+
+    def send_ms(self, stage: int, j: int) -> float:
+        return 0.0 if j == len(self.blocks) else self.cut_bytes(j) / self.link[stage]
+
+    def compute_ms(self, i: int, j: int, checkpoint: bool) -> tuple[float, float]:
+        fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
+        return fwd, bwd + (fwd if checkpoint else 0.0)
+
+    def memory(self, stage: int, i: int, j: int, checkpoint: bool) -> StageMemory:
+        return stage_memory(
+            param_bytes=self.ranges.param_bytes[i][j],
+            trainable_bytes=self.ranges.trainable_bytes[i][j],
+            activation_bytes=int(self.act[j] - self.act[i]),
+            input_bytes=self.cut_bytes(i),
+            output_bytes=self.cut_bytes(j),
+            in_flight=in_flight_microbatches(self.schedule, stage, self.stages, self.microbatches),
+            num_microbatches=self.microbatches,
+            checkpoint=checkpoint,
+            optimizer_factor=self.optimizer_factor,
+            num_replicas=self.replicas,
+            shard_optimizer=self.settings.shard_optimizer,
+            workspace_bytes=int(self.ranges.workspace_bytes[i][j] * self.factor),
+        )
+
+    def checkpoint_choice(self, stage: int, i: int, j: int) -> bool | None:
+        """Whether the stage runs checkpointed; None when it does not fit either way."""
+        key = (stage, i, j)
+        if key not in self.chosen_checkpoint:
+            options = [self.settings.checkpointing] if self.settings.checkpointing is not None else [False, True]
+            usable = self.settings.usable_memory
+            self.chosen_checkpoint[key] = next(  # type: ignore[assignment]
+                (c for c in options if self.memory(stage, i, j, c).total <= usable), None
+            )
+        return self.chosen_checkpoint[key]
+
+    def least_memory(self, stage: int, i: int, j: int) -> float:
+        """The stage's memory with checkpointing if allowed (for "what would fit" advice)."""
+        return float(self.memory(stage, i, j, self.settings.checkpointing is not False).total)
+
+    def lower_bound(self, stage: int, i: int, j: int) -> float:
+        """The stage's cost without checkpointing: grows with every block added."""
+        return sum(self.compute_ms(i, j, False)) + self._other_ms(stage, i, j)
+
+    def stage_cost(self, stage: int, i: int, j: int) -> float:
+        """Time per micro-batch slot: compute, the sends of activations and gradients, and the
+        stage's share of the gradient exchange. A step is about ``M + S - 1`` slots of the slowest
+        stage plus one exchange, so the exchange counts as ``1 / (M + S - 1)`` of it per slot."""
+        checkpoint = self.checkpoint_choice(stage, i, j)
+        if checkpoint is None:
+            return math.inf
+        return sum(self.compute_ms(i, j, checkpoint)) + self._other_ms(stage, i, j)
+
+    def _other_ms(self, stage: int, i: int, j: int) -> float:
+        slots = self.microbatches + self.stages - 1
+        exchange = _exchange_ms(self, i, j) / slots if self.spread_exchange else 0.0
+        return 2 * self.send_ms(stage, j) + exchange
+
+
+def _plan_layout(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    stages: int,
+    replicas: int,
+    microbatches: int,
+    reference: int,
+) -> tuple[PartitionPlan, ScheduleTimes] | None:
+    """The best split of one layout. The DP balances one number per stage, but a step pays the
+    gradient exchange once, for the largest stage: balancing with the exchange spread over the
+    slots can lose to balancing compute alone (a huge embedding stage), so both are simulated."""
+    plans = []
+    for spread_exchange in (True, False):
+        layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference)
+        layout.spread_exchange = spread_exchange
+        found = min_max_partition(len(blocks), stages, layout.stage_cost, layout.lower_bound)
+        if found is not None:
+            plans.append(_layout_plan(layout, found[0]))
+        if found is None or replicas == 1:  # without replicas there is no exchange: one DP says it all
+            break
+    return min(plans, key=lambda p: p[0].predicted_step_ms, default=None)
+
+
+def _make_layout(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    stages: int,
+    replicas: int,
+    microbatches: int,
+    reference: int,
+) -> _Layout:
+    microbatch_size = settings.global_batch_size // (replicas * microbatches)
+    return _Layout(blocks, ranges, settings, stages, replicas, microbatches, microbatch_size / reference)
+
+
+def evaluate_split(
+    blocks: Sequence[BlockCost],
+    bounds: Sequence[int],
+    *,
+    replicas: int,
+    microbatches: int,
+    reference_microbatch_size: int,
+    settings: SearchSettings,
+    tensors: TensorTable,
+) -> tuple[PartitionPlan, ScheduleTimes] | None:
+    """Predict a given split (block boundaries ``[0, ..., B]``) with the search's models, e.g. to
+    compare other partitioners; None if a stage does not fit in memory."""
+    ranges = _RangeTables(blocks, tensors)
+    stages = len(bounds) - 1
+    layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+    if any(layout.stage_cost(s, i, j) == math.inf for s, (i, j) in enumerate(zip(bounds, bounds[1:]))):
+        return None
+    return _layout_plan(layout, list(bounds))
+
+
+def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, ScheduleTimes]:
+    spans = list(zip(bounds, bounds[1:]))
+    checkpoints = [bool(layout.checkpoint_choice(s, i, j)) for s, (i, j) in enumerate(spans)]
+    times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
+    simulated = simulate_schedule(
+        [f for f, _ in times],
+        [b for _, b in times],
+        [layout.send_ms(s, j) for s, (_, j) in enumerate(spans)],
+        layout.microbatches,
+        layout.schedule,
+    )
+    exchange = max(_exchange_ms(layout, i, j) for i, j in spans)
+    plan = PartitionPlan(
+        graph_fingerprint="",
+        world_size=layout.stages * layout.replicas,
+        num_microbatches=layout.microbatches,
+        microbatch_size=layout.settings.global_batch_size // (layout.replicas * layout.microbatches),
+        stages=[_stage_plan(layout, s, i, j, c) for s, ((i, j), c) in enumerate(zip(spans, checkpoints))],
+        schedule=layout.schedule,
+        num_replicas=layout.replicas,
+        predicted_step_ms=simulated.makespan_ms + exchange,
+        predicted_bubble=simulated.bubble,
+        predicted_exchange_ms=exchange,
+    )
+    return plan, simulated
+
+
+def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -> StagePlan:
+    blocks = layout.blocks[i:j]
+    names = list(dict.fromkeys(n for b in blocks for n in b.tensor_names))
+    fwd, bwd = layout.compute_ms(i, j, checkpoint)
+    return StagePlan(
+        stage_index=stage,
+        ranks=stage_ranks(stage, layout.stages, layout.replicas),
+        node_start=blocks[0].start,
+        node_end=blocks[-1].end,
+        module_span=describe_span([p for b in blocks for p in b.module_paths]),
+        tensor_names=names,
+        num_params=sum(layout.ranges.tensors.numel[n] for n in names),
+        fwd_ms=fwd,
+        bwd_ms=bwd,
+        param_bytes=layout.ranges.param_bytes[i][j],
+        activation_bytes=int(layout.act[j] - layout.act[i]),
+        send_bytes=layout.cut_bytes(j),
+        checkpoint=checkpoint,
+        memory=layout.memory(stage, i, j, checkpoint).as_dict(),
+    )
+
+
+def _exchange_ms(layout: _Layout, i: int, j: int) -> float:
+    """Gradient all-reduce over the replicas (ring: ``2 (D-1)/D`` of the bytes), plus the
+    broadcast of the updated shards when the optimizer is sharded; not overlapped with compute
+    (the runtime reduces after the schedule)."""
+    replicas = layout.replicas
+    if replicas == 1:
+        return 0.0
+    across = layout.stages * replicas > layout.settings.devices_per_node
+    bandwidth = layout.settings.device.link_bandwidth(across) / 1e3
+    share = (replicas - 1) / replicas
+    volume = 2 * share * layout.ranges.trainable_bytes[i][j]
+    if layout.settings.shard_optimizer:
+        volume += share * layout.ranges.trainable_bytes[i][j]
+    return volume / bandwidth
+
+
+def _link_bandwidth(settings: SearchSettings, stages: int, replicas: int, position: int) -> float:
+    """Bytes/s from pipeline position ``position`` to the next: inter-node if any replica's pair
+    of ranks straddles a node boundary."""
+    per_node = settings.devices_per_node
+    across = any(
+        (d * stages + position) // per_node != (d * stages + position + 1) // per_node for d in range(replicas)
+    )
+    return settings.device.link_bandwidth(across and position + 1 < stages)
+
+
+def _prefix(values: Sequence[float]) -> list[float]:
+    total, out = 0.0, [0.0]
+    for value in values:
+        total += value
+        out.append(total)
+    return out
+
+
+def _infeasible_message(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    reference: int,
+    candidates: list[Candidate],
+) -> str:
+    if not candidates:
+        return (
+            f"No micro-batch count splits the global batch of {settings.global_batch_size} over the layouts of "
+            f"{settings.num_devices} device(s) (micro-batches of at least {settings.min_microbatch_size}): change "
+            "the batch size or the device count."
+        )
+    needed = _memory_needed(blocks, ranges, settings, reference)
+    devices = _devices_needed(blocks, ranges, settings, reference)
+    limit = settings.usable_memory / (1 - settings.memory_margin)
+    advice = f"at least {devices} devices" if devices else "more devices than 1024x the current count"
+    return (
+        f"The model does not fit on {settings.num_devices} device(s) of {limit / 2**30:.1f} GiB: "
+        f"use {advice}, or devices with at least {needed / 2**30:.1f} GiB each "
+        f"(with a {settings.memory_margin:.0%} margin), or a smaller batch."
+    )
+
+
+def _memory_needed(
+    blocks: Sequence[BlockCost], ranges: _RangeTables, settings: SearchSettings, reference: int
+) -> float:
+    """Smallest per-device memory (limit before the margin) with which some layout fits."""
+    best = math.inf
+    for stages, replicas in _layouts(settings, len(blocks)):
+        for microbatches in _microbatch_counts(settings, replicas):
+            layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference)
+            found = min_max_partition(len(blocks), stages, layout.least_memory)
+            if found:
+                best = min(best, found[1])
+    return best / (1 - settings.memory_margin)
+
+
+def _devices_needed(
+    blocks: Sequence[BlockCost], ranges: _RangeTables, settings: SearchSettings, reference: int
+) -> int | None:
+    for scale in (2**k for k in range(1, 11)):
+        larger = _replace(settings, num_devices=settings.num_devices * scale, replicas=None)
+        layouts = _layouts(larger, len(blocks)) if larger.pipeline_stages is None else []
+        for stages, replicas in layouts:
+            for microbatches in _microbatch_counts(larger, replicas):
+                if _plan_layout(blocks, ranges, larger, stages, replicas, microbatches, reference):
+                    return larger.num_devices
+    return None
+
+
+def _replace(settings: SearchSettings, **changes: object) -> SearchSettings:
+    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,56 @@
+"""``python -m lightning_rannc plan|show`` on a model built on the meta device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_rannc.__main__ import main
+from lightning_rannc.plan.plan import PartitionPlan
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = f"{ROOT / 'benchmarks' / 'models.py'}:GPTLM"
+SMALL = json.dumps({"layers": 4, "hidden": 256, "heads": 4, "seq_len": 128, "vocab": 1000, "batch_size": 4})
+
+
+def test_plan_prints_a_table_and_writes_a_plan_that_show_prints_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "plan.json"
+    args = ["plan", TARGET, "--init-args", SMALL, "--devices", "4", "--nodes", "2", "--device", "a100"]
+    assert main([*args, "--batch-size", "64", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    plan = PartitionPlan.load(output)
+    assert plan.world_size == 4 and plan.microbatch_size * plan.num_microbatches * plan.num_replicas == 64
+    assert f"{plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s)" in printed
+    assert "predicted step" in printed and "total GiB" in printed
+    assert all(s.memory["total"] <= 0.9 * 85_198_045_184 for s in plan.stages)
+    assert main(["show", str(output)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.splitlines()[:-1] == printed.splitlines()[: len(shown.splitlines()) - 1]
+
+
+def test_forced_layout_and_a_memory_limit_that_cannot_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "8"]
+    assert main([*base, "--stages", "2", "--micro-batches", "4"]) == 0
+    assert "2 stage(s) x 1 replica(s), 4 micro-batch(es) of 2" in capsys.readouterr().out
+    assert main([*base, "--device-memory", "10MB"]) == 2
+    error = capsys.readouterr().err
+    assert "does not fit on 2 device(s)" in error and "GiB each" in error
+
+
+def test_bad_targets_get_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "no_such_file.py:Model", "--devices", "2"]) == 2
+    assert "No such file: no_such_file.py" in capsys.readouterr().err
+    assert main(["plan", f"{ROOT / 'benchmarks' / 'models.py'}:Nope", "--devices", "2"]) == 2
+    assert "has no 'Nope'" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    command = [sys.executable, "-m", "lightning_rannc", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "plan" in done.stdout and "show" in done.stdout
