@@ -109,7 +109,8 @@ def search_plan(
             schedule = _schedule(settings, stages, microbatches)
             if schedule == "1f1b" and microbatches < stages:
                 continue  # the runtime's 1F1B needs a micro-batch per stage to fill the pipeline
-            found = _plan_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+            layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+            found = _plan_layout(layout)
             step = found[0].predicted_step_ms if found else None
             candidates.append(Candidate(stages, replicas, microbatches, schedule, step))
             if found and (best is None or found[0].predicted_step_ms < best[0]):
@@ -268,26 +269,17 @@ class _Layout:
         return 2 * self.send_ms(stage, j) + exchange
 
 
-def _plan_layout(
-    blocks: Sequence[BlockCost],
-    ranges: _RangeTables,
-    settings: SearchSettings,
-    stages: int,
-    replicas: int,
-    microbatches: int,
-    reference: int,
-) -> tuple[PartitionPlan, ScheduleTimes] | None:
+def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
     """The best split of one layout. The DP balances one number per stage, but a step pays the
     gradient exchange once, for the largest stage: balancing with the exchange spread over the
     slots can lose to balancing compute alone (a huge embedding stage), so both are simulated."""
     plans = []
     for spread_exchange in (True, False):
-        layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference)
         layout.spread_exchange = spread_exchange
-        found = min_max_partition(len(blocks), stages, layout.stage_cost, layout.lower_bound)
+        found = min_max_partition(len(layout.blocks), layout.stages, layout.stage_cost, layout.lower_bound)
         if found is not None:
             plans.append(_layout_plan(layout, found[0]))
-        if found is None or replicas == 1:  # without replicas there is no exchange: one DP says it all
+        if found is None or layout.replicas == 1:  # no replicas, no exchange: one DP says it all
             break
     return min(plans, key=lambda p: p[0].predicted_step_ms, default=None)
 
@@ -454,7 +446,7 @@ def _devices_needed(
         layouts = _layouts(larger, len(blocks)) if larger.pipeline_stages is None else []
         for stages, replicas in layouts:
             for microbatches in _microbatch_counts(larger, replicas):
-                if _plan_layout(blocks, ranges, larger, stages, replicas, microbatches, reference):
+                if _plan_layout(_make_layout(blocks, ranges, larger, stages, replicas, microbatches, reference)):
                     return larger.num_devices
     return None
 
