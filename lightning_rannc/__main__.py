@@ -1,7 +1,8 @@
 """``python -m lightning_rannc plan|show``: plan a model for a cluster you may not have.
 
-    python -m lightning_rannc plan examples/gpt.py:GPT --devices 64 --nodes 8 --device h100 \\
+    python -m lightning_rannc plan benchmarks/models.py:GPTLM --devices 64 --nodes 8 --device h100 \\
         --device-memory 80GB --batch-size 512 --init-args '{"layers": 48}' --output plan.json
+    python -m lightning_rannc plan benchmarks/models.py:GPTLM --devices 8 --chart step.png --trace step.json
     python -m lightning_rannc show plan.json
 """
 
@@ -20,10 +21,11 @@ from typing import Any
 import torch
 
 from lightning_rannc.errors import PlanError, RaNNCError
+from lightning_rannc.plan.chart import require_matplotlib, write_chart, write_trace
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.report import format_plan
-from lightning_rannc.plan.search import SearchSettings
+from lightning_rannc.plan.search import SearchResult, SearchSettings
 
 _CHECKPOINTING = {"auto": None, "on": True, "off": False}
 
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
     plan.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is coarsened into")
     plan.add_argument("--output", default=None, help="write the plan as JSON here")
+    plan.add_argument("--chart", default=None, metavar="PATH.png", help="draw the simulated step (matplotlib)")
+    plan.add_argument("--trace", default=None, metavar="PATH.json", help="the simulated step as a Chrome trace")
     plan.set_defaults(run=_plan)
     show = commands.add_parser("show", help="print a saved plan as a table")
     show.add_argument("plan", help="a plan.json written by `plan` or by RaNNCStrategy(deployment=...)")
@@ -70,6 +74,7 @@ def _plan(args: argparse.Namespace) -> int:
     from lightning_rannc.dry_run import optimizer_kind, plan_module, sample_batch
 
     started = time.perf_counter()
+    _check_outputs(args)
     module = _build(args.target, json.loads(args.init_args))
     batch = sample_batch(module)
     device = get_device(args.device)
@@ -95,7 +100,27 @@ def _plan(args: argparse.Namespace) -> int:
     if args.output:
         result.plan.save(args.output)
         print(f"wrote {args.output}")
+    _write_pictures(args, result, title=args.target.rpartition(":")[2])
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before planning (which may take minutes) if an output cannot be written."""
+    paths = [p for p in (args.output, args.chart, args.trace) if p]
+    for path in paths:
+        if not Path(path).resolve().parent.is_dir():
+            raise PlanError(f"Cannot write {path}: its folder does not exist.")
+    if args.chart:
+        require_matplotlib()
+
+
+def _write_pictures(args: argparse.Namespace, result: SearchResult, title: str) -> None:
+    if args.chart:
+        write_chart(result.plan, result.times, args.chart, title=title)
+        print(f"wrote {args.chart}")
+    if args.trace:
+        write_trace(result.plan, result.times, args.trace)
+        print(f"wrote {args.trace}")
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -107,7 +132,9 @@ def _build(target: str, init_args: dict[str, Any]) -> torch.nn.Module:
     """Import ``MODULE_OR_FILE:ClassName`` and instantiate it on the meta device."""
     source, _, name = target.rpartition(":")
     if not source or not name:
-        raise PlanError(f"{target!r} is not MODULE_OR_FILE:ClassName (e.g. examples/gpt.py:GPT or my_pkg.models:Net).")
+        raise PlanError(
+            f"{target!r} is not MODULE_OR_FILE:ClassName (e.g. benchmarks/models.py:GPTLM or my_pkg.models:Net)."
+        )
     module = _import(source)
     cls = getattr(module, name, None)
     if cls is None:

@@ -30,10 +30,10 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 class RaNNCConfig:
     """Options of ``RaNNCStrategy``; see its docstring for each one's meaning."""
 
-    pipeline_stages: int | None = None
-    """Ranks per pipeline (S); ``None``: one pipeline over all devices."""
-    micro_batches: int = 4
-    """Micro-batches per batch."""
+    pipeline_stages: int | str | None = "auto"
+    """Ranks per pipeline (S); ``"auto"``: the planner's choice; ``None``: one pipeline over all devices."""
+    micro_batches: int | str = 4
+    """Micro-batches per batch; ``"auto"``: the planner's choice."""
     schedule: str = "auto"
     """``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``."""
     virtual_stages: int = 1
@@ -55,14 +55,20 @@ class RaNNCConfig:
     """Timed runs per block when profiling."""
     deployment: str | None = None
     """A plan file to reuse, or to write at the first run."""
+    profile_cache: str | None = None
+    """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
+    measure_links: bool = True
+    """Time point-to-point and all-reduce transfers at setup and plan with the measured bandwidths."""
     timeout: float = 1800.0
     """Seconds a collective may wait."""
 
     def __post_init__(self) -> None:
-        for name in ("micro_batches", "virtual_stages", "max_blocks", "profile_repeats"):
+        for name in ("virtual_stages", "max_blocks", "profile_repeats"):
             _check_positive(name, getattr(self, name))
-        if self.pipeline_stages is not None:
-            _check_positive("pipeline_stages", self.pipeline_stages)
+        if self.pipeline_stages not in (None, "auto"):
+            _check_positive("pipeline_stages", self.pipeline_stages, "or 'auto' or None")
+        if self.micro_batches != "auto":
+            _check_positive("micro_batches", self.micro_batches, "or 'auto'")
         if self.schedule not in ("auto", *SCHEDULES):
             raise ValueError(f"RaNNCStrategy(schedule={self.schedule!r}): valid values are {['auto', *SCHEDULES]}.")
         if self.activation_checkpointing not in (True, False, "auto"):
@@ -99,9 +105,10 @@ class RaNNCConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_positive(option: str, value: Any) -> None:
+def _check_positive(option: str, value: Any, alternatives: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer.")
+        also = f" {alternatives}" if alternatives else ""
+        raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer{also}.")
 
 
 def _parse(text: str, hint: Any, variable: str) -> Any:

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils._pytree import tree_unflatten
 
@@ -57,7 +58,7 @@ def sample_batch(module: nn.Module) -> Any:
     loader = getattr(module, "train_dataloader", None)
     try:
         return next(iter(loader())) if loader is not None else None
-    except NotImplementedError:
+    except (NotImplementedError, MisconfigurationException):
         # LightningModule's default train_dataloader raises when the user defines none.
         pass
     raise CaptureError(

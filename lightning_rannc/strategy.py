@@ -6,8 +6,10 @@ and the standalone ``pytorch_lightning`` package, whose Strategy base classes di
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import logging
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -34,10 +36,15 @@ from lightning_rannc._utils import _configure_logger, optimizer_kind
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.devices import parse_bytes
-from lightning_rannc.runtime.engine import EngineOptions, PipelineEngine
+from lightning_rannc.profile.cache import ProfileCache
+from lightning_rannc.runtime.engine import PipelineEngine
+from lightning_rannc.runtime.links import apply_links, measure_links
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
+from lightning_rannc.runtime.planning import EngineOptions, Layout, choose_layout
 
 __all__ = ["RaNNCStrategy"]
+
+log = logging.getLogger("lightning_rannc")
 
 _SUPPORTED_PRECISION = ("32-true", "64-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true")
 
@@ -56,8 +63,8 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     def __init__(
         self,
-        pipeline_stages: int | None = None,
-        micro_batches: int = 4,
+        pipeline_stages: int | str | None = "auto",
+        micro_batches: int | str = 4,
         schedule: str = "auto",
         virtual_stages: int = 1,
         activation_checkpointing: bool | str = False,
@@ -67,6 +74,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         max_blocks: int = 64,
         profile_repeats: int = 3,
         deployment: str | None = None,
+        profile_cache: str | None = None,
+        measure_links: bool = True,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -80,9 +89,11 @@ class _RaNNCStrategyMixin(_MixinBase):
 
         Args:
             pipeline_stages: ranks per pipeline (S); the devices are split into ``devices / S``
-                data-parallel replicas of the pipeline. ``None``: every device is one stage.
+                data-parallel replicas of the pipeline. ``"auto"``: the planner picks the layout with
+                the most samples per second that fits ``memory_limit``, from the first training
+                batch (profiled on rank 0 at setup). ``None``: every device is one stage.
             micro_batches: micro-batches per batch; a batch that it does not divide runs with the
-                nearest count that does.
+                nearest count that does. ``"auto"``: the planner picks it (a divisor of the batch).
             schedule: ``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``; ``"auto"`` takes
                 1F1B when there are at least as many micro-batches as stages, else GPipe.
             virtual_stages: stages per rank for ``"interleaved_1f1b"`` (V).
@@ -103,6 +114,10 @@ class _RaNNCStrategyMixin(_MixinBase):
             deployment: path of a plan file (RaNNC's deployment). If it exists it is used without
                 profiling or search (and refused if it was made for another graph, layout or
                 batch size); otherwise the new plan is written there.
+            profile_cache: directory where measured block costs are kept, keyed by graph, shapes
+                and device, so that the next run skips profiling. ``None``: kept in memory only.
+            measure_links: time point-to-point and all-reduce transfers at setup (about 0.1 s) and
+                plan with the measured bandwidths instead of the device preset's.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
             timeout: seconds a collective may wait before the process group gives up.
             start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); others spawn.
@@ -130,6 +145,8 @@ class _RaNNCStrategyMixin(_MixinBase):
             max_blocks=max_blocks,
             profile_repeats=profile_repeats,
             deployment=deployment,
+            profile_cache=profile_cache,
+            measure_links=measure_links,
             timeout=timeout,
         ).with_env_overrides()
         config = self.config
@@ -144,6 +161,10 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.max_blocks = config.max_blocks
         self.profile_repeats = config.profile_repeats
         self.deployment = config.deployment
+        self.profile_cache = config.profile_cache
+        self.measure_links = config.measure_links
+        self._profile_cache = ProfileCache(config.profile_cache)
+        self._chosen_stages: int | None = None
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=config.timeout)
         self._start_method = start_method
@@ -178,8 +199,10 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @property
     def pipeline_degree(self) -> int:
-        """Ranks per pipeline (S)."""
-        return self.pipeline_stages or self.world_size
+        """Ranks per pipeline (S): as given, or as chosen at setup (``"auto"``), else all ranks."""
+        if isinstance(self.pipeline_stages, int):
+            return self.pipeline_stages
+        return self._chosen_stages or self.world_size
 
     @property
     def num_replicas(self) -> int:
@@ -248,30 +271,90 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.setup_precision_plugin()
         if trainer.state.fn == "fit":
             _optimizers_to_device(self.optimizers, self.root_device)
+        options = self._measured_links(self._engine_options(), trainer)
+        self._choose_layout(trainer, options)
+        options = dataclasses.replace(options, pipeline_degree=self.pipeline_degree, num_replicas=self.num_replicas)
         self._groups = build_process_groups(self.pipeline_degree, self.num_replicas, self.global_rank, self.root_device)
         self._engine = PipelineEngine(
             self.lightning_module,
-            EngineOptions(
-                pipeline_degree=self.pipeline_degree,
-                num_replicas=self.num_replicas,
-                virtual_stages=self.virtual_stages,
-                schedule=self.schedule,
-                checkpointing=None if self.activation_checkpointing == "auto" else bool(self.activation_checkpointing),
-                memory_limit=self._memory_limit(),
-                memory_margin=self.memory_margin,
-                device_preset=self.device_preset or _device_preset(self.root_device),
-                optimizer=optimizer_kind(getattr(self.optimizers[0], "_optimizer", self.optimizers[0]))
-                if self.optimizers
-                else "sgd",
-                num_microbatches=self.micro_batches,
-                max_blocks=self.max_blocks,
-                profile_repeats=self.profile_repeats,
-                deployment=self.deployment,
-            ),
+            options,
             rank=self.global_rank,
             device=self.root_device,
             groups=self._groups,
+            cache=self._profile_cache,
         )
+
+    def _engine_options(self) -> EngineOptions:
+        optimizer = getattr(self.optimizers[0], "_optimizer", self.optimizers[0]) if self.optimizers else None
+        return EngineOptions(
+            pipeline_degree=self.pipeline_degree,
+            num_replicas=self.num_replicas,
+            virtual_stages=self.virtual_stages,
+            schedule=self.schedule,
+            checkpointing=None if self.activation_checkpointing == "auto" else bool(self.activation_checkpointing),
+            memory_limit=self._memory_limit(),
+            memory_margin=self.memory_margin,
+            device_preset=self.device_preset or _device_preset(self.root_device),
+            optimizer=optimizer_kind(optimizer) if optimizer is not None else "sgd",
+            num_microbatches=None if self.micro_batches == "auto" else int(self.micro_batches),
+            max_blocks=self.max_blocks,
+            profile_repeats=self.profile_repeats,
+            deployment=self.deployment,
+        )
+
+    def _measured_links(self, options: EngineOptions, trainer: Any) -> EngineOptions:
+        """The device description with measured link bandwidths (collective, fit only)."""
+        if not self.measure_links or self.world_size == 1 or trainer.state.fn != "fit":
+            return options
+        links = measure_links(self.root_device, local_world_size=self.num_processes)
+        if self.global_rank == 0:
+            log.info(links.describe())
+        return dataclasses.replace(options, device=apply_links(options.device_spec, links))
+
+    def _choose_layout(self, trainer: Any, options: EngineOptions) -> None:
+        """``pipeline_stages="auto"``: rank 0 plans every layout on a sample batch and all ranks
+        take its choice (or its error). Here, because Lightning shards the data loaders over the
+        replicas right after setup. Collective."""
+        if self.pipeline_stages != "auto" or self.world_size == 1 or trainer.state.fn != "fit":
+            return
+        payload: list[Any] = [None]
+        if self.global_rank == 0:
+            try:
+                payload[0] = self._best_layout(trainer, options)
+            except Exception as error:  # every rank must raise it, not wait for a layout
+                payload[0] = error
+        payload = self.broadcast(payload)
+        if isinstance(payload[0], Exception):
+            raise payload[0]
+        layout: Layout = payload[0]
+        self._chosen_stages = layout.pipeline_degree
+        if self.global_rank == 0:
+            log.info(layout.summary)
+
+    def _best_layout(self, trainer: Any, options: EngineOptions) -> Layout:
+        batch = self._sample_batch(trainer)
+        if batch is None:
+            return Layout(self.world_size, 1, "layout: no training batch to plan from; one pipeline over all devices")
+        module = self.lightning_module
+        assert module is not None
+        with self.precision_plugin.train_step_context():
+            return choose_layout(module, batch, options, self.world_size, self.root_device, self._profile_cache)
+
+    def _sample_batch(self, trainer: Any) -> Any:
+        """The first training batch as the step will get it, without disturbing the training run
+        (the shuffling sampler draws from the global RNG)."""
+        # TODO(rannc): Lightning has no public accessor for the train loader before setup_data.
+        source = trainer.fit_loop._data_source
+        if trainer.limit_train_batches == 0 or not source.is_defined():
+            return None
+        combined_loader = importlib.import_module(f"{self._namespace}.utilities").CombinedLoader
+        with torch.random.fork_rng(devices=[]):
+            loaders = source.dataloader()
+            combined = loaders if isinstance(loaders, combined_loader) else combined_loader(loaders, "max_size_cycle")
+            batch = next(iter(combined), None)
+        if batch is None:
+            return None
+        return self.precision_plugin.convert_input(self.batch_to_device(batch[0]))
 
     def _memory_limit(self) -> int | None:
         if self.memory_limit is not None:

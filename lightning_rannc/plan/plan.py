@@ -92,6 +92,11 @@ class PartitionPlan:
         """Ranks per pipeline (S): the number of stages divided by the virtual stages per rank."""
         return len(self.stages) // self.virtual_stages
 
+    @property
+    def replica_batch_size(self) -> int:
+        """Samples each replica runs per step."""
+        return self.microbatch_size * self.num_microbatches
+
     def stages_of_rank(self, rank: int) -> list[StagePlan]:
         """The stages a rank runs, in stage order (several with interleaved schedules)."""
         stages = [s for s in self.stages if rank in s.ranks]

@@ -1,13 +1,16 @@
 """The planner's search: stages x replicas x micro-batches x checkpointing x schedule.
 
 For every layout the device count allows (``S`` stages, ``D = N / S`` replicas) and every
-micro-batch count ``M`` (powers of two, each micro-batch at least ``min_microbatch_size``), an
+micro-batch count ``M`` (each divisor of the replica's batch up to ``max_microbatches``, each
+micro-batch at least ``min_microbatch_size``), an
 exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
 the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
 fit turns on activation checkpointing if allowed. Each candidate's step time is then simulated
 (``simulate.simulate_schedule``) with the data-parallel gradient exchange added, and the fastest
 wins. Schedule: 1F1B when ``M >= S`` (same time as GPipe, fewer activations in flight), else
-GPipe; a schedule can be forced.
+GPipe; a schedule can be forced. Candidates are compared by throughput: with a fixed global
+batch that is the step time; with a fixed batch per replica (``replica_batch_size``, what a
+Lightning data loader gives each replica) more replicas also mean more samples per step.
 
 Costs are given for one micro-batch of ``reference_microbatch_size`` samples and scaled linearly
 (``BlockCost.scaled``) to other micro-batch sizes.
@@ -38,7 +41,10 @@ class SearchSettings:
 
     num_devices: int
     global_batch_size: int
-    """Samples per optimizer step over all replicas."""
+    """Samples per optimizer step over all replicas (ignored with ``replica_batch_size``)."""
+    replica_batch_size: int | None = None
+    """Samples per step of each replica, whatever the replica count (a Lightning data loader's
+    batch size: the global batch is this times the replicas)."""
     device: DeviceSpec
     devices_per_node: int = 8
     memory_limit: int | None = None
@@ -103,7 +109,7 @@ def search_plan(
     """The plan with the lowest predicted step time; ``PlanError`` naming what would fit if none does."""
     ranges = _RangeTables(blocks, tensors)
     candidates: list[Candidate] = []
-    best: tuple[float, PartitionPlan, ScheduleTimes] | None = None
+    best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches in _microbatch_counts(settings, replicas):
             schedule = _schedule(settings, stages, microbatches)
@@ -113,8 +119,9 @@ def search_plan(
             found = _plan_layout(layout)
             step = found[0].predicted_step_ms if found else None
             candidates.append(Candidate(stages, replicas, microbatches, schedule, step))
-            if found and (best is None or found[0].predicted_step_ms < best[0]):
-                best = (found[0].predicted_step_ms, *found)
+            per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
+            if found and per_sample is not None and (best is None or per_sample < best[0]):
+                best = (per_sample, *found)
     if best is None:
         raise PlanError(_infeasible_message(blocks, ranges, settings, reference_microbatch_size, candidates))
     _, plan, times = best
@@ -139,14 +146,20 @@ def _layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int]]
     return layouts
 
 
+def _replica_batch(settings: SearchSettings, replicas: int) -> int:
+    """Samples each replica runs per step (0: the global batch does not split evenly)."""
+    if settings.replica_batch_size is not None:
+        return settings.replica_batch_size
+    return 0 if settings.global_batch_size % replicas else settings.global_batch_size // replicas
+
+
 def _microbatch_counts(settings: SearchSettings, replicas: int) -> list[int]:
-    if settings.global_batch_size % replicas:
+    """Every count that splits the replica's batch evenly (the runtime needs equal micro-batch
+    shapes), not just powers of two: 96 samples over 16 replicas take M = 6, not only 2."""
+    per_replica = _replica_batch(settings, replicas)
+    if per_replica == 0:
         return []
-    per_replica = settings.global_batch_size // replicas
-    if settings.micro_batches is not None:
-        counts = [settings.micro_batches]
-    else:
-        counts = [2**k for k in range(settings.max_microbatches.bit_length()) if 2**k <= settings.max_microbatches]
+    counts = [settings.micro_batches] if settings.micro_batches is not None else range(1, settings.max_microbatches + 1)
     return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size]
 
 
@@ -293,7 +306,7 @@ def _make_layout(
     microbatches: int,
     reference: int,
 ) -> _Layout:
-    microbatch_size = settings.global_batch_size // (replicas * microbatches)
+    microbatch_size = _replica_batch(settings, replicas) // microbatches
     return _Layout(blocks, ranges, settings, stages, replicas, microbatches, microbatch_size / reference)
 
 
@@ -333,7 +346,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         graph_fingerprint="",
         world_size=layout.stages * layout.replicas,
         num_microbatches=layout.microbatches,
-        microbatch_size=layout.settings.global_batch_size // (layout.replicas * layout.microbatches),
+        microbatch_size=_replica_batch(layout.settings, layout.replicas) // layout.microbatches,
         stages=[_stage_plan(layout, s, i, j, c) for s, ((i, j), c) in enumerate(zip(spans, checkpoints))],
         schedule=layout.schedule,
         num_replicas=layout.replicas,
@@ -408,20 +421,29 @@ def _infeasible_message(
     candidates: list[Candidate],
 ) -> str:
     if not candidates:
+        batch = (
+            f"the batch of {settings.replica_batch_size} per replica"
+            if settings.replica_batch_size is not None
+            else f"the global batch of {settings.global_batch_size} over the layouts of {settings.num_devices} devices"
+        )
         return (
-            f"No micro-batch count splits the global batch of {settings.global_batch_size} over the layouts of "
-            f"{settings.num_devices} device(s) (micro-batches of at least {settings.min_microbatch_size}): change "
-            "the batch size or the device count."
+            f"No micro-batch count splits {batch} (micro-batches of at least {settings.min_microbatch_size}, "
+            f"at most {settings.max_microbatches}): change the batch size or the device count."
         )
     needed = _memory_needed(blocks, ranges, settings, reference)
     devices = _devices_needed(blocks, ranges, settings, reference)
     limit = settings.usable_memory / (1 - settings.memory_margin)
     advice = f"at least {devices} devices" if devices else "more devices than 1024x the current count"
     return (
-        f"The model does not fit on {settings.num_devices} device(s) of {limit / 2**30:.1f} GiB: "
-        f"use {advice}, or devices with at least {needed / 2**30:.1f} GiB each "
+        f"The model does not fit on {settings.num_devices} device(s) of {_gib(limit)}: "
+        f"use {advice}, or devices with at least {_gib(needed)} each "
         f"(with a {settings.memory_margin:.0%} margin), or a smaller batch."
     )
+
+
+def _gib(num_bytes: float) -> str:
+    """GiB with enough digits to tell small sizes apart (a test model's 0.0016 GiB)."""
+    return f"{num_bytes / 2**30:.{max(1, 2 - math.floor(math.log10(max(num_bytes, 1) / 2**30)))}f} GiB"
 
 
 def _memory_needed(

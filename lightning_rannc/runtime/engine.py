@@ -12,11 +12,8 @@ and gets its own stage objects for the same plan; nothing is re-planned.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +21,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils._pytree import tree_unflatten
 
 from lightning_rannc._utils import where_defined
-from lightning_rannc.capture.export import (
-    CapturedStep,
-    capture_training_step,
-    fake_module_state,
-    flatten_batch,
-    module_tensors,
-)
+from lightning_rannc.capture.export import CapturedStep, flatten_batch, module_tensors
 from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost
-from lightning_rannc.plan.devices import DeviceSpec, get_device
-from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
+from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.planner import plan_pipeline
-from lightning_rannc.plan.search import SearchSettings, search_plan
-from lightning_rannc.profile.analytic import estimate_blocks
-from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
+from lightning_rannc.plan.search import search_plan
+from lightning_rannc.profile.cache import ProfileCache
+from lightning_rannc.profile.profiler import find_no_grad_values
 from lightning_rannc.profile.tensors import tensor_table
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
 from lightning_rannc.runtime.optim import (
@@ -53,6 +42,16 @@ from lightning_rannc.runtime.optim import (
     shard_over_replicas,
 )
 from lightning_rannc.runtime.pipeline import PipelineRuntime
+from lightning_rannc.runtime.planning import (
+    EngineOptions,
+    Layout,
+    batch_size_of,
+    block_costs,
+    capture_micro,
+    fake_capture,
+    reference_microbatches,
+    search_settings,
+)
 from lightning_rannc.runtime.state import (
     gather_tensors,
     initialize_tensors,
@@ -66,38 +65,19 @@ __all__ = ["EngineOptions", "PipelineEngine"]
 log = logging.getLogger("lightning_rannc")
 
 ShapeKey = tuple[tuple[int, ...], ...]
-_UNLIMITED = 2**62  # bytes: "no memory limit" for the search
-
-
-@dataclass(kw_only=True, frozen=True)
-class EngineOptions:
-    pipeline_degree: int
-    """Ranks per pipeline (S)."""
-    num_replicas: int = 1
-    """Data-parallel copies of the pipeline (D)."""
-    virtual_stages: int = 1
-    num_microbatches: int = 4
-    schedule: str = "auto"
-    checkpointing: bool | None = False
-    """``None``: only the stages that need it to fit ``memory_limit``."""
-    memory_limit: int | None = None
-    """Bytes per device; ``None``: unlimited."""
-    memory_margin: float = 0.1
-    device_preset: str = "cpu"
-    """``DEVICES`` entry for link bandwidths and (meta modules) analytic costs."""
-    optimizer: str = "adamw"
-    """Optimizer state kind for the memory model (``memory.OPTIMIZER_STATE``)."""
-    max_blocks: int = 64
-    profile_repeats: int = 3
-    deployment: str | None = None
-    """A plan file: loaded when it exists (no profiling, no search), written otherwise."""
 
 
 class PipelineEngine:
     """One rank's view of the pipelined training step of ``module``."""
 
     def __init__(
-        self, module: nn.Module, options: EngineOptions, rank: int, device: torch.device, groups: ProcessGroups
+        self,
+        module: nn.Module,
+        options: EngineOptions,
+        rank: int,
+        device: torch.device,
+        groups: ProcessGroups,
+        cache: ProfileCache | None = None,
     ) -> None:
         self.module = module
         self.options = options
@@ -120,6 +100,7 @@ class PipelineEngine:
         self._steps = 0
         self._from_meta: bool | None = None
         self._node_names: list[str] = []
+        self._cache = cache if cache is not None else ProfileCache()
 
     @property
     def built(self) -> bool:
@@ -138,13 +119,13 @@ class PipelineEngine:
     def build(self, batch: Any) -> None:
         """Capture, plan and build this rank's stages from the first batch. Collective."""
         leaves, _ = flatten_batch(batch, self.where)
-        batch_size = _batch_size(leaves, self.where)
-        num_microbatches = choose_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
+        batch_size = batch_size_of(leaves, self.where)
+        num_microbatches = reference_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
         on_meta = self._from_meta = self.from_meta
         if on_meta:
             captured, graph, plan = self._plan_on_meta(batch, num_microbatches)
         else:
-            captured, graph = self._capture(batch, num_microbatches)
+            captured, graph = capture_micro(self.module, batch, num_microbatches, self.where)
             micro_leaves = [leaf[: batch_size // num_microbatches] for leaf in leaves]
             plan = self._share_plan(self._propose_plan(graph, micro_leaves, num_microbatches), graph)
         self.plan, self._captured = plan, captured
@@ -158,7 +139,9 @@ class PipelineEngine:
             self._materialize_own_tensors(graph)
         sizes = {n: captured.tensors[n].numel() for n in sorted(self._local & trainable)}
         self._optimizer_owner = shard_over_replicas(sizes, plan.num_replicas)
-        self._add_runtime(_shape_key(leaves), graph, num_microbatches)
+        if plan.num_microbatches != num_microbatches:  # the search chose another count than costed
+            graph = self._capture_again(batch, plan.num_microbatches)
+        self._add_runtime(_shape_key(leaves), graph, plan.num_microbatches)
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:
@@ -169,31 +152,10 @@ class PipelineEngine:
         needs_fill = self.options.schedule in ("1f1b", "interleaved_1f1b") or self.options.virtual_stages > 1
         return self.options.pipeline_degree if needs_fill else 1
 
-    def _capture(self, batch: Any, num_microbatches: int) -> tuple[CapturedStep, StepGraph]:
-        leaves, spec = flatten_batch(batch, self.where)
-        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
-        micro = tree_unflatten([leaf[:microbatch_size] for leaf in leaves], spec)
-        captured = capture_training_step(self.module, micro)
-        return captured, StepGraph.from_captured(captured)
-
-    @contextlib.contextmanager
-    def _fake_capture(
-        self, batch: Any, num_microbatches: int
-    ) -> Iterator[tuple[CapturedStep, StepGraph, list[torch.Tensor]]]:
-        """Capture the step with fake tensors standing in for the module's and the batch's
-        (other stages' tensors are freed or were never allocated). Yields the capture, its
-        graph and the fake micro-batch leaves, valid inside the block."""
-        leaves, spec = flatten_batch(batch, self.where)
-        microbatch_size = _batch_size(leaves, self.where) // num_microbatches
-        with fake_module_state(self.module, self.device) as mode:
-            micro = [mode.from_tensor(leaf[:microbatch_size]) for leaf in leaves]
-            captured = capture_training_step(self.module, tree_unflatten(micro, spec))
-            yield captured, StepGraph.from_captured(captured), micro
-
     def _capture_again(self, batch: Any, num_microbatches: int) -> StepGraph:
         """Capture the step for another batch shape; the graph uses this rank's real tensors."""
         assert self._captured is not None
-        with self._fake_capture(batch, num_microbatches) as (_, graph, _):
+        with fake_capture(self.module, batch, num_microbatches, self.where, self.device) as (_, graph, _):
             pass
         graph.tensors = self._captured.tensors  # this rank's parameters, buffers and constants
         return graph
@@ -201,7 +163,7 @@ class PipelineEngine:
     def _plan_on_meta(self, batch: Any, num_microbatches: int) -> tuple[CapturedStep, StepGraph, PartitionPlan]:
         """Capture and plan a module whose tensors are on the meta device, from fake tensors and
         analytic costs (nothing can run), then point the graph at the module's own tensors."""
-        with self._fake_capture(batch, num_microbatches) as (captured, graph, micro):
+        with fake_capture(self.module, batch, num_microbatches, self.where, self.device) as (captured, graph, micro):
             proposal = self._propose_plan(graph, micro, num_microbatches, analytic=True)
         plan = self._share_plan(proposal, graph)
         real = module_tensors(self.module)
@@ -258,8 +220,8 @@ class PipelineEngine:
             world_size=self.options.pipeline_degree * self.options.num_replicas,
             num_replicas=self.options.num_replicas,
             virtual_stages=self.options.virtual_stages,
-            microbatch_size=int(micro_leaves[0].shape[0]),
-            num_microbatches=self.options.num_microbatches,
+            replica_batch_size=int(micro_leaves[0].shape[0]) * num_microbatches,
+            **({} if self.options.num_microbatches is None else {"num_microbatches": num_microbatches}),
         )
         log.info("loaded deployment %s: no profiling, no search", path)
         return plan
@@ -308,47 +270,38 @@ class PipelineEngine:
     ) -> PartitionPlan:
         options = self.options
         num_stages = options.pipeline_degree * options.virtual_stages
-        spans = group_nodes(graph, options.max_blocks)
-        if len(spans) < num_stages:
+        num_blocks = len(group_nodes(graph, options.max_blocks))
+        if num_blocks < num_stages:
             raise PlanError(
                 f"The training step of {type(self.module).__name__} ({self.where}) splits into only "
-                f"{len(spans)} block(s), fewer than the {num_stages} pipeline stages asked for: "
+                f"{num_blocks} block(s), fewer than the {num_stages} pipeline stages asked for: "
                 "use fewer pipeline stages, or raise max_blocks."
             )
+        costs = block_costs(graph, micro_leaves, options, self._cache, analytic)
         microbatch_size = int(micro_leaves[0].shape[0])
-        device = get_device(options.device_preset)
-        if analytic:
-            costs = estimate_blocks(graph, micro_leaves, spans, device=device)
-        else:
-            costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
         if options.virtual_stages > 1:
-            plan = self._interleaved_plan(graph, costs, microbatch_size)
+            plan = self._interleaved_plan(graph, costs, microbatch_size, num_microbatches)
         else:
-            plan = self._searched_plan(graph, costs, microbatch_size, device)
+            plan = self._searched_plan(graph, costs, microbatch_size, num_microbatches)
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)
         return plan
 
     def _searched_plan(
-        self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int, device: DeviceSpec
+        self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int, num_microbatches: int
     ) -> PartitionPlan:
-        """The search with the layout and micro-batch count fixed: the data loaders are already
-        sharded over the replicas when the first batch arrives. It still picks the split under
-        the memory limit, checkpointing where needed, and the schedule."""
+        """The search with the layout fixed (the strategy chose it at setup, before the data
+        loaders were sharded over the replicas). It picks the split under the memory limit,
+        checkpointing where needed, the schedule and, unless it is given, the micro-batch count."""
         options = self.options
-        settings = SearchSettings(
+        settings = search_settings(
+            options,
             num_devices=options.pipeline_degree * options.num_replicas,
-            global_batch_size=microbatch_size * options.num_microbatches * options.num_replicas,
-            device=device,
-            memory_limit=options.memory_limit if options.memory_limit is not None else _UNLIMITED,
-            memory_margin=options.memory_margin,
-            optimizer=options.optimizer,
-            pipeline_stages=options.pipeline_degree,
-            replicas=options.num_replicas,
-            micro_batches=options.num_microbatches,
-            schedule=options.schedule,
-            checkpointing=options.checkpointing,
+            replica_batch_size=microbatch_size * num_microbatches,
+            layout=Layout(options.pipeline_degree, options.num_replicas, ""),
         )
+        if options.num_microbatches is not None:  # the count that divides this batch
+            settings = dataclasses.replace(settings, micro_batches=num_microbatches)
         result = search_plan(
             costs,
             reference_microbatch_size=microbatch_size,
@@ -358,14 +311,16 @@ class PipelineEngine:
         )
         return result.plan
 
-    def _interleaved_plan(self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int) -> PartitionPlan:
+    def _interleaved_plan(
+        self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int, num_microbatches: int
+    ) -> PartitionPlan:
         """Interleaved schedules are not in the search: the plain min-max split, no memory model."""
         options = self.options
         tensors = graph.tensors
         return plan_pipeline(
             costs,
             num_stages=options.pipeline_degree * options.virtual_stages,
-            num_microbatches=options.num_microbatches,
+            num_microbatches=num_microbatches,
             microbatch_size=microbatch_size,
             graph_fingerprint=graph.fingerprint(),
             tensor_bytes={n: t.numel() * t.element_size() for n, t in tensors.items()},
@@ -407,7 +362,7 @@ class PipelineEngine:
         if key in self._runtimes:
             return self._runtimes[key]
         assert self.plan is not None
-        num_microbatches = self.plan.microbatches_for(_batch_size(leaves, self.where))
+        num_microbatches = self.plan.microbatches_for(batch_size_of(leaves, self.where))
         log.debug("batch %d has shapes %s: capturing the step for them", batch_idx, key)
         graph = self._capture_again(batch, num_microbatches)
         return self._add_runtime(key, graph, num_microbatches)
@@ -515,16 +470,6 @@ class PipelineEngine:
         assert self._captured is not None
         values = gather_tensors(local_tensors(self._captured.tensors, sorted(self._owned)), None)
         install_tensors(self.module, self._captured.aliases, values, self.device)
-
-
-def _batch_size(leaves: list[torch.Tensor], where: str) -> int:
-    sizes = {int(leaf.shape[0]) if leaf.dim() else -1 for leaf in leaves}
-    if len(sizes) != 1 or -1 in sizes:
-        raise RuntimeSetupError(
-            f"Every tensor in the batch given to `training_step` ({where}) must have the batch "
-            f"size as its first dimension; got first dimensions {sorted(sizes)}."
-        )
-    return sizes.pop()
 
 
 def _shape_key(leaves: list[torch.Tensor]) -> ShapeKey:

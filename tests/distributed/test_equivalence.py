@@ -28,16 +28,18 @@ def _run(label: str, case: str, **strategy: object) -> dict:
 
 RUNS: dict[int | str, list[dict]] = {
     2: [
-        _run("gpt", "gpt"),
-        _run("cnn", "cnn"),
-        _run("logging", "logging"),
+        _run("gpt", "gpt", pipeline_stages=2),
+        _run("cnn", "cnn", pipeline_stages=2),
+        _run("logging", "logging", pipeline_stages=2),
         _run("s1d2_gpipe", "gpt_full", pipeline_stages=1, schedule="gpipe"),
         _run("s1d2_1f1b", "gpt_full", pipeline_stages=1, schedule="1f1b"),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
         _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
-        _run("varlen", "gpt_varlen"),
+        _run("varlen", "gpt_varlen", pipeline_stages=2),
+        # The layout and micro-batch count chosen by the planner, from a batch sampled at setup.
+        _run("auto", "gpt_full", pipeline_stages="auto", micro_batches="auto"),
         _run("cnn_bn", "cnn_bn", pipeline_stages=2),
     ],
     # Dropout: compared among themselves (the streams are not a single process's).
@@ -52,7 +54,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("fp16", "gpt_fp16", pipeline_stages=2),
         _run("meta", "gpt_meta", pipeline_stages=2),
     ],
-    3: [_run("gpt6", "gpt6")],
+    3: [_run("gpt6", "gpt6", pipeline_stages=3)],
     4: [
         _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
@@ -66,8 +68,9 @@ LAYOUTS = [
 ]
 
 
-def _replicas(world: int, run: dict) -> int:
-    return world // run["strategy"].get("pipeline_stages", world)
+def _replicas(directory: Path, run: dict) -> int:
+    """The replicas the run trained with (its reference reads that many batches per step)."""
+    return PartitionPlan.from_json(load_record(directory, run["label"], 0)["plan"]).num_replicas
 
 
 _PIPELINED: dict[int | str, Path] = {}
@@ -110,7 +113,8 @@ def _ids(layout: tuple[int, dict]) -> str:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_ids)
 def test_losses_and_weights_match_single_process(pipelined, reference, layout: tuple[int, dict]) -> None:
     world, run = layout
-    ours_dir, ref_dir = pipelined(world), reference(run["case"], _replicas(world, run))
+    ours_dir = pipelined(world)
+    ref_dir = reference(run["case"], _replicas(ours_dir, run))
     ours, ref = load_record(ours_dir, run["label"], 0), load_record(ref_dir, run["case"], 0)
     assert len(ours["losses"]) == len(ref["losses"]) >= 5
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
@@ -129,7 +133,7 @@ def test_logged_values_equal_on_every_rank_and_match_reference(pipelined, refere
     world, run = layout
     records = [load_record(pipelined(world), run["label"], rank) for rank in range(world)]
     assert all(r["metrics"] == records[0]["metrics"] for r in records)
-    ref = load_record(reference(run["case"], _replicas(world, run)), run["case"], 0)
+    ref = load_record(reference(run["case"], _replicas(pipelined(world), run)), run["case"], 0)
     for ours, theirs in zip(records[0]["metrics"], ref["metrics"], strict=True):
         assert ours.keys() == theirs.keys()
         for key in theirs:
@@ -140,7 +144,7 @@ def test_logged_values_equal_on_every_rank_and_match_reference(pipelined, refere
 def test_checkpoint_optimizer_and_scheduler_state_match_single_process(pipelined, reference, layout) -> None:
     world, run = layout
     ckpt = _checkpoint(pipelined(world), run["label"])
-    ref = _checkpoint(reference(run["case"], _replicas(world, run)), run["case"])
+    ref = _checkpoint(reference(run["case"], _replicas(pipelined(world), run)), run["case"])
     assert ckpt["lr_schedulers"] == ref["lr_schedulers"]
     ours, theirs = ckpt["optimizer_states"][0], ref["optimizer_states"][0]
     assert ours["param_groups"] == theirs["param_groups"]

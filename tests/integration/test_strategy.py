@@ -35,7 +35,7 @@ def test_importing_registers_rannc_in_lightning() -> None:
     assert "rannc" in L.pytorch.strategies.StrategyRegistry
     trainer = L.Trainer(strategy="rannc", accelerator="cpu", devices=1, logger=False)
     assert isinstance(trainer.strategy, lightning_rannc.RaNNCStrategy)
-    assert trainer.strategy.micro_batches == 4 and trainer.strategy.pipeline_stages is None
+    assert trainer.strategy.micro_batches == 4 and trainer.strategy.pipeline_stages == "auto"
 
 
 def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) -> None:
@@ -205,12 +205,13 @@ def test_deployment_is_saved_then_reused_without_profiling_and_refused_when_stal
     def no_profiling(*args, **kwargs):
         raise AssertionError("a deployment must skip profiling")
 
-    monkeypatch.setattr("lightning_rannc.runtime.engine.profile_blocks", no_profiling)
+    monkeypatch.setattr("lightning_rannc.runtime.planning.profile_blocks", no_profiling)
     trainer = _trainer(strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))
     trainer.fit(LoggingMLP(), table_loader())
     assert trainer.strategy.plan.stages == saved.stages
     torch.distributed.destroy_process_group()
-    with pytest.raises(lightning_rannc.PlanError, match=r"planned for another run \(microbatch_size: saved 4, now 2"):
+    stale = r"planned for another run \(replica_batch_size: saved 8, now 4"
+    with pytest.raises(lightning_rannc.PlanError, match=stale):
         _fit(LoggingMLP(), table_loader(batch_size=4), strategy=RaNNCStrategy(micro_batches=2, deployment=str(path)))
 
 

@@ -21,7 +21,8 @@ def test_environment_variables_override_arguments_with_their_types() -> None:
 @pytest.mark.parametrize(
     ("env", "match"),
     [
-        ({"RANNC_MICRO_BATCHES": "eight"}, r"RANNC_MICRO_BATCHES='eight' is not a valid int"),
+        ({"RANNC_MICRO_BATCHES": "eight"}, r"micro_batches='eight'\): micro_batches must be a positive .* or 'auto'"),
+        ({"RANNC_MAX_BLOCKS": "many"}, r"RANNC_MAX_BLOCKS='many' is not a valid int"),
         ({"RANNC_MICRO_BATCHES": "0"}, r"micro_batches=0\): micro_batches must be a positive integer"),
         ({"RANNC_SCHEDULE": "zb"}, r"schedule='zb'\): valid values are \['auto', 'gpipe'"),
         ({"RANNC_MEM_LIMIT_GB": "40"}, r"Unknown lightning_rannc environment variable\(s\) \['RANNC_MEM_LIMIT_GB'\]"),
@@ -43,5 +44,19 @@ def test_yaml_values_are_type_checked_by_omegaconf_and_build_the_strategy() -> N
     config = OmegaConf.merge(schema, OmegaConf.create("micro_batches: 8\nschedule: gpipe\n"))
     strategy = RaNNCStrategy(**OmegaConf.to_container(config))
     assert (strategy.micro_batches, strategy.schedule) == (8, "gpipe")
-    with pytest.raises(ValidationError, match="micro_batches"):
-        OmegaConf.merge(schema, OmegaConf.create("micro_batches: many\n"))
+    with pytest.raises(ValidationError, match="max_blocks"):
+        OmegaConf.merge(schema, OmegaConf.create("max_blocks: many\n"))
+    auto = OmegaConf.merge(schema, OmegaConf.create("micro_batches: auto\npipeline_stages: 2\n"))
+    assert RaNNCStrategy(**OmegaConf.to_container(auto)).config.micro_batches == "auto"
+    many = OmegaConf.merge(schema, OmegaConf.create("micro_batches: many\n"))  # a string, as "auto" is
+    with pytest.raises(ValueError, match="micro_batches='many'"):
+        RaNNCStrategy(**OmegaConf.to_container(many))
+
+
+def test_pipeline_stages_read_auto_none_or_a_count_from_the_environment() -> None:
+    values = ("auto", "none", "3")
+    read = [RaNNCConfig().with_env_overrides({"RANNC_PIPELINE_STAGES": v}).pipeline_stages for v in values]
+    assert read == ["auto", None, 3]
+    assert RaNNCConfig().pipeline_stages == "auto"
+    with pytest.raises(ValueError, match="pipeline_stages='deep'"):
+        RaNNCConfig(pipeline_stages="deep")

@@ -248,3 +248,26 @@ def test_infeasible_plan_names_the_devices_and_memory_that_would_work() -> None:
     assert max(s.memory["total"] for s in roomy.stages) <= 0.9 * needed * 1.01 * 2**30
     with pytest.raises(PlanError, match="does not fit"):
         _search(blocks, tensors, memory_limit=int(needed * 0.97 * 2**30), optimizer="adamw")
+
+
+def test_every_divisor_of_the_replica_batch_is_a_micro_batch_count() -> None:
+    blocks, tensors = _uniform_model(16, 10**6, 10**5)
+    options = SearchSettings(num_devices=8, global_batch_size=48, device=DEVICE, pipeline_stages=8)
+    result = search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+    assert {c.microbatches for c in result.candidates} == {1, 2, 3, 4, 6, 8, 12, 16, 24, 48}
+    assert result.plan.num_microbatches * result.plan.microbatch_size == 48
+
+
+def test_fixed_batch_per_replica_picks_the_most_samples_per_second() -> None:
+    """A Lightning loader gives each replica its batch: D replicas run D times the samples, so
+    layouts are compared per sample, not per step."""
+    blocks, tensors = _uniform_model(16, 10**6, 10**5)
+    result = _search(blocks, tensors, replica_batch_size=8, memory_limit=10**10, optimizer="sgd")
+    steps = {(c.stages, c.replicas, c.microbatches): c.step_ms for c in result.candidates if c.step_ms}
+    assert len({layout[1] for layout in steps}) > 1
+    best = min(steps, key=lambda layout: steps[layout] / (8 * layout[1]))
+    plan = result.plan
+    assert (plan.pipeline_degree, plan.num_replicas, plan.num_microbatches) == best
+    assert plan.microbatch_size * plan.num_microbatches == 8
+    # judged per step instead, the deepest pipeline (the most micro-batches per replica) would have won
+    assert min(steps, key=steps.__getitem__)[1] < best[1] == 8

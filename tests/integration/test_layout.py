@@ -1,0 +1,119 @@
+"""Choosing stages x replicas from a sample batch (what the strategy does at setup), and the
+profile cache that lets the first batch reuse the costs measured for that choice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rannc import PlanError
+from lightning_rannc.capture.graph import group_nodes
+from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.profile.cache import ProfileCache, profile_key
+from lightning_rannc.runtime.planning import EngineOptions, capture_micro, choose_layout
+
+from models import GPT, SyntheticTokens
+
+_CPU = torch.device("cpu")
+
+
+def _gpt_and_batch() -> tuple[GPT, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = GPT(layers=4, dim=32, seq_len=16)
+    batch = next(iter(DataLoader(SyntheticTokens(8, seq_len=16, vocab_size=256), batch_size=8)))
+    return model, batch
+
+
+def _options(**changes: object) -> EngineOptions:
+    return EngineOptions(pipeline_degree=1, num_microbatches=None, profile_repeats=1, **changes)  # type: ignore[arg-type]
+
+
+def test_a_tighter_memory_limit_makes_the_chosen_pipeline_deeper_and_it_fits() -> None:
+    model, batch = _gpt_and_batch()
+    roomy = choose_layout(model, batch, _options(), 4, _CPU, ProfileCache())
+    assert roomy.plan is not None and roomy.pipeline_degree * roomy.num_replicas == 4
+    # Half the memory: more micro-batches and checkpointing alone cannot fit the whole model.
+    limit = roomy.plan.stages[0].memory["total"] // 2
+    options = _options(memory_limit=limit, checkpointing=None)
+    tight = choose_layout(model, batch, options, 4, _CPU, ProfileCache())
+    assert tight.plan is not None and tight.pipeline_degree > roomy.pipeline_degree
+    assert all(s.memory["total"] <= 0.9 * limit for s in tight.plan.stages)
+    assert f"{tight.pipeline_degree} stage(s) x {tight.num_replicas} replica(s)" in tight.summary
+
+
+def test_the_second_choice_reads_the_profile_cache_instead_of_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batch = _gpt_and_batch()
+    cache = ProfileCache()
+    first = choose_layout(model, batch, _options(), 2, _CPU, cache)
+
+    def no_profiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached costs must be used")
+
+    monkeypatch.setattr("lightning_rannc.runtime.planning.profile_blocks", no_profiling)
+    again = choose_layout(model, batch, _options(), 2, _CPU, cache)
+    assert (again.pipeline_degree, again.num_replicas) == (first.pipeline_degree, first.num_replicas)
+    assert again.plan is not None and first.plan is not None
+    assert again.plan.predicted_step_ms == first.plan.predicted_step_ms
+
+
+def test_layout_comes_from_an_existing_deployment_and_must_match_the_device_count(tmp_path: Path) -> None:
+    model, batch = _gpt_and_batch()
+    chosen = choose_layout(model, batch, _options(memory_limit=10**6), 4, _CPU, ProfileCache())
+    assert chosen.plan is not None
+    path = tmp_path / "plan.json"
+    chosen.plan.save(path)
+    deployed = choose_layout(model, batch, _options(deployment=str(path)), 4, _CPU, ProfileCache())
+    assert (deployed.pipeline_degree, deployed.num_replicas) == (chosen.pipeline_degree, chosen.num_replicas)
+    with pytest.raises(PlanError, match="planned for 4 device"):
+        choose_layout(model, batch, _options(deployment=str(path)), 2, _CPU, ProfileCache())
+
+
+def _costs(count: int) -> list[BlockCost]:
+    return [
+        BlockCost(
+            start=k,
+            end=k + 1,
+            fwd_ms=0.5 + k,
+            bwd_ms=1.0 + k,
+            activation_bytes=100 * k,
+            cut_bytes=10,
+            tensor_names=(f"w{k}",),
+            module_paths=(f"layers.{k}",),
+        )
+        for k in range(count)
+    ]
+
+
+def test_profiles_survive_on_disk_and_a_damaged_file_is_profiled_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ProfileCache(tmp_path).store("abc", _costs(3))
+    assert ProfileCache(tmp_path).load("abc") == _costs(3)  # a new process reads the file
+    assert ProfileCache(tmp_path).load("other") is None
+    (tmp_path / "abc.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="lightning_rannc"):
+        assert ProfileCache(tmp_path).load("abc") is None
+    assert "unreadable profile" in caplog.text
+    assert ProfileCache().load("abc") is None  # without a directory nothing is shared
+
+
+def test_profile_key_changes_with_shapes_device_method_and_blocks() -> None:
+    model, batch = _gpt_and_batch()
+    _, graph = capture_micro(model, batch, 4, "test")
+    spans = group_nodes(graph, 8)
+    tokens = next(iter(batch.values()))
+    leaves = [tokens[:2]]
+    key = profile_key(graph.fingerprint(), leaves, spans, "cpu", "measured")
+    assert key == profile_key(graph.fingerprint(), [tokens[2:4]], spans, "cpu", "measured")  # values do not matter
+    others = [
+        profile_key(graph.fingerprint(), [tokens[:4]], spans, "cpu", "measured"),
+        profile_key(graph.fingerprint(), leaves, spans, "NVIDIA H100", "measured"),
+        profile_key(graph.fingerprint(), leaves, spans, "cpu", "analytic:cpu"),
+        profile_key(graph.fingerprint(), leaves, group_nodes(graph, 4), "cpu", "measured"),
+        profile_key("another graph", leaves, spans, "cpu", "measured"),
+    ]
+    assert key not in others and len(set(others)) == len(others)
