@@ -27,6 +27,10 @@ RUNS = {
     # pure data parallelism needs no micro-batches; a 2-stage pipeline needs some to fill
     "rannc_s1_d2": (2, {"pipeline_stages": 1, "micro_batches": 1}),
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
+    "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
+    "rannc_s2_d1_gpipe": (2, {"pipeline_stages": 2, "micro_batches": 2, "schedule": "gpipe"}),
+    # the planner's own choice of layout and micro-batch count
+    "rannc_auto": (2, {"pipeline_stages": "auto", "micro_batches": "auto"}),
 }
 
 

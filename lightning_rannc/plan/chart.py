@@ -26,7 +26,7 @@ from lightning_rannc.plan.simulate import ScheduleTimes
 __all__ = ["write_trace", "write_chart", "require_matplotlib"]
 
 _KIND_NAMES = {"F": "forward", "B": "backward"}
-_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "exchange": "#8c8c8c"}
+_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "exchange": "#8c8c8c", "update": "#55a868"}
 _LABEL_POINTS = 7.0
 """Font size of the micro-batch numbers inside the boxes."""
 
@@ -42,6 +42,9 @@ def write_trace(plan: PartitionPlan, times: ScheduleTimes, path: str | Path) -> 
         events += [_operation_event(stage, op) for op in operations]
         if plan.predicted_exchange_ms > 0:
             events.append(_exchange_event(stage, times.makespan_ms, plan.predicted_exchange_ms))
+        if plan.predicted_update_ms > 0:
+            start_ms = times.makespan_ms + plan.predicted_exchange_ms
+            events.append(_update_event(stage, start_ms, plan.predicted_update_ms))
     trace = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": _trace_summary(plan, times)}
     Path(path).write_text(json.dumps(trace, indent=1))
 
@@ -57,12 +60,14 @@ def write_chart(plan: PartitionPlan, times: ScheduleTimes, path: str | Path, *, 
     figure = figure_cls(figsize=(12, 1.6 + 0.5 * plan.num_stages), dpi=110, layout="constrained")
     canvas_cls(figure)
     axes = figure.add_subplot()
-    _frame_axes(axes, plan, times.makespan_ms + plan.predicted_exchange_ms)
+    _frame_axes(axes, plan, plan.predicted_step_ms)
     for row, operations in enumerate(times.operations):
         _draw_row(axes, row, operations)
     if plan.predicted_exchange_ms > 0:
         _draw_exchange(axes, plan.num_stages, times.makespan_ms, plan.predicted_exchange_ms)
-    _add_legend(axes, plan.predicted_exchange_ms > 0)
+    if plan.predicted_update_ms > 0:
+        _draw_update(axes, plan.num_stages, times.makespan_ms + plan.predicted_exchange_ms, plan.predicted_update_ms)
+    _add_legend(axes, plan.predicted_exchange_ms > 0, plan.predicted_update_ms > 0)
     axes.set_title(_chart_title(plan, times, title), fontsize=10, loc="left")
     _label_boxes(figure, axes, times.operations)
     figure.savefig(str(path))
@@ -130,6 +135,11 @@ def _exchange_event(stage: StagePlan, start_ms: float, exchange_ms: float) -> di
     return {**event, "args": args}
 
 
+def _update_event(stage: StagePlan, start_ms: float, update_ms: float) -> dict[str, Any]:
+    event = _complete_event("optimizer step", "update", stage.stage_index, start_ms, start_ms + update_ms)
+    return {**event, "args": {"stage": stage.stage_index, "note": "slowest stage's optimizer step and the loop's time"}}
+
+
 def _complete_event(name: str, category: str, tid: int, start_ms: float, end_ms: float) -> dict[str, Any]:
     start_us, dur_us = round(start_ms * 1e3, 3), round((end_ms - start_ms) * 1e3, 3)
     return {"name": name, "cat": category, "ph": "X", "pid": 0, "tid": tid, "ts": start_us, "dur": dur_us}
@@ -140,6 +150,7 @@ def _trace_summary(plan: PartitionPlan, times: ScheduleTimes) -> dict[str, Any]:
         "layout": _layout_text(plan),
         "predicted_step_ms": plan.predicted_step_ms,
         "predicted_exchange_ms": plan.predicted_exchange_ms,
+        "predicted_update_ms": plan.predicted_update_ms,
         "makespan_ms": times.makespan_ms,
         "bubble": times.bubble,
     }
@@ -197,18 +208,27 @@ def _draw_exchange(axes: Any, num_stages: int, start_ms: float, exchange_ms: flo
     axes.axvline(start_ms, color="black", linewidth=0.8, linestyle="--")
 
 
-def _add_legend(axes: Any, with_exchange: bool) -> None:
+def _draw_update(axes: Any, num_stages: int, start_ms: float, update_ms: float) -> None:
+    for row in range(num_stages):
+        axes.broken_barh([(start_ms, update_ms)], (row - 0.38, 0.76), facecolors=_COLOURS["update"], alpha=0.6)
+
+
+def _add_legend(axes: Any, with_exchange: bool, with_update: bool) -> None:
     from matplotlib.patches import Patch
 
     handles = [Patch(color=_COLOURS["F"], label="forward"), Patch(color=_COLOURS["B"], label="backward")]
     if with_exchange:
         handles.append(Patch(facecolor=_COLOURS["exchange"], hatch="//", alpha=0.6, label="gradient exchange"))
+    if with_update:
+        handles.append(Patch(facecolor=_COLOURS["update"], alpha=0.6, label="optimizer step, loop"))
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
 
 
 def _chart_title(plan: PartitionPlan, times: ScheduleTimes, title: str | None) -> str:
     layout = f"{title}: {_layout_text(plan)}" if title else _layout_text(plan)
     step = f"predicted step {plan.predicted_step_ms:,.1f} ms"
-    if plan.predicted_exchange_ms > 0:
-        step += f" = schedule {times.makespan_ms:,.1f} + gradient exchange {plan.predicted_exchange_ms:,.1f}"
+    parts = [("gradient exchange", plan.predicted_exchange_ms), ("optimizer step, loop", plan.predicted_update_ms)]
+    shown = [f" + {name} {ms:,.1f}" for name, ms in parts if ms > 0]
+    if shown:
+        step += f" = schedule {times.makespan_ms:,.1f}" + "".join(shown)
     return f"{layout}\n{step}; bubble {times.bubble:.0%}"

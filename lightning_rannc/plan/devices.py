@@ -35,6 +35,19 @@ class DeviceSpec:
     """Host time (Python, dispatcher, launch) per graph node that launches device kernels; nodes
     that only make views cost none. Kernels run asynchronously, so a forward takes at least the
     host time of its nodes (see ``lightning_rannc.profile.analytic``)."""
+    link_latency_ms: float = 0.0
+    """Fixed time of one point-to-point message, on top of bytes / bandwidth."""
+    allreduce_bandwidth: float | None = None
+    """Bytes of the reduced tensor per second of an all-reduce, as measured at startup;
+    ``None``: a ring over the links."""
+    allreduce_latency_ms: float = 0.0
+    """Fixed time of one measured all-reduce."""
+    action_overhead_ms: float = 0.0
+    """Time the pipelined runtime adds to each forward or backward of a stage beyond its compute
+    (``torch.distributed.pipelining`` bookkeeping, posting and waiting on sends and receives)."""
+    step_overhead_ms: float = 0.0
+    """Time a training step adds beyond the schedule, the gradient exchange and the optimizer
+    (the training loop and its hooks, the step's small collectives)."""
 
     def matmul_flops(self, dtype_name: str) -> float:
         return self.flops_per_s.get(dtype_name, self.flops_per_s["float32"])
@@ -83,6 +96,11 @@ DEVICES: dict[str, DeviceSpec] = {
         intra_node_bandwidth=2 * _GB,
         inter_node_bandwidth=1.25 * _GB,
         op_overhead_ms=0.01,
+        # Fit (least squares) to `benchmarks/throughput.py` runs of 2 gloo processes on a 2-core
+        # machine, whose measured block costs miss what two busy processes on two cores add:
+        # about 0.7 ms per pipeline action and 15 ms per step (loop, small collectives, contention).
+        action_overhead_ms=0.7,
+        step_overhead_ms=15.0,
     ),
 }
 

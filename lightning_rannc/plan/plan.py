@@ -79,6 +79,9 @@ class PartitionPlan:
     """Share of the schedule the busiest stage idles (fill and drain)."""
     predicted_exchange_ms: float = 0.0
     """Data-parallel gradient exchange per step, included in ``predicted_step_ms``."""
+    predicted_update_ms: float = 0.0
+    """After the exchange: the optimizer step and the training loop's own time per step,
+    included in ``predicted_step_ms``."""
     no_grad_values: list[str] = field(default_factory=list)
     """Values crossing a cut that carry no gradient to the loss; the runtime detaches them."""
     version: int = _FORMAT_VERSION

@@ -226,11 +226,23 @@ class _Layout:
         return self.blocks[j - 1].cut_bytes if 0 < j < len(self.blocks) else 0
 
     def send_ms(self, stage: int, j: int) -> float:
-        return 0.0 if j == len(self.blocks) else self.cut_bytes(j) / self.link[stage]
+        if j == len(self.blocks):
+            return 0.0
+        return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[stage]
 
     def compute_ms(self, i: int, j: int, checkpoint: bool) -> tuple[float, float]:
+        """Forward and backward of one micro-batch, with the runtime's overhead per action."""
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
-        return fwd, bwd + (fwd if checkpoint else 0.0)
+        overhead = self.settings.device.action_overhead_ms
+        return fwd + overhead, bwd + (fwd if checkpoint else 0.0) + overhead
+
+    def optimizer_ms(self, i: int, j: int) -> float:
+        """The optimizer step over the stage's share of parameters: memory-bound, it reads the
+        parameters, gradients and state and writes the parameters and state once."""
+        passes = 3 + 2 * self.optimizer_factor
+        share = self.replicas if self.settings.shard_optimizer else 1
+        traffic = passes * self.ranges.trainable_bytes[i][j] / share
+        return traffic / self.settings.device.memory_bandwidth * 1e3
 
     def memory(self, stage: int, i: int, j: int, checkpoint: bool) -> StageMemory:
         return stage_memory(
@@ -342,6 +354,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         layout.schedule,
     )
     exchange = max(_exchange_ms(layout, i, j) for i, j in spans)
+    update = max(layout.optimizer_ms(i, j) for i, j in spans) + layout.settings.device.step_overhead_ms
     plan = PartitionPlan(
         graph_fingerprint="",
         world_size=layout.stages * layout.replicas,
@@ -350,9 +363,10 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         stages=[_stage_plan(layout, s, i, j, c) for s, ((i, j), c) in enumerate(zip(spans, checkpoints))],
         schedule=layout.schedule,
         num_replicas=layout.replicas,
-        predicted_step_ms=simulated.makespan_ms + exchange,
+        predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
         predicted_exchange_ms=exchange,
+        predicted_update_ms=update,
     )
     return plan, simulated
 
@@ -380,19 +394,25 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -
 
 
 def _exchange_ms(layout: _Layout, i: int, j: int) -> float:
-    """Gradient all-reduce over the replicas (ring: ``2 (D-1)/D`` of the bytes), plus the
-    broadcast of the updated shards when the optimizer is sharded; not overlapped with compute
-    (the runtime reduces after the schedule)."""
+    """Gradient all-reduce over the replicas, plus the broadcast of the updated shards when the
+    optimizer is sharded; not overlapped with compute (the runtime reduces after the schedule).
+    The all-reduce is timed as measured at startup when it was, else as a ring over the links
+    (``2 (D-1)/D`` of the bytes)."""
     replicas = layout.replicas
     if replicas == 1:
         return 0.0
+    device = layout.settings.device
     across = layout.stages * replicas > layout.settings.devices_per_node
-    bandwidth = layout.settings.device.link_bandwidth(across) / 1e3
+    bandwidth = device.link_bandwidth(across) / 1e3
     share = (replicas - 1) / replicas
-    volume = 2 * share * layout.ranges.trainable_bytes[i][j]
+    grads = layout.ranges.trainable_bytes[i][j]
+    if device.allreduce_bandwidth is not None:
+        total = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
+    else:
+        total = device.link_latency_ms + 2 * share * grads / bandwidth
     if layout.settings.shard_optimizer:
-        volume += share * layout.ranges.trainable_bytes[i][j]
-    return volume / bandwidth
+        total += device.link_latency_ms + share * grads / bandwidth
+    return total
 
 
 def _link_bandwidth(settings: SearchSettings, stages: int, replicas: int, position: int) -> float:

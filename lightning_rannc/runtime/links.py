@@ -170,9 +170,16 @@ def measure_links(
 
 
 def apply_links(spec: DeviceSpec, links: LinkMeasurement) -> DeviceSpec:
-    """``spec`` with the measured point-to-point bandwidths; unmeasured ones keep the preset."""
+    """``spec`` with the measured point-to-point bandwidths and latency (the slower link's) and
+    the measured all-reduce; what was not measured keeps the preset's values."""
     if links.intra_node is not None:
         spec = dataclasses.replace(spec, intra_node_bandwidth=links.intra_node.bandwidth)
     if links.inter_node is not None:
         spec = dataclasses.replace(spec, inter_node_bandwidth=links.inter_node.bandwidth)
+    latencies = [link.latency_ms for link in (links.intra_node, links.inter_node) if link is not None]
+    if latencies:
+        spec = dataclasses.replace(spec, link_latency_ms=max(latencies))
+    if links.allreduce is not None:
+        reduce = links.allreduce
+        spec = dataclasses.replace(spec, allreduce_bandwidth=reduce.bandwidth, allreduce_latency_ms=reduce.latency_ms)
     return spec

@@ -99,7 +99,7 @@ def test_trace_events_are_the_simulated_operations(schedule: str, replicas: int,
 
 
 @pytest.mark.parametrize(("schedule", "replicas"), [("gpipe", 2), ("1f1b", 1)])
-def test_trace_rows_never_overlap_and_end_with_the_exchange(schedule: str, replicas: int, tmp_path: Path) -> None:
+def test_trace_rows_never_overlap_and_end_with_the_update(schedule: str, replicas: int, tmp_path: Path) -> None:
     result = _search(schedule, replicas)
     plan, times = result.plan, result.times
     events = _trace(result, tmp_path)
@@ -115,6 +115,10 @@ def test_trace_rows_never_overlap_and_end_with_the_exchange(schedule: str, repli
     else:
         assert plan.predicted_exchange_ms > 0 and sorted(e["tid"] for e in exchanges) == [0, 1, 2]
         assert all(e["ts"] == pytest.approx(times.makespan_ms * 1e3, abs=1e-3) for e in exchanges)
+    updates = [e for e in events if e["ph"] == "X" and e["cat"] == "update"]
+    assert plan.predicted_update_ms > 0 and len(updates) == plan.num_stages
+    update_start = (times.makespan_ms + plan.predicted_exchange_ms) * 1e3
+    assert all(e["ts"] == pytest.approx(update_start, abs=1e-3) for e in updates)
 
 
 def test_trace_metadata_names_each_stage(tmp_path: Path) -> None:
@@ -137,7 +141,6 @@ def test_times_of_another_plan_are_refused(tmp_path: Path) -> None:
 
 
 def test_chart_is_a_png_of_the_figure_size(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     result = _search("1f1b", 2)
     path = tmp_path / "chart.png"
     write_chart(result.plan, result.times, path, title="Chain")
@@ -146,7 +149,6 @@ def test_chart_is_a_png_of_the_figure_size(tmp_path: Path) -> None:
 
 
 def test_plan_cli_writes_chart_and_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
     chart, trace = tmp_path / "step.png", tmp_path / "step.json"
     args = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "8", "--stages", "2"]
     assert main([*args, "--micro-batches", "4", "--chart", str(chart), "--trace", str(trace)]) == 0
@@ -155,7 +157,8 @@ def test_plan_cli_writes_chart_and_trace(tmp_path: Path, capsys: pytest.CaptureF
     assert _png_size(chart)[0] == 1320 and chart.stat().st_size > 10_000
     events = json.loads(trace.read_text())["traceEvents"]
     per_stage = [f"{k}{m}" for k in "FB" for m in range(4)]
-    assert sorted(e["name"] for e in events if e["ph"] == "X") == sorted(per_stage * 2)  # 2 stages, no exchange
+    expected = [*per_stage, "optimizer step"] * 2  # 2 stages, no exchange
+    assert sorted(e["name"] for e in events if e["ph"] == "X") == sorted(expected)
 
 
 def test_missing_matplotlib_is_a_clear_error(

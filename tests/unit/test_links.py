@@ -39,16 +39,28 @@ def test_fit_clamps_to_positive_values() -> None:
         fit_link([1000, 1000], [0.1, 0.2])
 
 
-def test_apply_links_replaces_only_measured_bandwidths() -> None:
+def test_apply_links_replaces_only_measured_bandwidths_and_the_latency() -> None:
     spec = get_device("h100")
     measured = LinkTimes(latency_ms=0.1, bandwidth=3.3e9)
     intra_only = apply_links(spec, LinkMeasurement(intra_node=measured, inter_node=None, allreduce=measured))
-    assert intra_only.intra_node_bandwidth == 3.3e9
-    assert dataclasses.replace(intra_only, intra_node_bandwidth=spec.intra_node_bandwidth) == spec
+    assert intra_only.intra_node_bandwidth == 3.3e9 and intra_only.link_latency_ms == 0.1
+    assert (intra_only.allreduce_bandwidth, intra_only.allreduce_latency_ms) == (3.3e9, 0.1)
+    unchanged = dataclasses.replace(
+        intra_only,
+        intra_node_bandwidth=spec.intra_node_bandwidth,
+        link_latency_ms=0.0,
+        allreduce_bandwidth=None,
+        allreduce_latency_ms=0.0,
+    )
+    assert unchanged == spec
     inter_only = apply_links(spec, LinkMeasurement(intra_node=None, inter_node=measured, allreduce=None))
     assert inter_only.inter_node_bandwidth == 3.3e9
-    assert dataclasses.replace(inter_only, inter_node_bandwidth=spec.inter_node_bandwidth) == spec
-    assert apply_links(spec, LinkMeasurement(intra_node=None, inter_node=None, allreduce=measured)) == spec
+    assert dataclasses.replace(inter_only, inter_node_bandwidth=spec.inter_node_bandwidth, link_latency_ms=0.0) == spec
+    slower = LinkTimes(latency_ms=0.7, bandwidth=1e9)
+    both = apply_links(spec, LinkMeasurement(intra_node=measured, inter_node=slower, allreduce=None))
+    assert both.link_latency_ms == 0.7
+    reduce_only = apply_links(spec, LinkMeasurement(intra_node=None, inter_node=None, allreduce=measured))
+    assert dataclasses.replace(reduce_only, allreduce_bandwidth=None, allreduce_latency_ms=0.0) == spec
 
 
 def test_describe() -> None:

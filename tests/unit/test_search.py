@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -11,7 +12,7 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import in_flight_microbatches, optimizer_state_factor, stage_memory
-from lightning_rannc.plan.search import SearchSettings, TensorTable, search_plan
+from lightning_rannc.plan.search import SearchSettings, TensorTable, evaluate_split, search_plan
 from lightning_rannc.plan.simulate import simulate_schedule
 
 # Bandwidth in bytes/s; one node holds every device, so every link is this fast.
@@ -271,3 +272,42 @@ def test_fixed_batch_per_replica_picks_the_most_samples_per_second() -> None:
     assert plan.microbatch_size * plan.num_microbatches == 8
     # judged per step instead, the deepest pipeline (the most micro-batches per replica) would have won
     assert min(steps, key=steps.__getitem__)[1] < best[1] == 8
+
+
+def test_runtime_overheads_enter_the_prediction_and_bound_the_micro_batch_count() -> None:
+    """Per-action overhead costs every slot of the schedule; without it more micro-batches always
+    shrink the bubble, with it the search stops where the overhead outweighs the bubble."""
+    blocks, tensors = _uniform_model(8, 10**6, 10**5)
+
+    def plan_with(**device: float):  # type: ignore[no-untyped-def]
+        options = SearchSettings(
+            num_devices=4,
+            global_batch_size=64,
+            device=dataclasses.replace(DEVICE, **device),
+            pipeline_stages=4,
+            max_microbatches=64,
+            optimizer="sgd_momentum",
+        )
+        return search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+
+    free = plan_with().plan
+    assert free.num_microbatches == 64
+    costly = plan_with(action_overhead_ms=2.0, step_overhead_ms=7.0).plan
+    assert 4 <= costly.num_microbatches < 64
+    # the optimizer reads parameters, gradients and momentum and writes parameters and momentum
+    stage_bytes = 2 * 10**6
+    optimizer_ms = 5 * stage_bytes / DEVICE.memory_bandwidth * 1e3
+    assert costly.predicted_update_ms == pytest.approx(optimizer_ms + 7.0)
+    slots = costly.num_microbatches + 4 - 1
+    plain = evaluate_split(
+        blocks,
+        [0, 2, 4, 6, 8],
+        replicas=1,
+        microbatches=costly.num_microbatches,
+        reference_microbatch_size=1,
+        settings=SearchSettings(num_devices=4, global_batch_size=64, device=DEVICE, optimizer="sgd_momentum"),
+        tensors=tensors,
+    )
+    assert plain is not None
+    extra = costly.predicted_step_ms - plain[0].predicted_step_ms
+    assert extra == pytest.approx(2 * 2.0 * slots + 7.0)
