@@ -288,7 +288,9 @@ def test_runtime_overheads_enter_the_prediction_and_bound_the_micro_batch_count(
             max_microbatches=64,
             optimizer="sgd_momentum",
         )
-        return search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+        return search_plan(
+            blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g"
+        )
 
     free = plan_with().plan
     assert free.num_microbatches == 64
