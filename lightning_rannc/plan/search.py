@@ -303,10 +303,40 @@ def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
         layout.spread_exchange = spread_exchange
         found = min_max_partition(len(layout.blocks), layout.stages, layout.stage_cost, layout.lower_bound)
         if found is not None:
-            plans.append(_layout_plan(layout, found[0]))
+            plans.append(_layout_plan(layout, _snap_to_layers(layout, found[0], found[1])))
         if found is None or layout.replicas == 1:  # no replicas, no exchange: one DP says it all
             break
     return min(plans, key=lambda p: p[0].predicted_step_ms, default=None)
+
+
+_SNAP_TOLERANCE = 0.01
+"""A cut moves to a layer boundary when that makes its two stages at most 1% slower than the
+best split's bottleneck: plans then read "blocks.0-11 | blocks.12-23" instead of cutting a
+layer in two for a gain nobody would measure."""
+
+
+def _snap_to_layers(layout: _Layout, bounds: list[int], bottleneck: float) -> list[int]:
+    starts = _layer_starts(layout.blocks)
+    limit = bottleneck * (1 + _SNAP_TOLERANCE)
+    bounds = list(bounds)
+    for k in range(1, len(bounds) - 1):
+        if starts[bounds[k]]:
+            continue
+        low, high = bounds[k - 1] + 1, bounds[k + 1] - 1
+        candidates = sorted((c for c in range(low, high + 1) if starts[c]), key=lambda c: abs(c - bounds[k]))
+        for cut in candidates:
+            costs = (layout.stage_cost(k - 1, bounds[k - 1], cut), layout.stage_cost(k, cut, bounds[k + 1]))
+            if max(costs) <= limit:
+                bounds[k] = cut
+                break
+    return bounds
+
+
+def _layer_starts(blocks: Sequence[BlockCost]) -> list[bool]:
+    """Whether block ``b`` starts another top-level module than block ``b - 1`` ends in
+    (``blocks.3`` after ``blocks.2.mlp``); the first two parts of a module path name a layer."""
+    heads = [[".".join(p.split(".")[:2]) for p in (b.module_paths or ("",))] for b in blocks]
+    return [True] + [heads[b][0] != heads[b - 1][-1] for b in range(1, len(blocks))]
 
 
 def _make_layout(

@@ -313,3 +313,41 @@ def test_runtime_overheads_enter_the_prediction_and_bound_the_micro_batch_count(
     assert plain is not None
     extra = costly.predicted_step_ms - plain[0].predicted_step_ms
     assert extra == pytest.approx(2 * 2.0 * slots + 7.0)
+
+
+def _layered_model(extra_ms: float) -> tuple[list[BlockCost], TensorTable]:
+    """4 layers of 3 blocks each (attention, mlp, norm); the last layer's mlp is ``extra_ms`` slower."""
+    blocks = []
+    for k in range(12):
+        layer, part = divmod(k, 3)
+        fwd = 1.0 + (extra_ms if (layer, part) == (3, 1) else 0.0)
+        blocks.append(
+            BlockCost(
+                start=k,
+                end=k + 1,
+                fwd_ms=fwd,
+                bwd_ms=2 * fwd,
+                activation_bytes=10**5,
+                cut_bytes=10**3,
+                tensor_names=(f"w{k}",),
+                module_paths=(f"layers.{layer}.{('attn', 'mlp', 'norm')[part]}",),
+            )
+        )
+    sizes = {f"w{k}": 10**6 for k in range(12)}
+    return blocks, TensorTable(sizes, {n: b // 4 for n, b in sizes.items()}, frozenset(sizes))
+
+
+@pytest.mark.parametrize(("extra_ms", "snapped"), [(1.05, True), (3.0, False)])
+def test_cuts_move_to_layer_boundaries_only_when_that_costs_nearly_nothing(extra_ms: float, snapped: bool) -> None:
+    blocks, tensors = _layered_model(extra_ms)
+    options = SearchSettings(
+        num_devices=2, global_batch_size=8, device=DEVICE, pipeline_stages=2, micro_batches=4, schedule="gpipe"
+    )
+    result = search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+    plan = result.plan
+    cut = plan.stages[1].node_start
+    assert (cut % 3 == 0) is snapped
+    if snapped:
+        assert [s.module_span for s in plan.stages] == ["layers.0-1", "layers.2-3"]
+    else:  # a whole layer's move would cost more than 1%: the exact split stays
+        assert [s.module_span for s in plan.stages] == ["layers.0-2", "layers.2-3"]
