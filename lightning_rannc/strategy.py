@@ -6,6 +6,7 @@ and the standalone ``pytorch_lightning`` package, whose Strategy base classes di
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import importlib
@@ -241,6 +242,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._process_group_backend = backend
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        atexit.register(_destroy_process_group_at_exit)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -593,6 +595,15 @@ def _batch_and_index(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any
     batch = args[0] if args else kwargs["batch"]
     batch_idx = args[1] if len(args) > 1 else kwargs.get("batch_idx", 0)
     return batch, int(batch_idx)
+
+
+def _destroy_process_group_at_exit() -> None:
+    # A process group left for interpreter shutdown sometimes aborts the process ("terminate
+    # called without an active exception", exit code 134) with gloo on torch 2.13, after
+    # training finished: plain DDP runs show it too. Destroying it while Python still runs
+    # lets its threads finish.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device_preset(device: torch.device) -> str:
