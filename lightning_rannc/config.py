@@ -59,6 +59,9 @@ class RaNNCConfig:
     """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
     measure_links: bool = True
     """Time point-to-point and all-reduce transfers at setup and plan with the measured bandwidths."""
+    fault_timeout: float = 60.0
+    """Seconds a rank may show no sign of life before every rank stops (a rank that raises stops
+    the others at once)."""
     timeout: float = 1800.0
     """Seconds a collective may wait."""
 
@@ -81,6 +84,8 @@ class RaNNCConfig:
             raise ValueError(f"RaNNCStrategy(memory_margin={self.memory_margin!r}): use a fraction in [0, 1).")
         if self.device_preset is not None:
             get_device(self.device_preset)
+        if self.fault_timeout <= 0:
+            raise ValueError(f"RaNNCStrategy(fault_timeout={self.fault_timeout!r}): use positive seconds.")
         if self.timeout <= 0:
             raise ValueError(f"RaNNCStrategy(timeout={self.timeout!r}): timeout must be positive seconds.")
 

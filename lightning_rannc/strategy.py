@@ -42,6 +42,7 @@ from lightning_rannc.runtime.engine import PipelineEngine
 from lightning_rannc.runtime.links import apply_links, measure_links
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 from lightning_rannc.runtime.planning import EngineOptions, Layout, choose_layout
+from lightning_rannc.runtime.watchdog import Watchdog
 
 __all__ = ["RaNNCStrategy"]
 
@@ -77,6 +78,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         deployment: str | None = None,
         profile_cache: str | None = None,
         measure_links: bool = True,
+        fault_timeout: float = 60.0,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -119,6 +121,8 @@ class _RaNNCStrategyMixin(_MixinBase):
                 and device, so that the next run skips profiling. ``None``: kept in memory only.
             measure_links: time point-to-point and all-reduce transfers at setup (about 0.1 s) and
                 plan with the measured bandwidths instead of the device preset's.
+            fault_timeout: seconds a rank may show no sign of life (killed, frozen) before every
+                rank stops; a rank that raises stops the others within about a second.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
             timeout: seconds a collective may wait before the process group gives up.
             start_method: ``"popen"`` re-runs the script per rank (like ``ddp``); others spawn.
@@ -148,6 +152,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             deployment=deployment,
             profile_cache=profile_cache,
             measure_links=measure_links,
+            fault_timeout=fault_timeout,
             timeout=timeout,
         ).with_env_overrides()
         config = self.config
@@ -166,6 +171,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.measure_links = config.measure_links
         self._profile_cache = ProfileCache(config.profile_cache)
         self._chosen_stages: int | None = None
+        self._watchdog: Watchdog | None = None
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=config.timeout)
         self._start_method = start_method
@@ -243,6 +249,22 @@ class _RaNNCStrategyMixin(_MixinBase):
         assert self.cluster_environment is not None
         _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
         atexit.register(_destroy_process_group_at_exit)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if self.world_size == 1 or self._watchdog is not None:
+            return
+        # TODO(rannc): the rendezvous store has no public accessor; it is the one every rank shares.
+        store = dist.distributed_c10d._get_default_store()
+        self._watchdog = Watchdog(store, self.global_rank, self.world_size, self.config.fault_timeout)
+        self._watchdog.start()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning calls this on the rank that raised; the others may be waiting for it in a
+        # collective: the watchdog tells them to stop.
+        if self._watchdog is not None:
+            self._watchdog.report_failure(exception)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -551,6 +573,9 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def teardown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         # Lightning's teardown moves the module to the CPU; released tensors are meta and stay so.
         if self._groups is not None:
             self._groups.destroy()

@@ -404,7 +404,8 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
 def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -> StagePlan:
     blocks = layout.blocks[i:j]
     names = list(dict.fromkeys(n for b in blocks for n in b.tensor_names))
-    fwd, bwd = layout.compute_ms(i, j, checkpoint)
+    overhead = layout.settings.device.action_overhead_ms  # the stage's own compute is reported
+    fwd, bwd = (t - overhead for t in layout.compute_ms(i, j, checkpoint))
     return StagePlan(
         stage_index=stage,
         ranks=stage_ranks(stage, layout.stages, layout.replicas),

@@ -1,0 +1,135 @@
+"""Bring every rank down when one fails, instead of leaving the others blocked in a collective.
+
+Without this, a rank that raises (in capture, planning, a step or a callback) or dies (SIGKILL,
+the kernel's OOM killer) leaves the other ranks waiting in a send, a receive or a collective
+until the process group's timeout: 30 minutes by default. Here every rank runs a small thread
+that talks to the process group's store (the rendezvous ``TCPStore``):
+
+- a rank that raises writes its error there (``report_failure``, from the strategy's
+  ``on_exception``); the others see it within ``poll_s``, print one line naming the failed rank
+  and exit, so the original traceback is shown once, by the rank that raised;
+- each rank bumps a heartbeat counter, and watches its ring neighbour's: a counter that has not
+  moved for ``fault_timeout`` seconds means a killed or frozen process, and its watcher reports
+  it as failed (one watcher per rank keeps the store traffic flat at any scale);
+- the store lives in rank 0's process: losing it means rank 0 is gone, unless this rank is
+  finishing anyway.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Watchdog"]
+
+log = logging.getLogger("lightning_rannc")
+
+_PREFIX = "lightning_rannc/watchdog"
+_GENERATIONS = itertools.count()
+"""Each fit in a process starts a new generation of keys, the same on every rank (they run the
+same sequence of fits), so a finished run's keys never look like a failure of the next."""
+
+
+class Watchdog:
+    """One rank's failure watcher; ``start`` it after the process group exists."""
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        fault_timeout: float,
+        poll_s: float = 0.5,
+        exit_process: Callable[[int], Any] = os._exit,
+        grace_s: float = 10.0,
+        generation: int | None = None,
+    ) -> None:
+        self._store = store
+        self._rank = rank
+        self._world_size = world_size
+        self._fault_timeout = fault_timeout
+        self._poll_s = poll_s
+        self._exit_process = exit_process
+        self._grace_s = grace_s
+        self._keys = f"{_PREFIX}/{next(_GENERATIONS) if generation is None else generation}"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="lightning_rannc-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """The run is over on this rank: stop watching (and never exit the process)."""
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=4 * self._poll_s)
+
+    def report_failure(self, error: BaseException) -> None:
+        """Tell every rank that this one failed with ``error``. The first rank to fail returns
+        (after giving the others time to stop) and shows its traceback; a rank failing after
+        another, usually because of it, says so in one line and exits."""
+        self._stopped.set()
+        summary = f"{self._rank}\t{type(error).__name__}: {_first_line(error)}"
+        try:
+            first = self._store.add(f"{self._keys}/failures", 1) == 1
+            if first:
+                self._store.set(f"{self._keys}/failed", summary)
+        except Exception:  # the store is gone (rank 0 exited): nobody is left to tell
+            return
+        if first:
+            time.sleep(3 * self._poll_s)
+            return
+        self._stop_process(self._store.get(f"{self._keys}/failed").decode(), also=summary)
+
+    def _watch(self) -> None:
+        neighbour = (self._rank + 1) % self._world_size
+        last_beat, last_change = -1, time.monotonic()
+        while not self._stopped.wait(self._poll_s):
+            try:
+                self._store.add(f"{self._keys}/beat/{self._rank}", 1)
+                if self._store.check([f"{self._keys}/failed"]):
+                    return self._stop_process(self._store.get(f"{self._keys}/failed").decode())
+                beat = self._store.add(f"{self._keys}/beat/{neighbour}", 0)
+            except Exception as error:
+                return self._lost_store(error)
+            now = time.monotonic()
+            if beat != last_beat:
+                last_beat, last_change = beat, now
+            elif now - last_change > self._fault_timeout:
+                return self._silent(neighbour)
+
+    def _silent(self, neighbour: int) -> None:
+        summary = f"{neighbour}\tno sign of life for {self._fault_timeout:.0f} s (killed, crashed or frozen)"
+        try:
+            self._store.set(f"{self._keys}/failed", summary)
+        except Exception:
+            pass
+        self._stop_process(summary)
+
+    def _lost_store(self, error: Exception) -> None:
+        # Rank 0 also exits after a run that finished: wait a moment for this rank to finish too.
+        if self._stopped.wait(max(self._grace_s, 4 * self._poll_s)):
+            return
+        self._stop_process(f"0\tthe rendezvous store in rank 0's process stopped answering ({error})")
+
+    def _stop_process(self, failed: str, also: str | None = None) -> None:
+        if self._stopped.is_set() and also is None:
+            return  # this rank finished or reported a failure of its own meanwhile
+        rank, _, reason = failed.partition("\t")
+        line = f"lightning_rannc: stopping rank {self._rank} because rank {rank} failed: {reason}"
+        own = also.partition("\t")[2] if also is not None else reason
+        if own != reason:  # not the same error raised on every rank
+            line += f" (this rank then failed too: {own})"
+        print(line, file=sys.stderr, flush=True)
+        self._exit_process(1)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
