@@ -34,6 +34,10 @@ class RaNNCConfig:
     """Ranks per pipeline (S); ``"auto"``: the planner's choice; ``None``: one pipeline over all devices."""
     micro_batches: int | str = 4
     """Micro-batches per batch; ``"auto"``: the planner's choice."""
+    max_micro_batches: int = 64
+    """With ``micro_batches="auto"``: the most micro-batches the planner may choose."""
+    min_micro_batch_size: int = 1
+    """With ``micro_batches="auto"``: the fewest samples per micro-batch."""
     schedule: str = "auto"
     """``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``."""
     virtual_stages: int = 1
@@ -66,7 +70,7 @@ class RaNNCConfig:
     """Seconds a collective may wait."""
 
     def __post_init__(self) -> None:
-        for name in ("virtual_stages", "max_blocks", "profile_repeats"):
+        for name in ("virtual_stages", "max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size"):
             _check_positive(name, getattr(self, name))
         if self.pipeline_stages not in (None, "auto"):
             _check_positive("pipeline_stages", self.pipeline_stages, "or 'auto' or None")

@@ -67,6 +67,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         self,
         pipeline_stages: int | str | None = "auto",
         micro_batches: int | str = 4,
+        max_micro_batches: int = 64,
+        min_micro_batch_size: int = 1,
         schedule: str = "auto",
         virtual_stages: int = 1,
         activation_checkpointing: bool | str = False,
@@ -97,6 +99,8 @@ class _RaNNCStrategyMixin(_MixinBase):
                 batch (profiled on rank 0 at setup). ``None``: every device is one stage.
             micro_batches: micro-batches per batch; a batch that it does not divide runs with the
                 nearest count that does. ``"auto"``: the planner picks it (a divisor of the batch).
+            max_micro_batches: with ``micro_batches="auto"``, the most micro-batches it may pick.
+            min_micro_batch_size: with ``micro_batches="auto"``, the fewest samples per micro-batch.
             schedule: ``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``; ``"auto"`` takes
                 1F1B when there are at least as many micro-batches as stages, else GPipe.
             virtual_stages: stages per rank for ``"interleaved_1f1b"`` (V).
@@ -141,6 +145,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.config = RaNNCConfig(
             pipeline_stages=pipeline_stages,
             micro_batches=micro_batches,
+            max_micro_batches=max_micro_batches,
+            min_micro_batch_size=min_micro_batch_size,
             schedule=schedule,
             virtual_stages=virtual_stages,
             activation_checkpointing=activation_checkpointing,
@@ -321,6 +327,8 @@ class _RaNNCStrategyMixin(_MixinBase):
             device_preset=self.device_preset or _device_preset(self.root_device),
             optimizer=optimizer_kind(optimizer) if optimizer is not None else "sgd",
             num_microbatches=None if self.micro_batches == "auto" else int(self.micro_batches),
+            max_microbatches=self.config.max_micro_batches,
+            min_microbatch_size=self.config.min_micro_batch_size,
             max_blocks=self.max_blocks,
             profile_repeats=self.profile_repeats,
             deployment=self.deployment,

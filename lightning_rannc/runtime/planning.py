@@ -57,7 +57,9 @@ class EngineOptions:
     """Data-parallel copies of the pipeline (D)."""
     virtual_stages: int = 1
     num_microbatches: int | None = 4
-    """``None``: the search picks it."""
+    """``None``: the search picks it, within the next two bounds."""
+    max_microbatches: int = 64
+    min_microbatch_size: int = 1
     schedule: str = "auto"
     checkpointing: bool | None = False
     """``None``: only the stages that need it to fit ``memory_limit``."""
@@ -179,7 +181,8 @@ def search_settings(
         pipeline_stages=layout.pipeline_degree if layout else None,
         replicas=layout.num_replicas if layout else None,
         micro_batches=options.num_microbatches,
-        max_microbatches=replica_batch_size,
+        max_microbatches=min(options.max_microbatches, replica_batch_size),
+        min_microbatch_size=options.min_microbatch_size,
         schedule=options.search_schedule,
         checkpointing=options.checkpointing,
     )

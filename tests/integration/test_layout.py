@@ -117,3 +117,15 @@ def test_profile_key_changes_with_shapes_device_method_and_blocks() -> None:
         profile_key("another graph", leaves, spans, "cpu", "measured"),
     ]
     assert key not in others and len(set(others)) == len(others)
+
+
+def test_searched_micro_batch_counts_respect_the_bounds() -> None:
+    model, batch = _gpt_and_batch()
+    cache = ProfileCache()
+    # a deep pipeline wants many micro-batches to fill it
+    deep = choose_layout(model, batch, _options(memory_limit=10**6, checkpointing=None), 4, _CPU, cache)
+    assert deep.plan is not None and deep.plan.num_microbatches > 2
+    for bounds in ({"max_microbatches": 2}, {"min_microbatch_size": 4}):
+        options = _options(memory_limit=10**6, checkpointing=None, **bounds)
+        bounded = choose_layout(model, batch, options, 4, _CPU, cache)
+        assert bounded.plan is not None and bounded.plan.num_microbatches <= 2
