@@ -395,7 +395,8 @@ class Baselines:
 
 
 def layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int, int]]:
-    """The (S, D, M) candidates ``search_plan`` looks at (same rules as its enumeration)."""
+    """The (S, D, M) candidates ``search_plan`` looks at with one stage per rank (same rules as
+    its enumeration: every divisor of the replica's batch)."""
     out = []
     n = settings.num_devices
     for stages in (s for s in range(1, min(n, num_blocks) + 1) if n % s == 0):
@@ -403,9 +404,9 @@ def layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int, i
         if settings.global_batch_size % replicas:
             continue
         per_replica = settings.global_batch_size // replicas
-        for m in (2**k for k in range(settings.max_microbatches.bit_length())):
+        for m in range(1, settings.max_microbatches + 1):
             fits = per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size
-            if m <= settings.max_microbatches and fits:
+            if fits:
                 out.append((stages, replicas, m))
     return out
 
@@ -515,6 +516,9 @@ def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec)
             devices_per_node=args.devices_per_node,
             optimizer=optimizer,
             max_microbatches=args.max_microbatches,
+            # one stage per rank: the baselines split into S stages; interleaving is a schedule
+            # choice any of them could add, compared separately in README
+            virtual_stages=1,
         )
 
     cap = capture(module, settings_for(args.devices[0]), args.max_blocks)

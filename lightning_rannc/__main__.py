@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--micro-batches", type=int, default=None, help="force the micro-batch count")
     plan.add_argument("--max-micro-batches", type=int, default=64)
     plan.add_argument("--min-micro-batch-size", type=int, default=1)
-    plan.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b"])
+    plan.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b", "interleaved_1f1b"])
+    plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
     plan.add_argument("--checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
     plan.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is coarsened into")
     plan.add_argument("--output", default=None, help="write the plan as JSON here")
@@ -92,6 +93,7 @@ def _plan(args: argparse.Namespace) -> int:
         max_microbatches=args.max_micro_batches,
         min_microbatch_size=args.min_micro_batch_size,
         schedule=args.schedule,
+        virtual_stages=args.virtual_stages,
         checkpointing=_CHECKPOINTING[args.checkpointing],
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks)

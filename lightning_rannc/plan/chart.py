@@ -37,7 +37,7 @@ def write_trace(plan: PartitionPlan, times: ScheduleTimes, path: str | Path) -> 
     """Write the simulated step as Chrome trace JSON: one thread (row) per stage, times in µs."""
     _check_times(plan, times)
     events: list[dict[str, Any]] = [_process_name(plan)]
-    for stage, operations in zip(plan.stages, times.operations):
+    for stage, operations in zip(_row_stages(plan), times.operations):
         events += _thread_names(stage)
         events += [_operation_event(stage, op) for op in operations]
         if plan.predicted_exchange_ms > 0:
@@ -57,16 +57,17 @@ def write_chart(plan: PartitionPlan, times: ScheduleTimes, path: str | Path, *, 
     """
     _check_times(plan, times)
     figure_cls, canvas_cls = require_matplotlib()
-    figure = figure_cls(figsize=(12, 1.6 + 0.5 * plan.num_stages), dpi=110, layout="constrained")
+    figure = figure_cls(figsize=(12, 1.6 + 0.5 * plan.pipeline_degree), dpi=110, layout="constrained")
     canvas_cls(figure)
     axes = figure.add_subplot()
     _frame_axes(axes, plan, plan.predicted_step_ms)
     for row, operations in enumerate(times.operations):
         _draw_row(axes, row, operations)
     if plan.predicted_exchange_ms > 0:
-        _draw_exchange(axes, plan.num_stages, times.makespan_ms, plan.predicted_exchange_ms)
+        _draw_exchange(axes, plan.pipeline_degree, times.makespan_ms, plan.predicted_exchange_ms)
     if plan.predicted_update_ms > 0:
-        _draw_update(axes, plan.num_stages, times.makespan_ms + plan.predicted_exchange_ms, plan.predicted_update_ms)
+        start_ms = times.makespan_ms + plan.predicted_exchange_ms
+        _draw_update(axes, plan.pipeline_degree, start_ms, plan.predicted_update_ms)
     _add_legend(axes, plan.predicted_exchange_ms > 0, plan.predicted_update_ms > 0)
     axes.set_title(_chart_title(plan, times, title), fontsize=10, loc="left")
     _label_boxes(figure, axes, times.operations)
@@ -92,11 +93,17 @@ def _stage_label(stage: StagePlan) -> str:
 
 
 def _check_times(plan: PartitionPlan, times: ScheduleTimes) -> None:
-    if len(times.operations) != plan.num_stages:
+    if len(times.operations) != plan.pipeline_degree:
         raise PlanError(
-            f"The schedule times have {len(times.operations)} stage row(s) but the plan has {plan.num_stages} "
-            "stage(s); pass the times the plan was searched with (SearchResult.times)."
+            f"The schedule times have {len(times.operations)} row(s) but the plan's pipelines have "
+            f"{plan.pipeline_degree} rank(s); pass the times the plan was searched with (SearchResult.times)."
         )
+
+
+def _row_stages(plan: PartitionPlan) -> list[StagePlan]:
+    """The stage that names each row: one row per rank of a pipeline; with interleaved schedules
+    the rank's first stage stands for all of its stages."""
+    return plan.stages[: plan.pipeline_degree]
 
 
 def _ranks_text(ranks: Sequence[int]) -> str:
@@ -168,18 +175,20 @@ def _layout_text(plan: PartitionPlan) -> str:
 
 def _frame_axes(axes: Any, plan: PartitionPlan, end_ms: float) -> None:
     axes.set_xlim(0, end_ms * 1.01 if end_ms > 0 else 1.0)
-    axes.set_ylim(plan.num_stages - 0.5, -0.5)  # stage 0 on top
-    axes.set_yticks(range(plan.num_stages), [_tick_label(s) for s in plan.stages], fontsize=8)
+    axes.set_ylim(plan.pipeline_degree - 0.5, -0.5)  # stage 0 on top
+    axes.set_yticks(range(plan.pipeline_degree), [_tick_label(plan, s) for s in _row_stages(plan)], fontsize=8)
     axes.set_xlabel("time in the step (ms, simulated)")
     axes.xaxis.set_major_formatter("{x:,.0f}")
     axes.grid(axis="x", alpha=0.3)
     axes.set_axisbelow(True)
 
 
-def _tick_label(stage: StagePlan) -> str:
+def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
     span = stage.module_span if len(stage.module_span) <= 36 else stage.module_span[:33] + "..."
     extra = ", recomputed" if stage.checkpoint else ""
-    return f"stage {stage.stage_index} (ranks {_ranks_text(stage.ranks)}{extra})\n{span}"
+    others = [s.stage_index for s in plan.stages[stage.stage_index + plan.pipeline_degree :: plan.pipeline_degree]]
+    name = f"stage {stage.stage_index}" + "".join(f"+{k}" for k in others)
+    return f"{name} (ranks {_ranks_text(stage.ranks)}{extra})\n{span}"
 
 
 def _draw_row(axes: Any, row: int, operations: Sequence[Operation]) -> None:

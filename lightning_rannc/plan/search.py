@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
-from lightning_rannc.plan.memory import StageMemory, in_flight_microbatches, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.memory import StageMemory, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, stage_ranks
 from lightning_rannc.plan.planner import describe_span
-from lightning_rannc.plan.simulate import ScheduleTimes, simulate_schedule
+from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule
 from lightning_rannc.plan.solver import min_max_partition
 
 __all__ = ["SearchSettings", "TensorTable", "Candidate", "SearchResult", "search_plan", "evaluate_split"]
@@ -60,6 +60,8 @@ class SearchSettings:
     max_microbatches: int = 64
     min_microbatch_size: int = 1
     schedule: str = "auto"
+    virtual_stages: int | None = None
+    """Stages per rank (interleaved 1F1B); ``None``: 1, and 2 where the schedule may be interleaved."""
     checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
 
@@ -88,6 +90,7 @@ class Candidate:
     schedule: str
     step_ms: float | None
     """Predicted step time; None if no split fits in memory."""
+    virtual_stages: int = 1
 
 
 @dataclass
@@ -111,14 +114,13 @@ def search_plan(
     candidates: list[Candidate] = []
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
     for stages, replicas in _layouts(settings, len(blocks)):
-        for microbatches in _microbatch_counts(settings, replicas):
-            schedule = _schedule(settings, stages, microbatches)
-            if schedule == "1f1b" and microbatches < stages:
-                continue  # the runtime's 1F1B needs a micro-batch per stage to fill the pipeline
-            layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+        for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
+            layout = _make_layout(
+                blocks, ranges, settings, (stages, replicas, microbatches, virtual), reference_microbatch_size
+            )
             found = _plan_layout(layout)
             step = found[0].predicted_step_ms if found else None
-            candidates.append(Candidate(stages, replicas, microbatches, schedule, step))
+            candidates.append(Candidate(stages, replicas, microbatches, layout.schedule, step, virtual))
             per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
             if found and per_sample is not None and (best is None or per_sample < best[0]):
                 best = (per_sample, *found)
@@ -163,7 +165,34 @@ def _microbatch_counts(settings: SearchSettings, replicas: int) -> list[int]:
     return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size]
 
 
-def _schedule(settings: SearchSettings, stages: int, microbatches: int) -> str:
+def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_blocks: int) -> list[tuple[int, int]]:
+    """(micro-batches, stages per rank) the runtime can run for this layout: 1F1B needs a
+    micro-batch per stage to fill the pipeline; interleaving needs whole rounds of S."""
+    shapes = []
+    for microbatches in _microbatch_counts(settings, replicas):
+        for virtual in _virtual_counts(settings, stages, microbatches, num_blocks):
+            schedule = _schedule(settings, stages, microbatches, virtual)
+            if schedule == "1f1b" and microbatches < stages:
+                continue
+            shapes.append((microbatches, virtual))
+    return shapes
+
+
+def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, num_blocks: int) -> list[int]:
+    may_interleave = settings.schedule in ("auto", "interleaved_1f1b") and stages > 1
+    if settings.virtual_stages is not None:
+        wanted = [settings.virtual_stages]
+    else:
+        wanted = [1, 2] if may_interleave else [1]
+    if settings.schedule == "interleaved_1f1b":
+        wanted = [v for v in wanted if v > 1]
+    fits = microbatches >= stages and microbatches % stages == 0
+    return [v for v in wanted if v == 1 or (may_interleave and fits and stages * v <= num_blocks)]
+
+
+def _schedule(settings: SearchSettings, stages: int, microbatches: int, virtual: int = 1) -> str:
+    if virtual > 1:
+        return "interleaved_1f1b"
     if settings.schedule != "auto":
         return settings.schedule
     return "1f1b" if microbatches >= stages else "gpipe"
@@ -202,21 +231,22 @@ class _Layout:
         blocks: Sequence[BlockCost],
         ranges: _RangeTables,
         settings: SearchSettings,
-        stages: int,
-        replicas: int,
-        microbatches: int,
+        shape: tuple[int, int, int, int],
         factor: float,
     ) -> None:
         self.blocks = [b.scaled(factor) for b in blocks]
         self.factor = factor
         self.ranges, self.settings = ranges, settings
-        self.stages, self.replicas, self.microbatches = stages, replicas, microbatches
-        self.schedule = _schedule(settings, stages, microbatches)
+        self.stages, self.replicas, self.microbatches, self.virtual = shape
+        self.pieces = self.stages * self.virtual
+        """Stages of the split: ``stages`` ranks per pipeline, ``virtual`` stages per rank."""
+        self.schedule = _schedule(settings, self.stages, self.microbatches, self.virtual)
+        self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual)
         self.fwd = _prefix([b.fwd_ms for b in self.blocks])
         self.bwd = _prefix([b.bwd_ms for b in self.blocks])
         self.act = _prefix([b.activation_bytes for b in self.blocks])
         self.optimizer_factor = optimizer_state_factor(settings.optimizer)
-        self.link = [_link_bandwidth(settings, stages, replicas, p) / 1e3 for p in range(stages)]  # bytes/ms
+        self.link = [_link_bandwidth(settings, self.stages, self.replicas, p) / 1e3 for p in range(self.stages)]
         self.chosen_checkpoint: dict[tuple[int, int, int], bool] = {}
         self.spread_exchange = True
         """Count each stage's gradient exchange in its per-slot cost (see ``_plan_layout``)."""
@@ -228,7 +258,7 @@ class _Layout:
     def send_ms(self, stage: int, j: int) -> float:
         if j == len(self.blocks):
             return 0.0
-        return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[stage]
+        return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[stage % self.stages]
 
     def compute_ms(self, i: int, j: int, checkpoint: bool) -> tuple[float, float]:
         """Forward and backward of one micro-batch, with the runtime's overhead per action."""
@@ -251,7 +281,7 @@ class _Layout:
             activation_bytes=int(self.act[j] - self.act[i]),
             input_bytes=self.cut_bytes(i),
             output_bytes=self.cut_bytes(j),
-            in_flight=in_flight_microbatches(self.schedule, stage, self.stages, self.microbatches),
+            in_flight=self.in_flight[stage],
             num_microbatches=self.microbatches,
             checkpoint=checkpoint,
             optimizer_factor=self.optimizer_factor,
@@ -265,7 +295,7 @@ class _Layout:
         key = (stage, i, j)
         if key not in self.chosen_checkpoint:
             options = [self.settings.checkpointing] if self.settings.checkpointing is not None else [False, True]
-            usable = self.settings.usable_memory
+            usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
             self.chosen_checkpoint[key] = next(  # type: ignore[assignment]
                 (c for c in options if self.memory(stage, i, j, c).total <= usable), None
             )
@@ -289,7 +319,7 @@ class _Layout:
         return sum(self.compute_ms(i, j, checkpoint)) + self._other_ms(stage, i, j)
 
     def _other_ms(self, stage: int, i: int, j: int) -> float:
-        slots = self.microbatches + self.stages - 1
+        slots = self.virtual * self.microbatches + self.stages - 1
         exchange = _exchange_ms(self, i, j) / slots if self.spread_exchange else 0.0
         return 2 * self.send_ms(stage, j) + exchange
 
@@ -301,7 +331,7 @@ def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
     plans = []
     for spread_exchange in (True, False):
         layout.spread_exchange = spread_exchange
-        found = min_max_partition(len(layout.blocks), layout.stages, layout.stage_cost, layout.lower_bound)
+        found = min_max_partition(len(layout.blocks), layout.pieces, layout.stage_cost, layout.lower_bound)
         if found is not None:
             plans.append(_layout_plan(layout, _snap_to_layers(layout, found[0], found[1])))
         if found is None or layout.replicas == 1:  # no replicas, no exchange: one DP says it all
@@ -343,13 +373,13 @@ def _make_layout(
     blocks: Sequence[BlockCost],
     ranges: _RangeTables,
     settings: SearchSettings,
-    stages: int,
-    replicas: int,
-    microbatches: int,
+    shape: tuple[int, int, int, int],
     reference: int,
 ) -> _Layout:
+    """``shape``: (stages, replicas, micro-batches, stages per rank)."""
+    stages, replicas, microbatches, _ = shape
     microbatch_size = _replica_batch(settings, replicas) // microbatches
-    return _Layout(blocks, ranges, settings, stages, replicas, microbatches, microbatch_size / reference)
+    return _Layout(blocks, ranges, settings, shape, microbatch_size / reference)
 
 
 def evaluate_split(
@@ -365,8 +395,8 @@ def evaluate_split(
     """Predict a given split (block boundaries ``[0, ..., B]``) with the search's models, e.g. to
     compare other partitioners; None if a stage does not fit in memory."""
     ranges = _RangeTables(blocks, tensors)
-    stages = len(bounds) - 1
-    layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference_microbatch_size)
+    shape = (len(bounds) - 1, replicas, microbatches, 1)
+    layout = _make_layout(blocks, ranges, settings, shape, reference_microbatch_size)
     if any(layout.stage_cost(s, i, j) == math.inf for s, (i, j) in enumerate(zip(bounds, bounds[1:]))):
         return None
     return _layout_plan(layout, list(bounds))
@@ -382,9 +412,10 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         [layout.send_ms(s, j) for s, (_, j) in enumerate(spans)],
         layout.microbatches,
         layout.schedule,
+        layout.virtual,
     )
-    exchange = max(_exchange_ms(layout, i, j) for i, j in spans)
-    update = max(layout.optimizer_ms(i, j) for i, j in spans) + layout.settings.device.step_overhead_ms
+    exchange = max(_per_rank(layout, spans, lambda i, j: _exchange_ms(layout, i, j)))
+    update = max(_per_rank(layout, spans, layout.optimizer_ms)) + layout.settings.device.step_overhead_ms
     plan = PartitionPlan(
         graph_fingerprint="",
         world_size=layout.stages * layout.replicas,
@@ -393,12 +424,18 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         stages=[_stage_plan(layout, s, i, j, c) for s, ((i, j), c) in enumerate(zip(spans, checkpoints))],
         schedule=layout.schedule,
         num_replicas=layout.replicas,
+        virtual_stages=layout.virtual,
         predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
         predicted_exchange_ms=exchange,
         predicted_update_ms=update,
     )
     return plan, simulated
+
+
+def _per_rank(layout: _Layout, spans: Sequence[tuple[int, int]], cost: Callable[[int, int], float]) -> list[float]:
+    """``cost`` of each rank's stages summed (one stage per rank unless interleaved)."""
+    return [sum(cost(i, j) for i, j in spans[p :: layout.stages]) for p in range(layout.stages)]
 
 
 def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -> StagePlan:
@@ -504,7 +541,7 @@ def _memory_needed(
     best = math.inf
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches in _microbatch_counts(settings, replicas):
-            layout = _make_layout(blocks, ranges, settings, stages, replicas, microbatches, reference)
+            layout = _make_layout(blocks, ranges, settings, (stages, replicas, microbatches, 1), reference)
             found = min_max_partition(len(blocks), stages, layout.least_memory)
             if found:
                 best = min(best, found[1])
@@ -519,7 +556,8 @@ def _devices_needed(
         layouts = _layouts(larger, len(blocks)) if larger.pipeline_stages is None else []
         for stages, replicas in layouts:
             for microbatches in _microbatch_counts(larger, replicas):
-                if _plan_layout(_make_layout(blocks, ranges, larger, stages, replicas, microbatches, reference)):
+                shape = (stages, replicas, microbatches, 1)
+                if _plan_layout(_make_layout(blocks, ranges, larger, shape, reference)):
                     return larger.num_devices
     return None
 

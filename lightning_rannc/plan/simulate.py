@@ -4,7 +4,8 @@ The bottleneck stage alone misjudges a pipeline: the fill and drain (the bubble)
 ``S - 1`` slots, and uneven stages or slow links stretch them. Here every rank runs its
 forwards and backwards in the order the schedule gives them; an operation starts when its
 rank is free and its input has arrived from the neighbouring stage. Same orders as
-``torch.distributed.pipelining``'s ``ScheduleGPipe`` and ``Schedule1F1B``.
+``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B`` and
+``ScheduleInterleaved1F1B``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ScheduleTimes", "simulate_schedule", "operation_order"]
+__all__ = ["ScheduleTimes", "simulate_schedule", "operation_order", "in_flight"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class ScheduleTimes:
     busy_ms: list[float]
     """Compute time of each stage."""
     operations: list[list[tuple[str, int, float, float]]]
-    """Per stage: ``(kind, microbatch, start_ms, end_ms)`` with kind ``"F"`` or ``"B"`` (for charts)."""
+    """Per rank of a pipeline: ``(kind, microbatch, start_ms, end_ms)`` with kind ``"F"`` or
+    ``"B"`` (for charts); one rank runs several stages with interleaved schedules."""
 
     @property
     def bubble(self) -> float:
@@ -30,10 +32,17 @@ class ScheduleTimes:
         return max(0.0, 1.0 - max(self.busy_ms) / self.makespan_ms) if self.makespan_ms else 0.0
 
 
-def operation_order(schedule: str, position: int, num_stages: int, num_microbatches: int) -> list[tuple[str, int]]:
-    """The ``(kind, microbatch)`` operations one stage runs, in order."""
-    forwards = [("F", m) for m in range(num_microbatches)]
-    backwards = [("B", m) for m in range(num_microbatches)]
+def operation_order(
+    schedule: str, position: int, num_stages: int, num_microbatches: int, virtual_stages: int = 1
+) -> list[tuple[str, int, int]]:
+    """The ``(kind, stage, microbatch)`` operations the rank at ``position`` runs, in order.
+
+    ``num_stages`` counts ranks per pipeline (S); with ``virtual_stages`` V the rank runs stages
+    ``position, position + S, ...`` (interleaved 1F1B)."""
+    if schedule == "interleaved_1f1b":
+        return _interleaved_order(position, num_stages, virtual_stages, num_microbatches)
+    forwards = [("F", position, m) for m in range(num_microbatches)]
+    backwards = [("B", position, m) for m in range(num_microbatches)]
     if schedule == "gpipe":
         return forwards + backwards
     warmup = min(num_microbatches, num_stages - position - 1)
@@ -43,43 +52,93 @@ def operation_order(schedule: str, position: int, num_stages: int, num_microbatc
     return order + backwards[num_microbatches - warmup :]
 
 
+def _interleaved_order(
+    position: int, num_ranks: int, virtual: int, num_microbatches: int
+) -> list[tuple[str, int, int]]:
+    """``ScheduleInterleaved1F1B``'s order (depth first, Megatron-LM's warm-up): rounds of up to
+    S micro-batches pass through the rank's stages in turn; ``tests/unit/test_search.py`` checks
+    it against torch's own ``pipeline_order``."""
+    rounds = max(1, num_microbatches // num_ranks)
+    per_round = num_microbatches // rounds
+    total = virtual * num_microbatches
+    warmup = min((virtual - 1) * per_round + 2 * (num_ranks - 1 - position), total)
+
+    def forward_stage(step: int) -> int:
+        return (step // per_round) % virtual * num_ranks + position
+
+    def backward_stage(step: int) -> int:
+        return (virtual - 1 - (step - warmup) // per_round % virtual) * num_ranks + position
+
+    counts: dict[tuple[str, int], int] = {}
+    order: list[tuple[str, int, int]] = []
+
+    def add(kind: str, stage: int) -> None:
+        microbatch = counts.get((kind, stage), 0)
+        counts[(kind, stage)] = microbatch + 1
+        order.append((kind, stage, microbatch))
+
+    for step in range(total + warmup):
+        if step < total:
+            add("F", forward_stage(step))
+        if step >= warmup:
+            add("B", backward_stage(step))
+    return order
+
+
+def in_flight(schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[int]:
+    """Per stage, the most micro-batches whose activations it holds at once under ``schedule``."""
+    peak = [0] * (num_ranks * virtual_stages)
+    for position in range(num_ranks):
+        held: dict[int, int] = {}
+        for kind, stage, _ in operation_order(schedule, position, num_ranks, num_microbatches, virtual_stages):
+            held[stage] = held.get(stage, 0) + (1 if kind == "F" else -1)
+            peak[stage] = max(peak[stage], held[stage])
+    return peak
+
+
 def simulate_schedule(
     fwd_ms: Sequence[float],
     bwd_ms: Sequence[float],
     send_ms: Sequence[float],
     num_microbatches: int,
     schedule: str,
+    virtual_stages: int = 1,
 ) -> ScheduleTimes:
-    """Replay ``schedule`` ("gpipe" or "1f1b") on stages with the given per-micro-batch times.
+    """Replay ``schedule`` on stages with the given per-micro-batch times.
 
     ``send_ms[s]`` is the time to move one micro-batch's activations from stage ``s`` to
-    ``s + 1`` (and its gradients back); the last entry is unused.
+    ``s + 1`` (and its gradients back); the last entry is unused. With ``virtual_stages`` V the
+    ``len(fwd_ms)`` stages run on ``len(fwd_ms) / V`` ranks, stage ``s`` on rank ``s % S``; the
+    result has one row of operations per rank.
     """
     num_stages = len(fwd_ms)
-    orders = [operation_order(schedule, s, num_stages, num_microbatches) for s in range(num_stages)]
+    num_ranks = num_stages // virtual_stages
+    orders = [operation_order(schedule, p, num_ranks, num_microbatches, virtual_stages) for p in range(num_ranks)]
     done: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * num_stages
-    next_op = [0] * num_stages
-    timeline: list[list[tuple[str, int, float, float]]] = [[] for _ in range(num_stages)]
+    free = [0.0] * num_ranks
+    next_op = [0] * num_ranks
+    timeline: list[list[tuple[str, int, float, float]]] = [[] for _ in range(num_ranks)]
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
-        for stage in range(num_stages):
-            while next_op[stage] < len(orders[stage]):
-                kind, mb = orders[stage][next_op[stage]]
+        for rank in range(num_ranks):
+            while next_op[rank] < len(orders[rank]):
+                kind, stage, mb = orders[rank][next_op[rank]]
                 ready = _ready_at(kind, stage, mb, num_stages, done, send_ms)
                 if ready is None:
                     break
-                start = max(free[stage], ready)
-                free[stage] = start + (fwd_ms[stage] if kind == "F" else bwd_ms[stage])
-                done[(kind, stage, mb)] = free[stage]
-                timeline[stage].append((kind, mb, start, free[stage]))
-                next_op[stage] += 1
+                start = max(free[rank], ready)
+                free[rank] = start + (fwd_ms[stage] if kind == "F" else bwd_ms[stage])
+                done[(kind, stage, mb)] = free[rank]
+                timeline[rank].append((kind, mb, start, free[rank]))
+                next_op[rank] += 1
                 remaining -= 1
                 progressed = True
         if not progressed:  # cannot happen with the orders above; guards against an endless loop
             raise RuntimeError(f"Schedule {schedule!r} deadlocks in simulation.")
-    busy = [num_microbatches * (f + b) for f, b in zip(fwd_ms, bwd_ms)]
+    busy = [
+        num_microbatches * sum(fwd_ms[s] + bwd_ms[s] for s in range(p, num_stages, num_ranks)) for p in range(num_ranks)
+    ]
     return ScheduleTimes(makespan_ms=max(free), busy_ms=busy, operations=timeline)
 
 

@@ -28,7 +28,6 @@ from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.plan import PartitionPlan
-from lightning_rannc.plan.planner import plan_pipeline
 from lightning_rannc.plan.search import search_plan
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values
@@ -219,7 +218,7 @@ class PipelineEngine:
             graph_fingerprint=graph.fingerprint(),
             world_size=self.options.pipeline_degree * self.options.num_replicas,
             num_replicas=self.options.num_replicas,
-            virtual_stages=self.options.virtual_stages,
+            virtual_stages=self.options.search_virtual_stages,
             replica_batch_size=int(micro_leaves[0].shape[0]) * num_microbatches,
             **({} if self.options.num_microbatches is None else {"num_microbatches": num_microbatches}),
         )
@@ -269,7 +268,7 @@ class PipelineEngine:
         self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool
     ) -> PartitionPlan:
         options = self.options
-        num_stages = options.pipeline_degree * options.virtual_stages
+        num_stages = options.pipeline_degree * options.search_virtual_stages
         num_blocks = len(group_nodes(graph, options.max_blocks))
         if num_blocks < num_stages:
             raise PlanError(
@@ -278,11 +277,7 @@ class PipelineEngine:
                 "use fewer pipeline stages, or raise max_blocks."
             )
         costs = block_costs(graph, micro_leaves, options, self._cache, analytic)
-        microbatch_size = int(micro_leaves[0].shape[0])
-        if options.virtual_stages > 1:
-            plan = self._interleaved_plan(graph, costs, microbatch_size, num_microbatches)
-        else:
-            plan = self._searched_plan(graph, costs, microbatch_size, num_microbatches)
+        plan = self._searched_plan(graph, costs, int(micro_leaves[0].shape[0]), num_microbatches)
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)
         return plan
@@ -310,26 +305,6 @@ class PipelineEngine:
             graph_fingerprint=graph.fingerprint(),
         )
         return result.plan
-
-    def _interleaved_plan(
-        self, graph: StepGraph, costs: list[BlockCost], microbatch_size: int, num_microbatches: int
-    ) -> PartitionPlan:
-        """Interleaved schedules are not in the search: the plain min-max split, no memory model."""
-        options = self.options
-        tensors = graph.tensors
-        return plan_pipeline(
-            costs,
-            num_stages=options.pipeline_degree * options.virtual_stages,
-            num_microbatches=num_microbatches,
-            microbatch_size=microbatch_size,
-            graph_fingerprint=graph.fingerprint(),
-            tensor_bytes={n: t.numel() * t.element_size() for n, t in tensors.items()},
-            tensor_numel={n: t.numel() for n, t in tensors.items()},
-            num_replicas=options.num_replicas,
-            virtual_stages=options.virtual_stages,
-            schedule=options.schedule,
-            checkpoint=bool(options.checkpointing),
-        )
 
     def _check_written_buffers(self, plan: PartitionPlan, graph: StepGraph) -> None:
         written = set(graph.written_buffers)

@@ -82,9 +82,12 @@ class EngineOptions:
         return self.device if self.device is not None else get_device(self.device_preset)
 
     @property
-    def search_schedule(self) -> str:
-        """The schedule the search models (it has no interleaved one; its memory is 1F1B's)."""
-        return "1f1b" if self.schedule == "interleaved_1f1b" else self.schedule
+    def search_virtual_stages(self) -> int:
+        """Stages per rank: interleaving only when asked for (a schedule of whole rounds of S
+        micro-batches cannot take every last batch's count), with 2 stages per rank by default."""
+        if self.schedule == "interleaved_1f1b":
+            return max(2, self.virtual_stages)
+        return self.virtual_stages
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def search_settings(
         micro_batches=options.num_microbatches,
         max_microbatches=min(options.max_microbatches, replica_batch_size),
         min_microbatch_size=options.min_microbatch_size,
-        schedule=options.search_schedule,
+        schedule=options.schedule,
+        virtual_stages=options.search_virtual_stages,
         checkpointing=options.checkpointing,
     )
 

@@ -135,7 +135,7 @@ def test_trace_metadata_names_each_stage(tmp_path: Path) -> None:
 def test_times_of_another_plan_are_refused(tmp_path: Path) -> None:
     result = _search("gpipe", 1)
     other = ScheduleTimes(makespan_ms=1.0, busy_ms=[1.0], operations=[[("F", 0, 0.0, 1.0)]])
-    with pytest.raises(PlanError, match="1 stage row"):
+    with pytest.raises(PlanError, match="have 1 row"):
         write_trace(result.plan, other, tmp_path / "trace.json")
     assert not (tmp_path / "trace.json").exists()
 
@@ -151,7 +151,8 @@ def test_chart_is_a_png_of_the_figure_size(tmp_path: Path) -> None:
 def test_plan_cli_writes_chart_and_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart, trace = tmp_path / "step.png", tmp_path / "step.json"
     args = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "8", "--stages", "2"]
-    assert main([*args, "--micro-batches", "4", "--chart", str(chart), "--trace", str(trace)]) == 0
+    args += ["--micro-batches", "4", "--schedule", "1f1b"]
+    assert main([*args, "--chart", str(chart), "--trace", str(trace)]) == 0
     printed = capsys.readouterr().out
     assert printed.index("predicted step") < printed.index(f"wrote {chart}") < printed.index(f"wrote {trace}")
     assert _png_size(chart)[0] == 1320 and chart.stat().st_size > 10_000

@@ -13,7 +13,7 @@ from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import in_flight_microbatches, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.search import SearchSettings, TensorTable, evaluate_split, search_plan
-from lightning_rannc.plan.simulate import simulate_schedule
+from lightning_rannc.plan.simulate import operation_order, simulate_schedule
 
 # Bandwidth in bytes/s; one node holds every device, so every link is this fast.
 DEVICE = DeviceSpec(
@@ -214,7 +214,7 @@ def _search(blocks: list[BlockCost], tensors: TensorTable, **settings: object): 
 
 
 def test_small_model_gets_data_parallelism_and_huge_one_a_deep_pipeline() -> None:
-    small = _search(*_uniform_model(16, 10**6, 10**5), memory_limit=10**10).plan
+    small = _search(*_uniform_model(16, 10**5, 10**5), memory_limit=10**10).plan
     assert (small.pipeline_degree, small.num_replicas) == (1, 8)
     huge = _search(*_uniform_model(16, 10**9, 10**5), memory_limit=6 * 10**9, optimizer="sgd").plan
     assert huge.pipeline_degree == 8 and all(s.memory["total"] <= 0.9 * 6 * 10**9 for s in huge.stages)
@@ -224,7 +224,8 @@ def test_tightening_the_limit_adds_stages_or_checkpointing() -> None:
     blocks, tensors = _uniform_model(16, 10**6, 4 * 10**8)
     previous = None
     for limit in (10**11, 8 * 10**9, 4 * 10**9, 2 * 10**9, 10**9):
-        result = _search(blocks, tensors, memory_limit=limit, optimizer="adamw")
+        # one stage per rank: interleaving trades differently (a tighter limit may drop it)
+        result = _search(blocks, tensors, memory_limit=limit, optimizer="adamw", virtual_stages=1)
         plan = result.plan
         assert all(s.memory["total"] <= 0.9 * limit for s in plan.stages)
         pressure = (plan.pipeline_degree, sum(s.checkpoint for s in plan.stages), plan.num_microbatches)
@@ -351,3 +352,45 @@ def test_cuts_move_to_layer_boundaries_only_when_that_costs_nearly_nothing(extra
         assert [s.module_span for s in plan.stages] == ["layers.0-1", "layers.2-3"]
     else:  # a whole layer's move would cost more than 1%: the exact split stays
         assert [s.module_span for s in plan.stages] == ["layers.0-2", "layers.2-3"]
+
+
+@pytest.mark.parametrize(
+    ("stages", "virtual", "microbatches"), [(2, 2, 4), (4, 2, 8), (2, 3, 6), (4, 2, 4), (3, 2, 12)]
+)
+def test_interleaved_order_is_torchs(stages: int, virtual: int, microbatches: int) -> None:
+    """The simulator replays exactly the actions ``ScheduleInterleaved1F1B`` runs on each rank."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+
+    rounds = max(1, microbatches // stages)
+    schedule = SimpleNamespace(
+        n_local_stages=virtual,
+        microbatches_per_round=microbatches // rounds,
+        pp_group_size=stages,
+        _n_microbatches=microbatches,
+    )
+    for rank in range(stages):
+        actions = ScheduleInterleaved1F1B._calculate_single_rank_operations(schedule, rank)  # type: ignore[arg-type]
+        theirs = [
+            ("F" if a.computation_type == _ComputationType.FORWARD else "B", a.stage_index, a.microbatch_index)
+            for a in actions
+            if a is not None
+        ]
+        assert operation_order("interleaved_1f1b", rank, stages, microbatches, virtual) == theirs
+
+
+def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None:
+    blocks, tensors = _uniform_model(16, 10**8, 10**7)
+    common = dict(pipeline_stages=4, micro_batches=8, memory_limit=4 * 10**9, optimizer="sgd")
+    plain = _search(blocks, tensors, schedule="1f1b", **common).plan
+    interleaved = _search(blocks, tensors, schedule="interleaved_1f1b", virtual_stages=2, **common).plan
+    assert (interleaved.virtual_stages, interleaved.num_stages, interleaved.schedule) == (2, 8, "interleaved_1f1b")
+    assert interleaved.predicted_bubble < plain.predicted_bubble
+    assert interleaved.predicted_step_ms < plain.predicted_step_ms
+    for rank in range(4):
+        held = interleaved.stages_of_rank(rank)
+        assert [s.stage_index for s in held] == [rank, rank + 4]
+        assert sum(s.memory["total"] for s in held) <= 0.9 * 4 * 10**9
+    chosen = _search(blocks, tensors, **common).plan  # "auto" compares them
+    assert chosen.predicted_step_ms == pytest.approx(min(plain.predicted_step_ms, interleaved.predicted_step_ms))
