@@ -325,6 +325,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             memory_limit=self._memory_limit(),
             memory_margin=self.memory_margin,
             device_preset=self.device_preset or _device_preset(self.root_device),
+            devices_per_node=self.num_processes,
             optimizer=optimizer_kind(optimizer) if optimizer is not None else "sgd",
             num_microbatches=None if self.micro_batches == "auto" else int(self.micro_batches),
             max_microbatches=self.config.max_micro_batches,

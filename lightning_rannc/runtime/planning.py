@@ -70,6 +70,8 @@ class EngineOptions:
     """``DEVICES`` entry for link bandwidths and (meta modules) analytic costs."""
     device: DeviceSpec | None = None
     """The device description to plan with (measured links); ``None``: the preset's."""
+    devices_per_node: int = 8
+    """Ranks per node: links between them are intra-node."""
     optimizer: str = "adamw"
     """Optimizer state kind for the memory model (``memory.OPTIMIZER_STATE``)."""
     max_blocks: int = 64
@@ -178,6 +180,7 @@ def search_settings(
         global_batch_size=replica_batch_size * num_devices,
         replica_batch_size=replica_batch_size,
         device=options.device_spec,
+        devices_per_node=options.devices_per_node,
         memory_limit=options.memory_limit if options.memory_limit is not None else UNLIMITED,
         memory_margin=options.memory_margin,
         optimizer=options.optimizer,

@@ -8,6 +8,11 @@ with the same global batches. Layouts are (S ranks per pipeline, D replicas).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +284,31 @@ def test_meta_device_module_initialises_each_stage_on_its_rank_as_one_device_wou
         # the module stays partitioned after fit: never gathered whole on any rank
         assert set(record["final_state"]) < set(single_ckpt["state_dict"])
     assert single["losses"][-1] < single["losses"][0]
+
+
+def test_two_torchrun_nodes_train_like_one_process(reference, tmp_path: Path) -> None:
+    """``torchrun`` on two "nodes" of one device each (localhost): Lightning launches nothing,
+    the links between the ranks are measured as inter-node, and the numbers are one device's."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "torchrun_case.py"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+             "--master-addr=127.0.0.1", f"--master-port={port}", str(script), str(tmp_path), "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        for rank in (0, 1)
+    ]  # fmt: skip
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "inter-node" in outputs[0] and "intra-node -" in outputs[0]
+    ours, ref = load_record(tmp_path, "torchrun", 0), load_record(reference("gpt", 1), "gpt", 0)
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    assert [s.ranks for s in PartitionPlan.from_json(ours["plan"]).stages] == [[0], [1]]
