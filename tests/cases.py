@@ -160,9 +160,11 @@ def run_case(
     label: str | None = None,
     batch_scale: int = 1,
     batch_size: int | None = None,
+    ckpt_path: str | Path | None = None,
     **trainer_kwargs: Any,
 ) -> L.Trainer:
-    """Train case ``name``; write ``<label>_rank<r>.json`` and ``<label>.ckpt`` under ``out_dir``."""
+    """Train case ``name`` (resuming from ``ckpt_path`` if given); write ``<label>_rank<r>.json``
+    and ``<label>.ckpt`` under ``out_dir``."""
     label = label or name
     make_model, make_data, case_kwargs = CASES[name]
     recorder = Recorder(out_dir / f"{label}.ckpt")
@@ -188,7 +190,7 @@ def run_case(
             model = make_model()
     else:
         model = make_model()
-    trainer.fit(model, datamodule=make_data(batch_size or 8 * batch_scale))
+    trainer.fit(model, datamodule=make_data(batch_size or 8 * batch_scale), ckpt_path=ckpt_path)
     plan = getattr(trainer.strategy, "plan", None)
     record = {
         "plan": plan.to_json() if plan is not None else None,

@@ -312,3 +312,31 @@ def test_two_torchrun_nodes_train_like_one_process(reference, tmp_path: Path) ->
     ours, ref = load_record(tmp_path, "torchrun", 0), load_record(reference("gpt", 1), "gpt", 0)
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     assert [s.ranks for s in PartitionPlan.from_json(ours["plan"]).stages] == [[0], [1]]
+
+
+def test_resuming_gives_one_devices_losses_from_any_world_size(tmp_path: Path) -> None:
+    """Checkpoints after 3 of 6 steps: plain Lightning's resumed on 2 processes, ours (2 stages)
+    resumed on 2 and on 3 processes (re-planned, state re-sharded). Each continues exactly as
+    plain Lightning resuming its own checkpoint on one process (a mid-epoch resume restarts the
+    epoch's data in both, as Lightning does for loaders without state)."""
+    run_case("gpt_full", tmp_path, label="plain_half", devices=1, max_steps=3)
+    run_case("gpt_full", tmp_path, label="plain_resumed", devices=1, ckpt_path=tmp_path / "plain_half.ckpt")
+    two = [
+        {"label": "from_plain", "case": "gpt_full", "strategy": {"pipeline_stages": 2},
+         "resume": str(tmp_path / "plain_half.ckpt")},
+        {"label": "half", "case": "gpt_full", "strategy": {"pipeline_stages": 2}, "trainer": {"max_steps": 3}},
+        {"label": "resumed", "case": "gpt_full", "strategy": {"pipeline_stages": 2}, "resume": "half"},
+    ]  # fmt: skip
+    run_script("run_pipelined.py", str(tmp_path), "2", json.dumps(two), timeout=400)
+    three = [{"label": "resumed_on_3", "case": "gpt_full", "strategy": {"pipeline_stages": 3}, "resume": "half"}]
+    run_script("run_pipelined.py", str(tmp_path), "3", json.dumps(three), timeout=400)
+    ref = load_record(tmp_path, "plain_resumed", 0)
+    assert len(ref["losses"]) == 6
+    for label in ("from_plain", "resumed", "resumed_on_3"):
+        ours = load_record(tmp_path, label, 0)
+        torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+        for key, value in ref["final_state"].items():
+            torch.testing.assert_close(ours["final_state"][key], value, rtol=1e-5, atol=1e-5, msg=f"{label}: {key}")
+    half, plain_half = _checkpoint(tmp_path, "half"), _checkpoint(tmp_path, "plain_half")
+    assert half["global_step"] == plain_half["global_step"] == 3
+    assert half["lr_schedulers"] == plain_half["lr_schedulers"]
