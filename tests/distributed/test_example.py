@@ -18,3 +18,28 @@ def test_gpt_example_trains_on_two_processes_and_prints_plan_and_throughput() ->
     assert "stage 0 ranks=[0]" in out and "stage 1 ranks=[1]" in out
     assert "final train_loss" in out and "after 4 steps" in out
     assert "throughput" in out
+
+
+CLI = EXAMPLE.parent / "gpt_cli.py"
+CONFIGS = EXAMPLE.parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("config", "layout"),
+    [("gpt_cli.yaml", "2 stage(s) x 1 replica(s)"), ("gpt_cli_short.yaml", "stage(s) x")],
+)
+def test_lightning_cli_yaml_runs_the_example_with_the_strategy_it_names(config: str, layout: str) -> None:
+    """``class_path: lightning_rannc.RaNNCStrategy`` with ``init_args`` (type-checked by
+    LightningCLI against the strategy's signature), and the short ``strategy: rannc``."""
+    result = run_script(CLI, "fit", "--config", str(CONFIGS / config), "--trainer.max_steps=3", timeout=240)
+    assert "after 3 steps; layout" in result.stdout and layout in result.stdout.split("after 3 steps; layout")[1]
+    if config == "gpt_cli.yaml":
+        assert "micro-batch(es) of 4, schedule=1f1b" in result.stdout  # the init_args arrived
+
+
+def test_lightning_cli_names_a_wrong_strategy_argument() -> None:
+    result = run_script(
+        CLI, "fit", "--config", str(CONFIGS / "gpt_cli.yaml"), "--trainer.strategy.init_args.micro_batches=many",
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "micro_batches='many'): micro_batches must be a positive" in result.stdout
