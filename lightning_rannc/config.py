@@ -63,6 +63,11 @@ class RaNNCConfig:
     """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
     measure_links: bool = True
     """Time point-to-point and all-reduce transfers at setup and plan with the measured bandwidths."""
+    verify: bool = False
+    """Run the first step unpartitioned too and compare loss and gradients (RaNNC's
+    ``verify_partitioning``); raise on every rank above ``verify_tolerance``."""
+    verify_tolerance: float = 1e-3
+    """Largest relative difference ``verify`` accepts (max abs difference / max abs value)."""
     fault_timeout: float = 60.0
     """Seconds a rank may show no sign of life before every rank stops (a rank that raises stops
     the others at once)."""

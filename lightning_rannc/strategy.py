@@ -80,6 +80,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         deployment: str | None = None,
         profile_cache: str | None = None,
         measure_links: bool = True,
+        verify: bool = False,
+        verify_tolerance: float = 1e-3,
         fault_timeout: float = 60.0,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
@@ -125,6 +127,10 @@ class _RaNNCStrategyMixin(_MixinBase):
                 and device, so that the next run skips profiling. ``None``: kept in memory only.
             measure_links: time point-to-point and all-reduce transfers at setup (about 0.1 s) and
                 plan with the measured bandwidths instead of the device preset's.
+            verify: on the first step, also run the whole step unpartitioned on each rank's batch
+                (same random streams) and compare the loss and every gradient; above
+                ``verify_tolerance`` (relative) every rank raises, with the largest difference named.
+            verify_tolerance: the largest relative difference ``verify`` accepts.
             fault_timeout: seconds a rank may show no sign of life (killed, frozen) before every
                 rank stops; a rank that raises stops the others within about a second.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
@@ -158,6 +164,8 @@ class _RaNNCStrategyMixin(_MixinBase):
             deployment=deployment,
             profile_cache=profile_cache,
             measure_links=measure_links,
+            verify=verify,
+            verify_tolerance=verify_tolerance,
             fault_timeout=fault_timeout,
             timeout=timeout,
         ).with_env_overrides()
@@ -333,6 +341,8 @@ class _RaNNCStrategyMixin(_MixinBase):
             max_blocks=self.max_blocks,
             profile_repeats=self.profile_repeats,
             deployment=self.deployment,
+            verify=self.config.verify,
+            verify_tolerance=self.config.verify_tolerance,
         )
 
     def _measured_links(self, options: EngineOptions, trainer: Any) -> EngineOptions:

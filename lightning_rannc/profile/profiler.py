@@ -20,7 +20,7 @@ from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.cost_model import BlockCost
 
-__all__ = ["profile_blocks", "run_graph", "find_no_grad_values"]
+__all__ = ["profile_blocks", "run_graph", "find_no_grad_values", "buffers_restored"]
 
 
 def run_graph(graph: StepGraph, leaves: Sequence[torch.Tensor], grad: bool = False) -> dict[fx.Node, Any]:
@@ -45,7 +45,7 @@ def profile_blocks(
     cut_bytes = graph.cut_bytes()
     # Profiling runs random ops (dropout) and updates buffers (BatchNorm statistics) many
     # times: keep the training RNG stream and the buffers as they were.
-    with torch.random.fork_rng(devices=devices), _buffers_restored(graph):
+    with torch.random.fork_rng(devices=devices), buffers_restored(graph):
         values = run_graph(graph, leaves)
         costs = [_profile_block(graph, values, a, b, cut_bytes[b], repeats) for a, b in spans]
     for tensor in graph.tensors.values():
@@ -131,7 +131,7 @@ def find_no_grad_values(graph: StepGraph, leaves: Sequence[torch.Tensor], bounda
     """
     leaving = [v for b in boundaries for v in graph.live_values(b)] + list(graph.outputs[1:])
     devices = [leaves[0].device] if leaves[0].device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _buffers_restored(graph):
+    with torch.random.fork_rng(devices=devices), buffers_restored(graph):
         values = run_graph(graph, leaves, grad=True)
         floats = [v for v in dict.fromkeys(leaving) if _is_float(values.get(v))]
         loss = values[graph.outputs[0]]
@@ -142,7 +142,7 @@ def find_no_grad_values(graph: StepGraph, leaves: Sequence[torch.Tensor], bounda
 
 
 @contextlib.contextmanager
-def _buffers_restored(graph: StepGraph) -> Iterator[None]:
+def buffers_restored(graph: StepGraph) -> Iterator[None]:
     buffers = [t for t in graph.tensors.values() if not isinstance(t, torch.nn.Parameter)]
     saved = [b.detach().clone() for b in buffers]
     try:

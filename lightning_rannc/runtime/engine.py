@@ -58,6 +58,7 @@ from lightning_rannc.runtime.state import (
     local_tensors,
     release_tensors,
 )
+from lightning_rannc.runtime.verify import Reference, check_against_reference, reference_step
 
 __all__ = ["EngineOptions", "PipelineEngine"]
 
@@ -100,6 +101,7 @@ class PipelineEngine:
         self._from_meta: bool | None = None
         self._node_names: list[str] = []
         self._cache = cache if cache is not None else ProfileCache()
+        self._reference: Reference | None = None
 
     @property
     def built(self) -> bool:
@@ -140,12 +142,28 @@ class PipelineEngine:
         self._optimizer_owner = shard_over_replicas(sizes, plan.num_replicas)
         if plan.num_microbatches != num_microbatches:  # the search chose another count than costed
             graph = self._capture_again(batch, plan.num_microbatches)
-        self._add_runtime(_shape_key(leaves), graph, plan.num_microbatches)
+        runtime = self._add_runtime(_shape_key(leaves), graph, plan.num_microbatches)
+        if self.options.verify:
+            self._reference = self._reference_step(graph, leaves, runtime, trainable)
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:
             for line in plan.summary():
                 log.info(line)
+
+    def _reference_step(
+        self, graph: StepGraph, leaves: list[torch.Tensor], runtime: PipelineRuntime, trainable: set[str]
+    ) -> Reference:
+        """The unpartitioned first step (``verify``), while this rank still holds every tensor."""
+        if self._from_meta:
+            raise RuntimeSetupError(
+                f"{type(self.module).__name__} was created on the meta device: no rank holds the whole module "
+                "to run the unpartitioned step that verify=True compares with. Verify a smaller configuration."
+            )
+        key = (self._seed, self._steps + 1, self._groups.dp_rank)
+        no_grad = runtime.plan.no_grad_values
+        names = self._local & trainable
+        return reference_step(graph, leaves, runtime.plan.num_microbatches, names, key, no_grad)
 
     def _min_microbatches(self) -> int:
         needs_fill = self.options.schedule in ("1f1b", "interleaved_1f1b") or self.options.virtual_stages > 1
@@ -369,6 +387,11 @@ class PipelineEngine:
         self._last_runtime = runtime
         self._steps += 1
         values = runtime.run(leaves, self._seed, self._steps, loss_scale)
+        if self._reference is not None:
+            grads = {self._names[id(p)]: g for p, g in runtime.pending_grads().items()}
+            reference, self._reference = self._reference, None
+            tolerance = self.options.verify_tolerance
+            check_against_reference(reference, float(values[0]), grads, self._groups, tolerance, loss_scale)
         self._share_written_buffers()
         return values
 

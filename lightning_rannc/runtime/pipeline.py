@@ -100,8 +100,10 @@ class PipelineRuntime:
         self._pending: Grads = {}
         self._loss_scale = 1.0
         self._params = list({id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}.values())
-        names = {id(p): n for m in self.modules for n, p in m.named_parameters()}
-        self._tied = [(group, [p for p in self._params if names[id(p)] in tied]) for group, tied in groups.tied]
+        by_name = {n: p for m in self.modules for n, p in m.named_parameters() if p.requires_grad}
+        # In the group's order (the same on every rank), not this rank's parameter order: the
+        # flat buffers of the ranks are summed element by element.
+        self._tied = [(group, [by_name[n] for n in tied if n in by_name]) for group, tied in groups.tied]
 
     @property
     def is_first(self) -> bool:
@@ -142,6 +144,11 @@ class PipelineRuntime:
         self._sum_tied(pending)
         self._pending = pending
         return self._share_outputs()
+
+    def pending_grads(self) -> Grads:
+        """The last step's gradients (averaged over replicas, tied copies summed), before
+        ``accumulate_grads`` hands them to the parameters."""
+        return self._pending
 
     def _take_grads(self) -> Grads:
         grads = {p: p.grad for p in self._params}

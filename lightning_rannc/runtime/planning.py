@@ -78,6 +78,9 @@ class EngineOptions:
     profile_repeats: int = 3
     deployment: str | None = None
     """A plan file: loaded when it exists (no profiling, no search), written otherwise."""
+    verify: bool = False
+    """Compare the first step with the unpartitioned step (``runtime/verify.py``)."""
+    verify_tolerance: float = 1e-3
 
     @property
     def device_spec(self) -> DeviceSpec:

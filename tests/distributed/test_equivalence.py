@@ -54,6 +54,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
         _run("drop_interleaved", "gpt_dropout", pipeline_stages=2, virtual_stages=2),
         _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, activation_checkpointing=True),
+        _run("drop_verified", "gpt_dropout", pipeline_stages=2, schedule="gpipe", verify=True, verify_tolerance=1e-5),
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
         _run("fp16", "gpt_fp16", pipeline_stages=2),
@@ -66,6 +67,8 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2),
+        # the first step also run unpartitioned on each replica and compared (it raises if not equal)
+        _run("s2d2_verified", "gpt_full", pipeline_stages=2, verify=True, verify_tolerance=1e-5),
     ],
 }
 LAYOUTS = [
@@ -229,6 +232,10 @@ def test_dropout_masks_are_reproducible_and_independent_of_schedule_and_split(pi
     torch.testing.assert_close(runs["drop_checkpointed"], runs["drop_gpipe"], rtol=1e-6, atol=0)
     final = [load_record(pipelined("2-dropout"), label, 0)["final_state"] for label in runs]
     assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0])
+    # verify=True ran the first step unpartitioned with the same masks (it raises otherwise), and
+    # left training exactly as it was
+    verified = load_record(pipelined("2-dropout"), "drop_verified", 0)
+    assert verified["losses"] == runs["drop_gpipe"]
 
 
 @pytest.mark.parametrize("case", ["gpt_bf16_mixed", "gpt_bf16_true"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -237,3 +238,29 @@ def test_memory_limit_nothing_fits_names_what_would(tmp_path: Path) -> None:
     with pytest.raises(lightning_rannc.PlanError, match=r"does not fit on 1 device\(s\).*at least [0-9.]+ GiB"):
         run_case("logging", tmp_path, strategy=RaNNCStrategy(micro_batches=2, memory_limit="1KB"), devices=1)
     torch.distributed.destroy_process_group()
+
+
+def test_verify_compares_the_first_step_with_the_unpartitioned_one(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lightning_rannc"):
+        _fit(LoggingMLP(), table_loader(), strategy=RaNNCStrategy(micro_batches=4, verify=True, verify_tolerance=1e-5))
+    line = next(r.message for r in caplog.records if r.message.startswith("verify:"))
+    assert float(line.split("gradients by at most ")[1].split(" ")[0]) < 1e-5
+
+
+def test_verify_names_the_parameter_whose_gradient_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_rannc.runtime.pipeline import PipelineRuntime
+
+    honest = PipelineRuntime.pending_grads
+
+    def off_by_a_tenth_for_the_last_layer(self):  # type: ignore[no-untyped-def]
+        grads = dict(honest(self))
+        for param in grads:
+            if param.shape == (4, 32):  # net.4.weight
+                grads[param] = grads[param] * 1.1
+        return grads
+
+    monkeypatch.setattr(PipelineRuntime, "pending_grads", off_by_a_tenth_for_the_last_layer)
+    with pytest.raises(
+        RuntimeSetupError, match=r"verify=True found a difference: .*gradients by at most 1\.0\de-01 .*`net\.4\.weight`"
+    ):
+        _fit(LoggingMLP(), table_loader(), strategy=RaNNCStrategy(micro_batches=4, verify=True))

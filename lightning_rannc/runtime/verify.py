@@ -1,0 +1,121 @@
+"""RaNNC's ``verify_partitioning``: the first step run unpartitioned and pipelined, compared.
+
+Before each rank frees the other stages' tensors, it runs the whole captured step on its own
+batch, micro-batch by micro-batch, with the same random streams the stages use (so dropout
+draws the same masks), and keeps the loss and the gradients of the parameters it holds. After
+the first pipelined step the two are compared on every rank; the largest differences are
+reported once and, above the tolerance, every rank raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lightning_rannc.capture.graph import StepGraph
+from lightning_rannc.capture.split import build_range_module
+from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.profile.profiler import buffers_restored
+from lightning_rannc.runtime.mesh import ProcessGroups
+from lightning_rannc.runtime.pipeline import SeededStage
+
+__all__ = ["Reference", "reference_step", "check_against_reference"]
+
+log = logging.getLogger("lightning_rannc")
+
+
+@dataclass
+class Reference:
+    """The unpartitioned step on this rank's batch: mean loss over micro-batches, and the
+    gradients of ``names`` (this rank's parameters)."""
+
+    loss: float
+    grads: dict[str, torch.Tensor]
+
+
+def reference_step(
+    graph: StepGraph,
+    leaves: Sequence[torch.Tensor],
+    num_microbatches: int,
+    names: Collection[str],
+    key: tuple[int, int, int],
+    no_grad: Collection[str] = (),
+) -> Reference:
+    """Run the whole ``graph`` over ``leaves`` split into ``num_microbatches``; ``key`` is
+    (seed, step, replica) of the random streams. Buffers and gradients are left as they were."""
+    device = leaves[0].device
+    stage = SeededStage(build_range_module(graph, 0, len(graph), detach=no_grad), key[2], device)
+    stage.start_step(key[0], key[1])
+    params = {n: graph.tensors[n] for n in sorted(names)}
+    held = {n: p.grad for n, p in params.items()}
+    for param in params.values():
+        param.grad = None
+    size = int(leaves[0].shape[0]) // num_microbatches
+    total = 0.0
+    with buffers_restored(graph):
+        for m in range(num_microbatches):
+            loss = stage(*[leaf[m * size : (m + 1) * size] for leaf in leaves])[0]
+            (loss / num_microbatches).backward()
+            total += float(loss.detach())
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in params.items()}
+    for name, param in params.items():
+        param.grad = held[name]
+    return Reference(total / num_microbatches, grads)
+
+
+def check_against_reference(
+    reference: Reference,
+    loss: float,
+    grads: Mapping[str, torch.Tensor | None],
+    groups: ProcessGroups,
+    tolerance: float,
+    loss_scale: float = 1.0,
+) -> None:
+    """Compare the pipelined step (``loss`` averaged over replicas, ``grads`` averaged over
+    replicas and scaled by ``loss_scale``) with ``reference``. Collective."""
+    ref_loss, ref_grads = _averaged_over_replicas(reference, groups)
+    worst_name, worst = "", 0.0
+    for name, ref in ref_grads.items():
+        grad = grads.get(name)
+        ours = grad.float() / loss_scale if grad is not None else torch.zeros_like(ref)
+        difference = float((ours - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+        if difference > worst:
+            worst_name, worst = name, difference
+    loss_difference = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
+    reports: list[tuple[float, str, float]] = [(0.0, "", 0.0)] * dist.get_world_size()
+    dist.all_gather_object(reports, (worst, worst_name, loss_difference))
+    _report(reports, tolerance)
+
+
+def _averaged_over_replicas(reference: Reference, groups: ProcessGroups) -> tuple[float, dict[str, torch.Tensor]]:
+    if groups.num_replicas == 1:
+        return reference.loss, reference.grads
+    grads = {}
+    for name, grad in sorted(reference.grads.items()):
+        total = grad.clone()
+        dist.all_reduce(total, group=groups.dp_group)
+        grads[name] = total / groups.num_replicas
+    loss = torch.tensor([reference.loss], dtype=torch.float64, device=next(iter(grads.values())).device)
+    dist.all_reduce(loss, group=groups.dp_group)
+    return float(loss) / groups.num_replicas, grads
+
+
+def _report(reports: list[tuple[float, str, float]], tolerance: float) -> None:
+    rank, (worst, name, _) = max(enumerate(reports), key=lambda item: item[1][0])
+    loss_difference = max(r[2] for r in reports)
+    line = (
+        f"verify: the pipelined first step against the unpartitioned one: loss differs by {loss_difference:.2e}, "
+        f"gradients by at most {worst:.2e} (relative, `{name or '-'}` on rank {rank}); tolerance {tolerance:g}"
+    )
+    if dist.get_rank() == 0:
+        log.info(line)
+    if worst > tolerance or loss_difference > tolerance:
+        raise RuntimeSetupError(
+            line.replace("verify: ", "verify=True found a difference: ")
+            + ". The partitioned step does not compute what your training_step does: please report it with "
+            "the plan printed above."
+        )
