@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ class PipelineEngine:
         leaves, _ = flatten_batch(batch, self.where)
         batch_size = batch_size_of(leaves, self.where)
         num_microbatches = reference_microbatches(batch_size, self.options.num_microbatches, self._min_microbatches())
+        if self.options.num_microbatches is not None:
+            _warn_if_adjusted(batch_size, self.options.num_microbatches, num_microbatches)
         on_meta = self._from_meta = self.from_meta
         if on_meta:
             captured, graph, plan = self._plan_on_meta(batch, num_microbatches)
@@ -355,7 +358,9 @@ class PipelineEngine:
         if key in self._runtimes:
             return self._runtimes[key]
         assert self.plan is not None
-        num_microbatches = self.plan.microbatches_for(batch_size_of(leaves, self.where))
+        batch_size = batch_size_of(leaves, self.where)
+        num_microbatches = self.plan.microbatches_for(batch_size)
+        _warn_if_adjusted(batch_size, self.plan.num_microbatches, num_microbatches)
         log.debug("batch %d has shapes %s: capturing the step for them", batch_idx, key)
         graph = self._capture_again(batch, num_microbatches)
         return self._add_runtime(key, graph, num_microbatches)
@@ -468,6 +473,16 @@ class PipelineEngine:
         assert self._captured is not None
         values = gather_tensors(local_tensors(self._captured.tensors, sorted(self._owned)), None)
         install_tensors(self.module, self._captured.aliases, values, self.device)
+
+
+def _warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:
+    if used != requested:
+        warnings.warn(
+            f"RaNNCStrategy: a batch of {batch_size} sample(s) runs as {used} micro-batch(es) of "
+            f"{batch_size // used}, not {requested}: micro-batches must all have one shape. Use a batch size "
+            f"that {requested} divides (and drop_last=True) to keep the planned count.",
+            stacklevel=3,
+        )
 
 
 def _shape_key(leaves: list[torch.Tensor]) -> ShapeKey:
