@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,7 @@ class PipelineEngine:
         )
         if options.num_microbatches is not None:  # the count that divides this batch
             settings = dataclasses.replace(settings, micro_batches=num_microbatches)
+        started = time.perf_counter()
         result = search_plan(
             costs,
             reference_microbatch_size=microbatch_size,
@@ -325,6 +327,7 @@ class PipelineEngine:
             tensors=tensor_table(graph.tensors),
             graph_fingerprint=graph.fingerprint(),
         )
+        log.info("searched %d candidate plans in %.2f s", len(result.candidates), time.perf_counter() - started)
         return result.plan
 
     def _check_written_buffers(self, plan: PartitionPlan, graph: StepGraph) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,14 @@ def block_costs(
     if costs is not None:
         log.debug("block costs of graph %s from the profile cache", graph.fingerprint())
         return costs
+    started = time.perf_counter()
     if analytic:
         costs = estimate_blocks(graph, micro_leaves, spans, device=device)
     else:
         costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
     cache.store(key, costs)
+    how = f"estimated for {device.name}" if analytic else "profiled"
+    log.info("%s %d blocks of %d nodes in %.1f s", how, len(spans), len(graph), time.perf_counter() - started)
     return costs
 
 
@@ -217,6 +221,7 @@ def choose_layout(
     num_microbatches = reference_microbatches(size, options.num_microbatches, 1)
     with _captured_for_costs(module, batch, num_microbatches, where, device) as (graph, micro, analytic):
         costs = block_costs(graph, micro, options, cache, analytic)
+        started = time.perf_counter()
         result = search_plan(
             costs,
             reference_microbatch_size=size // num_microbatches,
@@ -224,6 +229,7 @@ def choose_layout(
             tensors=tensor_table(graph.tensors),
             graph_fingerprint=graph.fingerprint(),
         )
+    log.info("searched %d candidate plans in %.2f s", len(result.candidates), time.perf_counter() - started)
     plan = result.plan
     return Layout(plan.pipeline_degree, plan.num_replicas, _describe(result, size), plan)
 
@@ -233,11 +239,14 @@ def _captured_for_costs(
     module: nn.Module, batch: Any, num_microbatches: int, where: str, device: torch.device
 ) -> Iterator[tuple[StepGraph, list[torch.Tensor], bool]]:
     """The graph and micro-batch to cost: real ones, or fake ones for a module on the meta device."""
+    started = time.perf_counter()
     if any(t.is_meta for t in module_tensors(module).values()):
         with fake_capture(module, batch, num_microbatches, where, device) as (_, graph, micro):
+            log.info("captured the step on fake tensors in %.1f s", time.perf_counter() - started)
             yield graph, micro, True
         return
     _, graph = capture_micro(module, batch, num_microbatches, where)
+    log.info("captured the step in %.1f s (%d nodes)", time.perf_counter() - started, len(graph))
     leaves, _ = flatten_batch(batch, where)
     size = batch_size_of(leaves, where) // num_microbatches
     yield graph, [leaf[:size] for leaf in leaves], False

@@ -129,3 +129,13 @@ def test_searched_micro_batch_counts_respect_the_bounds() -> None:
         options = _options(memory_limit=10**6, checkpointing=None, **bounds)
         bounded = choose_layout(model, batch, options, 4, _CPU, cache)
         assert bounded.plan is not None and bounded.plan.num_microbatches <= 2
+
+
+def test_planning_reports_each_phase_with_its_time(caplog: pytest.LogCaptureFixture) -> None:
+    model, batch = _gpt_and_batch()
+    with caplog.at_level(logging.INFO, logger="lightning_rannc"):
+        choose_layout(model, batch, _options(), 2, _CPU, ProfileCache())
+    lines = [r.message for r in caplog.records]
+    for start in ("captured the step in ", "profiled ", "searched "):
+        line = next(x for x in lines if x.startswith(start))
+        assert float(line.split(" in ")[1].split(" s")[0]) >= 0
