@@ -4,6 +4,7 @@
         --device-memory 80GB --batch-size 512 --init-args '{"layers": 48}' --output plan.json
     python -m lightning_rannc plan benchmarks/models.py:GPTLM --devices 8 --chart step.png --trace step.json
     python -m lightning_rannc show plan.json
+    python -m lightning_rannc consolidate checkpoints/last.ckpt last_full.ckpt
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lightning_rannc", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(required=True, metavar="{plan,show}")
+    commands = parser.add_subparsers(required=True, metavar="{plan,show,consolidate}")
     plan = commands.add_parser("plan", help="plan a LightningModule built on the meta device (dry run)")
     plan.add_argument("target", help="MODULE_OR_FILE:ClassName of a LightningModule with a train_dataloader()")
     plan.add_argument("--init-args", default="{}", help="JSON object of keyword arguments for the class")
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a saved plan as a table")
     show.add_argument("plan", help="a plan.json written by `plan` or by RaNNCStrategy(deployment=...)")
     show.set_defaults(run=_show)
+    merge = commands.add_parser("consolidate", help="turn a sharded checkpoint directory into one checkpoint file")
+    merge.add_argument("checkpoint", help="a directory written with RaNNCStrategy(state_dict_type='sharded')")
+    merge.add_argument("output", help="the checkpoint file to write (plain Lightning loads it)")
+    merge.set_defaults(run=_consolidate)
     return parser
 
 
@@ -123,6 +128,14 @@ def _write_pictures(args: argparse.Namespace, result: SearchResult, title: str) 
     if args.trace:
         write_trace(result.plan, result.times, args.trace)
         print(f"wrote {args.trace}")
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from lightning_rannc.runtime.checkpoint import consolidate
+
+    consolidate(args.checkpoint, args.output)
+    print(f"wrote {args.output}")
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:

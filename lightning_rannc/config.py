@@ -59,6 +59,9 @@ class RaNNCConfig:
     """Timed runs per block when profiling."""
     deployment: str | None = None
     """A plan file to reuse, or to write at the first run."""
+    state_dict_type: str = "full"
+    """Checkpoints: ``"full"`` (one file, gathered on rank 0) or ``"sharded"`` (a directory, each
+    rank writing its own tensors)."""
     profile_cache: str | None = None
     """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
     measure_links: bool = True
@@ -93,6 +96,8 @@ class RaNNCConfig:
             raise ValueError(f"RaNNCStrategy(memory_margin={self.memory_margin!r}): use a fraction in [0, 1).")
         if self.device_preset is not None:
             get_device(self.device_preset)
+        if self.state_dict_type not in ("full", "sharded"):
+            raise ValueError(f"RaNNCStrategy(state_dict_type={self.state_dict_type!r}): use 'full' or 'sharded'.")
         if self.fault_timeout <= 0:
             raise ValueError(f"RaNNCStrategy(fault_timeout={self.fault_timeout!r}): use positive seconds.")
         if self.timeout <= 0:

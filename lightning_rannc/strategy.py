@@ -14,6 +14,7 @@ import logging
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.devices import parse_bytes
 from lightning_rannc.profile.cache import ProfileCache
+from lightning_rannc.runtime.checkpoint import integer_state_keys, is_sharded, load_sharded, save_sharded
 from lightning_rannc.runtime.engine import PipelineEngine
 from lightning_rannc.runtime.links import apply_links, measure_links
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
@@ -78,6 +80,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         max_blocks: int = 64,
         profile_repeats: int = 3,
         deployment: str | None = None,
+        state_dict_type: str = "full",
         profile_cache: str | None = None,
         measure_links: bool = True,
         verify: bool = False,
@@ -123,6 +126,9 @@ class _RaNNCStrategyMixin(_MixinBase):
             deployment: path of a plan file (RaNNC's deployment). If it exists it is used without
                 profiling or search (and refused if it was made for another graph, layout or
                 batch size); otherwise the new plan is written there.
+            state_dict_type: ``"full"``: checkpoints are one file, gathered on rank 0, that plain
+                Lightning loads; ``"sharded"``: a directory where each rank writes the tensors it
+                holds, without any gather (``python -m lightning_rannc consolidate`` makes it one file).
             profile_cache: directory where measured block costs are kept, keyed by graph, shapes
                 and device, so that the next run skips profiling. ``None``: kept in memory only.
             measure_links: time point-to-point and all-reduce transfers at setup (about 0.1 s) and
@@ -162,6 +168,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             max_blocks=max_blocks,
             profile_repeats=profile_repeats,
             deployment=deployment,
+            state_dict_type=state_dict_type,
             profile_cache=profile_cache,
             measure_links=measure_links,
             verify=verify,
@@ -538,11 +545,15 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    @property
+    def _sharded(self) -> bool:
+        return self.config.state_dict_type == "sharded"
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self._engine is None or not self._engine.built:
             return super().lightning_module_state_dict()  # type: ignore[misc]
-        return self._engine.full_state_dict(dst=0)
+        return self._engine.local_state_dict() if self._sharded else self._engine.full_state_dict(dst=0)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
@@ -550,7 +561,22 @@ class _RaNNCStrategyMixin(_MixinBase):
         if self._engine is None or not self._engine.built:
             return super().optimizer_state(optimizer)  # type: ignore[misc]
         index = [getattr(o, "_optimizer", o) for o in self.optimizers].index(optimizer)
+        if self._sharded:
+            return self._engine.local_optimizer_state(optimizer, index)
         return self._engine.full_optimizer_state(optimizer, index, dst=0)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if not self._sharded:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        save_sharded(checkpoint, Path(self.broadcast(str(filepath))), self.is_global_zero)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # The module is whole on every rank until the first batch: each rank reads every tensor.
+        if is_sharded(checkpoint_path):
+            return load_sharded(checkpoint_path)
+        return integer_state_keys(super().load_checkpoint(checkpoint_path, weights_only))  # type: ignore[misc]
 
     # --- collectives --------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from lightning_rannc.runtime.optim import (
     clip_grad_norm,
     gather_optimizer_state,
     keep_local_params,
+    local_optimizer_state,
     shard_over_replicas,
 )
 from lightning_rannc.runtime.pipeline import PipelineRuntime
@@ -470,6 +471,17 @@ class PipelineEngine:
 
     def full_optimizer_state(self, optimizer: Optimizer, index: int, dst: int) -> dict[str, Any]:
         return gather_optimizer_state(optimizer, self._layouts[index], self._names, dst)
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the module's state dict, under the module's keys: the tensors it
+        contributes to a gathered one (its stages', on the first replica), for sharded checkpoints."""
+        assert self._captured is not None
+        tensors = local_tensors(self._captured.tensors, sorted(self._owned))
+        aliases = self._captured.aliases
+        return {key: tensors[aliases[key]] for key in self._captured.state_dict_keys if aliases[key] in tensors}
+
+    def local_optimizer_state(self, optimizer: Optimizer, index: int) -> dict[str, Any]:
+        return local_optimizer_state(optimizer, self._layouts[index], self._names)
 
     def materialize(self) -> None:
         """Give every rank the whole module again (for evaluation and after fit). Collective."""

@@ -23,6 +23,7 @@ from lightning_rannc.runtime.state import gather_tensors
 __all__ = [
     "keep_local_params",
     "gather_optimizer_state",
+    "local_optimizer_state",
     "shard_over_replicas",
     "broadcast_from_owners",
     "clip_grad_norm",
@@ -105,6 +106,20 @@ def gather_optimizer_state(
         dst: the rank that receives the full state.
     """
     local = optimizer.state_dict()
+    merged = gather_tensors(_state_by_name(optimizer, local, names), dst)  # type: ignore[arg-type]
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != dst:
+        return {}
+    return _full_state(local["param_groups"], layout, merged)
+
+
+def local_optimizer_state(optimizer: Optimizer, layout: list[list[str]], names: Mapping[int, str]) -> dict[str, Any]:
+    """This rank's share of the full optimizer state dict: the full dict's structure and indices,
+    with state only for the parameters this rank's optimizer updates (for sharded checkpoints)."""
+    local = optimizer.state_dict()
+    return _full_state(local["param_groups"], layout, _state_by_name(optimizer, local, names))
+
+
+def _state_by_name(optimizer: Optimizer, local: dict[str, Any], names: Mapping[int, str]) -> dict[str, Any]:
     by_name: dict[str, Any] = {}
     index = 0
     for group in optimizer.param_groups:
@@ -112,10 +127,7 @@ def gather_optimizer_state(
             if index in local["state"]:
                 by_name[names[id(param)]] = _to_cpu(local["state"][index])
             index += 1
-    merged = gather_tensors(by_name, dst)  # type: ignore[arg-type]
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != dst:
-        return {}
-    return _full_state(local["param_groups"], layout, merged)
+    return by_name
 
 
 def _full_state(groups: list[dict[str, Any]], layout: list[list[str]], merged: Mapping[str, Any]) -> dict[str, Any]:

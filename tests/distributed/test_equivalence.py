@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lightning_rannc import PartitionPlan, RaNNCStrategy
+from lightning_rannc.__main__ import main as main_cli
 
 from _dist import run_script
 from cases import load_record, run_case
@@ -347,3 +348,36 @@ def test_resuming_gives_one_devices_losses_from_any_world_size(tmp_path: Path) -
     half, plain_half = _checkpoint(tmp_path, "half"), _checkpoint(tmp_path, "plain_half")
     assert half["global_step"] == plain_half["global_step"] == 3
     assert half["lr_schedulers"] == plain_half["lr_schedulers"]
+
+
+def test_sharded_checkpoints_are_written_without_a_gather_and_consolidate_to_one_devices(tmp_path: Path) -> None:
+    """``state_dict_type="sharded"`` on 2 stages x 2 replicas: each rank writes its own tensors;
+    the directory consolidates into the checkpoint plain Lightning writes, and resuming from the
+    directory (on 2 processes) continues as plain Lightning resuming its own."""
+    run_case("gpt_full", tmp_path, label="plain_half", devices=1, max_steps=3, batch_scale=2)
+    run_case("gpt_full", tmp_path, label="plain_resumed", devices=1, batch_scale=2,
+             ckpt_path=tmp_path / "plain_half.ckpt")  # fmt: skip
+    sharded = {"pipeline_stages": 2, "state_dict_type": "sharded"}
+    four = [{"label": "sharded_half", "case": "gpt_full", "strategy": sharded, "trainer": {"max_steps": 3}}]
+    run_script("run_pipelined.py", str(tmp_path), "4", json.dumps(four), timeout=400)
+    directory = tmp_path / "sharded_half.ckpt"
+    shards = sorted(directory.glob("*.distcp"))
+    assert directory.is_dir() and len(shards) == 4 and (directory / "meta.pt").is_file()
+    total = sum(s.stat().st_size for s in shards)
+    assert all(0 < s.stat().st_size < 0.75 * total for s in shards)  # every rank wrote a share, none the whole
+    assert main_cli(["consolidate", str(directory), str(tmp_path / "merged.ckpt")]) == 0
+    merged, plain = _checkpoint(tmp_path, "merged"), _checkpoint(tmp_path, "plain_half")
+    assert sorted(merged["state_dict"]) == sorted(plain["state_dict"])  # the same keys (in its own order)
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(merged["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    ours_state, plain_state = merged["optimizer_states"][0], plain["optimizer_states"][0]
+    assert ours_state["param_groups"] == plain_state["param_groups"]
+    assert ours_state["state"].keys() == plain_state["state"].keys()
+    for index, state in plain_state["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(ours_state["state"][index][key], value, rtol=1e-5, atol=1e-6)
+    assert merged["global_step"] == 3 and merged["lr_schedulers"] == plain["lr_schedulers"]
+    resume = [{"label": "sharded_resumed", "case": "gpt_full", "strategy": sharded, "resume": str(directory)}]
+    run_script("run_pipelined.py", str(tmp_path), "4", json.dumps(resume), timeout=400)
+    ours, ref = load_record(tmp_path, "sharded_resumed", 0), load_record(tmp_path, "plain_resumed", 0)
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
