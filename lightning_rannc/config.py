@@ -66,6 +66,11 @@ class RaNNCConfig:
     """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
     measure_links: bool = True
     """Time point-to-point and all-reduce transfers at setup and plan with the measured bandwidths."""
+    trace: str | None = None
+    """Path of a Chrome trace of the runtime's events (per rank: forward and backward of each
+    micro-batch, collectives, optimizer step), written by rank 0 at the end of ``fit``."""
+    trace_steps: int = 5
+    """Training steps the trace records (the first ones)."""
     verify: bool = False
     """Run the first step unpartitioned too and compare loss and gradients (RaNNC's
     ``verify_partitioning``); raise on every rank above ``verify_tolerance``."""
@@ -78,7 +83,8 @@ class RaNNCConfig:
     """Seconds a collective may wait."""
 
     def __post_init__(self) -> None:
-        for name in ("virtual_stages", "max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size"):
+        positive = ("virtual_stages", "max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size")
+        for name in (*positive, "trace_steps"):
             _check_positive(name, getattr(self, name))
         if self.pipeline_stages not in (None, "auto"):
             _check_positive("pipeline_stages", self.pipeline_stages, "or 'auto' or None")

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import time
 from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -44,6 +45,7 @@ from lightning_rannc.runtime.engine import PipelineEngine
 from lightning_rannc.runtime.links import apply_links, measure_links
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 from lightning_rannc.runtime.planning import EngineOptions, Layout, choose_layout
+from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.watchdog import Watchdog
 
 __all__ = ["RaNNCStrategy"]
@@ -83,6 +85,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         state_dict_type: str = "full",
         profile_cache: str | None = None,
         measure_links: bool = True,
+        trace: str | None = None,
+        trace_steps: int = 5,
         verify: bool = False,
         verify_tolerance: float = 1e-3,
         fault_timeout: float = 60.0,
@@ -133,6 +137,10 @@ class _RaNNCStrategyMixin(_MixinBase):
                 and device, so that the next run skips profiling. ``None``: kept in memory only.
             measure_links: time point-to-point and all-reduce transfers at setup (about 0.1 s) and
                 plan with the measured bandwidths instead of the device preset's.
+            trace: path of a Chrome/Perfetto trace of what each rank did in the first ``trace_steps``
+                steps (forward and backward of each micro-batch per stage, collectives, optimizer
+                step), written by rank 0 at the end of ``fit``.
+            trace_steps: how many training steps ``trace`` records.
             verify: on the first step, also run the whole step unpartitioned on each rank's batch
                 (same random streams) and compare the loss and every gradient; above
                 ``verify_tolerance`` (relative) every rank raises, with the largest difference named.
@@ -171,6 +179,8 @@ class _RaNNCStrategyMixin(_MixinBase):
             state_dict_type=state_dict_type,
             profile_cache=profile_cache,
             measure_links=measure_links,
+            trace=trace,
+            trace_steps=trace_steps,
             verify=verify,
             verify_tolerance=verify_tolerance,
             fault_timeout=fault_timeout,
@@ -193,6 +203,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._profile_cache = ProfileCache(config.profile_cache)
         self._chosen_stages: int | None = None
         self._watchdog: Watchdog | None = None
+        self._trace: EventTrace | None = None
+        self._closure_end = 0.0
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=config.timeout)
         self._start_method = start_method
@@ -320,6 +332,8 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._choose_layout(trainer, options)
         options = dataclasses.replace(options, pipeline_degree=self.pipeline_degree, num_replicas=self.num_replicas)
         self._groups = build_process_groups(self.pipeline_degree, self.num_replicas, self.global_rank, self.root_device)
+        if self.config.trace is not None and trainer.state.fn == "fit":
+            self._trace = EventTrace(self.global_rank, self.config.trace_steps)
         self._engine = PipelineEngine(
             self.lightning_module,
             options,
@@ -327,6 +341,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             device=self.root_device,
             groups=self._groups,
             cache=self._profile_cache,
+            trace=self._trace,
         )
 
     def _engine_options(self) -> EngineOptions:
@@ -481,11 +496,14 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._engine.accumulate_grads(1.0 / self.lightning_module.trainer.accumulate_grad_batches)
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
+        self._closure_end = time.perf_counter()
         return closure_loss
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._trace is not None:  # the closure (the step itself) ended in `backward`
+            self._trace.interval("optimizer step", "optimizer", self._closure_end, time.perf_counter())
         if self._engine is not None and self._engine.built:
             self._engine.after_optimizer_step()
         return output
@@ -539,6 +557,11 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def on_train_end(self) -> None:
+        if self._trace is not None and self.config.trace is not None:
+            self._trace.write(self.config.trace)
+            if self.is_global_zero:
+                log.info("wrote the runtime trace %s", self.config.trace)
+            self._trace = None
         # A module built on the meta device may not fit one device: it stays partitioned.
         if self._engine is not None and not self._engine.from_meta:
             self._materialize()

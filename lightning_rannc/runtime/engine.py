@@ -61,6 +61,7 @@ from lightning_rannc.runtime.state import (
     local_tensors,
     release_tensors,
 )
+from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.verify import Reference, check_against_reference, reference_step
 
 __all__ = ["EngineOptions", "PipelineEngine"]
@@ -81,6 +82,7 @@ class PipelineEngine:
         device: torch.device,
         groups: ProcessGroups,
         cache: ProfileCache | None = None,
+        trace: EventTrace | None = None,
     ) -> None:
         self.module = module
         self.options = options
@@ -105,6 +107,7 @@ class PipelineEngine:
         self._node_names: list[str] = []
         self._cache = cache if cache is not None else ProfileCache()
         self._reference: Reference | None = None
+        self._trace = trace
 
     @property
     def built(self) -> bool:
@@ -353,7 +356,7 @@ class PipelineEngine:
 
     def _add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
         plan = self._plan_for(graph, num_microbatches)
-        runtime = PipelineRuntime(graph, plan, self.rank, self.device, self._groups)
+        runtime = PipelineRuntime(graph, plan, self.rank, self.device, self._groups, self._trace)
         self._runtimes[key] = runtime
         return runtime
 
@@ -395,6 +398,8 @@ class PipelineEngine:
         runtime = self._runtime_for(batch, leaves, batch_idx)
         self._last_runtime = runtime
         self._steps += 1
+        if self._trace is not None:
+            self._trace.start_step()
         values = runtime.run(leaves, self._seed, self._steps, loss_scale)
         if self._reference is not None:
             grads = {self._names[id(p)]: g for p, g in runtime.pending_grads().items()}

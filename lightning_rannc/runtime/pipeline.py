@@ -14,6 +14,7 @@ accumulation and zero-grad hooks keep their meaning.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
+from lightning_rannc.runtime.trace import EventTrace
 
 __all__ = ["PipelineRuntime", "SeededStage"]
 
@@ -77,9 +79,16 @@ class PipelineRuntime:
     """This rank's stages of ``plan`` for one batch shape, ready to run steps."""
 
     def __init__(
-        self, graph: StepGraph, plan: PartitionPlan, rank: int, device: torch.device, groups: ProcessGroups
+        self,
+        graph: StepGraph,
+        plan: PartitionPlan,
+        rank: int,
+        device: torch.device,
+        groups: ProcessGroups,
+        trace: EventTrace | None = None,
     ) -> None:
         self.plan = plan
+        self._trace = trace
         self.device = device
         self.groups = groups
         self.num_outputs = len(graph.outputs)
@@ -96,6 +105,8 @@ class PipelineRuntime:
             for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))
         ]
         self._schedule = _build_schedule(plan, self._stages, self._loss_fn)
+        for stage in self._stages if trace is not None else ():
+            trace.watch_stage(stage)  # type: ignore[union-attr]
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
         self._loss_scale = 1.0
@@ -140,10 +151,16 @@ class PipelineRuntime:
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
-        self._average_over_replicas(pending)
-        self._sum_tied(pending)
+        with self._span("gradient average over replicas"):
+            self._average_over_replicas(pending)
+        with self._span("tied-weight gradient sum"):
+            self._sum_tied(pending)
         self._pending = pending
-        return self._share_outputs()
+        with self._span("loss and logged values shared"):
+            return self._share_outputs()
+
+    def _span(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._trace.span(name, "collective") if self._trace is not None else contextlib.nullcontext()
 
     def pending_grads(self) -> Grads:
         """The last step's gradients (averaged over replicas, tied copies summed), before

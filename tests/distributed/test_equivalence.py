@@ -381,3 +381,25 @@ def test_sharded_checkpoints_are_written_without_a_gather_and_consolidate_to_one
     run_script("run_pipelined.py", str(tmp_path), "4", json.dumps(resume), timeout=400)
     ours, ref = load_record(tmp_path, "sharded_resumed", 0), load_record(tmp_path, "plain_resumed", 0)
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+
+
+def test_runtime_trace_has_every_forward_and_backward_of_every_rank(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.json"
+    strategy = {"pipeline_stages": 2, "micro_batches": 4, "schedule": "1f1b", "trace": str(trace), "trace_steps": 3}
+    runs = [{"label": "traced", "case": "gpt_full", "strategy": strategy}]
+    run_script("run_pipelined.py", str(tmp_path), "2", json.dumps(runs), timeout=300)
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {0: "rank 0", 1: "rank 1"}
+    timed = [e for e in events if e["ph"] == "X"]
+    assert all(e["ts"] >= 0 and e["dur"] > 0 for e in timed)
+    for rank in (0, 1):
+        mine = [e for e in timed if e["pid"] == rank]
+        for kind in ("F", "B"):  # 3 steps x 4 micro-batches, each once, on this rank's stage
+            done = sorted((e["args"]["step"], e["args"]["micro_batch"]) for e in mine if e["name"][0] == kind)
+            assert done == [(step, m) for step in (1, 2, 3) for m in range(4)]
+            assert {e["args"]["stage"] for e in mine if e["name"][0] == kind} == {rank}
+        compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in mine if e["tid"] == 0)
+        assert all(a[1] <= b[0] + 0.5 for a, b in zip(compute, compute[1:]))  # one stage runs one thing at a time
+        assert [e["args"]["step"] for e in mine if e["name"] == "tied-weight gradient sum"] == [1, 2, 3]
+        assert [e["args"]["step"] for e in mine if e["name"] == "optimizer step"] == [2]  # accumulates 2 batches
