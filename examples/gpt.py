@@ -11,19 +11,20 @@ the command line::
 
 from __future__ import annotations
 
-import argparse
-import time
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import lightning_rannc  # noqa: F401  (registers strategy="rannc")
-from lightning_rannc import RaNNCConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import CONFIGS, read_config, train  # noqa: E402
 
 
 class Block(nn.Module):
@@ -105,35 +106,12 @@ def make_dataloader(batch_size: int, seq_len: int, vocab_size: int, size: int = 
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt_cpu.yaml"
+def _loader(model: GPT, batch_size: int, size: int) -> DataLoader:
+    return make_dataloader(batch_size, model.hparams.seq_len, model.hparams.vocab_size, size)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="OmegaConf YAML (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.devices=3 model.layers=6")
-    args = parser.parse_args()
-    config = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
-
-    L.seed_everything(0)
-    model = GPT(**config.model)
-    trainer = L.Trainer(
-        # The schema type-checks the YAML's strategy section and names a wrong key or value.
-        strategy=lightning_rannc.RaNNCStrategy(**OmegaConf.merge(OmegaConf.structured(RaNNCConfig), config.strategy)),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **config.trainer,
-    )
-    loader = make_dataloader(config.data.batch_size, model.hparams.seq_len, model.hparams.vocab_size, config.data.size)
-    start = time.perf_counter()
-    trainer.fit(model, loader)
-    elapsed = time.perf_counter() - start
-    if trainer.is_global_zero:
-        steps, batch = trainer.global_step, config.data.batch_size
-        print(f"final train_loss {float(trainer.callback_metrics['train_loss']):.4f} after {steps} steps")
-        print(f"throughput {steps * batch / elapsed:.1f} samples/s (setup included: capture, profile, plan)")
+    train(read_config(__doc__, CONFIGS / "gpt_cpu.yaml"), GPT, _loader)
 
 
 if __name__ == "__main__":
