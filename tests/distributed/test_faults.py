@@ -6,9 +6,12 @@ watchdog, not a timeout, ended the waiting rank.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from _dist import run_script
 
@@ -43,3 +46,19 @@ def test_a_rank_that_raises_stops_every_rank_and_its_error_shows_once(mode: str,
 def test_a_killed_rank_stops_the_others_within_the_fault_timeout() -> None:
     out, elapsed = _fail("kill")
     assert elapsed < 60, out[-3000:]  # fault_timeout is 15 s; the collectives would wait 600 s
+
+
+def test_after_a_sigkill_resuming_from_last_continues_as_if_nothing_happened(tmp_path: Path) -> None:
+    run_script("killed_and_resumed.py", str(tmp_path / "straight"), "straight", timeout=180)
+    killed = tmp_path / "killed"
+    started = time.monotonic()
+    result = run_script("killed_and_resumed.py", str(killed), "killed", timeout=180, check=False)
+    assert result.returncode != 0 and time.monotonic() - started < 60
+    assert (killed / "ckpt" / "last.ckpt").is_file()  # written at step 4, before the kill
+    run_script("killed_and_resumed.py", str(killed), "resumed", timeout=180)
+    straight = json.loads((tmp_path / "straight" / "straight.json").read_text())
+    resumed = json.loads((killed / "resumed.json").read_text())
+    assert len(straight["losses"]) == 8 and len(resumed["losses"]) == 4
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(straight["losses"][4:]), rtol=1e-6, atol=0)
+    for key, value in straight["weights"].items():
+        torch.testing.assert_close(torch.tensor(resumed["weights"][key]), torch.tensor(value), rtol=1e-6, atol=0)

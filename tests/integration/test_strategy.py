@@ -307,3 +307,29 @@ def test_a_nan_loss_is_logged_and_training_goes_on_as_in_lightning() -> None:
     ref = _losses(LoggingMLP(), loader, max_steps=4, strategy="auto")
     assert len(ours) == 4 and torch.isnan(torch.tensor(ours[1:])).all()
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full checkpoints go through Lightning's checkpoint IO, which writes a temporary file and
+    renames it when complete: a crash mid-write must not leave a file that loads."""
+    from fsspec.implementations.local import LocalFileOpener
+
+    trainer = _trainer()
+    trainer.fit(LoggingMLP(), table_loader())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    before = torch.load(path, weights_only=False)["global_step"]
+    written = LocalFileOpener.write
+
+    def half_then_crash(self, data):  # type: ignore[no-untyped-def]
+        written(self, data[: len(data) // 2])
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(LocalFileOpener, "write", half_then_crash)
+    with pytest.raises(OSError, match="disk gone"):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["global_step"] == before  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no half-written file under the name
