@@ -123,3 +123,16 @@ def test_buffers_updated_in_place_are_recorded_and_parameters_refused() -> None:
     module.training_step = step.__get__(module)
     with pytest.raises(CaptureError, match="changes the parameter `layer.bias` in place"):
         capture_training_step(module, torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda self, b, i: self.layer(b).sum() * float(b.sum().item()),  # a Python number from a tensor
+        lambda self, b, i: self.layer(b).sum() * float(b.sum().numpy()),  # numpy on a tensor
+    ],
+    ids=["item", "numpy"],
+)
+def test_values_taken_out_of_the_graph_are_refused_naming_the_step(step) -> None:
+    with pytest.raises(CaptureError, match=r"Could not capture `_Step.training_step` \(.*test_capture.py:\d+\)"):
+        _capture_step(step)
