@@ -8,15 +8,17 @@ from lightning_rannc.plan.plan import PartitionPlan
 
 __all__ = ["format_plan"]
 
-_MEMORY_KINDS = ("params", "grads", "optimizer", "activations", "total")
+_MEMORY_KINDS = {"params": "param", "grads": "grads", "optimizer": "optim", "activations": "activ", "buffers": "comm"}
+_MEMORY_KINDS["total"] = "total"
 
 
 def format_plan(plan: PartitionPlan) -> str:
     """Per stage: ranks, module span, parameters, times, memory; then the step prediction."""
     header = ["stage", "ranks", "modules", "params", "fwd ms", "bwd ms", "ckpt"]
     has_memory = all(s.memory for s in plan.stages)
+    unit, scale = _memory_unit(plan) if has_memory else ("GiB", 2**30)
     if has_memory:
-        header += [f"{k[:5]} GiB" for k in _MEMORY_KINDS]
+        header += [f"{label} {unit}" for label in _MEMORY_KINDS.values()]
     rows = [header]
     for stage in plan.stages:
         row = [
@@ -29,9 +31,15 @@ def format_plan(plan: PartitionPlan) -> str:
             "yes" if stage.checkpoint else "no",
         ]
         if has_memory:
-            row += [f"{stage.memory[k] / 2**30:.2f}" for k in _MEMORY_KINDS]
+            row += [f"{stage.memory.get(k, 0) / scale:.2f}" for k in _MEMORY_KINDS]
         rows.append(row)
     return "\n".join([_summary(plan), *_table(rows), *_footer(plan)])
+
+
+def _memory_unit(plan: PartitionPlan) -> tuple[str, int]:
+    """GiB, or MiB when no stage needs a GiB (a small model's table would read 0.00 throughout)."""
+    largest = max(s.memory.get("total", 0) for s in plan.stages)
+    return ("GiB", 2**30) if largest >= 2**30 else ("MiB", 2**20)
 
 
 def _summary(plan: PartitionPlan) -> str:

@@ -15,7 +15,9 @@ def test_gpt_example_trains_on_two_processes_and_prints_plan_and_throughput() ->
     result = run_script(EXAMPLE, "trainer.max_steps=4", "model.layers=2", "data.size=128", timeout=240)
     out = result.stdout
     assert "plan: 2 stage(s) x 1 replica(s), 4 micro-batch(es) of 4, schedule=1f1b" in out
-    assert "stage 0 ranks=[0]" in out and "stage 1 ranks=[1]" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert [row[:2] for row in rows[:2]] == [["0", "0"], ["1", "1"]]  # stage, ranks columns of the table
+    assert "stage  ranks  modules" in out and "total MiB" in out
     assert "final train_loss" in out and "after 4 steps" in out
     assert "throughput" in out
 
