@@ -38,7 +38,7 @@ from typing_extensions import override
 from lightning_rannc._utils import _configure_logger, optimizer_kind
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import RuntimeSetupError
-from lightning_rannc.plan.devices import parse_bytes
+from lightning_rannc.plan.devices import DeviceSpec, get_device, parse_bytes
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.runtime.checkpoint import integer_state_keys, is_sharded, load_sharded, save_sharded
 from lightning_rannc.runtime.engine import PipelineEngine
@@ -323,16 +323,23 @@ class _RaNNCStrategyMixin(_MixinBase):
         assert self.model is not None
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        # The layout before the optimizers: `configure_optimizers` may read
+        # `trainer.estimated_stepping_batches`, which shards the data loaders with
+        # `distributed_sampler_kwargs`, so the replica count must be known by then.
+        device = self._measured_links(trainer)
+        self._choose_layout(trainer, device)
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == "fit":
             _optimizers_to_device(self.optimizers, self.root_device)
-        options = self._measured_links(self._engine_options(), trainer)
-        self._choose_layout(trainer, options)
-        options = dataclasses.replace(options, pipeline_degree=self.pipeline_degree, num_replicas=self.num_replicas)
+        self._build_engine(trainer, self._engine_options(device))
+
+    def _build_engine(self, trainer: Any, options: EngineOptions) -> None:
+        assert self.lightning_module is not None
         self._groups = build_process_groups(self.pipeline_degree, self.num_replicas, self.global_rank, self.root_device)
         if self.config.trace is not None and trainer.state.fn == "fit":
+            self._check_trace_path(self.config.trace)
             self._trace = EventTrace(self.global_rank, self.config.trace_steps)
         self._engine = PipelineEngine(
             self.lightning_module,
@@ -344,9 +351,19 @@ class _RaNNCStrategyMixin(_MixinBase):
             trace=self._trace,
         )
 
-    def _engine_options(self) -> EngineOptions:
+    def _check_trace_path(self, path: str) -> None:
+        """Rank 0 writes the trace after training: a path it cannot write fails now, everywhere."""
+        missing = self.broadcast(not Path(path).resolve().parent.is_dir() if self.global_rank == 0 else None)
+        if missing:
+            raise RuntimeSetupError(
+                f"{type(self).__name__}(trace={path!r}): the folder {str(Path(path).parent)!r} does not exist on "
+                "rank 0; create it or choose another path."
+            )
+
+    def _engine_options(self, device: DeviceSpec | None) -> EngineOptions:
         optimizer = getattr(self.optimizers[0], "_optimizer", self.optimizers[0]) if self.optimizers else None
         return EngineOptions(
+            device=device,
             pipeline_degree=self.pipeline_degree,
             num_replicas=self.num_replicas,
             virtual_stages=self.virtual_stages,
@@ -367,21 +384,24 @@ class _RaNNCStrategyMixin(_MixinBase):
             verify_tolerance=self.config.verify_tolerance,
         )
 
-    def _measured_links(self, options: EngineOptions, trainer: Any) -> EngineOptions:
-        """The device description with measured link bandwidths (collective, fit only)."""
+    def _measured_links(self, trainer: Any) -> DeviceSpec | None:
+        """The device preset with measured link bandwidths (collective, fit only); ``None``: the preset."""
         if not self.measure_links or self.world_size == 1 or trainer.state.fn != "fit":
-            return options
+            return None
         links = measure_links(self.root_device, local_world_size=self.num_processes)
         if self.global_rank == 0:
             log.info(links.describe())
-        return dataclasses.replace(options, device=apply_links(options.device_spec, links))
+        return apply_links(get_device(self.device_preset or _device_preset(self.root_device)), links)
 
-    def _choose_layout(self, trainer: Any, options: EngineOptions) -> None:
+    def _choose_layout(self, trainer: Any, device: DeviceSpec | None) -> None:
         """``pipeline_stages="auto"``: rank 0 plans every layout on a sample batch and all ranks
         take its choice (or its error). Here, because Lightning shards the data loaders over the
-        replicas right after setup. Collective."""
+        replicas right after setup. The optimizers do not exist yet: their state is sized as
+        Adam's (two moments), the most common and the larger. Collective."""
         if self.pipeline_stages != "auto" or self.world_size == 1 or trainer.state.fn != "fit":
             return
+        self._chosen_stages = None
+        options = dataclasses.replace(self._engine_options(device), optimizer="adamw")
         payload: list[Any] = [None]
         if self.global_rank == 0:
             try:
@@ -413,13 +433,11 @@ class _RaNNCStrategyMixin(_MixinBase):
         if trainer.limit_train_batches == 0 or not source.is_defined():
             return None
         combined_loader = importlib.import_module(f"{self._namespace}.utilities").CombinedLoader
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the user's transfer hooks may draw random numbers too
             loaders = source.dataloader()
             combined = loaders if isinstance(loaders, combined_loader) else combined_loader(loaders, "max_size_cycle")
             batch = next(iter(combined), None)
-        if batch is None:
-            return None
-        return self.precision_plugin.convert_input(self.batch_to_device(batch[0]))
+            return None if batch is None else self.precision_plugin.convert_input(self.batch_to_device(batch[0]))
 
     def _memory_limit(self) -> int | None:
         if self.memory_limit is not None:
@@ -592,7 +610,7 @@ class _RaNNCStrategyMixin(_MixinBase):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if not self._sharded:
             return super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
-        save_sharded(checkpoint, Path(self.broadcast(str(filepath))), self.is_global_zero)
+        save_sharded(checkpoint, Path(self.broadcast(str(filepath))), self.is_global_zero, self.barrier)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

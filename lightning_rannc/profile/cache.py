@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,16 @@ def profile_key(
     spans: Sequence[tuple[int, int]],
     device: str,
     method: str,
+    tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> str:
     """A short hash of what the costs of ``spans`` depend on. ``device`` names the hardware
-    (``"cpu"``, the CUDA device's name); ``method`` is ``"measured"`` or ``"analytic:<preset>"``."""
+    (``"cpu"``, the CUDA device's name); ``method`` is ``"measured"`` or ``"analytic:<preset>"``;
+    ``tensors`` are the graph's parameters and buffers (the fingerprint leaves out their sizes:
+    a wider model has the same graph)."""
     parts = [
         fingerprint,
         ";".join(f"{tuple(leaf.shape)}:{leaf.dtype}" for leaf in leaves),
+        ";".join(f"{name}{tuple(t.shape)}:{t.dtype}:{t.requires_grad}" for name, t in sorted((tensors or {}).items())),
         ",".join(f"{a}-{b}" for a, b in spans),
         device,
         method,

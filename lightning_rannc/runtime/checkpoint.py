@@ -5,8 +5,9 @@ a directory written by ``torch.distributed.checkpoint`` holding ``model`` (the m
 dict, under its own keys) and ``optimizer_0``, ``optimizer_1``, ... (each the full optimizer
 state dict's structure, every rank contributing the state of the parameters its optimizer
 updates), plus ``meta.pt`` with everything else (loops, callbacks, schedulers). Writing is
-collective; the directory is complete only once ``torch.distributed.checkpoint`` has written
-its ``.metadata`` file, so a crash mid-save leaves a directory that refuses to load.
+collective, into ``<path>.partial``, which rank 0 renames to ``path`` once every file is there:
+a crash mid-save leaves the previous checkpoint as it was (a half-written directory would
+mix the new weights with the old loop state).
 
 ``torch.distributed.checkpoint`` turns the optimizer state's integer keys into strings: loading
 (and ``consolidate``) turns them back, or ``Optimizer.load_state_dict`` would skip the state.
@@ -14,7 +15,8 @@ its ``.metadata`` file, so a crash mid-save leaves a directory that refuses to l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +30,42 @@ __all__ = ["save_sharded", "load_sharded", "consolidate", "is_sharded", "integer
 
 
 def is_sharded(path: str | Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / ".metadata").is_file()
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / _METADATA_FILENAME).is_file()
 
 
-def save_sharded(checkpoint: dict[str, Any], path: Path, is_rank_zero: bool) -> None:
+def save_sharded(
+    checkpoint: dict[str, Any], path: Path, is_rank_zero: bool, barrier: Callable[[], None] = lambda: None
+) -> None:
     """Write ``checkpoint`` (this rank's ``state_dict`` and ``optimizer_states`` shares, and the
-    rest, the same on every rank) under the directory ``path``. Collective."""
+    rest, the same on every rank) as the directory ``path``. Collective (``barrier`` syncs ranks)."""
     if path.is_file():
         raise RuntimeSetupError(
             f"A sharded checkpoint is a directory, but {str(path)!r} is a file: remove it or choose another path."
         )
-    path.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".partial")
+    if is_rank_zero:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
     rest = dict(checkpoint)
     shards: dict[str, Any] = {"model": rest.pop("state_dict")}
     for index, state in enumerate(rest.pop("optimizer_states", [])):
         shards[f"optimizer_{index}"] = state
-    dcp.save(shards, checkpoint_id=path)
+    dcp.save(shards, checkpoint_id=staging)
     if is_rank_zero:
-        torch.save(rest, path / _METADATA_FILENAME)
+        torch.save(rest, staging / _METADATA_FILENAME)
+        _replace_directory(staging, path)
+    barrier()
+
+
+def _replace_directory(new: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_sharded(path: str | Path) -> dict[str, Any]:
@@ -53,7 +73,8 @@ def load_sharded(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not is_sharded(path):
         raise RuntimeSetupError(
-            f"{str(path)!r} is not a complete sharded checkpoint (no .metadata): was its writing interrupted?"
+            f"{str(path)!r} is not a complete sharded checkpoint (no .metadata or meta.pt): was its writing "
+            "interrupted?"
         )
     checkpoint = _load_distributed_checkpoint(path)
     checkpoint["state_dict"] = checkpoint.pop("model")

@@ -9,6 +9,7 @@ the plan at the first batch with that layout fixed. Both get the block costs thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -158,7 +159,8 @@ def block_costs(
     spans = group_nodes(graph, options.max_blocks)
     device = options.device_spec
     method = f"analytic:{device.name}" if analytic else "measured"
-    key = profile_key(graph.fingerprint(), micro_leaves, spans, _hardware(micro_leaves[0].device), method)
+    hardware = _hardware(micro_leaves[0].device)
+    key = profile_key(graph.fingerprint(), micro_leaves, spans, hardware, method, graph.tensors)
     costs = cache.load(key)
     if costs is not None:
         log.debug("block costs of graph %s from the profile cache", graph.fingerprint())
@@ -221,11 +223,14 @@ def choose_layout(
     num_microbatches = reference_microbatches(size, options.num_microbatches, 1)
     with _captured_for_costs(module, batch, num_microbatches, where, device) as (graph, micro, analytic):
         costs = block_costs(graph, micro, options, cache, analytic)
+        settings = search_settings(options, num_devices=num_devices, replica_batch_size=size, layout=None)
+        if options.num_microbatches is not None:  # the count that divides this batch, as the engine runs it
+            settings = dataclasses.replace(settings, micro_batches=num_microbatches)
         started = time.perf_counter()
         result = search_plan(
             costs,
             reference_microbatch_size=size // num_microbatches,
-            settings=search_settings(options, num_devices=num_devices, replica_batch_size=size, layout=None),
+            settings=settings,
             tensors=tensor_table(graph.tensors),
             graph_fingerprint=graph.fingerprint(),
         )
@@ -268,5 +273,6 @@ def _describe(result: SearchResult, replica_batch: int) -> str:
     compared = sorted({(c.stages, c.replicas) for c in result.candidates if c.step_ms is not None})
     return (
         f"layout: {plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s), predicted {rate:.1f} samples/s "
-        f"(the best of {len(compared)} feasible layouts; pass pipeline_stages=N to force one)"
+        f"(the best of {len(compared)} feasible layouts; pass pipeline_stages=N to force one); a step trains on "
+        f"{plan.num_replicas} batch(es) of {replica_batch}"
     )

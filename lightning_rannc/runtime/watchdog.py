@@ -71,21 +71,35 @@ class Watchdog:
             self._thread.join(timeout=4 * self._poll_s)
 
     def report_failure(self, error: BaseException) -> None:
-        """Tell every rank that this one failed with ``error``. The first rank to fail returns
-        (after giving the others time to stop) and shows its traceback; a rank failing after
-        another, usually because of it, says so in one line and exits."""
+        """Tell every rank that this one failed with ``error``, and decide whether this rank
+        shows its traceback (returns) or stops with one line. The error is shown once: by the
+        first rank to fail; when every rank raises the same error (a plan that does not fit), by
+        rank 0, the user's own process, so that its ``try``/``except`` and loggers see it."""
         self._stopped.set()
         summary = f"{self._rank}\t{type(error).__name__}: {_first_line(error)}"
         try:
+            self._store.set(f"{self._keys}/failed_by/{self._rank}", summary)
             first = self._store.add(f"{self._keys}/failures", 1) == 1
             if first:
                 self._store.set(f"{self._keys}/failed", summary)
+            elif self._rank == 0 and _same_error(self._store.get(f"{self._keys}/failed").decode(), summary):
+                return
         except Exception:  # the store is gone (rank 0 exited): nobody is left to tell
             return
-        if first:
-            time.sleep(3 * self._poll_s)
+        if not first:
+            self._stop_process(self._store.get(f"{self._keys}/failed").decode(), also=summary)
             return
-        self._stop_process(self._store.get(f"{self._keys}/failed").decode(), also=summary)
+        time.sleep(3 * self._poll_s)  # the others stop meanwhile (or report the same error)
+        rank_zero = self._rank_zero_failure() if self._rank != 0 else None
+        if rank_zero is not None and _same_error(rank_zero, summary):
+            self._stop_process(rank_zero, also=summary)
+
+    def _rank_zero_failure(self) -> str | None:
+        key = f"{self._keys}/failed_by/0"
+        try:
+            return self._store.get(key).decode() if self._store.check([key]) else None
+        except Exception:
+            return None
 
     def _watch(self) -> None:
         neighbour = (self._rank + 1) % self._world_size
@@ -128,6 +142,11 @@ class Watchdog:
             line += f" (this rank then failed too: {own})"
         print(line, file=sys.stderr, flush=True)
         self._exit_process(1)
+
+
+def _same_error(one: str, other: str) -> bool:
+    """Whether two ``rank\terror`` summaries name the same error (from different ranks)."""
+    return one.partition("\t")[2] == other.partition("\t")[2]
 
 
 def _first_line(error: BaseException) -> str:

@@ -29,7 +29,8 @@ def _gpt_and_batch() -> tuple[GPT, dict[str, torch.Tensor]]:
 
 
 def _options(**changes: object) -> EngineOptions:
-    return EngineOptions(pipeline_degree=1, num_microbatches=None, profile_repeats=1, **changes)  # type: ignore[arg-type]
+    options: dict = {"pipeline_degree": 1, "num_microbatches": None, "profile_repeats": 1, **changes}
+    return EngineOptions(**options)
 
 
 def test_a_tighter_memory_limit_makes_the_chosen_pipeline_deeper_and_it_fits() -> None:
@@ -115,7 +116,10 @@ def test_profile_key_changes_with_shapes_device_method_and_blocks() -> None:
         profile_key(graph.fingerprint(), leaves, spans, "cpu", "analytic:cpu"),
         profile_key(graph.fingerprint(), leaves, group_nodes(graph, 4), "cpu", "measured"),
         profile_key("another graph", leaves, spans, "cpu", "measured"),
+        # the same graph with wider parameters: the fingerprint alone does not tell them apart
+        profile_key(graph.fingerprint(), leaves, spans, "cpu", "measured", {"w": torch.zeros(4, 4)}),
     ]
+    assert profile_key(graph.fingerprint(), leaves, spans, "cpu", "measured", {"w": torch.zeros(8, 4)}) not in others
     assert key not in others and len(set(others)) == len(others)
 
 
@@ -139,3 +143,10 @@ def test_planning_reports_each_phase_with_its_time(caplog: pytest.LogCaptureFixt
     for start in ("captured the step in ", "profiled ", "searched "):
         line = next(x for x in lines if x.startswith(start))
         assert float(line.split(" in ")[1].split(" s")[0]) >= 0
+
+
+def test_a_batch_the_requested_micro_batch_count_does_not_divide_still_gets_a_layout() -> None:
+    model, batch = _gpt_and_batch()
+    six = {key: value[:6] for key, value in batch.items()}  # 4 micro-batches do not divide 6
+    layout = choose_layout(model, six, _options(num_microbatches=4), 2, _CPU, ProfileCache())
+    assert layout.plan is not None and layout.plan.num_microbatches == 3  # the nearest divisor, as the engine runs

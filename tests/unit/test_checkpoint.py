@@ -46,8 +46,28 @@ def test_round_trip_restores_integer_optimizer_indices_and_everything_else(tmp_p
 def test_an_interrupted_or_misplaced_checkpoint_is_refused_with_the_reason(tmp_path: Path) -> None:
     save_sharded(_checkpoint(), tmp_path / "ok", is_rank_zero=True)
     (tmp_path / "ok" / ".metadata").unlink()  # what a crash before the end of the write leaves
-    with pytest.raises(RuntimeSetupError, match="no .metadata"):
+    with pytest.raises(RuntimeSetupError, match="no .metadata or meta.pt"):
         load_sharded(tmp_path / "ok")
     (tmp_path / "file.ckpt").write_bytes(b"x")
     with pytest.raises(RuntimeSetupError, match="is a file"):
         save_sharded(_checkpoint(), tmp_path / "file.ckpt", is_rank_zero=True)
+
+
+def test_a_save_that_fails_half_way_leaves_the_previous_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "last.ckpt"
+    save_sharded(_checkpoint(), path, is_rank_zero=True)
+    newer = {**_checkpoint(), "global_step": 8, "state_dict": {"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(2)}}
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("lightning_rannc.runtime.checkpoint.dcp.save", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save_sharded(newer, path, is_rank_zero=True)
+    loaded = load_sharded(path)
+    assert loaded["global_step"] == 7 and torch.equal(loaded["state_dict"]["a.bias"], torch.ones(2))
+    monkeypatch.undo()
+    save_sharded(newer, path, is_rank_zero=True)  # the next save replaces it whole
+    assert load_sharded(path)["global_step"] == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

@@ -96,3 +96,15 @@ def test_losing_the_store_stops_the_rank_unless_it_is_finishing(capfd: pytest.Ca
     finishing.stop()  # the run ended here too: rank 0 simply exited first
     time.sleep(0.6)
     assert not late.called.is_set()
+
+
+def test_an_error_every_rank_raises_is_shown_by_rank_zero(capfd: pytest.CaptureFixture[str]) -> None:
+    """Rank 0 is the user's own process: its try/except and loggers must see the error."""
+    rank0, rank1, exit0, exit1 = _pair(dist.HashStore())
+    first = threading.Thread(target=rank1.report_failure, args=(ValueError("does not fit"),))
+    first.start()  # rank 1 gets there first ...
+    time.sleep(0.02)
+    rank0.report_failure(ValueError("does not fit"))  # ... rank 0 returns: its traceback is shown
+    first.join()
+    assert exit0.codes == [] and exit1.codes == [1]
+    assert "stopping rank 1 because rank 0 failed: ValueError: does not fit\n" in capfd.readouterr().err
