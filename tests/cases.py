@@ -26,6 +26,7 @@ from models import (
     MetaGPT,
     ResCNN,
     ScheduledGPT,
+    SteppingGPT,
     SyntheticTokens,
     VaryingLength,
     image_data,
@@ -73,6 +74,12 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda: ScheduledGPT(layers=4, dim=32, seq_len=16),
         lambda b: ShardedData(_gpt_tokens(256), b),
         {"gradient_clip_val": 0.5, "accumulate_grad_batches": 2},
+    ),
+    # The schedule reads trainer.estimated_stepping_batches: the data are set up during setup.
+    "gpt_stepping": (
+        lambda: SteppingGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"max_epochs": 2},  # with max_epochs, estimated_stepping_batches sets up the data to count them
     ),
     "gpt_dropout": (
         lambda: GPT(layers=4, dim=32, seq_len=16, dropout=0.1),

@@ -46,6 +46,17 @@ class ScheduledGPT(GPT):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class SteppingGPT(ScheduledGPT):
+    """Sizes its schedule with ``trainer.estimated_stepping_batches``, which makes Lightning set
+    up the training data while the optimizers are configured, inside the strategy's setup."""
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (total + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class MetaGPT(GPT):
     """The example GPT, able to initialise its own top-level parameter after meta-device creation."""
 

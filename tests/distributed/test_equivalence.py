@@ -46,6 +46,9 @@ RUNS: dict[int | str, list[dict]] = {
         _run("varlen", "gpt_varlen", pipeline_stages=2),
         # The layout and micro-batch count chosen by the planner, from a batch sampled at setup.
         _run("auto", "gpt_full", pipeline_stages="auto", micro_batches="auto"),
+        # configure_optimizers reads estimated_stepping_batches: the loaders are sharded during
+        # setup, so the layout must be chosen before the optimizers are made
+        _run("auto_stepping", "gpt_stepping", pipeline_stages="auto"),
         _run("cnn_bn", "cnn_bn", pipeline_stages=2),
     ],
     # Dropout: compared among themselves (the streams are not a single process's).
