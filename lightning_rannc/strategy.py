@@ -12,7 +12,7 @@ import functools
 import importlib
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -611,6 +611,19 @@ class _RaNNCStrategyMixin(_MixinBase):
         if not self._sharded:
             return super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
         save_sharded(checkpoint, Path(self.broadcast(str(filepath))), self.is_global_zero, self.barrier)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        module = self.lightning_module
+        if module is not None and any(t.is_meta for t in module.state_dict().values()):
+            # Loading into meta tensors is a no-op (torch only warns), and each rank would then
+            # initialise its stage afresh: refuse rather than resume from random weights.
+            raise RuntimeSetupError(
+                f"{type(module).__name__} was created on the meta device (`trainer.init_module(empty_init=True)`); "
+                "resuming it from a checkpoint is not supported yet. Create it normally to resume, or load the "
+                "weights yourself after the first step."
+            )
+        super().load_model_state_dict(checkpoint, strict)  # type: ignore[misc]
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:

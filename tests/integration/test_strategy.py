@@ -186,6 +186,18 @@ def test_validating_a_meta_device_module_is_refused_with_advice() -> None:
         trainer.fit(model, table_loader(), table_loader(size=16))
 
 
+def test_resuming_a_meta_device_module_is_refused_rather_than_started_from_random_weights(tmp_path: Path) -> None:
+    trainer = _trainer()
+    trainer.fit(LoggingMLP(), table_loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    torch.distributed.destroy_process_group()
+    trainer = _trainer(max_steps=4)
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    with pytest.raises(RuntimeSetupError, match="created on the meta device.*resuming it from a checkpoint"):
+        trainer.fit(model, table_loader(), ckpt_path=tmp_path / "last.ckpt")
+
+
 @pytest.mark.parametrize("counter", ["batch_idx", "current_epoch", "global_step"])
 def test_steps_that_read_per_step_counters_warn_that_they_are_fixed(counter: str) -> None:
     class ReadsCounter(LoggingMLP):
