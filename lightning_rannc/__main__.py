@@ -4,6 +4,7 @@
         --device-memory 80GB --batch-size 512 --init-args '{"layers": 48}' --output plan.json
     python -m lightning_rannc plan benchmarks/models.py:GPTLM --devices 8 --chart step.png --trace step.json
     python -m lightning_rannc show plan.json
+    python -m lightning_rannc show plan.json --chart step.png --measured trace.json
     python -m lightning_rannc consolidate checkpoints/last.ckpt last_full.ckpt
 """
 
@@ -22,11 +23,12 @@ from typing import Any
 import torch
 
 from lightning_rannc.errors import PlanError, RaNNCError
-from lightning_rannc.plan.chart import require_matplotlib, write_chart, write_trace
+from lightning_rannc.plan.chart import require_matplotlib, write_chart, write_comparison_chart, write_trace
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
 from lightning_rannc.plan.plan import PartitionPlan
-from lightning_rannc.plan.report import format_plan
-from lightning_rannc.plan.search import SearchResult, SearchSettings
+from lightning_rannc.plan.report import format_plan, print_rich_plan
+from lightning_rannc.plan.search import SearchSettings
+from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 
 _CHECKPOINTING = {"auto": None, "on": True, "off": False}
 
@@ -63,17 +65,32 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
     plan.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is coarsened into")
     plan.add_argument("--output", default=None, help="write the plan as JSON here")
-    plan.add_argument("--chart", default=None, metavar="PATH.png", help="draw the simulated step (matplotlib)")
-    plan.add_argument("--trace", default=None, metavar="PATH.json", help="the simulated step as a Chrome trace")
+    _add_output_options(plan)
     plan.set_defaults(run=_plan)
-    show = commands.add_parser("show", help="print a saved plan as a table")
+    show = commands.add_parser("show", help="print a saved plan as a table (and draw it)")
     show.add_argument("plan", help="a plan.json written by `plan` or by RaNNCStrategy(deployment=...)")
+    _add_output_options(show)
+    show.add_argument(
+        "--measured",
+        default=None,
+        metavar="TRACE.json",
+        help="with --chart: draw a step of this runtime trace (RaNNCStrategy(trace=...)) below the prediction",
+    )
+    show.add_argument("--step", type=int, default=None, help="the step of --measured to draw (default: the last)")
     show.set_defaults(run=_show)
     merge = commands.add_parser("consolidate", help="turn a sharded checkpoint directory into one checkpoint file")
     merge.add_argument("checkpoint", help="a directory written with RaNNCStrategy(state_dict_type='sharded')")
     merge.add_argument("output", help="the checkpoint file to write (plain Lightning loads it)")
     merge.set_defaults(run=_consolidate)
     return parser
+
+
+def _add_output_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--chart", default=None, metavar="PATH.png", help="draw the simulated step (matplotlib)")
+    command.add_argument("--trace", default=None, metavar="PATH.json", help="the simulated step as a Chrome trace")
+    command.add_argument(
+        "--rich", action="store_true", help="draw the table with rich (the default in a terminal, if installed)"
+    )
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -102,31 +119,48 @@ def _plan(args: argparse.Namespace) -> int:
         checkpointing=_CHECKPOINTING[args.checkpointing],
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks)
-    print(format_plan(result.plan))
+    _print_plan(result.plan, args.rich)
     print(f"planned in {time.perf_counter() - started:.1f} s ({len(result.candidates)} layouts compared)")
     if args.output:
         result.plan.save(args.output)
         print(f"wrote {args.output}")
-    _write_pictures(args, result, title=args.target.rpartition(":")[2])
+    _write_pictures(args, result.plan, result.times, title=args.target.rpartition(":")[2])
     return 0
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before planning (which may take minutes) if an output cannot be written."""
-    paths = [p for p in (args.output, args.chart, args.trace) if p]
+    paths = [p for p in (getattr(args, "output", None), args.chart, args.trace) if p]
     for path in paths:
         if not Path(path).resolve().parent.is_dir():
             raise PlanError(f"Cannot write {path}: its folder does not exist.")
+    if getattr(args, "measured", None) and not args.chart:
+        raise PlanError("--measured is drawn below the predicted step: pass --chart PATH.png too.")
+    if getattr(args, "step", None) is not None and not args.measured:
+        raise PlanError("--step picks a step of the runtime trace: pass --measured TRACE.json too.")
     if args.chart:
         require_matplotlib()
 
 
-def _write_pictures(args: argparse.Namespace, result: SearchResult, title: str) -> None:
-    if args.chart:
-        write_chart(result.plan, result.times, args.chart, title=title)
+def _print_plan(plan: PartitionPlan, rich: bool) -> None:
+    """The table with rich when asked or in a terminal, else (or without rich) as plain text."""
+    if (rich or sys.stdout.isatty()) and print_rich_plan(plan):
+        return
+    if rich:
+        print("rich is not installed (pip install rich): printing the plain table.", file=sys.stderr)
+    print(format_plan(plan))
+
+
+def _write_pictures(args: argparse.Namespace, plan: PartitionPlan, times: ScheduleTimes, title: str | None) -> None:
+    measured = getattr(args, "measured", None)
+    if args.chart and measured:
+        shown = write_comparison_chart(plan, times, measured, args.chart, step=args.step, title=title)
+        print(f"wrote {args.chart} (predicted step above step {shown.step} of {measured})")
+    elif args.chart:
+        write_chart(plan, times, args.chart, title=title)
         print(f"wrote {args.chart}")
     if args.trace:
-        write_trace(result.plan, result.times, args.trace)
+        write_trace(plan, times, args.trace)
         print(f"wrote {args.trace}")
 
 
@@ -139,7 +173,10 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(format_plan(PartitionPlan.load(args.plan)))
+    _check_outputs(args)
+    plan = PartitionPlan.load(args.plan)
+    _print_plan(plan, args.rich)
+    _write_pictures(args, plan, simulate_plan(plan), title=None)
     return 0
 
 

@@ -76,6 +76,9 @@ class RaNNCConfig:
     ``verify_partitioning``); raise on every rank above ``verify_tolerance``."""
     verify_tolerance: float = 1e-3
     """Largest relative difference ``verify`` accepts (max abs difference / max abs value)."""
+    pipelined_evaluation: bool = True
+    """Run validation, test and predict steps forward only through the training pipeline;
+    ``False``: gather the whole module on every rank for them."""
     fault_timeout: float = 60.0
     """Seconds a rank may show no sign of life before every rank stops (a rank that raises stops
     the others at once)."""

@@ -41,7 +41,7 @@ from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.devices import DeviceSpec, get_device, parse_bytes
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.runtime.checkpoint import integer_state_keys, is_sharded, load_sharded, save_sharded
-from lightning_rannc.runtime.engine import PipelineEngine
+from lightning_rannc.runtime.engine import NotPipelined, PipelineEngine
 from lightning_rannc.runtime.links import apply_links, measure_links
 from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups
 from lightning_rannc.runtime.planning import EngineOptions, Layout, choose_layout
@@ -89,6 +89,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         trace_steps: int = 5,
         verify: bool = False,
         verify_tolerance: float = 1e-3,
+        pipelined_evaluation: bool = True,
         fault_timeout: float = 60.0,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
@@ -145,6 +146,9 @@ class _RaNNCStrategyMixin(_MixinBase):
                 (same random streams) and compare the loss and every gradient; above
                 ``verify_tolerance`` (relative) every rank raises, with the largest difference named.
             verify_tolerance: the largest relative difference ``verify`` accepts.
+            pipelined_evaluation: run ``validation_step``, ``test_step`` and ``predict_step``
+                forward only through the training pipeline (``True``), or gather the whole module
+                on every rank for them (``False``: evaluation steps with Python side effects).
             fault_timeout: seconds a rank may show no sign of life (killed, frozen) before every
                 rank stops; a rank that raises stops the others within about a second.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
@@ -183,6 +187,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             trace_steps=trace_steps,
             verify=verify,
             verify_tolerance=verify_tolerance,
+            pipelined_evaluation=pipelined_evaluation,
             fault_timeout=fault_timeout,
             timeout=timeout,
         ).with_env_overrides()
@@ -211,6 +216,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         self._num_nodes = 1
         self._engine: PipelineEngine | None = None
         self._groups: ProcessGroups | None = None
+        self._eval_gathered = False
         _configure_logger()
 
     # --- Lightning's view of the world ------------------------------------------------------
@@ -333,7 +339,24 @@ class _RaNNCStrategyMixin(_MixinBase):
         self.setup_precision_plugin()
         if trainer.state.fn == "fit":
             _optimizers_to_device(self.optimizers, self.root_device)
-        self._build_engine(trainer, self._engine_options(device))
+        if trainer.state.fn != "fit" and self._engine_fits_layout():
+            self._rebind_engine()
+        else:
+            self._build_engine(trainer, self._engine_options(device))
+
+    def _engine_fits_layout(self) -> bool:
+        """Whether the last fit's plan can serve ``validate``/``test``/``predict`` (same layout)."""
+        engine = self._engine
+        if engine is None or engine.plan is None or engine.module is not self.lightning_module:
+            return False  # another module (e.g. the best checkpoint loaded): it is whole on every rank
+        return (engine.plan.pipeline_degree, engine.plan.num_replicas) == (self.pipeline_degree, self.num_replicas)
+
+    def _rebind_engine(self) -> None:
+        """Evaluate after ``fit`` with the parameters where training put them: new process groups
+        (teardown destroyed the last ones), the same plan."""
+        assert self._engine is not None
+        self._groups = build_process_groups(self.pipeline_degree, self.num_replicas, self.global_rank, self.root_device)
+        self._engine.rebind(self._groups)
 
     def _build_engine(self, trainer: Any, options: EngineOptions) -> None:
         assert self.lightning_module is not None
@@ -547,7 +570,70 @@ class _RaNNCStrategyMixin(_MixinBase):
         assert self._engine is not None
         self._engine.clip_grad_norm(float(clip_val))
 
-    # --- evaluation and the end of fit: the whole module on every rank ----------------------
+    # --- evaluation: forward only through the pipeline ---------------------------------------
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("validation_step", self.precision_plugin.val_step_context, args, kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("test_step", self.precision_plugin.test_step_context, args, kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._evaluation_step("predict_step", self.precision_plugin.predict_step_context, args, kwargs)
+
+    def _evaluation_step(self, name: str, context: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Once a plan exists, evaluation steps run through its pipeline (each rank uses only
+        its stages' parameters); before (the sanity check, a fresh Trainer) every rank still holds
+        the whole module and runs the step as Lightning does."""
+        engine = self._engine
+        if engine is None or not engine.built or self._eval_gathered:
+            return getattr(super(), name)(*args, **kwargs)
+        batch, batch_idx = _batch_and_index(args, kwargs)
+        extra = tuple(args[2:]) + tuple(v for k, v in kwargs.items() if k not in ("batch", "batch_idx"))
+        with context():
+            result = engine.evaluate(name, self.precision_plugin.convert_input(batch), batch_idx, extra)
+        if not isinstance(result, NotPipelined):
+            return result
+        self._gather_for_evaluation(result.reason)
+        return getattr(super(), name)(*args, **kwargs)
+
+    def _gather_for_evaluation(self, reason: str) -> None:
+        """The whole module on every rank until the evaluation loop ends. Only with one pipeline:
+        replicas read other batches, so they could not agree on the moment to gather."""
+        assert self._engine is not None
+        advice = "or set `RaNNCStrategy(pipelined_evaluation=False)` to gather the whole module for evaluation"
+        if self._engine.from_meta:
+            raise RuntimeSetupError(
+                f"{reason} A module created on the meta device is evaluated only through the pipeline: change the step."
+            )
+        if self.num_replicas > 1:
+            raise RuntimeSetupError(f"{reason} Change the step, {advice}.")
+        if self.is_global_zero:
+            log.warning("%s The whole module is gathered on every rank for this evaluation (%s).", reason, advice[3:])
+        self._eval_gathered = True
+        self._engine.materialize()
+
+    def _check_evaluation(self) -> None:
+        self._eval_gathered = False
+        engine = self._engine
+        if engine is not None and not engine.built and engine.from_meta:
+            raise RuntimeSetupError(
+                f"{type(self).__name__} evaluates a module created on the meta device only through the plan "
+                "of a `fit` with this Trainer (no rank holds the whole module): set `num_sanity_val_steps=0`, "
+                "and call validate/test/predict after `fit`."
+            )
+        if engine is not None and engine.built and not self.config.pipelined_evaluation and not engine.from_meta:
+            self._eval_gathered = True
+            engine.materialize()
+
+    def _end_evaluation(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self._eval_gathered and trainer is not None and trainer.state.fn == "fit" and not trainer.should_stop:
+            self._release()
+        self._eval_gathered = False
 
     def _materialize(self) -> None:
         if self._engine is not None and self._engine.built:
@@ -559,19 +645,27 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def on_validation_start(self) -> None:
-        # TODO(rannc): run evaluation through the pipeline instead of gathering the module.
-        if self._engine is not None and self._engine.from_meta:
-            raise RuntimeSetupError(
-                f"{type(self).__name__} cannot validate a module created on the meta device yet (it would "
-                "gather the whole model on every rank): set `limit_val_batches=0` and `num_sanity_val_steps=0`."
-            )
-        self._materialize()
+        self._check_evaluation()
+
+    @override
+    def on_test_start(self) -> None:
+        self._check_evaluation()
+
+    @override
+    def on_predict_start(self) -> None:
+        self._check_evaluation()
 
     @override
     def on_validation_end(self) -> None:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.state.fn == "fit" and not trainer.should_stop:
-            self._release()
+        self._end_evaluation()
+
+    @override
+    def on_test_end(self) -> None:
+        self._end_evaluation()
+
+    @override
+    def on_predict_end(self) -> None:
+        self._end_evaluation()
 
     @override
     def on_train_end(self) -> None:
@@ -672,6 +766,8 @@ class _RaNNCStrategyMixin(_MixinBase):
 
     @override
     def teardown(self) -> None:
+        if self._engine is not None:
+            self._engine.restore_metric_groups()
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -39,9 +39,17 @@ MAX_STEPS = 6
 class ShardedData(L.LightningDataModule):
     """In-order batches; over replicas, a non-shuffling DistributedSampler (Lightning's own shuffles)."""
 
-    def __init__(self, train: Dataset, batch_size: int, val: Dataset | None = None, collate: Any = None) -> None:
+    def __init__(
+        self,
+        train: Dataset,
+        batch_size: int,
+        val: Dataset | None = None,
+        collate: Any = None,
+        predict: Dataset | None = None,
+    ) -> None:
         super().__init__()
         self.train, self.val, self.batch_size, self.collate = train, val, batch_size, collate
+        self.predict = predict
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None)
@@ -54,6 +62,12 @@ class ShardedData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val) if self.val is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader(self.predict) if self.predict is not None else []
 
 
 def _gpt_tokens(size: int) -> Dataset:

@@ -1,14 +1,19 @@
-"""Capture a LightningModule's ``training_step`` as one exported graph.
+"""Capture a LightningModule's ``training_step`` (or an evaluation step) as one exported graph.
 
 ``torch.export`` (non-strict) traces ``training_step(batch, batch_idx)`` as a function of the
 batch's tensor leaves, at the micro-batch size. Lightning's ``self.log`` cannot run inside a
 traced graph, so it is replaced during the trace by a recorder: the logged tensors become graph
 outputs, and the strategy replays the ``log`` calls with the pipelined values after each step.
+
+``validation_step``, ``test_step`` and ``predict_step`` are captured the same way (in eval
+mode, forward only): their graph outputs are the logged values, then the tensors of whatever
+the step returned; the rest of the returned structure is kept to rebuild it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +29,10 @@ from lightning_rannc.errors import CaptureError
 
 __all__ = [
     "LoggedValue",
+    "MetricCall",
     "CapturedStep",
     "capture_training_step",
+    "capture_step",
     "flatten_batch",
     "fake_module_state",
     "module_tensors",
@@ -33,10 +40,13 @@ __all__ = [
 
 log = logging.getLogger("lightning_rannc")
 
+CONSTANT_PREFIX = "_rannc_constant_"
+"""Names of tensors the step uses that are not the module's parameters or buffers."""
+
 
 @dataclass(kw_only=True)
 class LoggedValue:
-    """One ``self.log`` call made by the training step, to be replayed after each step."""
+    """One ``self.log`` call made by the step, to be replayed after each step."""
 
     name: str
     """The metric name given to ``self.log``."""
@@ -46,6 +56,32 @@ class LoggedValue:
     """Position of the value among the graph's outputs; ``None`` for a Python constant."""
     constant: float | int | None = None
     """The value, when the user logged a Python number instead of a tensor."""
+    metric: str | None = None
+    """Path of the torchmetrics Metric object logged (``self.log("acc", self.acc)``)."""
+    metric_call: tuple[int, str | None] | None = None
+    """The metric call (and MetricCollection key) whose returned batch value was logged."""
+    order: int = 0
+    """Position among the step's side effects (``self.log`` and metric calls), to replay in order."""
+
+
+@dataclass(kw_only=True)
+class MetricCall:
+    """A torchmetrics ``Metric`` or ``MetricCollection`` the step called (``self.acc(preds, y)``
+    or ``.update(...)``): its tensor arguments are graph outputs, and the call is replayed after
+    the step with the whole batch's arguments, so the metric's state is what one device has."""
+
+    path: str
+    """The metric's submodule path in the LightningModule."""
+    method: str
+    """``"forward"`` or ``"update"``."""
+    arguments_spec: TreeSpec
+    """Structure of ``(args, kwargs)``."""
+    constants: list[Any]
+    """The arguments' leaves; ``None`` where a tensor (a graph output) goes."""
+    tensor_positions: list[int]
+    first_output: int = 0
+    """Graph output index of the call's first tensor argument."""
+    order: int = 0
 
 
 @dataclass(kw_only=True)
@@ -67,10 +103,23 @@ class CapturedStep:
     """Every parameter/buffer name of the module -> its canonical name (tied weights share one)."""
     state_dict_keys: list[str]
     """Keys of ``module.state_dict()`` in order, to rebuild a full state dict later."""
+    step_name: str = "training_step"
+    output_spec: TreeSpec | None = None
+    """Evaluation steps: structure of the returned value (``None`` for training steps)."""
+    output_constants: list[Any] = field(default_factory=list)
+    """Evaluation steps: the returned value's leaves; the tensors among them are graph outputs."""
+    output_tensor_positions: list[int] = field(default_factory=list)
+    """Evaluation steps: where in ``output_constants`` the graph's returned tensors go, in order."""
     placeholder_names: dict[str, str] = field(default_factory=dict)
     """Graph placeholder name -> canonical tensor name, for parameters, buffers and constants."""
     written_buffers: list[str] = field(default_factory=list)
     """Buffers the step updates in place (BatchNorm running statistics), by canonical name."""
+    metric_calls: list[MetricCall] = field(default_factory=list)
+    changed_attributes: list[str] = field(default_factory=list)
+    """Public attributes of the module the step assigned or whose list/dict/set it changed:
+    Python side effects, which happen only at capture."""
+    first_metric_output: int = 0
+    """Graph outputs from here on are metric arguments (per-sample tensors or scalars)."""
 
     def forget_tensors_except(self, keep: set[str]) -> None:
         """Drop the program and every tensor not in ``keep``, so that other stages' memory can be freed."""
@@ -78,31 +127,50 @@ class CapturedStep:
         self.tensors = {name: t for name, t in self.tensors.items() if name in keep}
 
 
-def flatten_batch(batch: Any, where: str) -> tuple[list[torch.Tensor], TreeSpec]:
+def flatten_batch(batch: Any, where: str, step_name: str = "training_step") -> tuple[list[torch.Tensor], TreeSpec]:
     """Flatten a batch into tensor leaves, refusing leaves the graph cannot take as inputs."""
     leaves, spec = tree_flatten(batch)
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise CaptureError(
-                f"The batch passed to `training_step` ({where}) holds a {type(leaf).__name__} leaf "
+                f"The batch passed to `{step_name}` ({where}) holds a {type(leaf).__name__} leaf "
                 f"({leaf!r:.60}). RaNNCStrategy feeds batches through the pipeline as tensors only: "
                 "convert it to a tensor in your DataLoader's collate_fn, or drop it from the batch."
             )
     if not leaves:
-        raise CaptureError(f"The batch passed to `training_step` ({where}) holds no tensors.")
+        raise CaptureError(f"The batch passed to `{step_name}` ({where}) holds no tensors.")
     return leaves, spec
 
 
 class _LogRecorder:
-    """Stands in for ``LightningModule.log`` while the step is traced."""
+    """Stands in for ``LightningModule.log`` and the module's torchmetrics objects while the step
+    is traced."""
 
     def __init__(self, where: str) -> None:
         self.where = where
-        self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+        self.calls: list[tuple[str, Any, dict[str, Any], int]] = []
+        self.metric_calls: list[MetricCall] = []
+        self.metric_tensors: list[torch.Tensor] = []
         # What the step returned. Kept here, not on the traced module: export restores the
         # module's attributes after tracing.
         self.output_info: dict[str, Any] = {}
         self.counter_reads: set[str] = set()
+        self.metric_paths: dict[int, str] = {}
+        self._placeholders: dict[int, tuple[int, str | None]] = {}
+        self._kept: list[torch.Tensor] = []  # the placeholders, alive: their ids must stay theirs
+        self._order = 0
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.metric_calls.clear()
+        self.metric_tensors.clear()
+        self._placeholders.clear()
+        self._kept.clear()
+        self._order = 0
+
+    def _next_order(self) -> int:
+        self._order += 1
+        return self._order
 
     def __call__(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if args:
@@ -110,7 +178,11 @@ class _LogRecorder:
                 f"`self.log({name!r}, ...)` in {self.where} passes options positionally; "
                 "pass them by keyword (e.g. `prog_bar=True`) so they can be replayed."
             )
-        if isinstance(value, torch.Tensor):
+        if id(value) in self.metric_paths:
+            value = ("metric", self.metric_paths[id(value)])
+        elif id(value) in self._placeholders:
+            value = ("metric_call", self._placeholders[id(value)])
+        elif isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise CaptureError(
                     f"`self.log({name!r}, ...)` in {self.where} logs a tensor of shape "
@@ -121,9 +193,74 @@ class _LogRecorder:
         elif not isinstance(value, (int, float)):
             raise CaptureError(
                 f"`self.log({name!r}, ...)` in {self.where} logs a {type(value).__name__}; "
-                "RaNNCStrategy replays tensor or number values only so far."
+                "RaNNCStrategy replays tensors, numbers and torchmetrics objects of the module only."
             )
-        self.calls.append((name, value, kwargs))
+        self.calls.append((name, value, kwargs, self._next_order()))
+
+    def metric_call(self, path: str, method: str, metric: Any, *args: Any, **kwargs: Any) -> Any:
+        """A metric's ``forward`` or ``update``: its arguments are kept (the tensors become graph
+        outputs); ``forward``'s batch value exists only once the call is replayed, so the step
+        gets a NaN placeholder that ``self.log`` recognises (arithmetic on it shows as NaN)."""
+        leaves, spec = tree_flatten((args, kwargs))
+        positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        constants = [None if i in positions else v for i, v in enumerate(leaves)]
+        index = len(self.metric_calls)
+        self.metric_calls.append(
+            MetricCall(
+                path=path,
+                method=method,
+                arguments_spec=spec,
+                constants=constants,
+                tensor_positions=positions,
+                order=self._next_order(),
+            )
+        )
+        self.metric_tensors += [leaves[i].detach() for i in positions]
+        if method == "update":
+            return None
+        from torchmetrics import MetricCollection
+
+        if isinstance(metric, MetricCollection):  # it returns one value per metric
+            return {key: self._placeholder(index, key) for key in metric.keys(keep_base=False)}
+        return self._placeholder(index, None)
+
+    def _placeholder(self, index: int, key: Any) -> torch.Tensor:
+        value = torch.full((), float("nan"))
+        self._placeholders[id(value)] = (index, key)
+        self._kept.append(value)
+        return value
+
+
+def _metric_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The module's torchmetrics ``Metric`` and ``MetricCollection`` objects, by path."""
+    from torchmetrics import Metric, MetricCollection
+
+    return {path: m for path, m in module.named_modules() if isinstance(m, (Metric, MetricCollection))}
+
+
+@contextlib.contextmanager
+def _recording_metrics(module: nn.Module, recorder: _LogRecorder) -> Iterator[None]:
+    # torchmetrics keeps a wrapped `update` (and nn.Module calls `self.forward`) as instance
+    # attributes: shadow both, then put back exactly what was there.
+    metrics = _metric_modules(module)
+    recorder.metric_paths = {id(m): path for path, m in metrics.items()}
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for path, metric in metrics.items():
+        for method in ("forward", "update"):
+            saved.append((metric, method, metric.__dict__.get(method, _MISSING)))
+            call = functools.partial(recorder.metric_call, path, method, metric)
+            object.__setattr__(metric, method, call)
+    try:
+        yield
+    finally:
+        for metric, method, original in saved:
+            if original is _MISSING:
+                del metric.__dict__[method]
+            else:
+                object.__setattr__(metric, method, original)
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -224,26 +361,64 @@ def _watching_counters(module: nn.Module, reads: set[str]) -> Iterator[None]:
         module._trainer = trainer
 
 
-class _TrainingStep(nn.Module):
-    """The function that is exported: batch leaves in, (loss, logged values, extras) out."""
+def _python_state(module: nn.Module) -> dict[str, Any]:
+    """What a step's Python side effects would change: each public attribute of the module (its
+    object, and the length of a list, dict or set). Private ones are Lightning's and torch's."""
+    return {
+        name: (id(value), len(value) if isinstance(value, (list, dict, set)) else None)
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name != "log"
+    }
 
-    def __init__(self, module: nn.Module, spec: TreeSpec, where: str) -> None:
+
+class _StepFunction(nn.Module):
+    """The function that is exported: batch leaves in, graph outputs out.
+
+    Training: (loss, logged values, extra returned scalars). Evaluation steps: (logged values,
+    tensors of the returned value)."""
+
+    def __init__(
+        self, module: nn.Module, spec: TreeSpec, where: str, step_name: str, extra_args: tuple[Any, ...]
+    ) -> None:
         super().__init__()
         self.module = module
         self.spec = spec
         self.where = where
+        self.step_name = step_name
+        self.extra_args = extra_args
         self.recorder = _LogRecorder(where)
 
     def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = tree_unflatten(list(leaves), self.spec)
-        self.recorder.calls.clear()
-        reads = self.recorder.counter_reads
-        with _recording_logs(self.module, self.recorder), _watching_counters(self.module, reads):
-            output = self.module.training_step(batch, _WatchedIndex(0, reads))  # type: ignore[operator]
-        loss, extras = _split_step_output(output, self.where)
-        self.recorder.output_info.update(returns_dict=isinstance(output, Mapping), extra_keys=list(extras))
-        logged = [v for _, v, _ in self.recorder.calls if isinstance(v, torch.Tensor)]
-        return (loss, *logged, *extras.values())
+        recorder = self.recorder
+        recorder.clear()
+        step = getattr(self.module, self.step_name)
+        with (
+            _recording_logs(self.module, recorder),
+            _recording_metrics(self.module, recorder),
+            _watching_counters(self.module, recorder.counter_reads),
+        ):
+            before = _python_state(self.module)
+            output = step(batch, _WatchedIndex(0, recorder.counter_reads), *self.extra_args)
+            after = _python_state(self.module)
+        recorder.output_info["changed_attributes"] = sorted(n for n in after if before.get(n) != after[n])
+        logged = [v for _, v, _, _ in recorder.calls if isinstance(v, torch.Tensor)]
+        if self.step_name != "training_step":
+            returned, output_spec = tree_flatten(output)
+            positions = [i for i, v in enumerate(returned) if isinstance(v, torch.Tensor)]
+            constants = [None if i in positions else v for i, v in enumerate(returned)]
+            recorder.output_info.update(
+                output_spec=output_spec, output_constants=constants, output_tensor_positions=positions
+            )
+            outputs = [*(v.reshape(()) for v in logged), *(v.detach() for v in returned if isinstance(v, torch.Tensor))]
+        else:
+            loss, extras = _split_step_output(output, self.where)
+            recorder.output_info.update(returns_dict=isinstance(output, Mapping), extra_keys=list(extras))
+            outputs = [loss, *logged, *extras.values()]
+        recorder.output_info["first_metric_output"] = first = len(outputs)
+        for call in recorder.metric_calls:
+            call.first_output, first = first, first + len(call.tensor_positions)
+        return (*outputs, *recorder.metric_tensors)
 
 
 def _canonical_names(module: nn.Module) -> tuple[dict[int, str], dict[str, str], dict[str, torch.Tensor]]:
@@ -263,18 +438,23 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return _canonical_names(module)[2]
 
 
-def _logged_values(calls: list[tuple[str, Any, dict[str, Any]]]) -> list[LoggedValue]:
-    logged, index = [], 1
-    for name, value, kwargs in calls:
+def _logged_values(calls: list[tuple[str, Any, dict[str, Any], int]], first_index: int) -> list[LoggedValue]:
+    logged, index = [], first_index
+    for name, value, kwargs, order in calls:
+        item = LoggedValue(name=name, kwargs=kwargs, output_index=None, order=order)
         if isinstance(value, torch.Tensor):
-            logged.append(LoggedValue(name=name, kwargs=kwargs, output_index=index))
-            index += 1
+            item.output_index, index = index, index + 1
+        elif isinstance(value, tuple) and value[0] == "metric":
+            item.metric = value[1]
+        elif isinstance(value, tuple):
+            item.metric_call = value[1]
         else:
-            logged.append(LoggedValue(name=name, kwargs=kwargs, output_index=None, constant=value))
+            item.constant = value
+        logged.append(item)
     return logged
 
 
-def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _tensor_names(wrapper: _StepFunction, program: ExportedProgram) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """Map each lifted placeholder to a canonical name and the real tensor behind it."""
     from torch.export.graph_signature import InputKind
 
@@ -291,12 +471,12 @@ def _tensor_names(wrapper: _TrainingStep, program: ExportedProgram) -> tuple[dic
             name = by_id[id(tensor)]
         elif spec.kind == InputKind.CONSTANT_TENSOR:
             tensor = program.constants[spec.target]
-            name = f"_rannc_constant_{len(tensors)}"
+            name = f"{CONSTANT_PREFIX}{len(tensors)}"
         elif spec.kind == InputKind.USER_INPUT:
             continue
         else:
             raise CaptureError(
-                f"`training_step` ({wrapper.where}) uses a {spec.kind.name} input, which is not supported."
+                f"`{wrapper.step_name}` ({wrapper.where}) uses a {spec.kind.name} input, which is not supported."
             )
         placeholders[spec.arg.name] = name
         tensors[name] = tensor
@@ -312,12 +492,13 @@ _HIDDEN_WRITES: dict[str, tuple[int, ...]] = {
 
 
 def _written_buffers(program: ExportedProgram, placeholders: dict[str, str], where: str) -> list[str]:
-    """Buffers the step updates in place (BatchNorm running statistics); parameters may not be."""
+    """Buffers the step updates in place (BatchNorm running statistics); parameters may not be.
+    ``where`` names the step and its location."""
     from torch.export.graph_signature import OutputKind
 
     for spec in program.graph_signature.output_specs:
         if spec.kind != OutputKind.USER_OUTPUT:
-            raise CaptureError(f"`training_step` ({where}) produces a {spec.kind.name} output, which is not supported.")
+            raise CaptureError(f"{where} produces a {spec.kind.name} output, which is not supported.")
     parameters = {s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "PARAMETER"}
     written: dict[str, None] = {}
     for node in program.graph.nodes:
@@ -331,7 +512,7 @@ def _written_buffers(program: ExportedProgram, placeholders: dict[str, str], whe
                 continue
             if value.name in parameters:
                 raise CaptureError(
-                    f"`training_step` ({where}) changes the parameter `{placeholders[value.name]}` in place; "
+                    f"{where} changes the parameter `{placeholders[value.name]}` in place; "
                     "only the optimizer may change parameters. Compute a new tensor instead."
                 )
             written[placeholders[value.name]] = None
@@ -374,10 +555,20 @@ def _warn_fixed_counters(names: list[str], where: str) -> None:
     from lightning.pytorch.utilities import rank_zero_warn
 
     rank_zero_warn(
-        f"`training_step` ({where}) reads {', '.join(names)}. RaNNCStrategy captures the step once, so "
+        f"{where} reads {', '.join(names)}. RaNNCStrategy captures the step once, so "
         "every step uses the value seen at capture (batch_idx=0, the first step's epoch and step): "
         "anything computed from it is fixed. Move such logic to a hook (e.g. `on_train_batch_start`) "
         "or put the value in the batch."
+    )
+
+
+def _warn_side_effects(names: list[str], where: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"{where} changes {', '.join(f'self.{n}' for n in names)}. RaNNCStrategy runs the step as a graph "
+        "captured once, so Python side effects in it happen at capture only, not at every step. Move them "
+        "to a hook (e.g. `on_train_batch_end`, which gets the step's outputs)."
     )
 
 
@@ -394,9 +585,17 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
     Raises:
         CaptureError: the step or the batch cannot be captured; the message names the user's code.
     """
-    where = where_defined(type(module).training_step)  # type: ignore[attr-defined]
-    leaves, spec = flatten_batch(microbatch, where)
-    wrapper = _TrainingStep(module, spec, where)
+    return capture_step(module, microbatch)
+
+
+def capture_step(
+    module: nn.Module, microbatch: Any, step_name: str = "training_step", extra_args: tuple[Any, ...] = ()
+) -> CapturedStep:
+    """Export ``module.<step_name>(microbatch, 0, *extra_args)`` (see ``capture_training_step``).
+    ``extra_args`` is the ``dataloader_idx`` of evaluation steps with several loaders."""
+    where = where_defined(getattr(type(module), step_name))
+    leaves, spec = flatten_batch(microbatch, where, step_name)
+    wrapper = _StepFunction(module, spec, where, step_name, extra_args)
     try:
         program = torch.export.export(wrapper, tuple(leaves), strict=False)
     except CaptureError:
@@ -404,26 +603,38 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
     except Exception as err:  # export's own errors are long; keep them reachable at debug level
         log.debug("torch.export failed", exc_info=True)
         raise CaptureError(
-            f"Could not capture `{type(module).__name__}.training_step` ({where}) as a graph: "
+            f"Could not capture `{type(module).__name__}.{step_name}` ({where}) as a graph: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. RaNNCStrategy "
             "needs a step without data-dependent Python control flow or `.item()`/`.tolist()` calls; "
             "set the `lightning_rannc` logger to DEBUG for the full torch.export report."
         ) from err
+    info = wrapper.recorder.output_info
+    is_training = step_name == "training_step"
     placeholders, tensors = _tensor_names(wrapper, program)
-    written = _written_buffers(program, placeholders, where)
+    named_where = f"`{step_name}` ({where})"
+    written = _written_buffers(program, placeholders, named_where)
     if wrapper.recorder.counter_reads:
-        _warn_fixed_counters(sorted(wrapper.recorder.counter_reads), where)
+        _warn_fixed_counters(sorted(wrapper.recorder.counter_reads), named_where)
+    if is_training and info["changed_attributes"]:
+        _warn_side_effects(info["changed_attributes"], named_where)
     _, aliases, _ = _canonical_names(module)
     return CapturedStep(
         program=program,
         batch_spec=spec,
         microbatch_size=int(leaves[0].shape[0]) if leaves[0].dim() else 1,
-        logged=_logged_values(wrapper.recorder.calls),
-        extra_keys=wrapper.recorder.output_info["extra_keys"],
-        returns_dict=wrapper.recorder.output_info["returns_dict"],
+        logged=_logged_values(wrapper.recorder.calls, first_index=1 if is_training else 0),
+        extra_keys=info.get("extra_keys", []),
+        returns_dict=info.get("returns_dict", False),
         tensors=tensors,
         aliases=aliases,
         state_dict_keys=list(module.state_dict().keys()),
+        step_name=step_name,
+        output_spec=info.get("output_spec"),
+        output_constants=info.get("output_constants", []),
+        output_tensor_positions=info.get("output_tensor_positions", []),
+        metric_calls=list(wrapper.recorder.metric_calls),
+        changed_attributes=info["changed_attributes"],
+        first_metric_output=info["first_metric_output"],
         placeholder_names=placeholders,
         written_buffers=written,
     )

@@ -10,27 +10,101 @@ matplotlib (``pip install "lightning-rannc[chart]"``).
 The search counts the gradient exchange once, after the whole schedule, at the time of the
 slowest stage's exchange (``predicted_exchange_ms``); both pictures draw it that way, so their
 right edge is ``predicted_step_ms``.
+
+``write_comparison_chart`` puts the prediction above what really happened: one training step
+of the runtime trace (``RaNNCStrategy(trace=...)``, ``runtime/trace.py``), one row per rank, in
+the same colours, with the time spent waiting for sends and receives in a colour of its own.
+Each panel has its own time axis, starting at 0 at the step's first event.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.plan.simulate import ScheduleTimes
 
-__all__ = ["write_trace", "write_chart", "require_matplotlib"]
+__all__ = [
+    "write_trace",
+    "write_chart",
+    "write_comparison_chart",
+    "read_measured_step",
+    "MeasuredEvent",
+    "MeasuredStep",
+    "require_matplotlib",
+]
 
 _KIND_NAMES = {"F": "forward", "B": "backward"}
-_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "exchange": "#8c8c8c", "update": "#55a868"}
+_COLOURS = {"F": "#4c72b0", "B": "#dd8452", "exchange": "#8c8c8c", "update": "#55a868", "p2p": "#c44e52"}
+_STYLES: dict[str, dict[str, Any]] = {
+    "F": {"facecolor": _COLOURS["F"], "edgecolor": "white", "linewidth": 0.5},
+    "B": {"facecolor": _COLOURS["B"], "edgecolor": "white", "linewidth": 0.5},
+    "exchange": {"facecolor": _COLOURS["exchange"], "hatch": "//", "alpha": 0.6},
+    "update": {"facecolor": _COLOURS["update"], "alpha": 0.6},
+    "p2p": {"facecolor": _COLOURS["p2p"], "alpha": 0.8},
+}
+"""How each kind of box is drawn (``broken_barh``) and shown in the legend (``Patch``)."""
+_PREDICTED_LEGEND = {"F": "forward", "B": "backward", "exchange": "gradient exchange", "update": "optimizer step, loop"}
+_MEASURED_LEGEND = {
+    "F": "forward",
+    "B": "backward",
+    "p2p": "send/recv (waiting)",
+    "exchange": "collectives (gradients, loss)",
+    "update": "optimizer step",
+}
+_MEASURED_KINDS = {
+    "forward": "F",
+    "backward": "B",
+    "communication": "p2p",
+    "collective": "exchange",
+    "optimizer": "update",
+}
+"""Runtime trace category -> the kind of box it is drawn as."""
 _LABEL_POINTS = 7.0
 """Font size of the micro-batch numbers inside the boxes."""
 
 Operation = tuple[str, int, float, float]
+
+
+class MeasuredEvent(NamedTuple):
+    """One event of a runtime trace, in ms from the start of its step."""
+
+    name: str
+    """``F3``, ``B2``, ``send F1 + recv B0``, ``gradient average over replicas``, ..."""
+    category: str
+    """``forward``, ``backward``, ``communication``, ``collective`` or ``optimizer``."""
+    start_ms: float
+    end_ms: float
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One training step of a runtime trace (``RaNNCStrategy(trace=...)``)."""
+
+    step: int
+    steps: list[int]
+    """Every step the trace recorded."""
+    rows: dict[int, list[MeasuredEvent]]
+    """Per rank, its events of ``step`` in time order; time 0 is the step's first event on any rank."""
+
+    @property
+    def duration_ms(self) -> float:
+        """From the step's first event to its last, over all ranks."""
+        return max((e.end_ms for events in self.rows.values() for e in events), default=0.0)
+
+    def operations(self, rank: int) -> list[Operation]:
+        """The rank's forwards and backwards as ``(kind, micro_batch, start_ms, end_ms)``."""
+        return [
+            (_MEASURED_KINDS[e.category], int(e.args["micro_batch"]), e.start_ms, e.end_ms)
+            for e in self.rows[rank]
+            if e.category in ("forward", "backward")
+        ]
 
 
 def write_trace(plan: PartitionPlan, times: ScheduleTimes, path: str | Path) -> None:
@@ -56,22 +130,100 @@ def write_chart(plan: PartitionPlan, times: ScheduleTimes, path: str | Path, *, 
     matplotlib is not installed.
     """
     _check_times(plan, times)
-    figure_cls, canvas_cls = require_matplotlib()
-    figure = figure_cls(figsize=(12, 1.6 + 0.5 * plan.pipeline_degree), dpi=110, layout="constrained")
-    canvas_cls(figure)
-    axes = figure.add_subplot()
-    _frame_axes(axes, plan, plan.predicted_step_ms)
-    for row, operations in enumerate(times.operations):
-        _draw_row(axes, row, operations)
-    if plan.predicted_exchange_ms > 0:
-        _draw_exchange(axes, plan.pipeline_degree, times.makespan_ms, plan.predicted_exchange_ms)
-    if plan.predicted_update_ms > 0:
-        start_ms = times.makespan_ms + plan.predicted_exchange_ms
-        _draw_update(axes, plan.pipeline_degree, start_ms, plan.predicted_update_ms)
-    _add_legend(axes, plan.predicted_exchange_ms > 0, plan.predicted_update_ms > 0)
-    axes.set_title(_chart_title(plan, times, title), fontsize=10, loc="left")
-    _label_boxes(figure, axes, times.operations)
+    figure = _new_figure(1.6 + 0.5 * plan.pipeline_degree)
+    _draw_predicted(figure, figure.add_subplot(), plan, times, _chart_title(plan, times, title))
     figure.savefig(str(path))
+
+
+def write_comparison_chart(
+    plan: PartitionPlan,
+    times: ScheduleTimes,
+    trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    step: int | None = None,
+    title: str | None = None,
+) -> MeasuredStep:
+    """Draw the predicted step (top) above a measured one (bottom) in one PNG.
+
+    ``trace`` is the runtime trace ``RaNNCStrategy(trace=...)`` wrote (a path, its JSON object or
+    its ``traceEvents``) for a run of ``plan`` (``RaNNCStrategy(deployment=...)`` saves it);
+    ``step`` is the training step to draw, by default the last recorded one (the first includes
+    warm-up). Returns the measured step. Raises ``PlanError`` if matplotlib is missing, the trace
+    holds no such step, or it was recorded on another number of ranks than the plan's.
+
+    Example::
+
+        plan = PartitionPlan.load("plan.json")
+        write_comparison_chart(plan, simulate_plan(plan), "trace.json", "step.png")
+    """
+    _check_times(plan, times)
+    measured = read_measured_step(trace, step)
+    _check_measured(plan, measured)
+    figure = _new_figure(3.2 + 0.5 * (plan.pipeline_degree + len(measured.rows)))
+    top, bottom = figure.subplots(2, 1, height_ratios=[plan.pipeline_degree + 1.5, len(measured.rows) + 1.5])
+    _draw_predicted(figure, top, plan, times, "predicted: " + _chart_title(plan, times, title))
+    _draw_measured(figure, bottom, measured, plan)
+    figure.savefig(str(path))
+    return measured
+
+
+def read_measured_step(
+    trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int | None = None
+) -> MeasuredStep:
+    """One training step of a runtime trace (see ``write_comparison_chart``); the last recorded
+    one when ``step`` is None. Raises ``PlanError`` for a file that is not a runtime trace or a
+    step it did not record."""
+    source = f"The trace {str(trace)!r}" if isinstance(trace, (str, Path)) else "The trace"
+    events = _trace_events(trace, source)
+    timed = [e for e in events if e.get("ph") == "X" and "step" in (e.get("args") or {})]
+    steps = sorted({int(e["args"]["step"]) for e in timed})
+    if not steps:
+        raise PlanError(
+            f"{source} holds no training step: pass the file RaNNCStrategy(trace=...) wrote (the CLI's "
+            "`plan --trace` writes the predicted schedule, which has none)."
+        )
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise PlanError(f"{source} recorded steps {_steps_text(steps)}, not step {step}: pick one of them.")
+    mine = [e for e in timed if e["args"]["step"] == step]
+    origin = min(float(e["ts"]) for e in mine)
+    ranks = {int(e["pid"]) for e in events if e.get("name") == "process_name"} | {int(e["pid"]) for e in mine}
+    rows: dict[int, list[MeasuredEvent]] = {rank: [] for rank in sorted(ranks)}
+    for e in sorted(mine, key=lambda e: float(e["ts"])):
+        start_ms = (float(e["ts"]) - origin) / 1e3
+        rows[int(e["pid"])].append(
+            MeasuredEvent(e["name"], e.get("cat", ""), start_ms, start_ms + float(e["dur"]) / 1e3, e["args"])
+        )
+    return MeasuredStep(step=step, steps=steps, rows=rows)
+
+
+def _trace_events(
+    trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]], source: str
+) -> list[Mapping[str, Any]]:
+    try:
+        data: Any = json.loads(Path(trace).read_text()) if isinstance(trace, (str, Path)) else trace
+        events = data["traceEvents"] if isinstance(data, Mapping) else data
+        if not all(isinstance(e, Mapping) for e in events):
+            raise TypeError("its events are not JSON objects")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PlanError(
+            f"{source} is not a Chrome trace ({type(error).__name__}: {error}); pass the file "
+            "RaNNCStrategy(trace=...) wrote."
+        ) from error
+    return list(events)
+
+
+def _check_measured(plan: PartitionPlan, measured: MeasuredStep) -> None:
+    if len(measured.rows) != plan.world_size:
+        raise PlanError(
+            f"The trace was recorded on {len(measured.rows)} rank(s) but the plan is for {plan.world_size} "
+            "device(s): compare a run with the plan it used (RaNNCStrategy(deployment='plan.json') saves it)."
+        )
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    return f"{steps[0]}-{steps[-1]}" if list(steps) == list(range(steps[0], steps[-1] + 1)) else str(list(steps))
 
 
 def require_matplotlib() -> tuple[Any, Any]:
@@ -173,11 +325,70 @@ def _layout_text(plan: PartitionPlan) -> str:
 # PNG chart ------------------------------------------------------------------------------------
 
 
-def _frame_axes(axes: Any, plan: PartitionPlan, end_ms: float) -> None:
+def _new_figure(height: float) -> Any:
+    figure_cls, canvas_cls = require_matplotlib()
+    figure = figure_cls(figsize=(12, height), dpi=110, layout="constrained")
+    canvas_cls(figure)
+    return figure
+
+
+def _draw_predicted(figure: Any, axes: Any, plan: PartitionPlan, times: ScheduleTimes, title: str) -> None:
+    _frame_axes(axes, [_tick_label(plan, s) for s in _row_stages(plan)], plan.predicted_step_ms, "simulated")
+    for row, operations in enumerate(times.operations):
+        _draw_row(axes, row, operations)
+    if plan.predicted_exchange_ms > 0:
+        _draw_exchange(axes, plan.pipeline_degree, times.makespan_ms, plan.predicted_exchange_ms)
+    if plan.predicted_update_ms > 0:
+        start_ms = times.makespan_ms + plan.predicted_exchange_ms
+        _draw_update(axes, plan.pipeline_degree, start_ms, plan.predicted_update_ms)
+    shown = {"exchange": plan.predicted_exchange_ms > 0, "update": plan.predicted_update_ms > 0}
+    _add_legend(axes, _PREDICTED_LEGEND, [kind for kind in _PREDICTED_LEGEND if shown.get(kind, True)])
+    axes.set_title(title, fontsize=10, loc="left")
+    _label_boxes(figure, axes, times.operations)
+
+
+def _draw_measured(figure: Any, axes: Any, measured: MeasuredStep, plan: PartitionPlan) -> None:
+    """One row per rank: every event of the step, as the box of its category."""
+    ranks = list(measured.rows)
+    _frame_axes(axes, [_rank_label(measured.rows[rank], rank) for rank in ranks], measured.duration_ms, "measured")
+    for row, rank in enumerate(ranks):
+        for kind in _MEASURED_LEGEND:
+            spans = [(e.start_ms, e.end_ms - e.start_ms) for e in measured.rows[rank] if _measured_kind(e) == kind]
+            _draw_spans(axes, row, spans, kind)
+    present = {_measured_kind(e) for events in measured.rows.values() for e in events}
+    _add_legend(axes, _MEASURED_LEGEND, [kind for kind in _MEASURED_LEGEND if kind in present])
+    axes.set_title(_measured_title(measured, plan), fontsize=10, loc="left")
+    _label_boxes(figure, axes, [measured.operations(rank) for rank in ranks])
+
+
+def _measured_kind(event: MeasuredEvent) -> str | None:
+    return _MEASURED_KINDS.get(event.category)
+
+
+def _rank_label(events: Sequence[MeasuredEvent], rank: int) -> str:
+    stages = sorted({int(e.args["stage"]) for e in events if e.category in ("forward", "backward")})
+    return f"rank {rank}" + (f"\nstage {'+'.join(map(str, stages))}" if stages else "")
+
+
+def _measured_title(measured: MeasuredStep, plan: PartitionPlan) -> str:
+    duration = measured.duration_ms
+    ratio = f", {duration / plan.predicted_step_ms:.2f}x the prediction" if plan.predicted_step_ms > 0 else ""
+    waits = max((_total_ms(events, "communication") for events in measured.rows.values()), default=0.0)
+    return (
+        f"measured: training step {measured.step} (steps {_steps_text(measured.steps)} recorded), first to last "
+        f"event {duration:,.1f} ms{ratio}\nwaiting on send/recv: up to {waits:,.1f} ms per rank"
+    )
+
+
+def _total_ms(events: Sequence[MeasuredEvent], category: str) -> float:
+    return sum(e.end_ms - e.start_ms for e in events if e.category == category)
+
+
+def _frame_axes(axes: Any, tick_labels: Sequence[str], end_ms: float, clock: str) -> None:
     axes.set_xlim(0, end_ms * 1.01 if end_ms > 0 else 1.0)
-    axes.set_ylim(plan.pipeline_degree - 0.5, -0.5)  # stage 0 on top
-    axes.set_yticks(range(plan.pipeline_degree), [_tick_label(plan, s) for s in _row_stages(plan)], fontsize=8)
-    axes.set_xlabel("time in the step (ms, simulated)")
+    axes.set_ylim(len(tick_labels) - 0.5, -0.5)  # stage 0 / rank 0 on top
+    axes.set_yticks(range(len(tick_labels)), tick_labels, fontsize=8)
+    axes.set_xlabel(f"time in the step (ms, {clock})")
     axes.xaxis.set_major_formatter("{x:,.0f}")
     axes.grid(axis="x", alpha=0.3)
     axes.set_axisbelow(True)
@@ -193,8 +404,13 @@ def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
 
 def _draw_row(axes: Any, row: int, operations: Sequence[Operation]) -> None:
     for kind in ("F", "B"):
-        spans = [(start, end - start) for k, _, start, end in operations if k == kind]
-        axes.broken_barh(spans, (row - 0.38, 0.76), facecolors=_COLOURS[kind], edgecolor="white", linewidth=0.5)
+        _draw_spans(axes, row, [(start, end - start) for k, _, start, end in operations if k == kind], kind)
+
+
+def _draw_spans(axes: Any, row: int, spans: Sequence[tuple[float, float]], kind: str) -> None:
+    """Boxes ``(start_ms, duration_ms)`` on ``row``, drawn as ``kind`` (see ``_STYLES``)."""
+    if spans:
+        axes.broken_barh(list(spans), (row - 0.38, 0.76), **_STYLES[kind])
 
 
 def _label_boxes(figure: Any, axes: Any, operations: Sequence[Sequence[Operation]]) -> None:
@@ -211,25 +427,19 @@ def _label_boxes(figure: Any, axes: Any, operations: Sequence[Sequence[Operation
 
 def _draw_exchange(axes: Any, num_stages: int, start_ms: float, exchange_ms: float) -> None:
     for row in range(num_stages):
-        axes.broken_barh(
-            [(start_ms, exchange_ms)], (row - 0.38, 0.76), facecolors=_COLOURS["exchange"], hatch="//", alpha=0.6
-        )
+        _draw_spans(axes, row, [(start_ms, exchange_ms)], "exchange")
     axes.axvline(start_ms, color="black", linewidth=0.8, linestyle="--")
 
 
 def _draw_update(axes: Any, num_stages: int, start_ms: float, update_ms: float) -> None:
     for row in range(num_stages):
-        axes.broken_barh([(start_ms, update_ms)], (row - 0.38, 0.76), facecolors=_COLOURS["update"], alpha=0.6)
+        _draw_spans(axes, row, [(start_ms, update_ms)], "update")
 
 
-def _add_legend(axes: Any, with_exchange: bool, with_update: bool) -> None:
+def _add_legend(axes: Any, labels: Mapping[str, str], kinds: Sequence[str]) -> None:
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=_COLOURS["F"], label="forward"), Patch(color=_COLOURS["B"], label="backward")]
-    if with_exchange:
-        handles.append(Patch(facecolor=_COLOURS["exchange"], hatch="//", alpha=0.6, label="gradient exchange"))
-    if with_update:
-        handles.append(Patch(facecolor=_COLOURS["update"], alpha=0.6, label="optimizer step, loop"))
+    handles = [Patch(label=labels[kind], **_STYLES[kind]) for kind in kinds]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
 
 

@@ -44,6 +44,9 @@ class StagePlan:
     """Bytes saved for backward per micro-batch."""
     send_bytes: int
     """Bytes sent to the next stage per micro-batch."""
+    send_ms: float = 0.0
+    """Predicted time to send one micro-batch's activations to the next stage (and its gradients
+    back); 0 for the last stage and for plans made without a link model."""
     checkpoint: bool = False
     """Recompute the stage's activations in backward instead of keeping them (per micro-batch)."""
     memory: dict[str, int] = field(default_factory=dict)
@@ -82,6 +85,9 @@ class PartitionPlan:
     predicted_update_ms: float = 0.0
     """After the exchange: the optimizer step and the training loop's own time per step,
     included in ``predicted_step_ms``."""
+    predicted_action_overhead_ms: float = 0.0
+    """The runtime's own time per forward or backward of a micro-batch, added to the stages'
+    ``fwd_ms`` / ``bwd_ms`` in the simulated schedule (``simulate.simulate_plan``)."""
     no_grad_values: list[str] = field(default_factory=list)
     """Values crossing a cut that carry no gradient to the loss; the runtime detaches them."""
     version: int = _FORMAT_VERSION

@@ -1,19 +1,67 @@
-"""A plan as a text table (``python -m lightning_rannc plan`` / ``show``)."""
+"""A plan as a table (``python -m lightning_rannc plan`` / ``show``, and the strategy's log).
+
+``format_plan`` is plain text: the strategy logs it line by line. The CLI prints the same rows
+with rich (``print_rich_plan``) in a terminal or with ``--rich``, when rich is installed (it is
+optional: ``pip install rich``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import IO, Any
 
 from lightning_rannc.plan.plan import PartitionPlan
 
-__all__ = ["format_plan"]
+__all__ = ["format_plan", "print_rich_plan", "rich_plan_table"]
 
 _MEMORY_KINDS = {"params": "param", "grads": "grads", "optimizer": "optim", "activations": "activ", "buffers": "comm"}
 _MEMORY_KINDS["total"] = "total"
 
 
+_MODULES_COLUMN = 2
+"""Left-aligned (the other columns are numbers, right-aligned)."""
+_RICH_WIDTH = 200
+"""Columns rich may use when the output is not a terminal (a file or a pipe), so rows do not wrap."""
+
+
 def format_plan(plan: PartitionPlan) -> str:
     """Per stage: ranks, module span, parameters, times, memory; then the step prediction."""
+    return "\n".join([_summary(plan), *_table(_rows(plan)), *_footer(plan)])
+
+
+def print_rich_plan(plan: PartitionPlan, file: IO[str] | None = None) -> bool:
+    """Print ``format_plan``'s lines with the table drawn by rich; False (and nothing printed)
+    when rich is not installed."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return False
+    console = Console(file=file, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, _RICH_WIDTH)
+    console.print(_summary(plan), markup=False)
+    console.print(rich_plan_table(plan))
+    for line in _footer(plan):
+        console.print(line, markup=False)
+    return True
+
+
+def rich_plan_table(plan: PartitionPlan) -> Any:
+    """``format_plan``'s table as a ``rich.table.Table`` (needs rich)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    header, *rows = _rows(plan)
+    table = Table()
+    for column, name in enumerate(header):
+        table.add_column(name, justify="left" if column == _MODULES_COLUMN else "right")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))  # Text: module names are not rich markup
+    return table
+
+
+def _rows(plan: PartitionPlan) -> list[list[str]]:
+    """The header, then one row per stage."""
     header = ["stage", "ranks", "modules", "params", "fwd ms", "bwd ms", "ckpt"]
     has_memory = all(s.memory for s in plan.stages)
     unit, scale = _memory_unit(plan) if has_memory else ("GiB", 2**30)
@@ -33,7 +81,7 @@ def format_plan(plan: PartitionPlan) -> str:
         if has_memory:
             row += [f"{stage.memory.get(k, 0) / scale:.2f}" for k in _MEMORY_KINDS]
         rows.append(row)
-    return "\n".join([_summary(plan), *_table(rows), *_footer(plan)])
+    return rows
 
 
 def _memory_unit(plan: PartitionPlan) -> tuple[str, int]:
@@ -77,7 +125,9 @@ def _count(value: int) -> str:
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [
-        "  ".join(cell.ljust(w) if c == 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            cell.ljust(w) if c == _MODULES_COLUMN else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))
+        )
         for r in rows
     ]
     return [lines[0], "-" * len(lines[0]), *lines[1:]]

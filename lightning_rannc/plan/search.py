@@ -429,6 +429,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         predicted_bubble=simulated.bubble,
         predicted_exchange_ms=exchange,
         predicted_update_ms=update,
+        predicted_action_overhead_ms=layout.settings.device.action_overhead_ms,
     )
     return plan, simulated
 
@@ -456,6 +457,7 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -
         param_bytes=layout.ranges.param_bytes[i][j],
         activation_bytes=int(layout.act[j] - layout.act[i]),
         send_bytes=layout.cut_bytes(j),
+        send_ms=layout.send_ms(stage, j),
         checkpoint=checkpoint,
         memory=layout.memory(stage, i, j, checkpoint).as_dict(),
     )

@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ScheduleTimes", "simulate_schedule", "operation_order", "in_flight"]
+from lightning_rannc.plan.plan import PartitionPlan
+
+__all__ = ["ScheduleTimes", "simulate_schedule", "simulate_plan", "operation_order", "in_flight"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,22 @@ def simulate_schedule(
         num_microbatches * sum(fwd_ms[s] + bwd_ms[s] for s in range(p, num_stages, num_ranks)) for p in range(num_ranks)
     ]
     return ScheduleTimes(makespan_ms=max(free), busy_ms=busy, operations=timeline)
+
+
+def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
+    """Replay a saved plan's schedule from its stages' times (``python -m lightning_rannc show
+    --chart``). Plans from the search carry each stage's send time and the runtime's overhead per
+    action, so this gives the times the search predicted with; older plans replay without them.
+    """
+    overhead = plan.predicted_action_overhead_ms
+    return simulate_schedule(
+        [stage.fwd_ms + overhead for stage in plan.stages],
+        [stage.bwd_ms + overhead for stage in plan.stages],
+        [stage.send_ms for stage in plan.stages],
+        plan.num_microbatches,
+        plan.schedule,
+        plan.virtual_stages,
+    )
 
 
 def _ready_at(

@@ -23,13 +23,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_rannc._utils import where_defined
-from lightning_rannc.capture.export import CapturedStep, flatten_batch, module_tensors
+from lightning_rannc.capture.export import (
+    CONSTANT_PREFIX,
+    CapturedStep,
+    LoggedValue,
+    MetricCall,
+    flatten_batch,
+    module_tensors,
+)
 from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
-from lightning_rannc.errors import PlanError, RuntimeSetupError
+from lightning_rannc.errors import CaptureError, PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan, choose_microbatches
 from lightning_rannc.plan.report import format_plan
 from lightning_rannc.plan.search import search_plan
 from lightning_rannc.profile.cache import ProfileCache
@@ -65,7 +73,15 @@ from lightning_rannc.runtime.state import (
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.verify import Reference, check_against_reference, reference_step
 
-__all__ = ["EngineOptions", "PipelineEngine"]
+__all__ = ["EngineOptions", "PipelineEngine", "NotPipelined"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NotPipelined:
+    """What ``PipelineEngine.evaluate`` returns for a step that cannot run through the plan."""
+
+    reason: str
+
 
 log = logging.getLogger("lightning_rannc")
 
@@ -109,6 +125,11 @@ class PipelineEngine:
         self._cache = cache if cache is not None else ProfileCache()
         self._reference: Reference | None = None
         self._trace = trace
+        self._eval_runtimes: dict[tuple[Any, ...], tuple[CapturedStep, PipelineRuntime] | NotPipelined] = {}
+        self._eval_where: dict[str, str] = {}
+        self._metric_groups: dict[nn.Module, Any] = {}
+        self._eval_steps = 0
+        self._sync_metrics_over_replicas()
 
     @property
     def built(self) -> bool:
@@ -274,8 +295,7 @@ class PipelineEngine:
         if graph.fingerprint() == plan.graph_fingerprint:
             return plan
         matched = align_nodes(self._node_keys, graph.node_keys())
-        starts = [_next_matched(matched, s.node_start, len(graph)) for s in plan.stages] + [len(graph)]
-        stages = [dataclasses.replace(s, node_start=a, node_end=b) for s, a, b in zip(plan.stages, starts, starts[1:])]
+        stages = _moved_stages(plan, matched, len(graph))
         names = {i: n.name for i, n in enumerate(graph.nodes)}
         no_grad = [
             names[matched[i]] for i, n in enumerate(self._node_names) if n in plan.no_grad_values and i in matched
@@ -356,8 +376,14 @@ class PipelineEngine:
         return owned
 
     def _add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
+        assert self._captured is not None
         plan = self._plan_for(graph, num_microbatches)
-        runtime = PipelineRuntime(graph, plan, self.rank, self.device, self._groups, self._trace)
+        first_metric = self._captured.first_metric_output
+        microbatch_size = int(graph.inputs[0].meta["val"].shape[0]) if graph.inputs else 1
+        _check_combinable(graph.outputs[first_metric:], microbatch_size, f"`training_step` ({self.where})")
+        runtime = PipelineRuntime(
+            graph, plan, self.rank, self.device, self._groups, self._trace, num_scalar_outputs=first_metric
+        )
         self._runtimes[key] = runtime
         return runtime
 
@@ -387,6 +413,39 @@ class PipelineEngine:
             self._layouts[index] = keep_local_params(optimizer, self._names, keep)
         self._names = {i: n for i, n in self._names.items() if n in self._local | self._owned}
         self.release()
+
+    def rebind(self, groups: ProcessGroups) -> None:
+        """Use new process groups (a later ``validate``/``test``/``predict``): the stages made
+        with the old ones are dropped and built again when needed."""
+        assert self._captured is not None
+        self._groups = groups
+        self._runtimes.clear()
+        self._eval_runtimes.clear()
+        self._last_runtime = None
+        # Moving the module between devices (teardown, setup) replaces buffer objects.
+        current = module_tensors(self.module)
+        self._captured.tensors = {n: current.get(n, t) for n, t in self._captured.tensors.items()}
+        self._names = {id(t): n for n, t in self._captured.tensors.items()}
+        self._sync_metrics_over_replicas()
+
+    def _sync_metrics_over_replicas(self) -> None:
+        """Every rank of a pipeline replays the same metric updates (its replica's batch): an
+        epoch's ``compute()`` gathers the states of the replicas only, one rank each (the ranks at
+        this pipeline position), so each sample counts once, as with DDP."""
+        from torchmetrics import Metric
+
+        if not dist.is_initialized() or self._groups.dp_group is None:
+            return
+        for metric in self.module.modules():
+            if isinstance(metric, Metric):
+                self._metric_groups.setdefault(metric, metric.process_group)
+                metric.process_group = self._groups.dp_group
+
+    def restore_metric_groups(self) -> None:
+        """Give the metrics back their own process groups (the mesh's are destroyed at teardown)."""
+        for metric, group in self._metric_groups.items():
+            metric.process_group = group
+        self._metric_groups.clear()
 
     def release(self) -> None:
         assert self._captured is not None
@@ -418,12 +477,45 @@ class PipelineEngine:
         for name in sorted(set(self._captured.written_buffers) & self._local):
             dist.broadcast(self._captured.tensors[name], src=self._groups.replica_rank(0), group=self._groups.dp_group)
 
-    def replay_logs(self, values: torch.Tensor) -> None:
-        """Call the user's ``self.log`` with each logged value, now equal on every rank."""
-        assert self._captured is not None
-        for item in self._captured.logged:
-            value: Any = item.constant if item.output_index is None else values[item.output_index].float()
-            self.module.log(item.name, value, **item.kwargs)  # type: ignore[operator]
+    def replay_logs(
+        self,
+        values: torch.Tensor | list[torch.Tensor],
+        captured: CapturedStep | None = None,
+        tensor_outputs: list[torch.Tensor] | None = None,
+    ) -> None:
+        """Replay the step's side effects in their order: each ``self.log`` call with its value,
+        now equal on every rank (of the pipeline, for evaluation steps: replicas log their own
+        shard's values, as with DDP), and each torchmetrics call with the whole batch's
+        arguments (``tensor_outputs``: the graph outputs from ``first_metric_output`` on)."""
+        captured = captured or self._captured
+        assert captured is not None
+        if tensor_outputs is None:
+            tensor_outputs = self._last_runtime.tensor_outputs if self._last_runtime is not None else []
+        results: list[Any] = []  # what each metric call returned, by call index
+        events: list[LoggedValue | MetricCall] = sorted([*captured.logged, *captured.metric_calls], key=_order)
+        for event in events:
+            if isinstance(event, MetricCall):
+                results.append(self._replay_metric_call(event, tensor_outputs, captured.first_metric_output))
+            else:
+                value = self._logged_value(event, values, results)
+                self.module.log(event.name, value, **event.kwargs)  # type: ignore[operator]
+
+    def _logged_value(self, item: LoggedValue, values: torch.Tensor | list[torch.Tensor], results: list[Any]) -> Any:
+        if item.metric is not None:
+            return self.module.get_submodule(item.metric)
+        if item.metric_call is not None:
+            index, key = item.metric_call
+            return results[index] if key is None else results[index][key]
+        return item.constant if item.output_index is None else values[item.output_index].float()
+
+    def _replay_metric_call(self, call: MetricCall, tensor_outputs: list[torch.Tensor], first: int) -> Any:
+        leaves = list(call.constants)
+        start = call.first_output - first
+        for offset, position in enumerate(call.tensor_positions):
+            leaves[position] = tensor_outputs[start + offset]
+        args, kwargs = tree_unflatten(leaves, call.arguments_spec)
+        metric: Any = self.module.get_submodule(call.path)
+        return metric(*args, **kwargs) if call.method == "forward" else metric.update(*args, **kwargs)
 
     def step_output(self, values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         assert self._captured is not None
@@ -465,6 +557,89 @@ class PipelineEngine:
         for name in self._updated_elsewhere:
             self._captured.tensors[name].grad = None
 
+    # --- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self, step_name: str, batch: Any, batch_idx: int, extra_args: tuple[Any, ...] = ()) -> Any:
+        """Run ``validation_step``, ``test_step`` or ``predict_step`` forward only through this
+        rank's stages, with the parameters where training put them; replay its ``self.log`` and
+        metric calls and return what it returned. ``NotPipelined`` (the same on every rank of the
+        pipeline, which all see the same batch) when the step cannot run that way. Collective
+        over the pipeline."""
+        if step_name not in self._eval_where:
+            self._eval_where[step_name] = where_defined(getattr(type(self.module), step_name))
+        where = self._eval_where[step_name]
+        leaves, _ = tree_flatten(batch)
+        key = (step_name, extra_args, tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves))
+        if key not in self._eval_runtimes:
+            log.debug("%s batch %d has shapes %s: capturing the step for them", step_name, batch_idx, key[-1])
+            self._eval_runtimes[key] = self._add_eval_runtime(step_name, batch, extra_args, where)
+        entry = self._eval_runtimes[key]
+        if isinstance(entry, NotPipelined):
+            return entry
+        captured, runtime = entry
+        values: list[torch.Tensor] = []
+        if runtime.num_outputs:
+            self._eval_steps += 1
+            values = runtime.evaluate(leaves, self._seed, -self._eval_steps)
+        self.replay_logs(values, captured, values[captured.first_metric_output :])
+        returned = values[sum(item.output_index is not None for item in captured.logged) : captured.first_metric_output]
+        leaves_out = list(captured.output_constants)
+        for position, value in zip(captured.output_tensor_positions, returned, strict=True):
+            leaves_out[position] = value
+        assert captured.output_spec is not None
+        return tree_unflatten(leaves_out, captured.output_spec)
+
+    def _add_eval_runtime(
+        self, step_name: str, batch: Any, extra_args: tuple[Any, ...], where: str
+    ) -> tuple[CapturedStep, PipelineRuntime] | NotPipelined:
+        assert self.plan is not None and self._captured is not None
+        named = f"`{step_name}` ({where})"
+        try:
+            leaves, _ = flatten_batch(batch, where, step_name)
+            batch_size = batch_size_of(leaves, where)
+            num_microbatches = choose_microbatches(batch_size, self.plan.num_microbatches)
+            with fake_capture(self.module, batch, num_microbatches, where, self.device, step_name, extra_args) as (
+                captured,
+                graph,
+                _,
+            ):
+                _check_combinable(graph.outputs, batch_size // num_microbatches, named)
+        except (CaptureError, RuntimeSetupError) as error:
+            log.debug("%s cannot be captured", named, exc_info=True)
+            return NotPipelined(str(error))
+        if captured.changed_attributes:
+            return NotPipelined(
+                f"{named} changes {', '.join(f'self.{a}' for a in captured.changed_attributes)}: it runs as a "
+                "captured graph, whose Python side effects happen only once, at capture."
+            )
+        plan = self._eval_plan(graph, num_microbatches)
+        if plan is None:
+            return NotPipelined(
+                f"{named} computes with the parameters in another order than `training_step`: a stage would need "
+                "another stage's parameters."
+            )
+        constants = {n: t for n, t in captured.tensors.items() if n.startswith(CONSTANT_PREFIX)}
+        graph.tensors = {**self._captured.tensors, **constants}  # this rank's real tensors, the step's constants
+        runtime = PipelineRuntime(graph, plan, self.rank, self.device, self._groups, forward_only=True)
+        captured.forget_tensors_except(set())
+        return captured, runtime
+
+    def _eval_plan(self, graph: StepGraph, num_microbatches: int) -> PartitionPlan | None:
+        """The training plan's split moved onto an evaluation step's graph, matching nodes by
+        op and module; ``None`` when a stage would need parameters its ranks do not hold."""
+        assert self.plan is not None
+        plan = self.plan
+        stages = _moved_stages(plan, align_nodes(self._node_keys, graph.node_keys()), len(graph))
+        for stage in stages:
+            needed = {
+                n for n in graph.tensor_names(stage.node_start, stage.node_end) if not n.startswith(CONSTANT_PREFIX)
+            }
+            if not needed <= set(stage.tensor_names):
+                return None
+        # No backward: nothing to recompute, and no 1F1B (the runtime runs a fill and drain).
+        stages = [dataclasses.replace(s, checkpoint=False) for s in stages]
+        return dataclasses.replace(plan, stages=stages, num_microbatches=num_microbatches, no_grad_values=[])
+
     # --- full state -----------------------------------------------------------------------
 
     def full_state_dict(self, dst: int | None) -> dict[str, torch.Tensor]:
@@ -496,6 +671,26 @@ class PipelineEngine:
         install_tensors(self.module, self._captured.aliases, values, self.device)
 
 
+def _check_combinable(outputs: list[torch.fx.Node], microbatch_size: int, where: str) -> None:
+    """Micro-batches' outputs are combined by averaging scalars and concatenating per-sample
+    tensors; anything else cannot be rebuilt for the whole batch."""
+    for value in outputs:
+        example = value.meta.get("val")
+        if not isinstance(example, torch.Tensor):
+            raise RuntimeSetupError(f"{where} returns a {type(example).__name__}; RaNNCStrategy returns tensors only.")
+        if example.dim() and example.shape[0] != microbatch_size:
+            raise RuntimeSetupError(
+                f"{where} returns (or passes to a torchmetrics object) a tensor of shape {tuple(example.shape)} "
+                f"for a micro-batch of {microbatch_size} sample(s). RaNNCStrategy runs the step per micro-batch "
+                "and can only average scalars and concatenate per-sample tensors (first dimension = batch): "
+                "use one of those."
+            )
+
+
+def _order(event: LoggedValue | MetricCall) -> int:
+    return event.order
+
+
 def _warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:
     if used != requested:
         warnings.warn(
@@ -508,6 +703,13 @@ def _warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:
 
 def _shape_key(leaves: list[torch.Tensor]) -> ShapeKey:
     return tuple(tuple(leaf.shape) for leaf in leaves)
+
+
+def _moved_stages(plan: PartitionPlan, matched: dict[int, int], num_nodes: int) -> list[StagePlan]:
+    """The plan's stages on another graph of ``num_nodes`` nodes: each starts at the first node
+    matching one at or after its old start (the first stage at 0, whatever comes before)."""
+    starts = [0] + [_next_matched(matched, s.node_start, num_nodes) for s in plan.stages[1:]] + [num_nodes]
+    return [dataclasses.replace(s, node_start=a, node_end=b) for s, a, b in zip(plan.stages, starts, starts[1:])]
 
 
 def _next_matched(matched: dict[int, int], index: int, default: int) -> int:

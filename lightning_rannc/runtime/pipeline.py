@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import fx
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleLoopedBFS,
+)
 
 from lightning_rannc import _rng
 from lightning_rannc.capture.graph import StepGraph
@@ -86,12 +92,19 @@ class PipelineRuntime:
         device: torch.device,
         groups: ProcessGroups,
         trace: EventTrace | None = None,
+        forward_only: bool = False,
+        num_scalar_outputs: int | None = None,
     ) -> None:
         self.plan = plan
         self._trace = trace
         self.device = device
         self.groups = groups
         self.num_outputs = len(graph.outputs)
+        # Training: the loss and logged values are scalars, shared by every rank; the outputs
+        # after them (torchmetrics arguments) are tensors, shared within the pipeline.
+        self.num_scalar_outputs = self.num_outputs if num_scalar_outputs is None else num_scalar_outputs
+        self.tensor_outputs: list[torch.Tensor] = []
+        self._output_examples = [value.meta["val"] for value in graph.outputs]
         no_grad = set(plan.no_grad_values)
         self.modules = [
             build_range_module(graph, s.node_start, s.node_end, detach=no_grad) for s in plan.stages_of_rank(rank)
@@ -101,12 +114,14 @@ class PipelineRuntime:
             for module, s in zip(self.modules, plan.stages_of_rank(rank))
         ]
         self._stages = [
-            _build_stage(graph, seeded, stage_plan, plan.num_stages, device, groups.pp_group, no_grad)
+            _build_stage(graph, seeded, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)
             for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))
         ]
-        self._schedule = _build_schedule(plan, self._stages, self._loss_fn)
-        for stage in self._stages if trace is not None else ():
-            trace.watch_stage(stage)  # type: ignore[union-attr]
+        self._schedule = _build_schedule(plan, self._stages, self._loss_fn, forward_only)
+        if trace is not None:
+            for stage in self._stages:
+                trace.watch_stage(stage)
+            trace.watch_schedule(self._schedule)
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
         self._loss_scale = 1.0
@@ -138,16 +153,9 @@ class PipelineRuntime:
         ``loss_scale`` multiplies the loss before backward (16-bit loss scaling): the gradients
         come out scaled, as Lightning's scaler expects after its own ``scale(loss).backward()``.
         """
-        self._loss_scale = loss_scale
-        for seeded in self._seeded:
-            seeded.start_step(seed, step)
-        num_microbatches = self.plan.num_microbatches
-        self._outputs = [[] for _ in range(num_microbatches)]
         held = self._take_grads()
-        args = tuple(leaves) if self.is_first else ()
-        kwargs: dict[str, Any] = {"return_outputs": False} if _STEP_TAKES_RETURN_OUTPUTS else {}
-        target = torch.arange(num_microbatches, device=self.device)
-        self._schedule.step(*args, target=target, **kwargs)
+        args, kwargs = self._start(leaves, seed, step, loss_scale)
+        self._schedule.step(*args, **kwargs)
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
@@ -157,7 +165,51 @@ class PipelineRuntime:
             self._sum_tied(pending)
         self._pending = pending
         with self._span("loss and logged values shared"):
-            return self._share_outputs()
+            values = self._share_outputs()
+        if self.num_scalar_outputs < self.num_outputs:
+            with self._span("metric arguments shared"):
+                self.tensor_outputs = self._broadcast_outputs(first=self.num_scalar_outputs)
+        return values
+
+    def evaluate(self, leaves: Sequence[torch.Tensor], seed: int, step: int) -> list[torch.Tensor]:
+        """Run every micro-batch forward only (no gradients kept); return each graph output,
+        combined over the micro-batches (scalars averaged, per-sample tensors concatenated),
+        on every rank of this pipeline."""
+        args, kwargs = self._start(leaves, seed, step, loss_scale=1.0)
+        # Lightning evaluates under inference mode; the stages' receive buffers are ordinary
+        # tensors that the schedule writes in place, which inference mode would refuse later.
+        with torch.inference_mode(False), torch.no_grad():
+            self._schedule.eval(*args, **kwargs)
+        with self._span("evaluation outputs shared"):
+            return self._broadcast_outputs()
+
+    def _start(
+        self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float
+    ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """Prepare a step; return the schedule's arguments. The target of each micro-batch is its
+        index (see ``_loss_fn``)."""
+        self._loss_scale = loss_scale
+        for seeded in self._seeded:
+            seeded.start_step(seed, step)
+        self._outputs = [[] for _ in range(self.plan.num_microbatches)]
+        kwargs: dict[str, Any] = {"return_outputs": False} if _STEP_TAKES_RETURN_OUTPUTS else {}
+        kwargs["target"] = torch.arange(self.plan.num_microbatches, device=self.device)
+        return (tuple(leaves) if self.is_first else ()), kwargs
+
+    def _broadcast_outputs(self, first: int = 0) -> list[torch.Tensor]:
+        """Graph outputs ``first`` and after, combined over micro-batches, from the last stage
+        to every rank of this pipeline."""
+        num_microbatches = self.plan.num_microbatches
+        if self.is_last:
+            combined = [_combine([outs[i] for outs in self._outputs]) for i in range(first, self.num_outputs)]
+        else:  # the shapes are known from the capture: allocate and receive
+            examples = self._output_examples[first:]
+            combined = [_combined_like(example, num_microbatches, self.device) for example in examples]
+        if dist.is_initialized() and self.plan.pipeline_degree > 1:
+            last = self.groups.dp_rank * self.plan.pipeline_degree + self.plan.pipeline_degree - 1
+            for value in combined:
+                dist.broadcast(value, src=last, group=self.groups.pp_group)
+        return combined
 
     def _span(self, name: str) -> contextlib.AbstractContextManager[None]:
         return self._trace.span(name, "collective") if self._trace is not None else contextlib.nullcontext()
@@ -174,9 +226,10 @@ class PipelineRuntime:
         return grads
 
     def _share_outputs(self) -> torch.Tensor:
-        values = torch.zeros(self.num_outputs, dtype=torch.float64, device=self.device)
+        values = torch.zeros(self.num_scalar_outputs, dtype=torch.float64, device=self.device)
         if self.is_last:
-            per_mb = [torch.stack([o.reshape(()).to(torch.float64) for o in outs]) for outs in self._outputs]
+            scalars = [outs[: self.num_scalar_outputs] for outs in self._outputs]
+            per_mb = [torch.stack([o.reshape(()).to(torch.float64) for o in outs]) for outs in scalars]
             values = torch.stack(per_mb).mean(dim=0)
         if dist.is_initialized():
             # Only the last stage of each replica contributes: the sum over ranks / D is the mean.
@@ -205,6 +258,25 @@ class PipelineRuntime:
             param.grad = grad if param.grad is None else param.grad + grad
 
 
+def _combine(per_microbatch: list[torch.Tensor]) -> torch.Tensor:
+    """One graph output over the micro-batches: scalars (losses, logged values) are averaged,
+    per-sample tensors (predictions) concatenated along the batch dimension."""
+    if per_microbatch[0].dim() == 0:
+        return torch.stack(per_microbatch).to(torch.float64).mean().to(_scalar_dtype(per_microbatch[0].dtype))
+    return torch.cat(per_microbatch).contiguous()
+
+
+def _combined_like(example: torch.Tensor, num_microbatches: int, device: torch.device) -> torch.Tensor:
+    if example.dim() == 0:
+        return torch.empty((), dtype=_scalar_dtype(example.dtype), device=device)
+    shape = (example.shape[0] * num_microbatches, *example.shape[1:])
+    return torch.empty(shape, dtype=example.dtype, device=device)
+
+
+def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _reduce_flat(pending: Grads, params: list[torch.nn.Parameter], group: Any, scale: float) -> None:
     """All-reduce (sum) the pending gradients of ``params`` as one flat buffer, times ``scale``."""
     if not params:
@@ -226,6 +298,7 @@ def _build_stage(
     device: torch.device,
     group: Any,
     no_grad: set[str],
+    forward_only: bool = False,
 ) -> PipelineStage:
     # Static metadata: without it the pipeline infers shapes by running the stage on
     # uninitialised tensors, which breaks ops that check their integer inputs (labels).
@@ -234,13 +307,24 @@ def _build_stage(
         stage.stage_index,
         num_stages,
         device,
-        input_args=_examples(graph.stage_inputs(stage.node_start), no_grad, device, root=stage.node_start == 0),
-        output_args=_examples(graph.stage_outputs(stage.node_end), no_grad, device, root=False),
+        input_args=_examples(
+            graph.stage_inputs(stage.node_start), no_grad, device, stage.node_start == 0 or forward_only
+        ),
+        output_args=_examples(graph.stage_outputs(stage.node_end), no_grad, device, forward_only),
         group=group,
     )
 
 
-def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: Any) -> Any:
+def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: Any, forward_only: bool = False) -> Any:
+    if forward_only:
+        # Without backward every schedule is a fill and drain of forwards: GPipe's, or with several
+        # stages per rank the looped breadth-first one, which (unlike interleaved 1F1B) takes any
+        # micro-batch count.
+        if len(stages) == 1:
+            return ScheduleGPipe(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return ScheduleLoopedBFS(
+            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
+        )
     if plan.schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(
             list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
@@ -250,15 +334,16 @@ def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: A
 
 
 def _examples(
-    values: Sequence[fx.Node], no_grad: set[str], device: torch.device, root: bool
+    values: Sequence[fx.Node], no_grad: set[str], device: torch.device, without_grad: bool
 ) -> tuple[torch.Tensor, ...]:
     """Tensors with the shape, dtype and requires_grad each value has at run time (contiguous:
-    stage outputs are made contiguous before they are sent)."""
+    stage outputs are made contiguous before they are sent). ``without_grad``: the batch's
+    leaves, or a forward-only pipeline."""
     examples = []
     for value in values:
         fake = value.meta["val"]
         tensor = torch.empty(fake.shape, dtype=fake.dtype, device=device)
-        if not root and fake.is_floating_point() and value.name not in no_grad:
+        if not without_grad and fake.is_floating_point() and value.name not in no_grad:
             tensor.requires_grad_(True)
         examples.append(tensor)
     return tuple(examples)

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_unflatten
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.export import (
     CapturedStep,
+    capture_step,
     capture_training_step,
     fake_module_state,
     flatten_batch,
@@ -134,16 +135,22 @@ def capture_micro(module: nn.Module, batch: Any, num_microbatches: int, where: s
 
 @contextlib.contextmanager
 def fake_capture(
-    module: nn.Module, batch: Any, num_microbatches: int, where: str, device: torch.device
+    module: nn.Module,
+    batch: Any,
+    num_microbatches: int,
+    where: str,
+    device: torch.device,
+    step_name: str = "training_step",
+    extra_args: tuple[Any, ...] = (),
 ) -> Iterator[tuple[CapturedStep, StepGraph, list[torch.Tensor]]]:
     """Capture the step with fake tensors standing in for the module's and the batch's (other
     stages' tensors are freed or were never allocated). Yields the capture, its graph and the
     fake micro-batch leaves, valid inside the block."""
-    leaves, spec = flatten_batch(batch, where)
+    leaves, spec = flatten_batch(batch, where, step_name)
     size = batch_size_of(leaves, where) // num_microbatches
     with fake_module_state(module, device) as mode:
         micro = [mode.from_tensor(leaf[:size]) for leaf in leaves]
-        captured = capture_training_step(module, tree_unflatten(micro, spec))
+        captured = capture_step(module, tree_unflatten(micro, spec), step_name, extra_args)
         yield captured, StepGraph.from_captured(captured), micro
 
 

@@ -2,12 +2,20 @@
 
 ``RaNNCStrategy(trace="trace.json")`` records, for the first ``trace_steps`` training steps,
 every stage's forward and backward of each micro-batch (``torch.distributed.pipelining``'s
-``forward_one_chunk`` / ``backward_one_chunk``), the collectives after the schedule (gradient
-average over replicas, tied-weight sum, loss sharing) and the optimizer step. At the end of
-``fit`` rank 0 gathers the ranks' events into one file for https://ui.perfetto.dev or
-chrome://tracing: one process per rank; gaps in a row are waiting (for a neighbour's
-activations or gradients, or for the bubble). Clocks start at a barrier, so rows line up to
-within the barrier's skew.
+``forward_one_chunk`` / ``backward_one_chunk``), the point-to-point transfers between them
+(``send F3``: this stage's activations of micro-batch 3 going out; ``recv B2``: the gradients of
+micro-batch 2 coming in), the collectives after the schedule (gradient average over replicas,
+tied-weight sum, loss sharing) and the optimizer step. At the end of ``fit`` rank 0 gathers the
+ranks' events into one file for https://ui.perfetto.dev or chrome://tracing: one process per
+rank; a ``recv`` event is the time spent waiting for a neighbour, the remaining gaps are the
+schedule's own (the bubble) or Lightning's. Clocks start at a barrier, so rows line up to within
+the barrier's skew.
+
+The transfers are timed where the schedule waits for them: ``torch.distributed.pipelining``
+posts the stage's ``get_*_send_ops`` / ``get_*_recv_ops`` through its module-level
+``_batch_p2p`` and waits in ``_wait_batch_p2p``. Both helpers are private to torch, so they are
+replaced only while a recorded step runs, and only when the schedule's module has them (torch
+2.11 and 2.13 do); otherwise the trace has no send/recv events (logged at debug level).
 """
 
 from __future__ import annotations
@@ -15,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +33,21 @@ import torch.distributed as dist
 
 __all__ = ["EventTrace"]
 
+log = logging.getLogger("lightning_rannc")
+
 _COMPUTE, _OTHER = 0, 1
-"""Thread ids: stage compute, and what runs around the schedule."""
+"""Thread ids: the schedule (compute and its transfers), and what runs around it."""
+_P2P_GETTERS = (
+    ("get_fwd_recv_ops", "recv F"),
+    ("get_fwd_send_ops", "send F"),
+    ("get_bwd_recv_ops", "recv B"),
+    ("get_bwd_send_ops", "send B"),
+)
+_P2P_HELPERS = ("_batch_p2p", "_wait_batch_p2p")
+_TAG = "_lightning_rannc_p2p"
+"""Attribute a watched stage sets on the ``P2POp`` objects it hands out: ``(label, stage_index)``."""
+_WATCHED = "_lightning_rannc_traced"
+"""Attribute set on a schedule ``watch_schedule`` has seen."""
 
 
 class EventTrace:
@@ -71,9 +93,41 @@ class EventTrace:
         )  # fmt: skip
 
     def watch_stage(self, stage: Any) -> None:
-        """Time ``stage``'s forward and backward of each micro-batch (its first argument)."""
+        """Time ``stage``'s forward and backward of each micro-batch (its first argument), and
+        name its point-to-point operations for ``watch_schedule``."""
         for method, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
             setattr(stage, method, self._timed(getattr(stage, method), kind, stage.stage_index))
+        missing = [method for method, _ in _P2P_GETTERS if not hasattr(stage, method)]
+        if missing:
+            log.debug("The runtime trace has no send/recv events: the stage has no %s.", ", ".join(missing))
+            return
+        for method, prefix in _P2P_GETTERS:
+            setattr(stage, method, self._tagging(getattr(stage, method), prefix, stage.stage_index))
+
+    def watch_schedule(self, schedule: Any) -> None:
+        """Time the waits for the sends and receives of the stages ``watch_stage`` watches, inside
+        ``schedule.step``. A second call for the same schedule does nothing."""
+        if getattr(schedule, _WATCHED, False):
+            return
+        setattr(schedule, _WATCHED, True)
+        helpers = _p2p_helpers(schedule)
+        if helpers is None:
+            log.debug(
+                "The runtime trace has no send/recv events: %s's module has no %s (torch internals differ).",
+                type(schedule).__name__,
+                " / ".join(_P2P_HELPERS),
+            )
+            return
+        step = schedule.step
+
+        @functools.wraps(step)
+        def traced_step(*args: Any, **kwargs: Any) -> Any:
+            if not self.recording:
+                return step(*args, **kwargs)
+            with _replaced(helpers, self._posting(helpers["_batch_p2p"]), self._waiting(helpers["_wait_batch_p2p"])):
+                return step(*args, **kwargs)
+
+        schedule.step = traced_step
 
     def _timed(self, run: Any, kind: str, stage_index: int) -> Any:
         category = "forward" if kind == "F" else "backward"
@@ -84,6 +138,42 @@ class EventTrace:
                 return run(chunk, *args, **kwargs)
 
         return timed
+
+    def _tagging(self, get_ops: Any, prefix: str, stage_index: int) -> Any:
+        @functools.wraps(get_ops)
+        def tagged(chunk: int, *args: Any, **kwargs: Any) -> Any:
+            ops = get_ops(chunk, *args, **kwargs)
+            if self.recording:
+                for op in ops:
+                    with contextlib.suppress(AttributeError):  # a P2POp with __slots__ stays untimed
+                        setattr(op, _TAG, (f"{prefix}{chunk}", stage_index))
+            return ops
+
+        return tagged
+
+    def _posting(self, batch_p2p: Callable[..., Any]) -> Callable[..., Any]:
+        """``_batch_p2p`` whose works remember the names of the operations they carry."""
+
+        def posted(ops: Any, *args: Any, **kwargs: Any) -> Any:
+            works = batch_p2p(ops, *args, **kwargs)
+            tags = [tag for tag in (getattr(op, _TAG, None) for op in ops) if tag is not None]
+            return _TaggedWorks(works, tags) if tags and isinstance(works, list) else works
+
+        return posted
+
+    def _waiting(self, wait_batch_p2p: Callable[..., Any]) -> Callable[..., Any]:
+        """``_wait_batch_p2p`` timed as one event named by its operations, e.g. ``send F3 + recv B1``."""
+
+        def waited(works: Any, *args: Any, **kwargs: Any) -> Any:
+            tags = getattr(works, "tags", None)
+            if not tags:
+                return wait_batch_p2p(works, *args, **kwargs)
+            labels = list(dict.fromkeys(label for label, _ in tags))
+            stages = sorted({stage for _, stage in tags})
+            with self.span(" + ".join(labels), "communication", _COMPUTE, ops=labels, stages=stages):
+                return wait_batch_p2p(works, *args, **kwargs)
+
+        return waited
 
     def write(self, path: str | Path) -> None:
         """Gather every rank's events on rank 0 and write them there. Collective."""
@@ -99,7 +189,35 @@ class EventTrace:
         Path(path).write_text(json.dumps({"traceEvents": names + threads + events, "displayTimeUnit": "ms"}))
 
 
-_THREADS = ((_COMPUTE, "stages (forward/backward)"), (_OTHER, "collectives, optimizer"))
+_THREADS = ((_COMPUTE, "schedule (forward/backward, send/recv)"), (_OTHER, "collectives, optimizer"))
+
+
+class _TaggedWorks(list):  # type: ignore[type-arg]
+    """The works of one ``_batch_p2p`` call and the ``(label, stage_index)`` of its operations."""
+
+    def __init__(self, works: list[Any], tags: list[tuple[str, int]]) -> None:
+        super().__init__(works)
+        self.tags = tags
+
+
+def _p2p_helpers(schedule: Any) -> dict[str, Any] | None:
+    """The globals the schedule's ``_step_microbatches`` runs with, if they hold both p2p helpers."""
+    run = getattr(type(schedule), "_step_microbatches", None)
+    helpers: dict[str, Any] | None = getattr(run, "__globals__", None)
+    if helpers is None or not all(callable(helpers.get(name)) for name in _P2P_HELPERS):
+        return None
+    return helpers
+
+
+@contextlib.contextmanager
+def _replaced(helpers: dict[str, Any], batch_p2p: Any, wait_batch_p2p: Any) -> Iterator[None]:
+    """Swap the schedule module's p2p helpers for the duration of one step."""
+    saved = {name: helpers[name] for name in _P2P_HELPERS}
+    helpers.update(_batch_p2p=batch_p2p, _wait_batch_p2p=wait_batch_p2p)
+    try:
+        yield
+    finally:
+        helpers.update(saved)
 
 
 def _name_event(pid: int, name: str) -> dict[str, Any]:

@@ -89,6 +89,8 @@ class Watchdog:
         if not first:
             self._stop_process(self._store.get(f"{self._keys}/failed").decode(), also=summary)
             return
+        if self._rank == 0:
+            return  # rank 0 shows its own error; the others stop
         time.sleep(3 * self._poll_s)  # the others stop meanwhile (or report the same error)
         rank_zero = self._rank_zero_failure() if self._rank != 0 else None
         if rank_zero is not None and _same_error(rank_zero, summary):
@@ -141,6 +143,10 @@ class Watchdog:
         if own != reason:  # not the same error raised on every rank
             line += f" (this rank then failed too: {own})"
         print(line, file=sys.stderr, flush=True)
+        if rank == "0" and self._rank != 0:
+            # Lightning's launcher kills rank 0's process as soon as another rank exits with an
+            # error: give rank 0 a moment to show the error it raised.
+            time.sleep(4 * self._poll_s)
         self._exit_process(1)
 
 

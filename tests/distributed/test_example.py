@@ -61,3 +61,22 @@ def test_lightning_cli_names_a_wrong_strategy_argument() -> None:
         timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "micro_batches='many'): micro_batches must be a positive" in result.stdout
+
+
+HYDRA = EXAMPLE.parent / "gpt_hydra.py"
+
+
+def test_hydra_config_runs_the_example_with_its_overrides(tmp_path: Path) -> None:
+    """``configs/hydra/gpt.yaml``: every object from its ``_target_``; a command-line override
+    reaches the strategy on every rank (Lightning starts rank 1 with the same overrides)."""
+    run_dir = f"hydra.run.dir={tmp_path}"
+    small = ["trainer.max_steps=3", "model.layers=2", "data.size=128", run_dir]
+    result = run_script(HYDRA, *small, "strategy.micro_batches=2", timeout=240)
+    assert "after 3 steps" in result.stdout
+    assert "plan: 2 stage(s) x 1 replica(s), 2 micro-batch(es) of 8, schedule=1f1b" in result.stdout
+    assert (tmp_path / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_hydra_names_a_wrong_strategy_value(tmp_path: Path) -> None:
+    result = run_script(HYDRA, "strategy.micro_batches=many", f"hydra.run.dir={tmp_path}", timeout=120, check=False)
+    assert result.returncode != 0 and "micro_batches='many'): micro_batches must be a positive" in result.stdout

@@ -176,14 +176,23 @@ def test_meta_device_module_without_reset_parameters_is_refused_with_the_module_
         trainer.fit(model, table_loader())
 
 
-def test_validating_a_meta_device_module_is_refused_with_advice() -> None:
+def test_sanity_checking_a_meta_device_module_is_refused_with_advice() -> None:
+    # Before the first training batch there is no plan, and no rank holds the whole module.
     trainer = _trainer(limit_val_batches=1, num_sanity_val_steps=1)
     with trainer.init_module(empty_init=True):
         model = LoggingMLP()
-    with pytest.raises(
-        RuntimeSetupError, match="cannot validate a module created on the meta device.*limit_val_batches=0"
-    ):
+    with pytest.raises(RuntimeSetupError, match="meta device only through the plan.*num_sanity_val_steps=0"):
         trainer.fit(model, table_loader(), table_loader(size=16))
+
+
+def test_a_meta_device_module_validates_through_the_plan_inside_fit() -> None:
+    trainer = _trainer(limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=2)
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    trainer.fit(model, table_loader(), table_loader(size=16))
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    engine = trainer.strategy._engine
+    assert [key[0] for key, entry in engine._eval_runtimes.items() if isinstance(entry, tuple)] == ["validation_step"]
 
 
 def test_resuming_a_meta_device_module_is_refused_rather_than_started_from_random_weights(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Chrome trace and PNG chart of a planned step (``lightning_rannc.plan.chart``, ``plan --chart/--trace``)."""
+"""Chrome trace and PNG chart of a planned step (``lightning_rannc.plan.chart``, ``plan --chart/--trace``),
+and the chart of a predicted step above a measured one (``show --chart --measured``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import sys
@@ -12,11 +14,13 @@ import pytest
 
 from lightning_rannc.__main__ import main
 from lightning_rannc.errors import PlanError
-from lightning_rannc.plan.chart import write_chart, write_trace
+from lightning_rannc.plan.chart import read_measured_step, write_chart, write_comparison_chart, write_trace
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
+from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.report import format_plan
 from lightning_rannc.plan.search import SearchResult, SearchSettings, TensorTable, search_plan
-from lightning_rannc.plan.simulate import ScheduleTimes
+from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = f"{ROOT / 'benchmarks' / 'models.py'}:GPTLM"
@@ -35,7 +39,9 @@ DEVICE = DeviceSpec(
 )
 
 
-def _search(schedule: str, replicas: int, stages: int = 3, microbatches: int = 4) -> SearchResult:
+def _search(
+    schedule: str, replicas: int, stages: int = 3, microbatches: int = 4, device: DeviceSpec = DEVICE
+) -> SearchResult:
     """A chain of 6 uneven blocks (so that stages wait on each other) split ``stages`` ways."""
     blocks = [
         BlockCost(
@@ -54,7 +60,7 @@ def _search(schedule: str, replicas: int, stages: int = 3, microbatches: int = 4
     settings = SearchSettings(
         num_devices=stages * replicas,
         global_batch_size=replicas * microbatches,
-        device=DEVICE,
+        device=device,
         pipeline_stages=stages,
         replicas=replicas,
         micro_batches=microbatches,
@@ -182,3 +188,124 @@ def test_an_output_folder_that_does_not_exist_is_refused_before_planning(capsys:
     assert main(["plan", TARGET, "--devices", "2", "--trace", "/no/such/folder/trace.json"]) == 2
     captured = capsys.readouterr()
     assert "its folder does not exist" in captured.err and captured.out == ""
+
+
+# A saved plan drawn again (show --chart) and compared with a runtime trace (--measured) ------------
+
+
+@pytest.mark.parametrize(
+    ("schedule", "replicas", "stages"), [("gpipe", 2, 3), ("1f1b", 1, 3), ("interleaved_1f1b", 1, 2)]
+)
+def test_a_saved_plan_replays_the_schedule_it_was_searched_with(schedule: str, replicas: int, stages: int) -> None:
+    slow_links = dataclasses.replace(DEVICE, action_overhead_ms=0.5, intra_node_bandwidth=2e8)
+    result = _search(schedule, replicas, stages=stages, device=slow_links)
+    saved = PartitionPlan.from_json(result.plan.to_json())
+    assert saved.predicted_action_overhead_ms == 0.5 and saved.stages[0].send_ms > 0 == saved.stages[-1].send_ms
+    replayed = simulate_plan(saved)
+    assert replayed.makespan_ms == pytest.approx(result.times.makespan_ms)
+    for ours, searched in zip(replayed.operations, result.times.operations, strict=True):
+        assert [op[:2] for op in ours] == [op[:2] for op in searched]
+        assert [op[2:] for op in ours] == pytest.approx([op[2:] for op in searched])
+    # a plan saved before these fields existed replays without links or overheads: a shorter step
+    old = dataclasses.replace(saved, predicted_action_overhead_ms=0.0)
+    old.stages = [dataclasses.replace(stage, send_ms=0.0) for stage in saved.stages]
+    assert simulate_plan(old).makespan_ms < replayed.makespan_ms - 1.0
+
+
+def _runtime_trace(result: SearchResult, path: Path, steps: int = 3) -> Path:
+    """What ``RaNNCStrategy(trace=...)`` writes for ``result``'s plan, had every step run as
+    simulated (step 1 twice as slow, as warm-up is): forwards and backwards on thread 0, a
+    receive before each forward of a later stage, the gradient average on thread 1."""
+    events: list[dict[str, Any]] = []
+    plan, times = result.plan, result.times
+    for rank in range(plan.world_size):
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
+    for step in range(1, steps + 1):
+        offset_ms, slow = 1000.0 * step, 2.0 if step == 1 else 1.0
+        for rank in range(plan.world_size):
+            stage = plan.stage_of_rank(rank).stage_index
+            for kind, microbatch, start, end in times.operations[stage]:
+                args = {"step": step, "micro_batch": microbatch, "stage": stage}
+                category = "forward" if kind == "F" else "backward"
+                events.append(
+                    _event(rank, 0, f"{kind}{microbatch}", category, offset_ms + start * slow, end - start, args)
+                )
+                if kind == "F" and stage > 0:
+                    args = {"step": step, "ops": [f"recv F{microbatch}"], "stages": [stage]}
+                    events.append(
+                        _event(rank, 0, f"recv F{microbatch}", "communication", offset_ms + start - 0.2, 0.1, args)
+                    )
+            done = offset_ms + times.makespan_ms * slow
+            events.append(_event(rank, 1, "gradient average over replicas", "collective", done, 0.5, {"step": step}))
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path
+
+
+def _event(pid: int, tid: int, name: str, category: str, start_ms: float, ms: float, args: dict[str, Any]) -> Any:
+    return {"name": name, "cat": category, "ph": "X", "pid": pid, "tid": tid, "ts": start_ms * 1e3, "dur": ms * 1e3,
+            "args": args}  # fmt: skip
+
+
+def test_measured_step_is_the_last_recorded_one_from_time_zero(tmp_path: Path) -> None:
+    result = _search("1f1b", 2)
+    trace = _runtime_trace(result, tmp_path / "run.json")
+    measured = read_measured_step(trace)
+    assert measured.step == 3 and measured.steps == [1, 2, 3] and list(measured.rows) == list(range(6))
+    for rank in range(6):  # time 0 is stage 0's first forward, on ranks 0 and 3
+        stage = result.plan.stage_of_rank(rank).stage_index
+        ours, expected = measured.operations(rank), result.times.operations[stage]
+        assert [op[:2] for op in ours] == [op[:2] for op in expected]
+        assert [op[2:] for op in ours] == pytest.approx([op[2:] for op in expected])
+        names = [e.name for e in measured.rows[rank]]
+        assert names[-1] == "gradient average over replicas"
+        assert ("recv F0" in names) == (stage > 0)
+        assert all(e.end_ms >= e.start_ms >= 0 for e in measured.rows[rank])
+    assert measured.duration_ms == pytest.approx(result.times.makespan_ms + 0.5)
+    warm_up = read_measured_step(json.loads(trace.read_text()), step=1)  # the JSON object works too
+    assert warm_up.step == 1 and warm_up.duration_ms > 1.5 * measured.duration_ms
+
+
+def test_a_step_or_file_that_is_not_a_recorded_step_is_refused(tmp_path: Path) -> None:
+    result = _search("1f1b", 1)
+    trace = _runtime_trace(result, tmp_path / "run.json")
+    with pytest.raises(PlanError, match=r"recorded steps 1-3, not step 7: pick one of them"):
+        read_measured_step(trace, step=7)
+    write_trace(result.plan, result.times, tmp_path / "predicted.json")
+    with pytest.raises(PlanError, match=r"holds no training step: pass the file RaNNCStrategy\(trace=...\) wrote"):
+        read_measured_step(tmp_path / "predicted.json")
+    with pytest.raises(PlanError, match=r"'/no/such/trace.json' is not a Chrome trace \(FileNotFoundError"):
+        read_measured_step("/no/such/trace.json")
+    other = _search("1f1b", 2)  # 6 ranks
+    with pytest.raises(PlanError, match=r"recorded on 3 rank\(s\) but the plan is for 6 device\(s\)"):
+        write_comparison_chart(other.plan, other.times, trace, tmp_path / "chart.png")
+    assert not (tmp_path / "chart.png").exists()
+
+
+def test_comparison_chart_is_one_png_with_a_panel_each(tmp_path: Path) -> None:
+    result = _search("1f1b", 2)
+    trace = _runtime_trace(result, tmp_path / "run.json")
+    both, predicted = tmp_path / "both.png", tmp_path / "predicted.png"
+    measured = write_comparison_chart(result.plan, result.times, trace, both, step=2, title="Chain")
+    write_chart(result.plan, result.times, predicted, title="Chain")
+    assert measured.step == 2
+    assert _png_size(both) == (1320, round((3.2 + 0.5 * (3 + 6)) * 110))
+    assert both.stat().st_size > 1.3 * predicted.stat().st_size  # the second panel has as many boxes again
+
+
+def test_show_draws_a_saved_plan_and_a_measured_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _search("1f1b", 1)
+    plan_path, chart = tmp_path / "plan.json", tmp_path / "step.png"
+    result.plan.save(plan_path)
+    trace = _runtime_trace(result, tmp_path / "run.json")
+    assert main(["show", str(plan_path), "--chart", str(chart), "--measured", str(trace), "--step", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(format_plan(result.plan)) and f"above step 2 of {trace}" in printed
+    assert _png_size(chart) == (1320, round((3.2 + 0.5 * (3 + 3)) * 110))
+    assert main(["show", str(plan_path), "--chart", str(chart), "--trace", str(tmp_path / "again.json")]) == 0
+    assert _png_size(chart) == (1320, round((1.6 + 0.5 * 3) * 110))  # the prediction alone
+    events = json.loads((tmp_path / "again.json").read_text())["traceEvents"]
+    assert sorted(e["ts"] + e["dur"] for e in events if e["ph"] == "X")[-1] == pytest.approx(
+        result.plan.predicted_step_ms * 1e3, abs=1e-2
+    )
+    assert main(["show", str(plan_path), "--measured", str(trace)]) == 2
+    assert "pass --chart PATH.png too" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Evaluation steps through the plan in this process (one device, one stage), against plain
+Lightning: what is captured, what falls back to the whole module, and what is refused."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_rannc import RaNNCStrategy, RuntimeSetupError
+
+from models import LoggingMLP, table_loader
+
+_QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    max_steps=2,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+def _fit(model: L.LightningModule, **strategy: Any) -> L.Trainer:
+    trainer = L.Trainer(strategy=RaNNCStrategy(micro_batches=2, **strategy), **_QUIET)
+    trainer.fit(model, table_loader())
+    return trainer
+
+
+def _pipelined_steps(trainer: L.Trainer) -> list[str]:
+    return sorted(
+        {key[0] for key, entry in trainer.strategy._engine._eval_runtimes.items() if isinstance(entry, tuple)}
+    )
+
+
+def _plain(model: L.LightningModule) -> L.Trainer:
+    return L.Trainer(**_QUIET)
+
+
+class PerBatchPredictions(LoggingMLP):
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[:, : self.features]).mean(dim=0, keepdim=True)  # (1, classes): per batch
+
+
+def test_a_per_batch_prediction_falls_back_to_the_whole_module_with_a_warning(caplog) -> None:
+    model = PerBatchPredictions()
+    trainer = _fit(model)
+    with caplog.at_level(logging.WARNING, logger="lightning_rannc"):
+        ours = trainer.predict(model, table_loader(size=16))
+    assert (
+        "`predict_step`" in caplog.text
+        and "returns (or passes to a torchmetrics object) a tensor of shape (1, 4)" in caplog.text
+    )
+    assert _pipelined_steps(trainer) == []
+    ref = _plain(model).predict(copy.deepcopy(model), table_loader(size=16))
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_a_meta_device_module_refuses_a_step_it_cannot_pipeline_naming_it() -> None:
+    trainer = L.Trainer(strategy=RaNNCStrategy(micro_batches=2), **_QUIET)
+    with trainer.init_module(empty_init=True):
+        model = PerBatchPredictions()
+    trainer.fit(model, table_loader())
+    with pytest.raises(RuntimeSetupError, match=r"`predict_step` \(.*test_evaluation_steps.py:\d+\).*meta device"):
+        trainer.predict(model, table_loader(size=16))
+
+
+class CollectsOutputs(LoggingMLP):
+    """Lightning 2's idiom: validation_step appends to a list read at the epoch's end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []
+        self.epoch_means: list[float] = []
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.outputs.append(F.cross_entropy(self.net(batch[:, : self.features]), batch[:, self.features].long()))
+
+    def on_validation_epoch_end(self) -> None:
+        self.epoch_means.append(float(torch.stack(self.outputs).mean()))
+        self.outputs.clear()
+
+
+def test_a_step_with_python_side_effects_runs_on_the_whole_module() -> None:
+    model = CollectsOutputs()
+    trainer = _fit(model)
+    trainer.validate(model, table_loader(size=16))
+    reference = copy.deepcopy(model)
+    reference.epoch_means.clear()
+    _plain(reference).validate(reference, table_loader(size=16))
+    assert model.epoch_means == pytest.approx(reference.epoch_means, rel=1e-6) and len(model.epoch_means) == 1
+    assert _pipelined_steps(trainer) == []
+
+
+class TwoLoadersAndConstants(LoggingMLP):
+    """Several validation loaders (dataloader_idx), and a tensor constant only this step uses
+    (export names constants by position: it must not be mistaken for the training step's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_shift = torch.tensor(0.5)
+        self.val_scale = torch.tensor([2.0, 1.0, 1.0, 3.0])
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = batch[:, : self.features] + self.train_shift, batch[:, self.features].long()
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        logits = self.net(x) * self.val_scale * (dataloader_idx + 1)
+        self.log("val_loss", F.cross_entropy(logits, y))
+
+
+def test_several_loaders_and_step_constants_give_plain_lightning_values() -> None:
+    model = TwoLoadersAndConstants()
+    trainer = _fit(model)
+    loaders = [table_loader(size=16), table_loader(size=24)]
+    ours = trainer.validate(model, loaders, verbose=False)
+    ref = _plain(model).validate(copy.deepcopy(model), loaders, verbose=False)
+    assert _pipelined_steps(trainer) == ["validation_step"]
+    assert len(ours) == len(ref) == 2
+    for mine, theirs in zip(ours, ref):
+        assert mine.keys() == theirs.keys()
+        for key in theirs:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6)
+
+
+def test_validate_after_fit_evaluates_the_module_it_is_given() -> None:
+    model = LoggingMLP()
+    trainer = _fit(model)
+    other = LoggingMLP()  # e.g. the best checkpoint, loaded afresh
+    torch.nn.init.zeros_(other.net[4].weight)
+    ours = trainer.validate(other, table_loader(size=16), verbose=False)
+    ref = _plain(other).validate(copy.deepcopy(other), table_loader(size=16), verbose=False)
+    assert ours[0]["val_loss"] == pytest.approx(ref[0]["val_loss"], rel=1e-6)
+
+
+def test_bf16_mixed_evaluation_matches_plain_lightning() -> None:
+    model = LoggingMLP()
+    trainer = L.Trainer(strategy=RaNNCStrategy(micro_batches=2), precision="bf16-mixed", **_QUIET)
+    trainer.fit(model, table_loader())
+    ours = trainer.validate(model, table_loader(size=16), verbose=False)
+    plain = L.Trainer(precision="bf16-mixed", **_QUIET)
+    ref = plain.validate(copy.deepcopy(model), table_loader(size=16), verbose=False)
+    assert _pipelined_steps(trainer) == ["validation_step"]
+    # bf16 keeps 8 bits of mantissa: micro-batch means and the batch mean differ by rounding only
+    assert ours[0]["val_loss"] == pytest.approx(ref[0]["val_loss"], rel=2e-2)
+
+
+def test_pipelined_evaluation_can_be_switched_off() -> None:
+    model = LoggingMLP()
+    trainer = _fit(model, pipelined_evaluation=False)
+    ours = trainer.validate(model, table_loader(size=16), verbose=False)
+    ref = _plain(model).validate(copy.deepcopy(model), table_loader(size=16), verbose=False)
+    assert _pipelined_steps(trainer) == []
+    assert ours[0]["val_loss"] == pytest.approx(ref[0]["val_loss"], rel=1e-6)
