@@ -7,6 +7,7 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
 
     python benchmarks/throughput.py                 # all layouts, 2 repetitions
     python benchmarks/throughput.py --repeat 3 --steps 40
+    python benchmarks/throughput.py --only rannc_s2_d1_m8,rannc_s2_d1_m8_zb   # a subset
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ RUNS = {
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
     "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
     "rannc_s2_d1_gpipe": (2, {"pipeline_stages": 2, "micro_batches": 2, "schedule": "gpipe"}),
+    # 1F1B with each backward split into input and weight gradients (zero bubble, ZB1P)
+    "rannc_s2_d1_m8_zb": (2, {"pipeline_stages": 2, "micro_batches": 8, "zero_bubble": True}),
     # the planner's own choice of layout and micro-batch count
     "rannc_auto": (2, {"pipeline_stages": "auto", "micro_batches": "auto"}),
 }
@@ -124,13 +127,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--only", default="", help="comma-separated runs (lightning_1proc is always run)")
     args = parser.parse_args()
     if args.run:
         _train(args.run, args.steps, args.warmup, args.batch_size, args.layers, args.dim)
         return
     print(f"GPT layers={args.layers} dim={args.dim} seq=64, batch {args.batch_size} per pipeline/process")
     for repetition in range(args.repeat):
-        results = {name: _launch(name, args) for name in RUNS}
+        chosen = {"lightning_1proc", *filter(None, args.only.split(","))} if args.only else set(RUNS)
+        results = {name: _launch(name, args) for name in RUNS if name in chosen}
         base = results["lightning_1proc"]["samples_per_s"]
         print(f"repetition {repetition + 1}:")
         for name, result in results.items():

@@ -42,6 +42,8 @@ class RaNNCConfig:
     """``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``."""
     virtual_stages: int = 1
     """Stages per rank for ``"interleaved_1f1b"``."""
+    zero_bubble: bool = False
+    """Run the 1F1B schedules as zero bubble (backward split into input and weight gradients)."""
     activation_checkpointing: bool | str = False
     """Recompute stages' activations in backward: ``True`` every stage, ``"auto"`` only the stages
     that need it to fit the memory limit."""

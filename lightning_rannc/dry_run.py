@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils._pytree import tree_unflatten
 
 from lightning_rannc._utils import optimizer_kind as _optimizer_kind
 from lightning_rannc._utils import where_defined
@@ -37,7 +36,7 @@ def plan_module(module: nn.Module, batch: Any, settings: SearchSettings, max_blo
     leaves, spec = flatten_batch(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
     with fake_module_state(module, torch.device("cpu")) as mode:
         sample = [mode.from_tensor(leaf[:1]) for leaf in leaves]
-        captured = capture_training_step(module, tree_unflatten(sample, spec))
+        captured = capture_training_step(module, spec.unflatten(sample))
         graph = StepGraph.from_captured(captured)
         spans = group_nodes(graph, max_blocks)
         costs = estimate_blocks(graph, sample, spans, device=settings.device)

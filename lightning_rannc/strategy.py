@@ -90,6 +90,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         verify: bool = False,
         verify_tolerance: float = 1e-3,
         pipelined_evaluation: bool = True,
+        zero_bubble: bool = False,
         fault_timeout: float = 60.0,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
@@ -149,6 +150,10 @@ class _RaNNCStrategyMixin(_MixinBase):
             pipelined_evaluation: run ``validation_step``, ``test_step`` and ``predict_step``
                 forward only through the training pipeline (``True``), or gather the whole module
                 on every rank for them (``False``: evaluation steps with Python side effects).
+            zero_bubble: run the 1F1B schedules as zero bubble (``ScheduleInterleavedZeroBubble``):
+                each backward split into the input gradient, sent on at once, and the weight
+                gradient, run where the pipeline would idle. Needs a 1F1B schedule (at least as
+                many micro-batches as stages).
             fault_timeout: seconds a rank may show no sign of life (killed, frozen) before every
                 rank stops; a rank that raises stops the others within about a second.
             process_group_backend: ``"gloo"``/``"nccl"``; default follows the device.
@@ -188,6 +193,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             verify=verify,
             verify_tolerance=verify_tolerance,
             pipelined_evaluation=pipelined_evaluation,
+            zero_bubble=zero_bubble,
             fault_timeout=fault_timeout,
             timeout=timeout,
         ).with_env_overrides()
@@ -405,6 +411,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             deployment=self.deployment,
             verify=self.config.verify,
             verify_tolerance=self.config.verify_tolerance,
+            zero_bubble=self.config.zero_bubble,
         )
 
     def _measured_links(self, trainer: Any) -> DeviceSpec | None:

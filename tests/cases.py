@@ -222,11 +222,17 @@ def run_case(
         "loss_scales": recorder.loss_scales,
         "optimizer_state_numel": recorder.optimizer_state_numel,
         "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
+        "schedule_class": _schedule_class(trainer),
         # a module built on the meta device stays partitioned after fit: only this rank's tensors
         "final_state": {k: v.tolist() for k, v in model.state_dict().items() if not v.is_meta},
     }
     (out_dir / f"{label}_rank{trainer.global_rank}.json").write_text(json.dumps(record))
     return trainer
+
+
+def _schedule_class(trainer: L.Trainer) -> str | None:
+    runtime = getattr(getattr(trainer.strategy, "_engine", None), "_last_runtime", None)
+    return type(runtime._schedule).__name__ if runtime is not None else None
 
 
 def load_record(out_dir: Path, label: str, rank: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ __all__ = [
     "capture_training_step",
     "capture_step",
     "flatten_batch",
+    "BatchSpec",
     "fake_module_state",
     "module_tensors",
 ]
@@ -90,8 +91,8 @@ class CapturedStep:
 
     program: ExportedProgram | None
     """The exported program; dropped once the stage is built (it references every tensor)."""
-    batch_spec: TreeSpec
-    """Structure of the batch; the graph's user inputs are its flattened leaves in order."""
+    batch_spec: BatchSpec
+    """Structure of the batch; the graph's user inputs are its tensor leaves in order."""
     microbatch_size: int
     logged: list[LoggedValue]
     extra_keys: list[str]
@@ -127,19 +128,77 @@ class CapturedStep:
         self.tensors = {name: t for name, t in self.tensors.items() if name in keep}
 
 
-def flatten_batch(batch: Any, where: str, step_name: str = "training_step") -> tuple[list[torch.Tensor], TreeSpec]:
-    """Flatten a batch into tensor leaves, refusing leaves the graph cannot take as inputs."""
-    leaves, spec = tree_flatten(batch)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            raise CaptureError(
-                f"The batch passed to `{step_name}` ({where}) holds a {type(leaf).__name__} leaf "
-                f"({leaf!r:.60}). RaNNCStrategy feeds batches through the pipeline as tensors only: "
-                "convert it to a tensor in your DataLoader's collate_fn, or drop it from the batch."
-            )
-    if not leaves:
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a batch is rebuilt from its tensor leaves: the pytree structure and the batch's other
+    leaves (strings, ids, lists of numbers), which are not graph inputs."""
+
+    tree: TreeSpec
+    constants: tuple[Any, ...]
+    """Every leaf in order; ``None`` where a tensor goes."""
+    tensor_positions: tuple[int, ...]
+
+    def unflatten(self, tensors: list[torch.Tensor], others: list[Any] | None = None) -> Any:
+        """The batch with ``tensors`` in the tensor leaves' places, and ``others`` (default: the
+        original values) in the other leaves' places."""
+        leaves = list(self.constants)
+        if others is not None:
+            other_positions = [i for i in range(len(leaves)) if i not in self.tensor_positions]
+            for position, value in zip(other_positions, others, strict=True):
+                leaves[position] = value
+        for position, tensor in zip(self.tensor_positions, tensors, strict=True):
+            leaves[position] = tensor
+        return tree_unflatten(leaves, self.tree)
+
+    def opaque_others(self, where: str, step_name: str) -> list[Any]:
+        """Stand-ins for the non-tensor leaves while the step is traced (see ``_OpaqueLeaf``)."""
+        return [
+            _OpaqueLeaf(value, f"`{step_name}` ({where})")
+            for index, value in enumerate(self.constants)
+            if index not in self.tensor_positions
+        ]
+
+
+def flatten_batch(batch: Any, where: str, step_name: str = "training_step") -> tuple[list[torch.Tensor], BatchSpec]:
+    """The batch's tensor leaves (the graph's inputs), and how to rebuild the batch from them.
+    Other leaves (file names, ids) pass through as long as the step does not use them."""
+    leaves, tree = tree_flatten(batch)
+    positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    if not positions:
         raise CaptureError(f"The batch passed to `{step_name}` ({where}) holds no tensors.")
-    return leaves, spec
+    constants = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
+    return [leaves[i] for i in positions], BatchSpec(tree, constants, positions)
+
+
+class _OpaqueLeaf:
+    """Stands in for a non-tensor leaf of the batch while the step is traced. The captured
+    graph takes tensors only, so a step may carry such a leaf along but not compute with it:
+    any use raises an error naming it (a value baked into the graph would be stale later)."""
+
+    def __init__(self, value: Any, where: str) -> None:
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_where", where)
+
+    def __repr__(self) -> str:
+        return f"<batch leaf {object.__getattribute__(self, '_value')!r:.40}>"
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        value, where = object.__getattribute__(self, "_value"), object.__getattribute__(self, "_where")
+        raise CaptureError(
+            f"{where} uses a {type(value).__name__} leaf of its batch ({value!r:.60}). RaNNCStrategy runs the step "
+            "as a graph of tensors, captured once: convert it to a tensor in your DataLoader's collate_fn, "
+            "or leave it unused in the step."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return self._refuse()
+
+
+for _dunder in ("__len__", "__iter__", "__getitem__", "__contains__", "__bool__", "__eq__", "__ne__", "__lt__",
+                "__le__", "__gt__", "__ge__", "__hash__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__",
+                "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__mod__", "__neg__", "__int__",
+                "__float__", "__index__", "__str__", "__format__", "__call__"):  # fmt: skip
+    setattr(_OpaqueLeaf, _dunder, _OpaqueLeaf._refuse)
 
 
 class _LogRecorder:
@@ -378,7 +437,7 @@ class _StepFunction(nn.Module):
     tensors of the returned value)."""
 
     def __init__(
-        self, module: nn.Module, spec: TreeSpec, where: str, step_name: str, extra_args: tuple[Any, ...]
+        self, module: nn.Module, spec: BatchSpec, where: str, step_name: str, extra_args: tuple[Any, ...]
     ) -> None:
         super().__init__()
         self.module = module
@@ -389,7 +448,7 @@ class _StepFunction(nn.Module):
         self.recorder = _LogRecorder(where)
 
     def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = tree_unflatten(list(leaves), self.spec)
+        batch = self.spec.unflatten(list(leaves), self.spec.opaque_others(self.where, self.step_name))
         recorder = self.recorder
         recorder.clear()
         step = getattr(self.module, self.step_name)

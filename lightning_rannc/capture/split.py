@@ -21,7 +21,9 @@ from lightning_rannc.capture.graph import StepGraph
 __all__ = ["build_range_module"]
 
 
-def build_range_module(graph: StepGraph, start: int, end: int, detach: Collection[str] = ()) -> fx.GraphModule:
+def build_range_module(
+    graph: StepGraph, start: int, end: int, detach: Collection[str] = (), fresh_outputs: bool = False
+) -> fx.GraphModule:
     """Build the module computing nodes ``[start, end)`` of ``graph``.
 
     Args:
@@ -29,6 +31,10 @@ def build_range_module(graph: StepGraph, start: int, end: int, detach: Collectio
         start: first node of the range.
         end: one past the last node of the range.
         detach: names of output values to detach: they cross the cut but carry no gradient.
+        fresh_outputs: return copies of the values crossing the end cut, never the tensors
+            themselves. Zero-bubble schedules need this: after the input gradients torch detaches
+            the stage's outputs in place (``stage_backward_input``), which would break the weight
+            gradient's backward when an output is also a tensor saved inside the stage.
 
     Returns:
         A GraphModule taking ``graph.stage_inputs(start)`` and returning a tuple of
@@ -61,7 +67,12 @@ def build_range_module(graph: StepGraph, start: int, end: int, detach: Collectio
             out = new_graph.call_function(torch.ops.aten.detach.default, (out,))
         if end < len(graph) and isinstance(value.meta.get("val"), torch.Tensor):
             # Point-to-point sends move raw memory: a strided view would arrive scrambled.
-            out = new_graph.call_function(torch.ops.aten.contiguous.default, (out,))
+            if fresh_outputs:
+                out = new_graph.call_function(
+                    torch.ops.aten.clone.default, (out,), {"memory_format": torch.contiguous_format}
+                )
+            else:
+                out = new_graph.call_function(torch.ops.aten.contiguous.default, (out,))
         outputs.append(out)
     new_graph.output(tuple(outputs))
     module = fx.GraphModule(root, new_graph)

@@ -76,6 +76,10 @@ class PartitionPlan:
     """Data-parallel replicas of the whole pipeline (D); ``world_size = D * pipeline_degree``."""
     virtual_stages: int = 1
     """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_degree``."""
+    zero_bubble: bool = False
+    """Run the 1F1B schedule (plain or interleaved) as zero bubble (ZB1P): each backward is split
+    into the gradient of the inputs, sent on at once, and that of the weights, run in the bubble.
+    Costed as the 1F1B schedule it refines (its peak activation memory is 1F1B's)."""
     predicted_step_ms: float = 0.0
     """Simulated schedule plus gradient exchange (searched plans), or the bottleneck formula."""
     predicted_bubble: float = 0.0
@@ -130,6 +134,8 @@ class PartitionPlan:
             raise PlanError(f"num_microbatches must be >= 1, got {self.num_microbatches}.")
         if self.virtual_stages < 1 or self.num_stages % self.virtual_stages:
             raise PlanError(f"{self.num_stages} stages cannot be run as {self.virtual_stages} virtual stages per rank.")
+        if self.zero_bubble and self.schedule == "gpipe":
+            raise PlanError("zero_bubble refines 1F1B schedules, not GPipe: use schedule='1f1b' or 'interleaved_1f1b'.")
         if (self.virtual_stages > 1) != (self.schedule == "interleaved_1f1b"):
             raise PlanError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved_1f1b' (and back).")
         if self.world_size != self.num_replicas * self.pipeline_degree:
@@ -193,9 +199,10 @@ class PartitionPlan:
 
     def summary(self) -> list[str]:
         """One line per stage, as logged at setup."""
+        schedule = self.schedule + (" (zero bubble)" if self.zero_bubble else "")
         head = (
             f"plan: {self.num_stages} stage(s) x {self.num_replicas} replica(s), {self.num_microbatches} "
-            f"micro-batch(es) of {self.microbatch_size}, schedule={self.schedule}, "
+            f"micro-batch(es) of {self.microbatch_size}, schedule={schedule}, "
             f"predicted step {self.predicted_step_ms:.2f} ms"
         )
         lines = [head]

@@ -196,7 +196,10 @@ class PipelineEngine:
         return reference_step(graph, leaves, runtime.plan.num_microbatches, names, key, no_grad)
 
     def _min_microbatches(self) -> int:
-        needs_fill = self.options.schedule in ("1f1b", "interleaved_1f1b") or self.options.virtual_stages > 1
+        options = self.options
+        needs_fill = (
+            options.schedule in ("1f1b", "interleaved_1f1b") or options.virtual_stages > 1 or options.zero_bubble
+        )
         return self.options.pipeline_degree if needs_fill else 1
 
     def _capture_again(self, batch: Any, num_microbatches: int) -> StepGraph:
@@ -325,6 +328,9 @@ class PipelineEngine:
             )
         costs = block_costs(graph, micro_leaves, options, self._cache, analytic)
         plan = self._searched_plan(graph, costs, int(micro_leaves[0].shape[0]), num_microbatches)
+        if options.zero_bubble:
+            plan.zero_bubble = True
+            plan.validate()  # a GPipe plan (fewer micro-batches than stages) is refused
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)
         return plan

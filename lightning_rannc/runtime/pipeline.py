@@ -28,6 +28,7 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
 
@@ -106,8 +107,10 @@ class PipelineRuntime:
         self.tensor_outputs: list[torch.Tensor] = []
         self._output_examples = [value.meta["val"] for value in graph.outputs]
         no_grad = set(plan.no_grad_values)
+        fresh = plan.zero_bubble and not forward_only
         self.modules = [
-            build_range_module(graph, s.node_start, s.node_end, detach=no_grad) for s in plan.stages_of_rank(rank)
+            build_range_module(graph, s.node_start, s.node_end, detach=no_grad, fresh_outputs=fresh)
+            for s in plan.stages_of_rank(rank)
         ]
         self._seeded = [
             SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint)
@@ -323,6 +326,10 @@ def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: A
         if len(stages) == 1:
             return ScheduleGPipe(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
         return ScheduleLoopedBFS(
+            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
+        )
+    if plan.zero_bubble:
+        return ScheduleInterleavedZeroBubble(
             list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
         )
     if plan.schedule == "interleaved_1f1b":

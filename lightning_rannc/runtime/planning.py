@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_unflatten
 
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.export import (
@@ -83,6 +82,8 @@ class EngineOptions:
     """A plan file: loaded when it exists (no profiling, no search), written otherwise."""
     verify: bool = False
     """Compare the first step with the unpartitioned step (``runtime/verify.py``)."""
+    zero_bubble: bool = False
+    """Plans run their 1F1B schedule as zero bubble (``PartitionPlan.zero_bubble``)."""
     verify_tolerance: float = 1e-3
 
     @property
@@ -129,7 +130,7 @@ def capture_micro(module: nn.Module, batch: Any, num_microbatches: int, where: s
     """Capture the step for the first micro-batch of ``batch`` with the module's own tensors."""
     leaves, spec = flatten_batch(batch, where)
     size = batch_size_of(leaves, where) // num_microbatches
-    captured = capture_training_step(module, tree_unflatten([leaf[:size] for leaf in leaves], spec))
+    captured = capture_training_step(module, spec.unflatten([leaf[:size] for leaf in leaves]))
     return captured, StepGraph.from_captured(captured)
 
 
@@ -150,7 +151,7 @@ def fake_capture(
     size = batch_size_of(leaves, where) // num_microbatches
     with fake_module_state(module, device) as mode:
         micro = [mode.from_tensor(leaf[:size]) for leaf in leaves]
-        captured = capture_step(module, tree_unflatten(micro, spec), step_name, extra_args)
+        captured = capture_step(module, spec.unflatten(micro), step_name, extra_args)
         yield captured, StepGraph.from_captured(captured), micro
 
 

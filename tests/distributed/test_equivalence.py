@@ -42,6 +42,9 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
+        # backward split into input and weight gradients (torch's ScheduleInterleavedZeroBubble)
+        _run("s2d1_zero_bubble", "gpt_full", pipeline_stages=2, zero_bubble=True),
+        _run("s2d1_interleaved_zb", "gpt_full", pipeline_stages=2, virtual_stages=2, zero_bubble=True),
         _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
         _run("varlen", "gpt_varlen", pipeline_stages=2),
         # The layout and micro-batch count chosen by the planner, from a batch sampled at setup.
@@ -197,6 +200,12 @@ def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
     assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3]]
     plan = PartitionPlan.from_json(load_record(pipelined(2), "s2d1_interleaved", 0)["plan"])
     assert (plan.num_stages, plan.virtual_stages, plan.schedule) == (4, 2, "interleaved_1f1b")
+    for label in ("s2d1_zero_bubble", "s2d1_interleaved_zb"):
+        record = load_record(pipelined(2), label, 0)
+        plan = PartitionPlan.from_json(record["plan"])
+        assert plan.zero_bubble and plan.schedule in ("1f1b", "interleaved_1f1b")
+        assert record["schedule_class"] == "ScheduleInterleavedZeroBubble"
+    assert load_record(pipelined(2), "s2d1_1f1b", 0)["schedule_class"] == "Schedule1F1B"
     plan = PartitionPlan.from_json(load_record(pipelined(3), "gpt6", 0)["plan"])
     assert plan.num_stages == 3 and len({s.node_end - s.node_start for s in plan.stages}) > 1  # uneven
 

@@ -330,6 +330,34 @@ def test_a_nan_loss_is_logged_and_training_goes_on_as_in_lightning() -> None:
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=0, equal_nan=True)
 
 
+class _NamedRows(torch.utils.data.Dataset):
+    """Rows with a file name and a list of numbers beside the tensor, as many datasets have."""
+
+    def __init__(self) -> None:
+        self.rows = torch.cat([torch.randn(64, 12), torch.randint(0, 4, (64, 1)).float()], dim=1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"row": self.rows[i], "name": f"row{i}.csv", "shape": [12, 1]}
+
+
+class NamedRowsMLP(LoggingMLP):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch["row"], batch_idx)["loss"]
+
+
+def test_non_tensor_batch_leaves_the_step_does_not_use_pass_through() -> None:
+    loader = torch.utils.data.DataLoader(_NamedRows(), batch_size=8)
+    L.seed_everything(0)
+    ours = _losses(NamedRowsMLP(), loader, max_steps=3)
+    L.seed_everything(0)
+    ref = _losses(NamedRowsMLP(), loader, max_steps=3, strategy="auto")
+    assert len(ours) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=0)
+
+
 def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -87,9 +87,28 @@ def test_data_dependent_control_flow_gets_a_readable_error() -> None:
         _capture_step(step)
 
 
-def test_non_tensor_batch_leaves_are_refused_with_advice() -> None:
-    with pytest.raises(CaptureError, match="holds a str leaf.*collate_fn"):
-        _capture_step(lambda self, b, i: self.layer(b[0]).sum(), batch=(torch.randn(2, 4), "text"))
+def test_non_tensor_batch_leaves_pass_through_when_unused() -> None:
+    batch = {"x": torch.randn(2, 4), "names": ["a.png", "b.png"], "lengths": [3, 4], "tag": None}
+    captured = _capture_step(lambda self, b, i: self.layer(b["x"]).sum() + 0 * len(b), batch=batch)
+    assert captured.program is not None
+    user_inputs = [s for s in captured.program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    assert len(user_inputs) == 1  # the tensor only
+    assert captured.batch_spec.unflatten([torch.ones(2, 4)])["names"] == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(
+    ("use", "kind"),
+    [
+        (lambda b: len(b["names"][0]), "str"),  # the step computes with a string
+        (lambda b: b["lengths"][0] * 2, "int"),  # or with a number the graph would bake in
+        (lambda b: sum(b["lengths"]), "int"),
+    ],
+)
+def test_non_tensor_batch_leaves_the_step_uses_are_refused_with_advice(use, kind: str) -> None:
+    batch = {"x": torch.randn(2, 4), "names": ["a.png", "b.png"], "lengths": [3, 4]}
+    step = lambda self, b, i: self.layer(b["x"]).sum() * use(b)  # noqa: E731
+    with pytest.raises(CaptureError, match=rf"`training_step` \(.*\) uses a {kind} leaf of its batch.*collate_fn"):
+        _capture_step(step, batch=batch)
 
 
 def test_logging_a_non_scalar_is_refused() -> None:
