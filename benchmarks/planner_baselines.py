@@ -48,7 +48,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_unflatten
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +221,7 @@ def capture(module: L.LightningModule, settings: SearchSettings, max_blocks: int
     leaves, spec = flatten_batch(batch, where_defined(module.training_step))
     with fake_module_state(module, torch.device("cpu")) as mode:
         sample = [mode.from_tensor(leaf[:1]) for leaf in leaves]
-        captured = capture_training_step(module, tree_unflatten(sample, spec))
+        captured = capture_training_step(module, spec.unflatten(sample))
         graph = StepGraph.from_captured(captured)
         spans = group_nodes(graph, max_blocks)
         try:

@@ -142,9 +142,10 @@ def load_evaluation(out_dir: Path, label: str, rank: int) -> dict[str, Any]:
 
 def run_with_callbacks(out_dir: Path, label: str, **trainer_kwargs: Any) -> None:
     """Epochs with validation, ModelCheckpoint and EarlyStopping on validation metrics,
-    LearningRateMonitor and a CSV logger; write what the callbacks decided to ``<label>_rank<r>.json``."""
+    LearningRateMonitor, CSV and TensorBoard loggers, the progress bar and the model summary;
+    write what the callbacks decided to ``<label>_rank<r>.json``."""
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     checkpoint = ModelCheckpoint(dirpath=out_dir / f"{label}_checkpoints", monitor="val_loss", save_top_k=1)
     # val_acc cannot improve by 1: the run stops at its second validation
@@ -153,11 +154,11 @@ def run_with_callbacks(out_dir: Path, label: str, **trainer_kwargs: Any) -> None
         accelerator="cpu",
         max_epochs=4,
         limit_train_batches=4,
-        logger=CSVLogger(out_dir, name=label, version=0),
+        logger=[CSVLogger(out_dir, name=label, version=0), TensorBoardLogger(out_dir, name=f"{label}_tb", version=0)],
         callbacks=[checkpoint, stopping, LearningRateMonitor(logging_interval="step")],
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_progress_bar=True,
+        enable_model_summary=True,
         **trainer_kwargs,
     )
     L.seed_everything(0, verbose=False)

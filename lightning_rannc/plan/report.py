@@ -1,8 +1,9 @@
 """A plan as a table (``python -m lightning_rannc plan`` / ``show``, and the strategy's log).
 
-``format_plan`` is plain text: the strategy logs it line by line. The CLI prints the same rows
-with rich (``print_rich_plan``) in a terminal or with ``--rich``, when rich is installed (it is
-optional: ``pip install rich``).
+``format_plan`` is plain text. The CLI prints the same rows with rich (``print_rich_plan``) in a
+terminal or with ``--rich``, when rich is installed (it is optional: ``pip install rich``); the
+strategy logs ``plan_lines``: rich's table when its log goes to a terminal, else plain text (log
+files and CI output stay greppable).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import IO, Any
 
 from lightning_rannc.plan.plan import PartitionPlan
 
-__all__ = ["format_plan", "print_rich_plan", "rich_plan_table"]
+__all__ = ["format_plan", "plan_lines", "print_rich_plan", "rich_plan_table"]
 
 _MEMORY_KINDS = {"params": "param", "grads": "grads", "optimizer": "optim", "activations": "activ", "buffers": "comm"}
 _MEMORY_KINDS["total"] = "total"
@@ -27,6 +28,17 @@ _RICH_WIDTH = 200
 def format_plan(plan: PartitionPlan) -> str:
     """Per stage: ranks, module span, parameters, times, memory; then the step prediction."""
     return "\n".join([_summary(plan), *_table(_rows(plan)), *_footer(plan)])
+
+
+def plan_lines(plan: PartitionPlan, rich: bool) -> list[str]:
+    """``format_plan``'s lines, the table drawn by rich when ``rich`` and rich is installed."""
+    if rich:
+        import io
+
+        text = io.StringIO()
+        if print_rich_plan(plan, file=text):
+            return text.getvalue().rstrip("\n").splitlines()
+    return format_plan(plan).splitlines()
 
 
 def print_rich_plan(plan: PartitionPlan, file: IO[str] | None = None) -> bool:
@@ -94,6 +106,7 @@ def _summary(plan: PartitionPlan) -> str:
     return (
         f"{plan.world_size} device(s): {plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s), "
         f"{plan.num_microbatches} micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
+        + (" (zero bubble)" if plan.zero_bubble else "")
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +39,7 @@ from lightning_rannc.capture.graph import StepGraph, align_nodes, group_nodes
 from lightning_rannc.errors import CaptureError, PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, choose_microbatches
-from lightning_rannc.plan.report import format_plan
+from lightning_rannc.plan.report import plan_lines
 from lightning_rannc.plan.search import search_plan
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values
@@ -178,7 +179,7 @@ class PipelineEngine:
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:  # the plan's headline, then the same table as `python -m lightning_rannc show`
-            for line in [plan.summary()[0], *format_plan(plan).splitlines()[1:]]:
+            for line in [plan.summary()[0], *plan_lines(plan, rich=sys.stderr.isatty())[1:]]:
                 log.info(line)
 
     def _reference_step(

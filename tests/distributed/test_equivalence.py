@@ -306,21 +306,20 @@ def test_meta_device_module_initialises_each_stage_on_its_rank_as_one_device_wou
     assert single["losses"][-1] < single["losses"][0]
 
 
-def test_two_torchrun_nodes_train_like_one_process(reference, tmp_path: Path) -> None:
-    """``torchrun`` on two "nodes" of one device each (localhost): Lightning launches nothing,
-    the links between the ranks are measured as inter-node, and the numbers are one device's."""
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = Path(__file__).resolve().parents[1] / "scripts" / "torchrun_case.py"
+        return probe.getsockname()[1]
+
+
+def _run_nodes(commands: list[list[str]], envs: list[dict[str, str]]) -> list[str]:
+    """Start one process per "node", wait for all; kill every one left after the timeout."""
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
-             "--master-addr=127.0.0.1", f"--master-port={port}", str(script), str(tmp_path), "2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
-        for rank in (0, 1)
-    ]  # fmt: skip
+        for command, env in zip(commands, envs)
+    ]
     try:
         outputs = [node.communicate(timeout=240)[0] for node in nodes]
     finally:
@@ -328,10 +327,45 @@ def test_two_torchrun_nodes_train_like_one_process(reference, tmp_path: Path) ->
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert "inter-node" in outputs[0] and "intra-node -" in outputs[0]
-    ours, ref = load_record(tmp_path, "torchrun", 0), load_record(reference("gpt", 1), "gpt", 0)
+    return outputs
+
+
+_EXTERNAL = Path(__file__).resolve().parents[1] / "scripts" / "external_rank.py"
+_OWN_ENV = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+
+
+def _two_nodes_like_one_process(reference, out_dir: Path, label: str, outputs: list[str], environment: str) -> None:
+    assert f"cluster environment: {environment}" in outputs[0]
+    assert "inter-node" in outputs[0] and "intra-node -" in outputs[0]  # the links were measured across nodes
+    ours, ref = load_record(out_dir, label, 0), load_record(reference("gpt", 1), "gpt", 0)
     torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
     assert [s.ranks for s in PartitionPlan.from_json(ours["plan"]).stages] == [[0], [1]]
+
+
+def test_two_torchrun_nodes_train_like_one_process(reference, tmp_path: Path) -> None:
+    """``torchrun`` on two "nodes" of one device each (localhost): Lightning launches nothing,
+    the links between the ranks are measured as inter-node, and the numbers are one device's."""
+    port = _free_port()
+    commands = [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+         "--master-addr=127.0.0.1", f"--master-port={port}", str(_EXTERNAL), str(tmp_path), "2", "torchrun"]
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = _run_nodes(commands, [_OWN_ENV, _OWN_ENV])
+    _two_nodes_like_one_process(reference, tmp_path, "torchrun", outputs, "TorchElasticEnvironment")
+
+
+def test_two_slurm_nodes_train_like_one_process(reference, tmp_path: Path) -> None:
+    """``srun`` on two "nodes" of one task each, simulated on localhost with the variables srun
+    sets: Lightning's SLURM environment gives the ranks and launches nothing."""
+    slurm = {
+        "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "rannc",
+        "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1", "SLURM_LOCALID": "0", "MASTER_PORT": str(_free_port()),
+    }  # fmt: skip
+    envs = [{**_OWN_ENV, **slurm, "SLURM_PROCID": str(rank), "SLURM_NODEID": str(rank)} for rank in (0, 1)]
+    command = [sys.executable, str(_EXTERNAL), str(tmp_path), "2", "slurm"]
+    outputs = _run_nodes([command, command], envs)
+    _two_nodes_like_one_process(reference, tmp_path, "slurm", outputs, "SLURMEnvironment")
 
 
 def test_resuming_gives_one_devices_losses_from_any_world_size(tmp_path: Path) -> None:

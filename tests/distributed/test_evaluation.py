@@ -157,7 +157,7 @@ def _csv_rows(text: str) -> list[dict[str, str]]:
     return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
 
 
-def test_checkpoint_early_stopping_lr_monitor_and_csv_logger_behave_as_on_one_device(tmp_path: Path) -> None:
+def test_checkpoint_early_stopping_lr_monitor_and_loggers_behave_as_on_one_device(tmp_path: Path) -> None:
     from eval_cases import run_with_callbacks
 
     run_script("callbacks.py", str(tmp_path), timeout=300)

@@ -117,3 +117,18 @@ def test_show_uses_rich_only_when_asked_or_in_a_terminal(
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert main(["show", str(tmp_path / "plan.json")]) == 0
     assert "│" in capsys.readouterr().out
+
+
+def test_plan_lines_for_the_log_are_rich_only_when_asked_and_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_rannc.plan.report import plan_lines
+
+    plan = _plan()
+    plan.zero_bubble = True
+    plain = plan_lines(plan, rich=False)
+    assert plain == format_plan(plan).splitlines() and "schedule 1f1b (zero bubble)" in plain[0]
+    drawn = plan_lines(plan, rich=True)
+    assert drawn[0] == plain[0] and drawn[-2:] == plain[-2:]  # the same headline and footer
+    assert any("┃ stage" in line for line in drawn) and not any("┃" in line for line in plain)
+    for module in RICH_MODULES:
+        monkeypatch.setitem(sys.modules, module, None)  # as if rich were not installed
+    assert plan_lines(plan, rich=True) == plain
