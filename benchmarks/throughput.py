@@ -135,6 +135,8 @@ def main() -> None:
     print(f"GPT layers={args.layers} dim={args.dim} seq=64, batch {args.batch_size} per pipeline/process")
     for repetition in range(args.repeat):
         chosen = {"lightning_1proc", *filter(None, args.only.split(","))} if args.only else set(RUNS)
+        if chosen - set(RUNS):
+            parser.error(f"unknown run(s) {sorted(chosen - set(RUNS))}; valid: {list(RUNS)}")
         results = {name: _launch(name, args) for name in RUNS if name in chosen}
         base = results["lightning_1proc"]["samples_per_s"]
         print(f"repetition {repetition + 1}:")

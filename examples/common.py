@@ -24,8 +24,11 @@ def read_config(doc: str | None, default: Path) -> DictConfig:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(default), help="OmegaConf YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.devices=3 model.layers=6")
-    args = parser.parse_args()
-    merged = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
+    parser.add_argument("--accelerator", help="short for trainer.accelerator=... (cpu, gpu)")
+    parser.add_argument("--devices", type=int, help="short for trainer.devices=...")
+    args = parser.parse_intermixed_args()  # flags and dotted overrides in any order
+    shorthands = [f"trainer.{k}={v}" for k in ("accelerator", "devices") if (v := getattr(args, k)) is not None]
+    merged = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist([*args.overrides, *shorthands]))
     assert isinstance(merged, DictConfig)
     return merged
 

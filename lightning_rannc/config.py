@@ -78,6 +78,9 @@ class RaNNCConfig:
     ``verify_partitioning``); raise on every rank above ``verify_tolerance``."""
     verify_tolerance: float = 1e-3
     """Largest relative difference ``verify`` accepts (max abs difference / max abs value)."""
+    terminate_on_nan: bool = False
+    """Stop training (every rank raises) at the first step whose loss is NaN or infinite;
+    ``False``: as Lightning, the value is logged and training goes on."""
     pipelined_evaluation: bool = True
     """Run validation, test and predict steps forward only through the training pipeline;
     ``False``: gather the whole module on every rank for them."""
@@ -97,6 +100,11 @@ class RaNNCConfig:
             _check_positive("micro_batches", self.micro_batches, "or 'auto'")
         if self.schedule not in ("auto", *SCHEDULES):
             raise ValueError(f"RaNNCStrategy(schedule={self.schedule!r}): valid values are {['auto', *SCHEDULES]}.")
+        if self.zero_bubble and self.schedule == "gpipe":
+            raise ValueError(
+                "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "
+                "use schedule='auto', '1f1b' or 'interleaved_1f1b'."
+            )
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ValueError(
                 f"RaNNCStrategy(activation_checkpointing={self.activation_checkpointing!r}): use True, False or 'auto'."

@@ -89,6 +89,7 @@ class _RaNNCStrategyMixin(_MixinBase):
         trace_steps: int = 5,
         verify: bool = False,
         verify_tolerance: float = 1e-3,
+        terminate_on_nan: bool = False,
         pipelined_evaluation: bool = True,
         zero_bubble: bool = False,
         fault_timeout: float = 60.0,
@@ -147,6 +148,8 @@ class _RaNNCStrategyMixin(_MixinBase):
                 (same random streams) and compare the loss and every gradient; above
                 ``verify_tolerance`` (relative) every rank raises, with the largest difference named.
             verify_tolerance: the largest relative difference ``verify`` accepts.
+            terminate_on_nan: raise on every rank at the first step whose loss is NaN or infinite
+                (``False``: as Lightning, the value is logged and training goes on).
             pipelined_evaluation: run ``validation_step``, ``test_step`` and ``predict_step``
                 forward only through the training pipeline (``True``), or gather the whole module
                 on every rank for them (``False``: evaluation steps with Python side effects).
@@ -192,6 +195,7 @@ class _RaNNCStrategyMixin(_MixinBase):
             trace_steps=trace_steps,
             verify=verify,
             verify_tolerance=verify_tolerance,
+            terminate_on_nan=terminate_on_nan,
             pipelined_evaluation=pipelined_evaluation,
             zero_bubble=zero_bubble,
             fault_timeout=fault_timeout,
@@ -531,6 +535,14 @@ class _RaNNCStrategyMixin(_MixinBase):
                 engine.build(batch)
                 engine.restrict_optimizers(self.optimizers)
             values = engine.run(batch, batch_idx, loss_scale=float(scaler.get_scale()) if scaler else 1.0)
+        if self.config.terminate_on_nan and not torch.isfinite(values[0]):
+            # The loss is shared: every rank raises here, at the same step.
+            raise ValueError(
+                f"`training_step` ({engine.where}) returned a loss of {float(values[0])} at batch {batch_idx} "
+                "(step {step}); stopping because RaNNCStrategy(terminate_on_nan=True).".format(
+                    step=self.lightning_module.trainer.global_step if self.lightning_module is not None else "?"
+                )
+            )
         engine.replay_logs(values)
         return engine.step_output(values)
 

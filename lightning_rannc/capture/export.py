@@ -111,6 +111,9 @@ class CapturedStep:
     """Evaluation steps: the returned value's leaves; the tensors among them are graph outputs."""
     output_tensor_positions: list[int] = field(default_factory=list)
     """Evaluation steps: where in ``output_constants`` the graph's returned tensors go, in order."""
+    output_batch_leaves: dict[int, int] = field(default_factory=dict)
+    """Evaluation steps: returned leaves that are non-tensor leaves of the batch (a file name
+    returned with the prediction): output position -> position among the batch's leaves."""
     placeholder_names: dict[str, str] = field(default_factory=dict)
     """Graph placeholder name -> canonical tensor name, for parameters, buffers and constants."""
     written_buffers: list[str] = field(default_factory=list)
@@ -151,9 +154,10 @@ class BatchSpec:
         return tree_unflatten(leaves, self.tree)
 
     def opaque_others(self, where: str, step_name: str) -> list[Any]:
-        """Stand-ins for the non-tensor leaves while the step is traced (see ``_OpaqueLeaf``)."""
+        """Stand-ins for the non-tensor leaves while the step is traced (see ``_OpaqueLeaf``);
+        ``None`` stays ``None`` (``if mask is not None`` must see it)."""
         return [
-            _OpaqueLeaf(value, f"`{step_name}` ({where})")
+            value if value is None else _OpaqueLeaf(value, f"`{step_name}` ({where})", index)
             for index, value in enumerate(self.constants)
             if index not in self.tensor_positions
         ]
@@ -175,16 +179,17 @@ class _OpaqueLeaf:
     graph takes tensors only, so a step may carry such a leaf along but not compute with it:
     any use raises an error naming it (a value baked into the graph would be stale later)."""
 
-    def __init__(self, value: Any, where: str) -> None:
+    def __init__(self, value: Any, where: str, position: int) -> None:
         object.__setattr__(self, "_value", value)
         object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "batch_position", position)
 
     def __repr__(self) -> str:
         return f"<batch leaf {object.__getattribute__(self, '_value')!r:.40}>"
 
     def _refuse(self, *args: Any, **kwargs: Any) -> Any:
         value, where = object.__getattribute__(self, "_value"), object.__getattribute__(self, "_where")
-        raise CaptureError(
+        raise _LeafUsedError(
             f"{where} uses a {type(value).__name__} leaf of its batch ({value!r:.60}). RaNNCStrategy runs the step "
             "as a graph of tensors, captured once: convert it to a tensor in your DataLoader's collate_fn, "
             "or leave it unused in the step."
@@ -192,6 +197,10 @@ class _OpaqueLeaf:
 
     def __getattr__(self, name: str) -> Any:
         return self._refuse()
+
+
+class _LeafUsedError(CaptureError, AttributeError):
+    """Also an AttributeError: ``hasattr(leaf, "to")`` (device-moving helpers) answers False."""
 
 
 for _dunder in ("__len__", "__iter__", "__getitem__", "__contains__", "__bool__", "__eq__", "__ne__", "__lt__",
@@ -421,13 +430,25 @@ def _watching_counters(module: nn.Module, reads: set[str]) -> Iterator[None]:
 
 
 def _python_state(module: nn.Module) -> dict[str, Any]:
-    """What a step's Python side effects would change: each public attribute of the module (its
-    object, and the length of a list, dict or set). Private ones are Lightning's and torch's."""
+    """What a step's Python side effects would change: each public attribute of the module, as
+    ``_fingerprint``. Private ones are Lightning's and torch's."""
     return {
-        name: (id(value), len(value) if isinstance(value, (list, dict, set)) else None)
-        for name, value in vars(module).items()
-        if not name.startswith("_") and name != "log"
+        name: _fingerprint(value) for name, value in vars(module).items() if not name.startswith("_") and name != "log"
     }
+
+
+def _fingerprint(value: Any, depth: int = 2) -> Any:
+    """The object, and for containers their length and (two levels down) their items' objects:
+    changes when an attribute is assigned, appended to, or one of its entries replaced
+    (``self.outputs[dataloader_idx].append(...)``, ``self.stats["n"] = ...``)."""
+    if isinstance(value, dict):
+        items: Any = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple, set)):
+        items = value
+    else:
+        return id(value)
+    inner = tuple(_fingerprint(item, depth - 1) for item in items) if depth > 0 else ()
+    return id(value), len(value), inner
 
 
 class _StepFunction(nn.Module):
@@ -465,9 +486,13 @@ class _StepFunction(nn.Module):
         if self.step_name != "training_step":
             returned, output_spec = tree_flatten(output)
             positions = [i for i, v in enumerate(returned) if isinstance(v, torch.Tensor)]
-            constants = [None if i in positions else v for i, v in enumerate(returned)]
+            from_batch = {i: v.batch_position for i, v in enumerate(returned) if isinstance(v, _OpaqueLeaf)}
+            constants = [None if i in positions or i in from_batch else v for i, v in enumerate(returned)]
             recorder.output_info.update(
-                output_spec=output_spec, output_constants=constants, output_tensor_positions=positions
+                output_spec=output_spec,
+                output_constants=constants,
+                output_tensor_positions=positions,
+                output_batch_leaves=from_batch,
             )
             outputs = [*(v.reshape(()) for v in logged), *(v.detach() for v in returned if isinstance(v, torch.Tensor))]
         else:
@@ -691,6 +716,7 @@ def capture_step(
         output_spec=info.get("output_spec"),
         output_constants=info.get("output_constants", []),
         output_tensor_positions=info.get("output_tensor_positions", []),
+        output_batch_leaves=info.get("output_batch_leaves", {}),
         metric_calls=list(wrapper.recorder.metric_calls),
         changed_attributes=info["changed_attributes"],
         first_metric_output=info["first_metric_output"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from lightning_rannc.errors import PlanError
 
-__all__ = ["StagePlan", "PartitionPlan", "Plan", "SCHEDULES", "stage_ranks", "choose_microbatches"]
+__all__ = ["StagePlan", "PartitionPlan", "Plan", "SCHEDULES", "stage_ranks", "choose_microbatches", "rounds_fit"]
 
 _FORMAT_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -120,7 +120,10 @@ class PartitionPlan:
     def microbatches_for(self, batch_size: int) -> int:
         """Micro-batches for a batch of ``batch_size`` samples (see ``choose_microbatches``)."""
         minimum = 1 if self.schedule == "gpipe" else self.pipeline_degree
-        return choose_microbatches(batch_size, self.num_microbatches, minimum)
+        in_rounds = self.schedule == "interleaved_1f1b" or self.zero_bubble
+        return choose_microbatches(
+            batch_size, self.num_microbatches, minimum, self.pipeline_degree if in_rounds else None
+        )
 
     def stage_of_rank(self, rank: int) -> StagePlan:
         """The first stage a rank runs."""
@@ -231,17 +234,29 @@ def _mib(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.2f}MiB"
 
 
-def choose_microbatches(batch_size: int, requested: int, minimum: int = 1) -> int:
+def choose_microbatches(batch_size: int, requested: int, minimum: int = 1, rounds_of: int | None = None) -> int:
     """The planned count when it divides the batch, else the divisor of the batch closest to it.
 
     Micro-batches must all have one shape (the pipeline's buffers are fixed per shape), so a
     batch of 10 with 4 micro-batches planned runs as 5 micro-batches of 2. ``minimum`` is what
-    the schedule needs to run (1F1B: one micro-batch per pipeline stage at least).
+    the schedule needs to run (1F1B: one micro-batch per pipeline stage at least); with
+    ``rounds_of`` (interleaved and zero-bubble schedules over that many ranks) the count must
+    also split into torch's whole rounds (``rounds_fit``).
     """
-    candidates = [d for d in range(max(1, minimum), batch_size + 1) if batch_size % d == 0]
+    candidates = [
+        d
+        for d in range(max(1, minimum), batch_size + 1)
+        if batch_size % d == 0 and (rounds_of is None or rounds_fit(d, rounds_of))
+    ]
     if not candidates:
         raise PlanError(
             f"A batch of {batch_size} sample(s) cannot be split into the {minimum} micro-batches the "
             "schedule needs at least: use larger batches (drop_last=True) or schedule='gpipe'."
         )
     return min(candidates, key=lambda d: (abs(d - requested), d))
+
+
+def rounds_fit(microbatches: int, ranks: int) -> bool:
+    """Whether torch's interleaved and zero-bubble schedules take this many micro-batches over
+    ``ranks`` ranks: they run ``max(1, M // ranks)`` rounds and refuse an M those do not divide."""
+    return microbatches % max(1, microbatches // ranks) == 0

@@ -30,26 +30,27 @@ def format_plan(plan: PartitionPlan) -> str:
     return "\n".join([_summary(plan), *_table(_rows(plan)), *_footer(plan)])
 
 
-def plan_lines(plan: PartitionPlan, rich: bool) -> list[str]:
-    """``format_plan``'s lines, the table drawn by rich when ``rich`` and rich is installed."""
+def plan_lines(plan: PartitionPlan, rich: bool, width: int | None = None) -> list[str]:
+    """``format_plan``'s lines, the table drawn by rich (``width`` columns at most) when
+    ``rich`` and rich is installed."""
     if rich:
         import io
 
         text = io.StringIO()
-        if print_rich_plan(plan, file=text):
+        if print_rich_plan(plan, file=text, width=width):
             return text.getvalue().rstrip("\n").splitlines()
     return format_plan(plan).splitlines()
 
 
-def print_rich_plan(plan: PartitionPlan, file: IO[str] | None = None) -> bool:
+def print_rich_plan(plan: PartitionPlan, file: IO[str] | None = None, width: int | None = None) -> bool:
     """Print ``format_plan``'s lines with the table drawn by rich; False (and nothing printed)
     when rich is not installed."""
     try:
         from rich.console import Console
     except ImportError:
         return False
-    console = Console(file=file, highlight=False)
-    if not console.is_terminal:
+    console = Console(file=file, highlight=False, width=width)
+    if width is None and not console.is_terminal:
         console.width = max(console.width, _RICH_WIDTH)
     console.print(_summary(plan), markup=False)
     console.print(rich_plan_table(plan))

@@ -27,7 +27,7 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import StageMemory, optimizer_state_factor, stage_memory
-from lightning_rannc.plan.plan import PartitionPlan, StagePlan, stage_ranks
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan, rounds_fit, stage_ranks
 from lightning_rannc.plan.planner import describe_span
 from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule
 from lightning_rannc.plan.solver import min_max_partition
@@ -64,6 +64,9 @@ class SearchSettings:
     """Stages per rank (interleaved 1F1B); ``None``: 1, and 2 where the schedule may be interleaved."""
     checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
+    zero_bubble: bool = False
+    """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
+    must split into torch's whole rounds (``rounds_fit``). Costed as 1F1B."""
 
     @property
     def usable_memory(self) -> float:
@@ -174,6 +177,8 @@ def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_b
             schedule = _schedule(settings, stages, microbatches, virtual)
             if schedule == "1f1b" and microbatches < stages:
                 continue
+            if settings.zero_bubble and (schedule == "gpipe" or not rounds_fit(microbatches, stages)):
+                continue
             shapes.append((microbatches, virtual))
     return shapes
 
@@ -195,7 +200,7 @@ def _schedule(settings: SearchSettings, stages: int, microbatches: int, virtual:
         return "interleaved_1f1b"
     if settings.schedule != "auto":
         return settings.schedule
-    return "1f1b" if microbatches >= stages else "gpipe"
+    return "1f1b" if microbatches >= stages or settings.zero_bubble else "gpipe"
 
 
 class _RangeTables:
@@ -425,6 +430,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         schedule=layout.schedule,
         num_replicas=layout.replicas,
         virtual_stages=layout.virtual,
+        zero_bubble=layout.settings.zero_bubble,
         predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
         predicted_exchange_ms=exchange,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -179,7 +179,8 @@ class PipelineEngine:
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(self._local | self._owned)
         if self.rank == 0:  # the plan's headline, then the same table as `python -m lightning_rannc show`
-            for line in [plan.summary()[0], *plan_lines(plan, rich=sys.stderr.isatty())[1:]]:
+            width = shutil.get_terminal_size().columns
+            for line in [plan.summary()[0], *plan_lines(plan, rich=_log_is_a_terminal(), width=width)[1:]]:
                 log.info(line)
 
     def _reference_step(
@@ -272,6 +273,7 @@ class PipelineEngine:
             num_replicas=self.options.num_replicas,
             virtual_stages=self.options.search_virtual_stages,
             replica_batch_size=int(micro_leaves[0].shape[0]) * num_microbatches,
+            zero_bubble=self.options.zero_bubble,
             **({} if self.options.num_microbatches is None else {"num_microbatches": num_microbatches}),
         )
         log.info("loaded deployment %s: no profiling, no search", path)
@@ -329,9 +331,6 @@ class PipelineEngine:
             )
         costs = block_costs(graph, micro_leaves, options, self._cache, analytic)
         plan = self._searched_plan(graph, costs, int(micro_leaves[0].shape[0]), num_microbatches)
-        if options.zero_bubble:
-            plan.zero_bubble = True
-            plan.validate()  # a GPipe plan (fewer micro-batches than stages) is refused
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)
         return plan
@@ -575,8 +574,12 @@ class PipelineEngine:
         if step_name not in self._eval_where:
             self._eval_where[step_name] = where_defined(getattr(type(self.module), step_name))
         where = self._eval_where[step_name]
-        leaves, _ = tree_flatten(batch)
-        key = (step_name, extra_args, tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in leaves))
+        try:
+            leaves, spec = flatten_batch(batch, where, step_name)
+        except CaptureError as error:  # no tensor in the batch
+            return NotPipelined(str(error))
+        # The non-tensor leaves' values are not graph inputs: only their places are in the key.
+        key = (step_name, extra_args, spec.tree, spec.tensor_positions, _shape_key(leaves))
         if key not in self._eval_runtimes:
             log.debug("%s batch %d has shapes %s: capturing the step for them", step_name, batch_idx, key[-1])
             self._eval_runtimes[key] = self._add_eval_runtime(step_name, batch, extra_args, where)
@@ -593,6 +596,9 @@ class PipelineEngine:
         leaves_out = list(captured.output_constants)
         for position, value in zip(captured.output_tensor_positions, returned, strict=True):
             leaves_out[position] = value
+        batch_leaves = tree_flatten(batch)[0]
+        for position, batch_position in captured.output_batch_leaves.items():
+            leaves_out[position] = batch_leaves[batch_position]
         assert captured.output_spec is not None
         return tree_unflatten(leaves_out, captured.output_spec)
 
@@ -676,6 +682,18 @@ class PipelineEngine:
         assert self._captured is not None
         values = gather_tensors(local_tensors(self._captured.tensors, sorted(self._owned)), None)
         install_tensors(self.module, self._captured.aliases, values, self.device)
+
+
+def _log_is_a_terminal() -> bool:
+    """Whether every handler of this package's log writes to a terminal (not a file or pipe)."""
+    handlers = [*log.handlers, *(logging.getLogger().handlers if log.propagate else [])]
+
+    def to_terminal(handler: logging.Handler) -> bool:
+        stream = getattr(handler, "stream", None)
+        is_file = isinstance(handler, logging.FileHandler)
+        return not is_file and stream is not None and hasattr(stream, "isatty") and stream.isatty()
+
+    return bool(handlers) and all(to_terminal(h) for h in handlers)
 
 
 def _check_combinable(outputs: list[torch.fx.Node], microbatch_size: int, where: str) -> None:

@@ -209,6 +209,7 @@ def search_settings(
         schedule=options.schedule,
         virtual_stages=options.search_virtual_stages,
         checkpointing=options.checkpointing,
+        zero_bubble=options.zero_bubble,
     )
 
 

@@ -95,8 +95,14 @@ class EventTrace:
     def watch_stage(self, stage: Any) -> None:
         """Time ``stage``'s forward and backward of each micro-batch (its first argument), and
         name its point-to-point operations for ``watch_schedule``."""
-        for method, kind in (("forward_one_chunk", "F"), ("backward_one_chunk", "B")):
-            setattr(stage, method, self._timed(getattr(stage, method), kind, stage.stage_index))
+        # backward_weight_one_chunk: the weight gradients zero-bubble schedules run apart
+        for method, kind in (
+            ("forward_one_chunk", "F"),
+            ("backward_one_chunk", "B"),
+            ("backward_weight_one_chunk", "W"),
+        ):
+            if hasattr(stage, method):
+                setattr(stage, method, self._timed(getattr(stage, method), kind, stage.stage_index))
         missing = [method for method, _ in _P2P_GETTERS if not hasattr(stage, method)]
         if missing:
             log.debug("The runtime trace has no send/recv events: the stage has no %s.", ", ".join(missing))

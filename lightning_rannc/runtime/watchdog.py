@@ -126,15 +126,17 @@ class Watchdog:
             self._store.set(f"{self._keys}/failed", summary)
         except Exception:
             pass
-        self._stop_process(summary)
+        self._stop_process(summary, rank_zero_alive=neighbour != 0)
 
     def _lost_store(self, error: Exception) -> None:
         # Rank 0 also exits after a run that finished: wait a moment for this rank to finish too.
         if self._stopped.wait(max(self._grace_s, 4 * self._poll_s)):
             return
-        self._stop_process(f"0\tthe rendezvous store in rank 0's process stopped answering ({error})")
+        self._stop_process(
+            f"0\tthe rendezvous store in rank 0's process stopped answering ({error})", rank_zero_alive=False
+        )
 
-    def _stop_process(self, failed: str, also: str | None = None) -> None:
+    def _stop_process(self, failed: str, also: str | None = None, rank_zero_alive: bool = True) -> None:
         if self._stopped.is_set() and also is None:
             return  # this rank finished or reported a failure of its own meanwhile
         rank, _, reason = failed.partition("\t")
@@ -143,7 +145,7 @@ class Watchdog:
         if own != reason:  # not the same error raised on every rank
             line += f" (this rank then failed too: {own})"
         print(line, file=sys.stderr, flush=True)
-        if rank == "0" and self._rank != 0:
+        if rank == "0" and self._rank != 0 and rank_zero_alive:
             # Lightning's launcher kills rank 0's process as soon as another rank exits with an
             # error: give rank 0 a moment to show the error it raised.
             time.sleep(4 * self._poll_s)

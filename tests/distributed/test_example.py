@@ -31,7 +31,8 @@ def test_gpt_example_trains_on_two_processes_and_prints_plan_and_throughput() ->
 )
 def test_bert_and_resnet_examples_train_and_print_their_plan(script: str, plan: str) -> None:
     small = ["model.layers=2"] if script == "bert.py" else ["model.depths=[1,1]"]
-    result = run_script(EXAMPLE.parent / script, "trainer.max_steps=3", "data.size=128", *small, timeout=240)
+    devices = ["--accelerator", "cpu", "--devices", "2"]  # the spelling of trainer.accelerator/devices
+    result = run_script(EXAMPLE.parent / script, "trainer.max_steps=3", "data.size=128", *small, *devices, timeout=240)
     assert plan in result.stdout and "plan: " in result.stdout
     assert "after 3 steps" in result.stdout and "throughput" in result.stdout
     loss = float(result.stdout.split("final train_loss ")[1].split()[0])

@@ -162,3 +162,79 @@ def test_pipelined_evaluation_can_be_switched_off() -> None:
     ref = _plain(model).validate(copy.deepcopy(model), table_loader(size=16), verbose=False)
     assert _pipelined_steps(trainer) == []
     assert ours[0]["val_loss"] == pytest.approx(ref[0]["val_loss"], rel=1e-6)
+
+
+class _NamedRows(torch.utils.data.Dataset):
+    def __init__(self, size: int) -> None:
+        self.rows = table_loader(batch_size=size, size=size).dataset.data
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"row": self.rows[i], "name": f"row{i}.csv", "mask": None}
+
+
+class NamedRowsMLP(LoggingMLP):
+    """Batches with a file name (and a None) beside the tensor; predictions returned with their names."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch["row"], batch_idx)["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        assert batch["mask"] is None  # None stays None while the step is captured
+        super().validation_step(batch["row"], batch_idx)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"probs": self.net(batch["row"][:, : self.features]).softmax(-1), "name": batch["name"]}
+
+
+def _named_loader(size: int) -> torch.utils.data.DataLoader:
+    collate = lambda rows: {  # noqa: E731
+        "row": torch.stack([r["row"] for r in rows]),
+        "name": [r["name"] for r in rows],
+        "mask": None,
+    }
+    return torch.utils.data.DataLoader(_NamedRows(size), batch_size=8, collate_fn=collate)
+
+
+def test_evaluation_batches_with_non_tensor_leaves_run_through_the_plan_and_return_them() -> None:
+    model = NamedRowsMLP()
+    trainer = L.Trainer(strategy=RaNNCStrategy(micro_batches=2), **_QUIET)
+    trainer.fit(model, _named_loader(64))
+    validated = trainer.validate(model, _named_loader(16), verbose=False)
+    # two batches with other names, one capture: the names are not in the key
+    assert _pipelined_steps(trainer) == ["validation_step"] and len(trainer.strategy._engine._eval_runtimes) == 1
+    predicted = trainer.predict(model, _named_loader(16))
+    assert _pipelined_steps(trainer) == ["predict_step"] and len(trainer.strategy._engine._eval_runtimes) == 1
+    reference = _plain(model)
+    assert validated[0]["val_loss"] == pytest.approx(
+        reference.validate(copy.deepcopy(model), _named_loader(16), verbose=False)[0]["val_loss"], rel=1e-6
+    )
+    expected = reference.predict(copy.deepcopy(model), _named_loader(16))
+    for mine, theirs in zip(predicted, expected, strict=True):
+        assert mine["name"] == theirs["name"] and isinstance(mine["name"][0], str)
+        torch.testing.assert_close(mine["probs"], theirs["probs"])
+
+
+class CollectsPerLoader(CollectsOutputs):
+    """The per-dataloader variant: a dict of lists, appended to inside the container."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs = {0: []}  # type: ignore[assignment]
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss = F.cross_entropy(self.net(batch[:, : self.features]), batch[:, self.features].long())
+        self.outputs[0].append(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self.epoch_means.append(float(torch.stack(self.outputs[0]).mean()))
+        self.outputs[0].clear()
+
+
+def test_side_effects_inside_containers_are_seen_too() -> None:
+    model = CollectsPerLoader()
+    trainer = _fit(model)
+    trainer.validate(model, table_loader(size=16))
+    assert len(model.epoch_means) == 1 and _pipelined_steps(trainer) == []

@@ -330,6 +330,17 @@ def test_a_nan_loss_is_logged_and_training_goes_on_as_in_lightning() -> None:
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=0, equal_nan=True)
 
 
+def test_terminate_on_nan_stops_at_the_first_non_finite_loss() -> None:
+    rows = torch.cat([torch.randn(64, 12), torch.randint(0, 4, (64, 1)).float()], dim=1)
+    rows[9, 0] = float("nan")  # in the second batch
+    loader = torch.utils.data.DataLoader(rows, batch_size=8)
+    strategy = RaNNCStrategy(micro_batches=2, terminate_on_nan=True)
+    trainer = _trainer(strategy=strategy, max_steps=4, use_distributed_sampler=False)  # batches in order
+    with pytest.raises(ValueError, match=r"`training_step` \(.*models.py:\d+\) returned a loss of nan at batch 1"):
+        trainer.fit(LoggingMLP(), loader)
+    assert trainer.global_step == 1  # the first step was taken, the second was not
+
+
 class _NamedRows(torch.utils.data.Dataset):
     """Rows with a file name and a list of numbers beside the tensor, as many datasets have."""
 

@@ -60,3 +60,8 @@ def test_pipeline_stages_read_auto_none_or_a_count_from_the_environment() -> Non
     assert RaNNCConfig().pipeline_stages == "auto"
     with pytest.raises(ValueError, match="pipeline_stages='deep'"):
         RaNNCConfig(pipeline_stages="deep")
+
+
+def test_zero_bubble_with_gpipe_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match=r"zero_bubble=True, schedule='gpipe'\): zero bubble refines 1F1B"):
+        RaNNCStrategy(zero_bubble=True, schedule="gpipe")

@@ -158,3 +158,11 @@ def test_saved_plan_leaves_no_temporary_file_and_names_every_stale_field(tmp_pat
     plan.check_matches("plan.json", world_size=2, graph_fingerprint="abc")
     with pytest.raises(PlanError, match=r"world_size: saved 2, now 4, graph_fingerprint: saved 'abc', now 'xyz'"):
         plan.check_matches("plan.json", world_size=4, graph_fingerprint="xyz")
+
+
+def test_counts_for_interleaved_and_zero_bubble_schedules_split_into_whole_rounds() -> None:
+    from lightning_rannc.plan.plan import choose_microbatches, rounds_fit
+
+    assert [m for m in range(1, 11) if rounds_fit(m, 2)] == [1, 2, 3, 4, 6, 8, 10]  # 5: 2 rounds of 2.5
+    assert choose_microbatches(10, 4, minimum=2) == 5
+    assert choose_microbatches(10, 4, minimum=2, rounds_of=2) == 2  # 5 would not split into rounds
