@@ -35,6 +35,17 @@ from models import (
 
 MAX_STEPS = 6
 
+QUIET = dict(
+    accelerator="cpu",
+    devices=1,
+    max_steps=2,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+"""A short single-process Trainer that prints little (the in-process tests' base)."""
+
 
 class ShardedData(L.LightningDataModule):
     """In-order batches; over replicas, a non-shuffling DistributedSampler (Lightning's own shuffles)."""

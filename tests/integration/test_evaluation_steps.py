@@ -14,18 +14,10 @@ import torch.nn.functional as F
 
 from lightning_rannc import RaNNCStrategy, RuntimeSetupError
 
+from cases import QUIET
 from models import LoggingMLP, table_loader
 
-_QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    max_steps=2,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
+_QUIET = {**QUIET, "num_sanity_val_steps": 0}
 
 
 def _fit(model: L.LightningModule, **strategy: Any) -> L.Trainer:

@@ -13,18 +13,10 @@ import torch
 import lightning_rannc
 from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
 
-from cases import Recorder, load_record, run_case
+from cases import QUIET, Recorder, load_record, run_case
 from models import LoggingMLP, table_loader
 
-_QUIET = dict(
-    accelerator="cpu",
-    devices=1,
-    max_steps=2,
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-)
+_QUIET = QUIET
 
 
 def _trainer(**kwargs) -> L.Trainer:
