@@ -64,7 +64,7 @@ def test_lightning_cli_names_a_wrong_strategy_argument() -> None:
     assert result.returncode != 0 and "micro_batches='many'): micro_batches must be a positive" in result.stdout
 
 
-HYDRA = EXAMPLE.parent / "gpt_hydra.py"
+HYDRA = EXAMPLE.parent / "hydra_app.py"
 
 
 def test_hydra_config_runs_the_example_with_its_overrides(tmp_path: Path) -> None:
@@ -76,6 +76,19 @@ def test_hydra_config_runs_the_example_with_its_overrides(tmp_path: Path) -> Non
     assert "after 3 steps" in result.stdout
     assert "plan: 2 stage(s) x 1 replica(s), 2 micro-batch(es) of 8, schedule=1f1b" in result.stdout
     assert (tmp_path / ".hydra" / "overrides.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("config", "small", "plan"),
+    [
+        ("bert", "model.layers=2", "(the best of 2 feasible layouts"),
+        ("resnet", "model.depths=[1,1]", "plan: 2 stage(s) x 1 replica(s), 4 micro-batch(es) of 4"),
+    ],
+)
+def test_hydra_configs_of_the_other_examples_run(tmp_path: Path, config: str, small: str, plan: str) -> None:
+    args = ["--config-name", config, "trainer.max_steps=3", "data.dataset.size=128", small, f"hydra.run.dir={tmp_path}"]
+    result = run_script(HYDRA, *args, timeout=240)
+    assert "after 3 steps" in result.stdout and plan in result.stdout
 
 
 def test_hydra_names_a_wrong_strategy_value(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""The GPT example as a Hydra app: model, data loader, strategy and Trainer are each built from
-their ``_target_`` in ``configs/hydra/gpt.yaml``; override any value on the command line::
+"""The examples as a Hydra app: model, data loader, strategy and Trainer are each built from
+their ``_target_`` in ``configs/hydra/<name>.yaml`` (gpt, bert, resnet); override any value on
+the command line::
 
-    python examples/gpt_hydra.py
-    python examples/gpt_hydra.py strategy.pipeline_stages=1 trainer.max_steps=5
+    python examples/hydra_app.py
+    python examples/hydra_app.py strategy.pipeline_stages=1 trainer.max_steps=5
+    python examples/hydra_app.py --config-name bert
 
 Needs hydra-core (``pip install -e ".[hydra]"``). Lightning's launcher starts the other ranks with
 the same overrides, in the same Hydra run directory.
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 
 import lightning_rannc  # noqa: F401  (registers strategy="rannc", for configs that name it)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `gpt.GPT` in the config's _target_s
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `gpt.GPT`, `bert.MaskedLM` in the _target_s
 
 
 @hydra.main(config_path="../configs/hydra", config_name="gpt", version_base=None)
@@ -36,7 +38,7 @@ def main(config: DictConfig) -> None:
     if trainer.is_global_zero:
         steps, plan = trainer.global_step, trainer.strategy.plan.summary()[0]
         print(f"final train_loss {float(trainer.callback_metrics['train_loss']):.4f} after {steps} steps")
-        print(f"throughput {steps * config.data.batch_size / elapsed:.1f} samples/s; {plan}")
+        print(f"throughput {steps * loader.batch_size / elapsed:.1f} samples/s; {plan}")
 
 
 if __name__ == "__main__":
