@@ -234,6 +234,7 @@ def run_case(
         "optimizer_state_numel": recorder.optimizer_state_numel,
         "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
         "schedule_class": _schedule_class(trainer),
+        "ddp_stages": _ddp_stages(trainer),
         # a module built on the meta device stays partitioned after fit: only this rank's tensors
         "final_state": {k: v.tolist() for k, v in model.state_dict().items() if not v.is_meta},
     }
@@ -244,6 +245,13 @@ def run_case(
 def _schedule_class(trainer: L.Trainer) -> str | None:
     runtime = getattr(getattr(trainer.strategy, "_engine", None), "_last_runtime", None)
     return type(runtime._schedule).__name__ if runtime is not None else None
+
+
+def _ddp_stages(trainer: L.Trainer) -> int:
+    """Stages of this rank whose module torch's pipeline drives as DDP (replicas' gradient exchange)."""
+    runtime = getattr(getattr(trainer.strategy, "_engine", None), "_last_runtime", None)
+    stages = runtime._stages if runtime is not None else []
+    return sum(isinstance(stage.submod, torch.nn.parallel.DistributedDataParallel) for stage in stages)
 
 
 def load_record(out_dir: Path, label: str, rank: int) -> dict[str, Any]:

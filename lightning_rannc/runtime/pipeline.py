@@ -31,6 +31,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_rannc import _rng
 from lightning_rannc.capture.graph import StepGraph
@@ -42,6 +43,8 @@ from lightning_rannc.runtime.trace import EventTrace
 __all__ = ["PipelineRuntime", "SeededStage"]
 
 _STEP_TAKES_RETURN_OUTPUTS = "return_outputs" in inspect.signature(ScheduleGPipe.step).parameters
+# torch 2.13 renamed DDP's broadcast_buffers (deprecated there) to forward_sync_buffers.
+_DDP_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
 _SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 Grads = dict[torch.nn.Parameter, torch.Tensor | None]
@@ -116,9 +119,18 @@ class PipelineRuntime:
             SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint)
             for module, s in zip(self.modules, plan.stages_of_rank(rank))
         ]
+        # Replicas average gradients through DDP, which torch's stages drive: no_sync for every
+        # micro-batch but the last, whose backward then all-reduces finished buckets while it
+        # runs. Zero bubble splits that backward in two; there the exchange follows the schedule.
+        self._replicated = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
+        self._replicated = self._replicated and not plan.zero_bubble
+        submodules = [
+            _replicated(seeded, groups, device) if self._replicated and _trains(seeded) else seeded
+            for seeded in self._seeded
+        ]
         self._stages = [
-            _build_stage(graph, seeded, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)
-            for seeded, stage_plan in zip(self._seeded, plan.stages_of_rank(rank))
+            _build_stage(graph, submodule, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)
+            for submodule, stage_plan in zip(submodules, plan.stages_of_rank(rank))
         ]
         self._schedule = _build_schedule(plan, self._stages, self._loss_fn, forward_only)
         if trace is not None:
@@ -162,8 +174,9 @@ class PipelineRuntime:
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
-        with self._span("gradient average over replicas"):
-            self._average_over_replicas(pending)
+        if not self._replicated:
+            with self._span("gradient average over replicas"):
+                self._average_over_replicas(pending)
         with self._span("tied-weight gradient sum"):
             self._sum_tied(pending)
         self._pending = pending
@@ -240,7 +253,7 @@ class PipelineRuntime:
         return values / self.groups.num_replicas
 
     def _average_over_replicas(self, pending: Grads) -> None:
-        # TODO(rannc): overlap with the last micro-batch's backward (bucketed hooks) on GPUs.
+        """After the schedule, when DDP did not average during it (zero bubble)."""
         if self.groups.num_replicas == 1:
             return
         params = [p for p, g in pending.items() if g is not None]  # the same set on every replica
@@ -278,6 +291,21 @@ def _combined_like(example: torch.Tensor, num_microbatches: int, device: torch.d
 
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _replicated(module: torch.nn.Module, groups: ProcessGroups, device: torch.device) -> DistributedDataParallel:
+    """``module`` in DDP over its replicas. No collective at construction (runtimes are built per
+    batch shape, when replicas may be at other batches) and none in forward: replicas already
+    hold equal parameters, and the strategy shares written buffers itself."""
+    buffers: dict[str, Any] = {"forward_sync_buffers": False} if _DDP_FORWARD_SYNC else {"broadcast_buffers": False}
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        module, device_ids=device_ids, process_group=groups.dp_group, init_sync=False, **buffers
+    )
 
 
 def _reduce_flat(pending: Grads, params: list[torch.nn.Parameter], group: Any, scale: float) -> None:

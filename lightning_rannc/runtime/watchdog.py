@@ -83,6 +83,7 @@ class Watchdog:
             if first:
                 self._store.set(f"{self._keys}/failed", summary)
             elif self._rank == 0 and _same_error(self._store.get(f"{self._keys}/failed").decode(), summary):
+                self._await_others(summary)
                 return
         except Exception:  # the store is gone (rank 0 exited): nobody is left to tell
             return
@@ -90,11 +91,50 @@ class Watchdog:
             self._stop_process(self._store.get(f"{self._keys}/failed").decode(), also=summary)
             return
         if self._rank == 0:
-            return  # rank 0 shows its own error; the others stop
-        time.sleep(3 * self._poll_s)  # the others stop meanwhile (or report the same error)
-        rank_zero = self._rank_zero_failure() if self._rank != 0 else None
+            # Rank 0 shows its own error; the others stop. Its process holds the store: it waits
+            # until they have reported or stopped, or a rank raising the same error a moment
+            # later would find no store, and show its traceback too.
+            self._await_others(summary)
+            return
+        rank_zero = self._await_rank_zero()
         if rank_zero is not None and _same_error(rank_zero, summary):
             self._stop_process(rank_zero, also=summary)
+
+    def _await_others(self, summary: str) -> None:
+        """Rank 0 (whose process holds the store) waits until each other rank has stopped or
+        shows an error of its own: a rank that raised the same error a moment later must still
+        find the store to learn that rank 0 shows it."""
+        deadline = time.monotonic() + max(self._grace_s, 4 * self._poll_s)
+        others = [r for r in range(self._world_size) if r != self._rank]
+        while others and time.monotonic() < deadline:
+            try:
+                others = [r for r in others if not self._decided(r, summary)]
+            except Exception:
+                return
+            time.sleep(self._poll_s / 5)
+
+    def _decided(self, rank: int, summary: str) -> bool:
+        if self._store.check([f"{self._keys}/stopping/{rank}"]):
+            return True
+        key = f"{self._keys}/failed_by/{rank}"
+        return bool(self._store.check([key])) and not _same_error(self._store.get(key).decode(), summary)
+
+    def _await_rank_zero(self) -> str | None:
+        """Rank 0's own failure, once it reports one; ``None`` once it stops because of this
+        rank (it then shows nothing) or after the grace period. Under load rank 0 can take
+        seconds to report an error every rank raised: a fixed wait showed it twice."""
+        deadline = time.monotonic() + max(self._grace_s, 4 * self._poll_s)
+        while time.monotonic() < deadline:
+            failure = self._rank_zero_failure()
+            if failure is not None:
+                return failure
+            try:
+                if self._store.check([f"{self._keys}/stopping/0"]):
+                    return None
+            except Exception:  # the store lives in rank 0's process: it is gone
+                return None
+            time.sleep(self._poll_s / 5)
+        return None
 
     def _rank_zero_failure(self) -> str | None:
         key = f"{self._keys}/failed_by/0"
@@ -144,6 +184,10 @@ class Watchdog:
         own = also.partition("\t")[2] if also is not None else reason
         if own != reason:  # not the same error raised on every rank
             line += f" (this rank then failed too: {own})"
+        try:  # a rank that failed first waits for this (see _await_rank_zero)
+            self._store.set(f"{self._keys}/stopping/{self._rank}", "1")
+        except Exception:
+            pass
         print(line, file=sys.stderr, flush=True)
         if rank == "0" and self._rank != 0 and rank_zero_alive:
             # Lightning's launcher kills rank 0's process as soon as another rank exits with an

@@ -206,6 +206,10 @@ def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
         assert plan.zero_bubble and plan.schedule in ("1f1b", "interleaved_1f1b")
         assert record["schedule_class"] == "ScheduleInterleavedZeroBubble"
     assert load_record(pipelined(2), "s2d1_1f1b", 0)["schedule_class"] == "Schedule1F1B"
+    # replicas exchange gradients through DDP during the last backward; one pipeline has none
+    assert load_record(pipelined(4), "s2d2_1f1b", 0)["ddp_stages"] == 1
+    assert load_record(pipelined(2), "s1d2_1f1b", 1)["ddp_stages"] == 1
+    assert load_record(pipelined(2), "s2d1_1f1b", 0)["ddp_stages"] == 0
     plan = PartitionPlan.from_json(load_record(pipelined(3), "gpt6", 0)["plan"])
     assert plan.num_stages == 3 and len({s.node_end - s.node_start for s in plan.stages}) > 1  # uneven
 
@@ -276,8 +280,11 @@ def test_batchnorm_statistics_follow_micro_batches(pipelined, tmp_path: Path) ->
 
 def test_batchnorm_statistics_are_equal_on_all_replicas(pipelined) -> None:
     buffers = [load_record(pipelined(4), "cnn_bn_s2d2", rank)["local_buffers"] for rank in range(4)]
+    # The profiled split decides which stage holds BatchNorm layers (under load, stage 0 may be
+    # the stem alone); the statistics live somewhere and are equal on both replicas of it.
+    assert buffers[0] or buffers[1]
     for rank in (0, 1):  # rank r and r + 2 run the same stage on different data
-        assert buffers[rank] and buffers[rank] == buffers[rank + 2]
+        assert buffers[rank] == buffers[rank + 2]
 
 
 def test_fp16_overflows_skip_the_same_steps_on_every_rank_as_on_one_device(pipelined, reference) -> None:
