@@ -122,10 +122,10 @@ class PipelineRuntime:
         # Replicas average gradients through DDP, which torch's stages drive: no_sync for every
         # micro-batch but the last, whose backward then all-reduces finished buckets while it
         # runs. Zero bubble splits that backward in two; there the exchange follows the schedule.
-        self._replicated = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
-        self._replicated = self._replicated and not plan.zero_bubble
+        self._ddp = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
+        self._ddp = self._ddp and not plan.zero_bubble
         submodules = [
-            _replicated(seeded, groups, device) if self._replicated and _trains(seeded) else seeded
+            _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded
             for seeded in self._seeded
         ]
         self._stages = [
@@ -174,7 +174,7 @@ class PipelineRuntime:
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
-        if not self._replicated:
+        if not self._ddp:
             with self._span("gradient average over replicas"):
                 self._average_over_replicas(pending)
         with self._span("tied-weight gradient sum"):
