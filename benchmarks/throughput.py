@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,8 +31,12 @@ RUNS = {
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
     "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
     "rannc_s2_d1_gpipe": (2, {"pipeline_stages": 2, "micro_batches": 2, "schedule": "gpipe"}),
+    # two virtual stages per rank: half the fill and drain, twice the sends
+    "rannc_s2_d1_m8_v2": (2, {"pipeline_stages": 2, "micro_batches": 8, "virtual_stages": 2}),
     # 1F1B with each backward split into input and weight gradients (zero bubble, ZB1P)
     "rannc_s2_d1_m8_zb": (2, {"pipeline_stages": 2, "micro_batches": 8, "zero_bubble": True}),
+    # two stages, the planner's choice of micro-batches and schedule
+    "rannc_s2_d1_auto": (2, {"pipeline_stages": 2, "micro_batches": "auto"}),
     # the planner's own choice of layout and micro-batch count
     "rannc_auto": (2, {"pipeline_stages": "auto", "micro_batches": "auto"}),
 }
@@ -76,17 +81,29 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
     loader = make_dataloader(batch_size, 64, model.hparams.vocab_size, size=batch_size * (warmup + steps) * 2)
     trainer.fit(model, loader)
     elapsed = time.perf_counter() - timer.start
-    memory = _memory(trainer, model)
-    all_memory = trainer.strategy.all_gather(torch.tensor(memory)).tolist() if devices > 1 else [memory]
+    # Every rank prints its own memory: a collective just before the process exits races with
+    # gloo's worker thread, which may free the collective's tensors after Python began shutting
+    # down ("terminate called without an active exception", exit code 134).
+    _emit("MEMORY ", {"rank": trainer.global_rank, "memory": _memory(trainer, model)})
     if trainer.is_global_zero:
         replicas = devices if strategy == "ddp" else getattr(trainer.strategy, "num_replicas", 1)
         samples = steps * batch_size * replicas
-        result = {"run": name, "samples_per_s": samples / elapsed, "memory": all_memory, "ms": elapsed / steps * 1e3}
+        result = {"run": name, "samples_per_s": samples / elapsed, "ms": elapsed / steps * 1e3}
         plan = getattr(trainer.strategy, "plan", None)
         if plan is not None:  # the planner's predictions, to compare with what was measured
             result["predicted_ms"] = plan.predicted_step_ms
             result["predicted_memory"] = [[s.memory["params"], s.memory["optimizer"]] for s in plan.stages]
-        print("RESULT " + json.dumps(result))
+            result["layout"] = (
+                f"S={plan.pipeline_degree} D={plan.num_replicas} V={plan.virtual_stages} M={plan.num_microbatches} "
+                f"{plan.schedule}{' zero bubble' if plan.zero_bubble else ''}"
+            )
+        _emit("RESULT ", result)
+
+
+def _emit(tag: str, record: dict) -> None:
+    # one write, atomic on a pipe: the ranks share stdout and print at the same moment
+    sys.stdout.write(tag + json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def _memory(trainer, model) -> list[int]:
@@ -110,12 +127,25 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         if done.returncode == 0:
-            line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
-            return json.loads(line.removeprefix("RESULT "))
+            return _result(done.stdout)
         # Seen rarely on the 2-core machine, in plain DDP runs as well as ours: a gloo process
         # aborting under load. Say so and run it again rather than lose the whole table.
         print(f"  {name} exited with {done.returncode} (attempt {attempt}); last output:\n{done.stderr[-1500:]}")
     raise SystemExit(f"{name} failed twice")
+
+
+def _result(stdout: str) -> dict:
+    """Rank 0's result, with every rank's memory."""
+    result = _records(stdout, "RESULT ")[0]
+    memory = sorted(_records(stdout, "MEMORY "), key=lambda entry: entry["rank"])
+    result["memory"] = [entry["memory"] for entry in memory]
+    return result
+
+
+def _records(stdout: str, tag: str) -> list[dict]:
+    """Every JSON object printed after ``tag``, wherever another rank's output cut in."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(stdout, found.end())[0] for found in re.finditer(re.escape(tag), stdout)]
 
 
 def main() -> None:
@@ -145,13 +175,13 @@ def main() -> None:
             memory = ", ".join(
                 f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"]
             )
-            print(f"  {name:16s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
+            print(f"  {name:18s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
             if "predicted_ms" in result:
                 predicted = ", ".join(f"{(p + o) / 2**20:.2f} MiB" for p, o in result["predicted_memory"])
                 print(
-                    f"  {'':16s} step {result['ms']:.1f} ms measured, {result['predicted_ms']:.1f} ms predicted "
-                    f"({result['predicted_ms'] / result['ms']:.2f}x); predicted params + optimizer per stage: "
-                    + predicted
+                    f"  {'':18s} {result['layout']}: step {result['ms']:.1f} ms measured, "
+                    f"{result['predicted_ms']:.1f} ms predicted ({result['predicted_ms'] / result['ms']:.2f}x); "
+                    "predicted params + optimizer per stage: " + predicted
                 )
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockCost", "estimate_stage_ms", "estimate_step_ms"]
+__all__ = ["BlockCost", "estimate_stage_ms", "estimate_step_ms", "with_fixed_parts"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -53,6 +53,32 @@ class BlockCost:
             workspace_bytes=int(self.workspace_bytes * factor),
             cut_bytes=int(self.cut_bytes * factor),
         )
+
+
+def with_fixed_parts(
+    costs: Sequence[BlockCost], smaller: Sequence[BlockCost], size: int, smaller_size: int
+) -> list[BlockCost]:
+    """``costs`` (micro-batches of ``size``) with the part of each block's time that does not
+    grow with the micro-batch, from the same blocks timed on micro-batches of ``smaller_size``:
+    the intercept of the line through the two timings, kept between 0 and the smaller time.
+
+    Without it ``scaled`` shrinks every time in proportion, and small micro-batches, whose
+    operator launches and Python overhead do not shrink, look cheaper than they run."""
+    if not 0 < smaller_size < size:
+        raise ValueError(f"smaller_size must be in (0, {size}), got {smaller_size}")
+    return [
+        dataclasses.replace(
+            cost,
+            fwd_fixed_ms=_intercept(cost.fwd_ms, small.fwd_ms, size, smaller_size),
+            bwd_fixed_ms=_intercept(cost.bwd_ms, small.bwd_ms, size, smaller_size),
+        )
+        for cost, small in zip(costs, smaller, strict=True)
+    ]
+
+
+def _intercept(large_ms: float, small_ms: float, size: int, smaller_size: int) -> float:
+    value = (small_ms * size - large_ms * smaller_size) / (size - smaller_size)
+    return min(max(value, 0.0), small_ms, large_ms)
 
 
 def estimate_stage_ms(blocks: Sequence[BlockCost], p2p_bytes_per_ms: float, is_last: bool) -> float:

@@ -12,6 +12,7 @@ and gets its own stage objects for the same plan; nothing is re-planned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -57,12 +58,14 @@ from lightning_rannc.runtime.pipeline import PipelineRuntime
 from lightning_rannc.runtime.planning import (
     EngineOptions,
     Layout,
+    SmallerSample,
     batch_size_of,
     block_costs,
     capture_micro,
     fake_capture,
     reference_microbatches,
     search_settings,
+    smaller_sample,
 )
 from lightning_rannc.runtime.state import (
     gather_tensors,
@@ -159,7 +162,8 @@ class PipelineEngine:
         else:
             captured, graph = capture_micro(self.module, batch, num_microbatches, self.where)
             micro_leaves = [leaf[: batch_size // num_microbatches] for leaf in leaves]
-            plan = self._share_plan(self._propose_plan(graph, micro_leaves, num_microbatches), graph)
+            smaller = smaller_sample(self.module, batch, self.where, batch_size // num_microbatches, self.options)
+            plan = self._share_plan(self._propose_plan(graph, micro_leaves, num_microbatches, smaller=smaller), graph)
         self.plan, self._captured = plan, captured
         self._node_keys, self._node_names = graph.node_keys(), [n.name for n in graph.nodes]
         trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
@@ -240,7 +244,12 @@ class PipelineEngine:
         self._names.update({id(t): n for n, t in self._captured.tensors.items()})
 
     def _propose_plan(
-        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool = False
+        self,
+        graph: StepGraph,
+        micro_leaves: list[torch.Tensor],
+        num_microbatches: int,
+        analytic: bool = False,
+        smaller: SmallerSample | None = None,
     ) -> list[Any]:
         """Rank 0's plan (or its error) and seed; other ranks propose nothing."""
         # The seed of the stages' random streams and of meta-device initialisation: drawn from
@@ -249,18 +258,23 @@ class PipelineEngine:
             payload: list[Any] = [None, int(torch.empty((), dtype=torch.int64, device="cpu").random_(2**62))]
         if self.rank == 0:
             try:
-                payload[0] = self._deployed_or_new_plan(graph, micro_leaves, num_microbatches, analytic)
+                payload[0] = self._deployed_or_new_plan(graph, micro_leaves, num_microbatches, analytic, smaller)
             except Exception as err:  # every rank must learn of the failure, not wait for a plan
                 payload[0] = err
         return payload
 
     def _deployed_or_new_plan(
-        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool
+        self,
+        graph: StepGraph,
+        micro_leaves: list[torch.Tensor],
+        num_microbatches: int,
+        analytic: bool,
+        smaller: SmallerSample | None = None,
     ) -> PartitionPlan:
         """RaNNC's save/load_deployment: reuse a saved plan when it fits this run, else plan."""
         path = self.options.deployment
         if path is None or not Path(path).exists():
-            plan = self._make_plan(graph, micro_leaves, num_microbatches, analytic)
+            plan = self._make_plan(graph, micro_leaves, num_microbatches, analytic, smaller)
             if path is not None:
                 plan.save(path)
                 log.info("saved the plan as deployment %s", path)
@@ -318,7 +332,12 @@ class PipelineEngine:
         return plan
 
     def _make_plan(
-        self, graph: StepGraph, micro_leaves: list[torch.Tensor], num_microbatches: int, analytic: bool
+        self,
+        graph: StepGraph,
+        micro_leaves: list[torch.Tensor],
+        num_microbatches: int,
+        analytic: bool,
+        smaller: SmallerSample | None = None,
     ) -> PartitionPlan:
         options = self.options
         num_stages = options.pipeline_degree * options.search_virtual_stages
@@ -329,7 +348,7 @@ class PipelineEngine:
                 f"{num_blocks} block(s), fewer than the {num_stages} pipeline stages asked for: "
                 "use fewer pipeline stages, or raise max_blocks."
             )
-        costs = block_costs(graph, micro_leaves, options, self._cache, analytic)
+        costs = block_costs(graph, micro_leaves, options, self._cache, analytic, smaller)
         plan = self._searched_plan(graph, costs, int(micro_leaves[0].shape[0]), num_microbatches)
         plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
         self._check_written_buffers(plan, graph)
@@ -553,11 +572,15 @@ class PipelineEngine:
             if grad is not None:
                 grad.mul_(inv_scale)
 
+    def _span(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self._trace.span(name, "collective") if self._trace is not None else contextlib.nullcontext()
+
     def after_optimizer_step(self) -> None:
         """Share the parameters each replica updated with the others (sharded optimizer state)."""
         assert self._captured is not None
         if self._groups.num_replicas > 1:
-            broadcast_from_owners(self._captured.tensors, self._optimizer_owner, self._groups)
+            with self._span("updated parameters shared by replicas"):
+                broadcast_from_owners(self._captured.tensors, self._optimizer_owner, self._groups)
         # Lightning's zero_grad only reaches parameters in the optimizer; the others' gradients
         # (kept for the gradient norm) must not leak into the next accumulation window.
         for name in self._updated_elsewhere:

@@ -125,8 +125,7 @@ class PipelineRuntime:
         self._ddp = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
         self._ddp = self._ddp and not plan.zero_bubble
         submodules = [
-            _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded
-            for seeded in self._seeded
+            _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded for seeded in self._seeded
         ]
         self._stages = [
             _build_stage(graph, submodule, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from lightning_rannc.capture.export import (
 )
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.errors import PlanError, RuntimeSetupError
-from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
 from lightning_rannc.plan.devices import DeviceSpec, get_device
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
 from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
@@ -40,7 +40,7 @@ from lightning_rannc.profile.cache import ProfileCache, profile_key
 from lightning_rannc.profile.profiler import profile_blocks
 from lightning_rannc.profile.tensors import tensor_table
 
-__all__ = ["EngineOptions", "Layout", "choose_layout", "batch_size_of", "reference_microbatches"]
+__all__ = ["EngineOptions", "Layout", "choose_layout", "batch_size_of", "reference_microbatches", "smaller_sample"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -48,7 +48,13 @@ UNLIMITED = 2**62
 """Bytes: "no memory limit" for the search."""
 _REFERENCE_MICROBATCHES = 4
 """When the search picks the micro-batch count, costs are measured for micro-batches of a
-quarter of the batch (where the batch allows) and scaled to the other sizes."""
+quarter of the batch (where the batch allows) and scaled to the other sizes; see also
+``smaller_sample``."""
+_SMALLEST_TIMED = 2
+"""Micro-batch size of the second timing: one sample is the noisiest, and BatchNorm refuses it."""
+
+SmallerSample = Callable[[], tuple[StepGraph, list[torch.Tensor]]]
+"""The step captured on a smaller micro-batch, and that micro-batch's leaves."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -155,18 +161,43 @@ def fake_capture(
         yield captured, StepGraph.from_captured(captured), micro
 
 
+def smaller_sample(
+    module: nn.Module, batch: Any, where: str, microbatch_size: int, options: EngineOptions
+) -> SmallerSample | None:
+    """When the search picks the micro-batch count: the step on the smallest micro-batch it may
+    choose, captured when called, so that ``block_costs`` can time the blocks at two sizes.
+    ``None`` when the count is given (costs are measured at that size) or nothing is smaller."""
+    if options.num_microbatches is not None:
+        return None
+    leaves, spec = flatten_batch(batch, where)
+    fewest_samples = -(-batch_size_of(leaves, where) // options.max_microbatches)  # with the most micro-batches
+    smallest = max(options.min_microbatch_size, _SMALLEST_TIMED, fewest_samples)
+    if smallest >= microbatch_size:
+        return None
+
+    def capture() -> tuple[StepGraph, list[torch.Tensor]]:
+        micro = [leaf[:smallest] for leaf in leaves]
+        return StepGraph.from_captured(capture_training_step(module, spec.unflatten(micro))), micro
+
+    return capture
+
+
 def block_costs(
     graph: StepGraph,
     micro_leaves: list[torch.Tensor],
     options: EngineOptions,
     cache: ProfileCache,
     analytic: bool,
+    smaller: SmallerSample | None = None,
 ) -> list[BlockCost]:
     """Costs of the graph's blocks for one micro-batch: analytic for the device preset when the
-    tensors are fake (nothing can run), else measured on this device; through ``cache``."""
+    tensors are fake (nothing can run), else measured on this device, and with ``smaller`` also
+    on a smaller micro-batch, for the part of each time that does not shrink with it (the
+    analytic costs have that part already); through ``cache``."""
     spans = group_nodes(graph, options.max_blocks)
     device = options.device_spec
-    method = f"analytic:{device.name}" if analytic else "measured"
+    smaller = None if analytic else smaller
+    method = f"analytic:{device.name}" if analytic else "measured" if smaller is None else "measured at two sizes"
     hardware = _hardware(micro_leaves[0].device)
     key = profile_key(graph.fingerprint(), micro_leaves, spans, hardware, method, graph.tensors)
     costs = cache.load(key)
@@ -178,10 +209,27 @@ def block_costs(
         costs = estimate_blocks(graph, micro_leaves, spans, device=device)
     else:
         costs = profile_blocks(graph, micro_leaves, spans, options.profile_repeats)
+        if smaller is not None:
+            costs = _with_smaller_timings(costs, spans, int(micro_leaves[0].shape[0]), smaller, options)
     cache.store(key, costs)
     how = f"estimated for {device.name}" if analytic else "profiled"
     log.info("%s %d blocks of %d nodes in %.1f s", how, len(spans), len(graph), time.perf_counter() - started)
     return costs
+
+
+def _with_smaller_timings(
+    costs: list[BlockCost], spans: list[tuple[int, int]], size: int, smaller: SmallerSample, options: EngineOptions
+) -> list[BlockCost]:
+    """``costs`` (micro-batches of ``size``) with fixed parts from the blocks timed again on the
+    smaller micro-batch; as they were (times in proportion to the micro-batch size) when the
+    step on that micro-batch splits into other blocks."""
+    graph, leaves = smaller()
+    smaller_size = int(leaves[0].shape[0])
+    if group_nodes(graph, options.max_blocks) != spans:
+        log.info("the step on %d samples splits differently: micro-batch sizes costed in proportion", smaller_size)
+        return costs
+    small = profile_blocks(graph, leaves, spans, options.profile_repeats)
+    return with_fixed_parts(costs, small, size, smaller_size)
 
 
 def _hardware(device: torch.device) -> str:
@@ -231,7 +279,8 @@ def choose_layout(
     size = batch_size_of(leaves, where)
     num_microbatches = reference_microbatches(size, options.num_microbatches, 1)
     with _captured_for_costs(module, batch, num_microbatches, where, device) as (graph, micro, analytic):
-        costs = block_costs(graph, micro, options, cache, analytic)
+        smaller = smaller_sample(module, batch, where, size // num_microbatches, options)
+        costs = block_costs(graph, micro, options, cache, analytic, smaller)
         settings = search_settings(options, num_devices=num_devices, replica_batch_size=size, layout=None)
         if options.num_microbatches is not None:  # the count that divides this batch, as the engine runs it
             settings = dataclasses.replace(settings, micro_batches=num_microbatches)

@@ -38,3 +38,11 @@ def test_planner_baselines_compare_partitioners_with_ours() -> None:
     out = run_script(BENCHMARKS / "planner_baselines.py", "--only", "gpt", "--devices", "4", timeout=300).stdout
     assert "even-layers" in out and "by-params" in out and "lower bound" in out
     assert re.search(r"\s4\s+\d+x\d+x\d+\s+[\d,]+", out)  # a plan found for 4 devices
+
+
+def test_pipeline_bound_prints_bounds_with_and_without_the_bubble() -> None:
+    args = ["--batch-size", "8", "--micro-batches", "2,4", "--layers", "1", "--dim", "32", "--repeats", "2"]
+    out = run_script(BENCHMARKS / "pipeline_bound.py", *args, timeout=300).stdout
+    bounds = re.findall(r"bound ([\d.]+)x with the 1F1B bubble, ([\d.]+)x without", out)
+    assert len(bounds) == 2  # M = 2 and 4
+    assert all(float(with_bubble) < float(without) for with_bubble, without in bounds)

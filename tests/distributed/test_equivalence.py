@@ -38,7 +38,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("cnn", "cnn", pipeline_stages=2),
         _run("logging", "logging", pipeline_stages=2),
         _run("s1d2_gpipe", "gpt_full", pipeline_stages=1, schedule="gpipe"),
-        _run("s1d2_1f1b", "gpt_full", pipeline_stages=1, schedule="1f1b"),
+        _run("s1d2_1f1b", "gpt_full", pipeline_stages=1, schedule="1f1b", trace="s1d2.trace.json", trace_steps=4),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
@@ -192,6 +192,16 @@ def test_replicas_each_hold_about_half_of_the_optimizer_state(pipelined, referen
     full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
     assert sum(ours) == full
     assert all(0.4 * full < part < 0.6 * full for part in ours)
+
+
+def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> None:
+    events = json.loads((pipelined(2) / "s1d2.trace.json").read_text())["traceEvents"]
+    for rank in (0, 1):
+        mine = [e for e in events if e["ph"] == "X" and e["pid"] == rank]
+        updates = [e["args"]["step"] for e in mine if e["name"] == "optimizer step"]
+        shared = [e for e in mine if e["name"] == "updated parameters shared by replicas"]
+        assert updates == [2, 4]  # 4 batches, accumulating 2
+        assert [e["args"]["step"] for e in shared] == updates and all(e["dur"] > 0 for e in shared)
 
 
 def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:

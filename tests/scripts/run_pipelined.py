@@ -4,7 +4,8 @@ Started by the tests as a plain script, so Lightning's own launcher starts the o
 exactly as for a user. Usage: ``python run_pipelined.py OUT_DIR DEVICES RUNS_JSON`` where
 RUNS_JSON is a list of ``{"label": ..., "case": ..., "strategy": {RaNNCStrategy arguments}}``,
 optionally with ``"trainer": {Trainer arguments}`` and ``"resume": LABEL_OR_PATH`` (a checkpoint
-to resume from: an earlier run's label in OUT_DIR, or a path).
+to resume from: an earlier run's label in OUT_DIR, or a path). A ``trace`` file name without a
+folder is written in OUT_DIR.
 """
 
 import json
@@ -21,7 +22,10 @@ from cases import run_case  # noqa: E402
 def main() -> None:
     out_dir, devices, runs = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     for run in runs:
-        strategy = lightning_rannc.RaNNCStrategy(timeout=120, **run.get("strategy", {}))
+        options = dict(run.get("strategy", {}))
+        if "/" not in options.get("trace", "/"):
+            options["trace"] = str(out_dir / options["trace"])
+        strategy = lightning_rannc.RaNNCStrategy(timeout=120, **options)
         resume = run.get("resume")
         ckpt_path = None if resume is None else (Path(resume) if "/" in resume else out_dir / f"{resume}.ckpt")
         trainer = {"strategy": strategy, "devices": devices, **run.get("trainer", {})}

@@ -1,10 +1,15 @@
 import copy
+import dataclasses
 
+import pytest
 import torch
 
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
+from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
+from lightning_rannc.runtime.planning import EngineOptions, block_costs, smaller_sample
 
 from models import GPT, LoggingMLP
 
@@ -85,3 +90,45 @@ def test_analytic_activations_are_what_the_profiler_measures() -> None:
     measured = profile_blocks(graph, leaves, [(0, len(graph))], repeats=1)[0].activation_bytes
     estimated = _analytic_gpt_costs(copy.deepcopy(model).to("meta"), leaves[0], max_blocks=1)[0].activation_bytes
     assert estimated == measured
+
+
+def _cost(fwd_ms: float, bwd_ms: float) -> BlockCost:
+    return BlockCost(start=0, end=1, fwd_ms=fwd_ms, bwd_ms=bwd_ms, activation_bytes=800, cut_bytes=80)
+
+
+def test_fixed_parts_come_from_timings_at_two_sizes() -> None:
+    # 1 ms per forward and 2 per backward whatever the size, then 0.5 and 1 ms per sample
+    large, small = _cost(1 + 8 * 0.5, 2 + 8 * 1.0), _cost(1 + 2 * 0.5, 2 + 2 * 1.0)
+    [fitted] = with_fixed_parts([large], [small], size=8, smaller_size=2)
+    assert fitted.fwd_fixed_ms == pytest.approx(1.0) and fitted.bwd_fixed_ms == pytest.approx(2.0)
+    scaled = fitted.scaled(2 / 8)
+    assert (scaled.fwd_ms, scaled.bwd_ms) == (pytest.approx(small.fwd_ms), pytest.approx(small.bwd_ms))
+    assert large.scaled(2 / 8).fwd_ms < small.fwd_ms  # in proportion, the small one looks cheaper than it ran
+    # noisy timings: a negative intercept is 0; a smaller micro-batch that ran slower makes the
+    # whole time fixed (never more than either timing)
+    [noisy] = with_fixed_parts([_cost(10.0, 10.0)], [_cost(1.0, 12.0)], size=8, smaller_size=2)
+    assert noisy.fwd_fixed_ms == 0.0 and noisy.bwd_fixed_ms == 10.0
+    with pytest.raises(ValueError, match="smaller_size"):
+        with_fixed_parts([large], [small], size=8, smaller_size=8)
+
+
+def test_blocks_are_timed_again_on_the_smallest_micro_batch_the_search_may_pick() -> None:
+    model = GPT(layers=2, dim=16, seq_len=16)
+    model.log = lambda *a, **k: None
+    tokens = torch.randint(0, 256, (16, 16))
+    batch = {"tokens": tokens, "targets": tokens.roll(1, 1)}
+    options = EngineOptions(pipeline_degree=2, num_microbatches=None, max_blocks=8)
+    assert smaller_sample(model, batch, "here", 4, dataclasses.replace(options, num_microbatches=4)) is None
+    assert smaller_sample(model, batch, "here", 2, options) is None  # nothing smaller than 2 samples is timed
+    smaller = smaller_sample(model, batch, "here", 4, options)
+    assert smaller is not None
+    graph = StepGraph.from_captured(capture_training_step(model, {k: v[:4] for k, v in batch.items()}))
+    micro = [batch["tokens"][:4], batch["targets"][:4]]
+    linear = block_costs(graph, micro, dataclasses.replace(options, num_microbatches=4), ProfileCache(), False)
+    fitted = block_costs(graph, micro, options, ProfileCache(), False, smaller)
+    assert all(c.fwd_fixed_ms == 0 and c.bwd_fixed_ms == 0 for c in linear)
+    assert all(0 <= c.fwd_fixed_ms <= c.fwd_ms and 0 <= c.bwd_fixed_ms <= c.bwd_ms for c in fitted)
+    # a model this small is mostly per-operator overhead: halving the micro-batch barely saves time
+    fixed, total = sum(c.fwd_fixed_ms + c.bwd_fixed_ms for c in fitted), sum(c.fwd_ms + c.bwd_ms for c in fitted)
+    assert fixed > 0.25 * total
+    assert smaller()[1][0].shape[0] == 2
