@@ -126,20 +126,26 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        problem = f"exited with {done.returncode}"
         if done.returncode == 0:
-            return _result(done.stdout)
-        # Seen rarely on the 2-core machine, in plain DDP runs as well as ours: a gloo process
-        # aborting under load. Say so and run it again rather than lose the whole table.
-        print(f"  {name} exited with {done.returncode} (attempt {attempt}); last output:\n{done.stderr[-1500:]}")
+            try:
+                return _result(done.stdout, RUNS[name][0])
+            except ValueError as error:  # JSONDecodeError included
+                problem = f"printed no usable result ({error})"
+        # Seen rarely on the 2-core machine: a gloo process aborting under load. Say so and run it
+        # again rather than lose the whole table.
+        print(f"  {name} {problem} (attempt {attempt}); last output:\n{done.stderr[-1500:]}")
     raise SystemExit(f"{name} failed twice")
 
 
-def _result(stdout: str) -> dict:
-    """Rank 0's result, with every rank's memory."""
-    result = _records(stdout, "RESULT ")[0]
+def _result(stdout: str, devices: int) -> dict:
+    """Rank 0's result, with the memory of each of the ``devices`` ranks."""
+    results = _records(stdout, "RESULT ")
     memory = sorted(_records(stdout, "MEMORY "), key=lambda entry: entry["rank"])
-    result["memory"] = [entry["memory"] for entry in memory]
-    return result
+    ranks = [entry["rank"] for entry in memory]
+    if len(results) != 1 or ranks != list(range(devices)):
+        raise ValueError(f"{len(results)} RESULT line(s) and MEMORY lines from ranks {ranks}, of {devices} rank(s)")
+    return {**results[0], "memory": [entry["memory"] for entry in memory]}
 
 
 def _records(stdout: str, tag: str) -> list[dict]:

@@ -60,7 +60,8 @@ def with_fixed_parts(
 ) -> list[BlockCost]:
     """``costs`` (micro-batches of ``size``) with the part of each block's time that does not
     grow with the micro-batch, from the same blocks timed on micro-batches of ``smaller_size``:
-    the intercept of the line through the two timings, kept between 0 and the smaller time.
+    the intercept of the line through the two timings, kept between 0 and the smaller of the
+    two times (so that ``scaled`` never gives a negative or shrinking time).
 
     Without it ``scaled`` shrinks every time in proportion, and small micro-batches, whose
     operator launches and Python overhead do not shrink, look cheaper than they run."""

@@ -12,8 +12,8 @@ GPipe; a schedule can be forced. Candidates are compared by throughput: with a f
 batch that is the step time; with a fixed batch per replica (``replica_batch_size``, what a
 Lightning data loader gives each replica) more replicas also mean more samples per step.
 
-Costs are given for one micro-batch of ``reference_microbatch_size`` samples and scaled linearly
-(``BlockCost.scaled``) to other micro-batch sizes.
+Costs are given for one micro-batch of ``reference_microbatch_size`` samples and scaled to other
+micro-batch sizes (``BlockCost.scaled``: a fixed part, and a part in proportion to the size).
 """
 
 from __future__ import annotations

@@ -51,10 +51,17 @@ _REFERENCE_MICROBATCHES = 4
 quarter of the batch (where the batch allows) and scaled to the other sizes; see also
 ``smaller_sample``."""
 _SMALLEST_TIMED = 2
-"""Micro-batch size of the second timing: one sample is the noisiest, and BatchNorm refuses it."""
+"""Fewest samples of the second timing: one sample times the noisiest, and BatchNorm in
+training refuses a batch with one value per channel."""
 
-SmallerSample = Callable[[], tuple[StepGraph, list[torch.Tensor]]]
-"""The step captured on a smaller micro-batch, and that micro-batch's leaves."""
+
+@dataclass(frozen=True)
+class SmallerSample:
+    """A smaller micro-batch to time the blocks on: its size, and a call that captures the step
+    on it and returns the graph and the micro-batch's leaves."""
+
+    size: int
+    capture: Callable[[], tuple[StepGraph, list[torch.Tensor]]]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -166,20 +173,21 @@ def smaller_sample(
 ) -> SmallerSample | None:
     """When the search picks the micro-batch count: the step on the smallest micro-batch it may
     choose, captured when called, so that ``block_costs`` can time the blocks at two sizes.
-    ``None`` when the count is given (costs are measured at that size) or nothing is smaller."""
+    ``None`` when the count is given (costs are measured at that size), or when no micro-batch
+    of at most half ``microbatch_size`` is allowed (two close sizes give a noisy intercept)."""
     if options.num_microbatches is not None:
         return None
     leaves, spec = flatten_batch(batch, where)
     fewest_samples = -(-batch_size_of(leaves, where) // options.max_microbatches)  # with the most micro-batches
     smallest = max(options.min_microbatch_size, _SMALLEST_TIMED, fewest_samples)
-    if smallest >= microbatch_size:
+    if 2 * smallest > microbatch_size:
         return None
 
     def capture() -> tuple[StepGraph, list[torch.Tensor]]:
         micro = [leaf[:smallest] for leaf in leaves]
         return StepGraph.from_captured(capture_training_step(module, spec.unflatten(micro))), micro
 
-    return capture
+    return SmallerSample(smallest, capture)
 
 
 def block_costs(
@@ -197,7 +205,9 @@ def block_costs(
     spans = group_nodes(graph, options.max_blocks)
     device = options.device_spec
     smaller = None if analytic else smaller
-    method = f"analytic:{device.name}" if analytic else "measured" if smaller is None else "measured at two sizes"
+    method = f"analytic:{device.name}" if analytic else "measured"
+    if smaller is not None:
+        method += f", and at {smaller.size} samples"
     hardware = _hardware(micro_leaves[0].device)
     key = profile_key(graph.fingerprint(), micro_leaves, spans, hardware, method, graph.tensors)
     costs = cache.load(key)
@@ -221,15 +231,24 @@ def _with_smaller_timings(
     costs: list[BlockCost], spans: list[tuple[int, int]], size: int, smaller: SmallerSample, options: EngineOptions
 ) -> list[BlockCost]:
     """``costs`` (micro-batches of ``size``) with fixed parts from the blocks timed again on the
-    smaller micro-batch; as they were (times in proportion to the micro-batch size) when the
-    step on that micro-batch splits into other blocks."""
-    graph, leaves = smaller()
-    smaller_size = int(leaves[0].shape[0])
-    if group_nodes(graph, options.max_blocks) != spans:
-        log.info("the step on %d samples splits differently: micro-batch sizes costed in proportion", smaller_size)
+    smaller micro-batch. The second timing only refines the costs: when the step cannot be
+    captured or run on that micro-batch, or splits into other blocks, they stay as they were
+    (times in proportion to the micro-batch size)."""
+    try:
+        graph, leaves = smaller.capture()
+        if group_nodes(graph, options.max_blocks) != spans:
+            raise ValueError("the step splits into other blocks")
+        small = profile_blocks(graph, leaves, spans, options.profile_repeats)
+    except Exception as error:
+        log.warning(
+            "could not time the step on micro-batches of %d samples (%s): other micro-batch sizes are "
+            "costed in proportion to %d samples",
+            smaller.size,
+            error,
+            size,
+        )
         return costs
-    small = profile_blocks(graph, leaves, spans, options.profile_repeats)
-    return with_fixed_parts(costs, small, size, smaller_size)
+    return with_fixed_parts(costs, small, size, smaller.size)
 
 
 def _hardware(device: torch.device) -> str:

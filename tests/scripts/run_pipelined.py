@@ -23,8 +23,9 @@ def main() -> None:
     out_dir, devices, runs = Path(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
     for run in runs:
         options = dict(run.get("strategy", {}))
-        if "/" not in options.get("trace", "/"):
-            options["trace"] = str(out_dir / options["trace"])
+        trace = options.get("trace")
+        if isinstance(trace, str) and "/" not in trace:
+            options["trace"] = str(out_dir / trace)
         strategy = lightning_rannc.RaNNCStrategy(timeout=120, **options)
         resume = run.get("resume")
         ckpt_path = None if resume is None else (Path(resume) if "/" in resume else out_dir / f"{resume}.ckpt")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 THROUGHPUT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 
 
@@ -22,5 +24,11 @@ def test_results_are_read_when_the_ranks_print_at_the_same_moment() -> None:
         "a warning from rank 1\n"
         'RESULT {"run": "ddp_2proc", "samples_per_s": 5.0}\n'
     )
-    result = _throughput()._result(stdout)
+    throughput = _throughput()
+    result = throughput._result(stdout, devices=2)
     assert result == {"run": "ddp_2proc", "samples_per_s": 5.0, "memory": [[3, 4], [1, 2]]}
+    # a rank's line lost, or a cut-off record: an error, so that the run is tried again
+    with pytest.raises(ValueError, match=r"ranks \[0, 1\], of 3"):
+        throughput._result(stdout, devices=3)
+    with pytest.raises(ValueError):
+        throughput._result('MEMORY {"rank": 0, "mem', devices=1)
