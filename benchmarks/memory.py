@@ -49,14 +49,26 @@ def _train(stages: int, dim: int, layers: int) -> None:
     with trainer.init_module(empty_init=True):
         model = MetaGPT(vocab_size=32000, dim=dim, layers=layers, heads=16, seq_len=32)
     trainer.fit(model, make_dataloader(4, 32, 32000, size=16))
-    local = trainer.strategy._engine._local
+    plan = trainer.strategy.plan
+    local = {name for stage in plan.stages_of_rank(trainer.global_rank) for name in stage.tensor_names}
     held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in local)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
-    row = torch.tensor([held, peak], dtype=torch.float64)
-    rows = trainer.strategy.all_gather(row).reshape(-1, 2).tolist() if stages > 1 else [row.tolist()]
-    if trainer.is_global_zero:
-        print("RESULT " + json.dumps({"stages": stages, "params": total, "ranks": rows}))
+    # Each rank prints its own line: a collective right before exit can abort the process in
+    # gloo's shutdown (see benchmarks/throughput.py), which made this benchmark fail now and then.
+    row = {"stages": stages, "params": total, "rank": trainer.global_rank, "held": held, "peak": peak}
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def _run(stages: int, dim: int, layers: int) -> list[dict[str, float]]:
+    """One rank's row each, in rank order, from a run of ``stages`` processes."""
+    command = [sys.executable, __file__, "--run", str(stages), "--dim", str(dim), "--layers", str(layers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    output = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=True).stdout
+    rows = [json.loads(x.removeprefix("RESULT ")) for x in output.splitlines() if x.startswith("RESULT ")]
+    if sorted(row["rank"] for row in rows) != list(range(stages)):
+        raise RuntimeError(f"expected one RESULT line from each of {stages} rank(s), got:\n{output}")
+    return sorted(rows, key=lambda row: row["rank"])
 
 
 def main() -> None:
@@ -70,13 +82,13 @@ def main() -> None:
         _train(args.run, args.dim, args.layers)
         return
     for stages in args.stages:
-        command = [sys.executable, __file__, "--run", str(stages), "--dim", str(args.dim), "--layers", str(args.layers)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        output = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=True).stdout
-        result = json.loads(next(x for x in output.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
-        print(f"{stages} stage(s), model {result['params'] / 1e6:.0f}M parameters:")
-        for rank, (held, peak) in enumerate(result["ranks"]):
-            print(f"  rank {rank}: holds {held / 2**20:7.1f} MiB of parameters, peak RSS {peak / 2**30:5.2f} GiB")
+        rows = _run(stages, args.dim, args.layers)
+        print(f"{stages} stage(s), model {rows[0]['params'] / 1e6:.0f}M parameters:")
+        for row in rows:
+            held, peak = row["held"], row["peak"]
+            print(
+                f"  rank {row['rank']}: holds {held / 2**20:7.1f} MiB of parameters, peak RSS {peak / 2**30:5.2f} GiB"
+            )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from models import (
     GPT,
     BatchNormCNN,
+    ColumnMajor,
     LoggingMLP,
     LoudHeadGPT,
     MetaGPT,
     ResCNN,
     ScheduledGPT,
     SteppingGPT,
+    StridedGPT,
     SyntheticTokens,
     VaryingLength,
     image_data,
@@ -132,6 +134,12 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
         lambda: MetaGPT(layers=4, dim=32, seq_len=16),
         lambda b: ShardedData(_gpt_tokens(64), b),
         {"meta_init": True},
+    ),
+    # Non-contiguous batch leaves and metric arguments (torch < 2.13 checks strides).
+    "gpt_strided": (
+        lambda: StridedGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b, collate=ColumnMajor),
+        {},
     ),
     # Sequence length changes from batch to batch, and the last batch is smaller (36 = 4 x 8 + 4).
     "gpt_varlen": (

@@ -18,7 +18,17 @@ import lightning as L
 import torch
 
 from cases import ShardedData
-from models import EvalBatchNormCNN, EvalGPT, MetricMLP, OutOfOrderEvalGPT, SyntheticTokens, image_data, table_data
+from models import (
+    ColumnMajor,
+    EvalBatchNormCNN,
+    EvalGPT,
+    MetricMLP,
+    OutOfOrderEvalGPT,
+    StridedGPT,
+    SyntheticTokens,
+    image_data,
+    table_data,
+)
 
 
 def _tokens(size: int, seed: int) -> SyntheticTokens:
@@ -35,6 +45,11 @@ EVAL_CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], Sha
     # eval mode must switch dropout off: predictions are deterministic
     "gpt_dropout": (lambda: EvalGPT(layers=4, dim=32, seq_len=16, dropout=0.3), _gpt_data),
     "gpt_out_of_order": (lambda: OutOfOrderEvalGPT(layers=4, dim=32, seq_len=16), _gpt_data),
+    # transposed batch leaves, and predictions that are a view of the logits
+    "gpt_strided": (
+        lambda: StridedGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_tokens(64, 0), b, val=_tokens(36, 1), predict=_tokens(20, 2), collate=ColumnMajor),
+    ),
     # torchmetrics objects in training and evaluation steps
     "mlp_metrics": (MetricMLP, lambda b: ShardedData(table_data(64), b, val=table_data(36), predict=table_data(20))),
     # eval mode must use the running statistics, which live on their stage's rank

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "EvalBatchNormCNN",
     "OutOfOrderEvalGPT",
     "MetricMLP",
+    "StridedGPT",
+    "ColumnMajor",
     "SyntheticTokens",
     "VaryingLength",
     "make_dataloader",
@@ -240,6 +243,36 @@ class EvalGPT(ScheduledGPT):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch["tokens"]).argmax(dim=-1)
+
+
+class StridedGPT(EvalGPT):
+    """Non-contiguous tensors at both ends of the pipeline, as torch < 2.13 checks every stage's
+    input and output strides: with ``ColumnMajor`` the batch's tokens arrive as a transposed
+    view, the training step passes a view of the logits (``logits[:, -1]``) to a torchmetrics
+    object, and ``predict_step`` returns one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.last_token_acc = MulticlassAccuracy(num_classes=self.hparams.vocab_size)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["tokens"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        self.log("train_loss", loss)
+        self.log("train_last_token_acc", self.last_token_acc(logits[:, -1], batch["targets"][:, -1]))
+        return loss
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch["tokens"])[:, -1]
+
+
+class ColumnMajor:
+    """Collate that stacks each field column-major: the batch's tensors are transposed views."""
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([row[key] for row in rows]).t().contiguous().t() for key in rows[0]}
 
 
 class OutOfOrderEvalGPT(EvalGPT):

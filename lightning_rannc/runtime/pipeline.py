@@ -15,7 +15,6 @@ accumulation and zero-grad hooks keep their meaning.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch.distributed.pipelining import (
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_rannc import _rng
+from lightning_rannc._compat import SCHEDULE_STEP_TAKES_RETURN_OUTPUTS, PipelineStageClass, ddp_without_buffer_sync
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
@@ -42,9 +42,6 @@ from lightning_rannc.runtime.trace import EventTrace
 
 __all__ = ["PipelineRuntime", "SeededStage"]
 
-_STEP_TAKES_RETURN_OUTPUTS = "return_outputs" in inspect.signature(ScheduleGPipe.step).parameters
-# torch 2.13 renamed DDP's broadcast_buffers (deprecated there) to forward_sync_buffers.
-_DDP_FORWARD_SYNC = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
 _SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 Grads = dict[torch.nn.Parameter, torch.Tensor | None]
@@ -207,7 +204,7 @@ class PipelineRuntime:
         for seeded in self._seeded:
             seeded.start_step(seed, step)
         self._outputs = [[] for _ in range(self.plan.num_microbatches)]
-        kwargs: dict[str, Any] = {"return_outputs": False} if _STEP_TAKES_RETURN_OUTPUTS else {}
+        kwargs: dict[str, Any] = {"return_outputs": False} if SCHEDULE_STEP_TAKES_RETURN_OUTPUTS else {}
         kwargs["target"] = torch.arange(self.plan.num_microbatches, device=self.device)
         return (tuple(leaves) if self.is_first else ()), kwargs
 
@@ -300,10 +297,9 @@ def _replicated(module: torch.nn.Module, groups: ProcessGroups, device: torch.de
     """``module`` in DDP over its replicas. No collective at construction (runtimes are built per
     batch shape, when replicas may be at other batches) and none in forward: replicas already
     hold equal parameters, and the strategy shares written buffers itself."""
-    buffers: dict[str, Any] = {"forward_sync_buffers": False} if _DDP_FORWARD_SYNC else {"broadcast_buffers": False}
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(
-        module, device_ids=device_ids, process_group=groups.dp_group, init_sync=False, **buffers
+        module, device_ids=device_ids, process_group=groups.dp_group, init_sync=False, **ddp_without_buffer_sync()
     )
 
 
@@ -332,7 +328,7 @@ def _build_stage(
 ) -> PipelineStage:
     # Static metadata: without it the pipeline infers shapes by running the stage on
     # uninitialised tensors, which breaks ops that check their integer inputs (labels).
-    return PipelineStage(
+    return PipelineStageClass(
         module,
         stage.stage_index,
         num_stages,
