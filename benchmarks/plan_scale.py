@@ -37,8 +37,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # run from anywhere, installed or not
 
-from lightning_rannc.capture.export import capture_training_step, fake_module_state, flatten_batch  # noqa: E402
+from lightning_rannc.capture.batch import flatten_batch  # noqa: E402
+from lightning_rannc.capture.export import capture_training_step  # noqa: E402
 from lightning_rannc.capture.graph import StepGraph, group_nodes  # noqa: E402
+from lightning_rannc.capture.module_state import fake_module_state  # noqa: E402
 from lightning_rannc.plan.devices import get_device  # noqa: E402
 from lightning_rannc.plan.report import format_plan  # noqa: E402
 from lightning_rannc.plan.search import SearchSettings, search_plan  # noqa: E402

@@ -54,14 +54,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # run from anywhere, installed or not
 
 from lightning_rannc._utils import where_defined  # noqa: E402
-from lightning_rannc.capture.export import capture_training_step, fake_module_state, flatten_batch  # noqa: E402
+from lightning_rannc.capture.batch import flatten_batch  # noqa: E402
+from lightning_rannc.capture.export import capture_training_step  # noqa: E402
 from lightning_rannc.capture.graph import StepGraph, group_nodes  # noqa: E402
+from lightning_rannc.capture.module_state import fake_module_state  # noqa: E402
 from lightning_rannc.dry_run import optimizer_kind, sample_batch, tensor_table  # noqa: E402
 from lightning_rannc.errors import PlanError  # noqa: E402
 from lightning_rannc.plan.cost_model import BlockCost  # noqa: E402
 from lightning_rannc.plan.devices import DeviceSpec, get_device  # noqa: E402
+from lightning_rannc.plan.memory import TensorTable  # noqa: E402
 from lightning_rannc.plan.plan import PartitionPlan  # noqa: E402
-from lightning_rannc.plan.search import SearchResult, SearchSettings, TensorTable, evaluate_split, search_plan  # noqa: E402
+from lightning_rannc.plan.search import SearchResult, SearchSettings, evaluate_split, search_plan  # noqa: E402
 from lightning_rannc.plan.solver import min_max_partition  # noqa: E402
 from lightning_rannc.profile.analytic import estimate_blocks  # noqa: E402
 
@@ -403,8 +406,8 @@ def layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int, i
         if settings.global_batch_size % replicas:
             continue
         per_replica = settings.global_batch_size // replicas
-        for m in range(1, settings.max_microbatches + 1):
-            fits = per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size
+        for m in range(1, settings.max_micro_batches + 1):
+            fits = per_replica % m == 0 and per_replica // m >= settings.min_micro_batch_size
             if fits:
                 out.append((stages, replicas, m))
     return out
@@ -424,7 +427,7 @@ def run_row(cap: Captured, base: Baselines, settings: SearchSettings) -> Row:
         result, why = None, str(error)
     if result is not None:
         plan = result.plan
-        layout = (plan.pipeline_degree, plan.num_replicas, plan.num_microbatches)
+        layout = (plan.pipeline_stages, plan.num_replicas, plan.num_microbatches)
         row = Row(settings.num_devices, Outcome(plan.predicted_step_ms, layout, plan))
         for name in BASELINES:
             row.same_layout[name] = base.evaluate(name, settings, *layout)
@@ -514,7 +517,7 @@ def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec)
             device=device,
             devices_per_node=args.devices_per_node,
             optimizer=optimizer,
-            max_microbatches=args.max_microbatches,
+            max_micro_batches=args.max_microbatches,
             # one stage per rank: the baselines split into S stages; interleaving is a schedule
             # choice any of them could add, compared separately in README
             virtual_stages=1,

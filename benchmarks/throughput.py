@@ -94,7 +94,7 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
             result["predicted_ms"] = plan.predicted_step_ms
             result["predicted_memory"] = [[s.memory["params"], s.memory["optimizer"]] for s in plan.stages]
             result["layout"] = (
-                f"S={plan.pipeline_degree} D={plan.num_replicas} V={plan.virtual_stages} M={plan.num_microbatches} "
+                f"S={plan.pipeline_stages} D={plan.num_replicas} V={plan.virtual_stages} M={plan.num_microbatches} "
                 f"{plan.schedule}{' zero bubble' if plan.zero_bubble else ''}"
             )
         _emit("RESULT ", result)
@@ -110,10 +110,10 @@ def _memory(trainer, model) -> list[int]:
     """Bytes of parameters this process holds, and of its optimizer state, at the end of training."""
     import torch
 
-    strategy_params = getattr(trainer.strategy, "_engine", None)
+    plan = getattr(trainer.strategy, "plan", None)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    if strategy_params is not None:  # after fit the module was gathered again: count the stage's
-        local = strategy_params._local
+    if plan is not None:  # after fit the module was gathered again: count the stage's
+        local = {name for stage in plan.stages_of_rank(trainer.global_rank) for name in stage.tensor_names}
         params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in local)
     state = trainer.optimizers[0].state.values()
     optimizer = sum(t.numel() * t.element_size() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())

@@ -40,7 +40,7 @@ class PrintLoss(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             plan = getattr(trainer.strategy, "plan", None)
-            layout = f"{plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s)" if plan else "-"
+            layout = f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s)" if plan else "-"
             loss = float(trainer.callback_metrics["train_loss"])
             print(f"final train_loss {loss:.4f} after {trainer.global_step} steps; layout {layout}")
 

@@ -2,6 +2,10 @@
 
 Importing the package registers ``"rannc"`` in Lightning's strategy registry (and in
 ``pytorch_lightning``'s when that package is installed), so ``Trainer(strategy="rannc")`` works.
+
+Only the public API is imported here. The layers below import downwards only (checked by
+``tests/unit/test_structure.py``): ``strategy`` -> ``integration`` -> ``runtime`` -> ``profile``,
+``plan``, ``capture``; ``plan`` imports no torch. README's "Architecture" maps each folder.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -22,15 +23,19 @@ from typing import Any
 
 import torch
 
+from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import PlanError, RaNNCError
-from lightning_rannc.plan.chart import require_matplotlib, write_chart, write_comparison_chart, write_trace
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import SCHEDULES, PartitionPlan
 from lightning_rannc.plan.report import format_plan, print_rich_plan
 from lightning_rannc.plan.search import SearchSettings
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
+from lightning_rannc.report.chart import require_matplotlib, write_chart, write_comparison_chart
+from lightning_rannc.report.chrome_trace import write_trace
 
 _CHECKPOINTING = {"auto": None, "on": True, "off": False}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RaNNCConfig)}
+"""The strategy's option defaults: the dry run plans as a run with the same options would."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,18 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, default=1, help="nodes the devices are spread over")
     plan.add_argument("--device", default="h100", choices=sorted(DEVICES), help="device preset for analytic costs")
     plan.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GB (default: the preset's)")
-    plan.add_argument("--memory-margin", type=float, default=0.1, help="share of memory kept free")
+    plan.add_argument(
+        "--memory-margin", type=float, default=_DEFAULTS["memory_margin"], help="share of memory kept free"
+    )
     plan.add_argument("--batch-size", type=int, default=None, help="global batch (default: the sample batch's)")
     plan.add_argument("--optimizer", default=None, help="adamw, sgd, sgd_momentum, ... (default: from the module)")
     plan.add_argument("--stages", type=int, default=None, help="force the pipeline stage count")
     plan.add_argument("--replicas", type=int, default=None, help="force the data-parallel degree")
     plan.add_argument("--micro-batches", type=int, default=None, help="force the micro-batch count")
-    plan.add_argument("--max-micro-batches", type=int, default=64)
-    plan.add_argument("--min-micro-batch-size", type=int, default=1)
-    plan.add_argument("--schedule", default="auto", choices=["auto", "gpipe", "1f1b", "interleaved_1f1b"])
+    plan.add_argument("--max-micro-batches", type=int, default=_DEFAULTS["max_micro_batches"])
+    plan.add_argument("--min-micro-batch-size", type=int, default=_DEFAULTS["min_micro_batch_size"])
+    plan.add_argument("--schedule", default=_DEFAULTS["schedule"], choices=["auto", *SCHEDULES])
     plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
-    plan.add_argument("--checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
-    plan.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is coarsened into")
+    plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
+    plan.add_argument(
+        "--max-blocks", type=int, default=_DEFAULTS["max_blocks"], help="blocks the graph is coarsened into"
+    )
     plan.add_argument("--output", default=None, help="write the plan as JSON here")
     _add_output_options(plan)
     plan.set_defaults(run=_plan)
@@ -112,11 +121,11 @@ def _plan(args: argparse.Namespace) -> int:
         pipeline_stages=args.stages,
         replicas=args.replicas,
         micro_batches=args.micro_batches,
-        max_microbatches=args.max_micro_batches,
-        min_microbatch_size=args.min_micro_batch_size,
+        max_micro_batches=args.max_micro_batches,
+        min_micro_batch_size=args.min_micro_batch_size,
         schedule=args.schedule,
         virtual_stages=args.virtual_stages,
-        checkpointing=_CHECKPOINTING[args.checkpointing],
+        activation_checkpointing=_CHECKPOINTING[args.activation_checkpointing],
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks)
     _print_plan(result.plan, args.rich)
@@ -210,7 +219,7 @@ def _import(source: str) -> Any:
 
 
 def _leading_size(batch: Any) -> int:
-    from torch.utils._pytree import tree_flatten
+    from lightning_rannc._compat import tree_flatten
 
     leaves = [leaf for leaf in tree_flatten(batch)[0] if isinstance(leaf, torch.Tensor) and leaf.dim()]
     if not leaves:

@@ -11,15 +11,73 @@ Helpers in this module are implementation details and stay private to the packag
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available as all_gather_ddp_if_available
+from lightning.fabric.utilities.distributed import _distributed_is_initialized as distributed_is_initialized
+from lightning.fabric.utilities.distributed import (
+    _get_default_process_group_backend_for_device as default_process_group_backend,
+)
+from lightning.fabric.utilities.distributed import _init_dist_connection as init_dist_connection
+from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
+from lightning.fabric.utilities.load import _METADATA_FILENAME as LIGHTNING_METADATA_FILENAME
+from lightning.fabric.utilities.load import _load_distributed_checkpoint as load_distributed_checkpoint
+from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
 from lightning_utilities.core.imports import compare_version
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-__all__: list[str] = []
+# Re-exported under public names:
+# - Lightning's process-group helpers, as its own DDP strategy uses them;
+# - Lightning's sharded checkpoint layout (a DCP directory plus its metadata file), so that its
+#   `consolidate_checkpoint` and `Trainer(ckpt_path=...)` read ours;
+# - fake tensors (shapes and dtypes without memory: captures on the meta device, of freed stages);
+# - pytrees (torch has no public pytree module; Lightning and torch.export use this one too);
+# - the dispatch mode that intercepts every ATen call below autograd (the analytic cost model).
+__all__ = [
+    "LIGHTNING_METADATA_FILENAME",
+    "FakeTensorMode",
+    "TorchDispatchMode",
+    "TreeSpec",
+    "all_gather_ddp_if_available",
+    "default_process_group_backend",
+    "distributed_is_initialized",
+    "init_dist_connection",
+    "load_distributed_checkpoint",
+    "optimizers_to_device",
+    "sync_ddp_if_available",
+    "tree_flatten",
+    "tree_unflatten",
+    # defined below
+    "DDP_TAKES_FORWARD_SYNC_BUFFERS",
+    "SCHEDULE_STEP_TAKES_RETURN_OUTPUTS",
+    "TORCH_GREATER_EQUAL_2_13",
+    "PipelineStageClass",
+    "apply_to_tensors",
+    "attached_trainer",
+    "autograd_sequence_number",
+    "build_launcher",
+    "ddp_without_buffer_sync",
+    "is_op_overload",
+    "op_schema",
+    "optimizer_of",
+    "overload_packet",
+    "replaced_schedule_p2p",
+    "schedule_p2p_helpers",
+    "rendezvous_store",
+    "running_backward_sequence_number",
+    "scaler_found_inf",
+    "storage_key",
+    "training_data_source",
+]
 
 TORCH_GREATER_EQUAL_2_13 = compare_version("torch", lambda a, b: a >= b, "2.13.0", use_base_version=True)
 """torch 2.13 rewrote ``PipelineStage``'s metadata: receive buffers get ``requires_grad`` only
@@ -81,6 +139,18 @@ class _Torch211Stage(PipelineStage):
         # ... and none is awaited for a sent one (its buffer stays unused: backward skips the value).
         return [op for op in super().get_bwd_recv_ops(bwd_chunk_id) if not _has_no_grad(op.tensor)]
 
+    def get_bwd_send_ops(self, bwd_chunk_id: int) -> list[Any]:
+        # A received floating value that the loss does not depend on (a value only logged, or
+        # detached) has no gradient; the previous stage waits for one all the same: send zeros.
+        grads = self.bwd_cache.get(bwd_chunk_id)
+        if self.has_backward and not self.is_first and grads is not None:
+            buffers = [getattr(info, "buffer", None) for info in self.args_recv_info[bwd_chunk_id]]
+            self.bwd_cache[bwd_chunk_id] = tuple(
+                torch.zeros_like(b) if g is None and isinstance(b, torch.Tensor) and not _has_no_grad(b) else g
+                for g, b in zip(grads, buffers, strict=True)
+            )
+        return super().get_bwd_send_ops(bwd_chunk_id)
+
     def backward_maybe_with_nosync(self, backward_type: str, bwd_kwargs: dict[str, Any], *args: Any, **kw: Any) -> Any:
         # Zero bubble's input-gradient pass differentiates every output: leave out those that
         # carry no gradient (integer values passed on), as the full backward does itself.
@@ -136,3 +206,114 @@ def _has_no_grad(buffer: Any) -> bool:
 
 PipelineStageClass: type[PipelineStage] = PipelineStage if TORCH_GREATER_EQUAL_2_13 else _Torch211Stage
 """The ``PipelineStage`` to build: torch's own, or on torch < 2.13 the one above."""
+
+# --- torch internals --------------------------------------------------------------------------
+
+
+def op_schema(target: Any) -> Any:
+    """The schema of an ATen operator overload (argument names, which ones it writes), or ``None``."""
+    return getattr(target, "_schema", None)
+
+
+def overload_packet(target: Any) -> Any:
+    """The operator an overload belongs to (``aten.mm`` for ``aten.mm.default``), or ``None``."""
+    return getattr(target, "_overloadpacket", None)
+
+
+def is_op_overload(target: Any) -> bool:
+    """Whether an fx node's target is an ATen operator overload."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def storage_key(storage: Any) -> int:
+    """An identity for a tensor storage, the same for every tensor viewing it (fake ones too)."""
+    return int(storage._cdata)
+
+
+def autograd_sequence_number() -> int:
+    """The sequence number the next autograd node will get: nodes made by one forward op are
+    numbered from here, and backward runs a node under the number its forward op had."""
+    return int(torch._C._autograd._get_sequence_nr())
+
+
+def running_backward_sequence_number() -> int | None:
+    """The sequence number of the autograd node running now (in backward), or ``None``."""
+    node = torch._C._current_autograd_node()
+    return None if node is None else int(node._sequence_nr())
+
+
+def apply_to_tensors(module: Any, fn: Any) -> None:
+    """Apply ``fn`` to every parameter and buffer of ``module`` in place of ``.to()``, which
+    would also try to move meta tensors (``nn.Module._apply``)."""
+    module._apply(fn)
+
+
+_P2P_HELPERS = ("_batch_p2p", "_wait_batch_p2p")
+
+
+def schedule_p2p_helpers(schedule: Any) -> tuple[Any, Any] | None:
+    """The functions a schedule posts (``_batch_p2p``) and waits for (``_wait_batch_p2p``) its
+    sends and receives with: module-level helpers of ``torch.distributed.pipelining.schedules``
+    (2.11-2.14), found through the globals ``_step_microbatches`` runs with. ``None`` when
+    torch's schedules differ; the runtime trace then has no send/recv events."""
+    helpers = getattr(getattr(type(schedule), "_step_microbatches", None), "__globals__", None)
+    if helpers is None or not all(callable(helpers.get(name)) for name in _P2P_HELPERS):
+        return None
+    return helpers["_batch_p2p"], helpers["_wait_batch_p2p"]
+
+
+@contextlib.contextmanager
+def replaced_schedule_p2p(schedule: Any, batch_p2p: Any, wait_batch_p2p: Any) -> Iterator[None]:
+    """Swap the schedule module's p2p helpers for the duration of one step (found as above)."""
+    helpers = type(schedule)._step_microbatches.__globals__
+    saved = {name: helpers[name] for name in _P2P_HELPERS}
+    helpers.update(_batch_p2p=batch_p2p, _wait_batch_p2p=wait_batch_p2p)
+    try:
+        yield
+    finally:
+        helpers.update(saved)
+
+
+# --- Lightning internals ----------------------------------------------------------------------
+
+
+def attached_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or ``None`` (the public ``trainer``
+    property raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def optimizer_of(optimizer: Any) -> Any:
+    """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def build_launcher(strategy: Any, lightning_package: str, start_method: str) -> Any:
+    """Lightning's launcher for ``start_method``: ``"popen"`` re-runs the script per rank (as
+    ``ddp`` does), the others spawn. The launchers are private to Lightning; its DDP strategy
+    builds them the same way."""
+    launchers = importlib.import_module(f"{lightning_package}.strategies.launchers")
+    if start_method == "popen":
+        return launchers._SubprocessScriptLauncher(
+            strategy.cluster_environment, strategy.num_processes, strategy.num_nodes
+        )
+    return launchers._MultiProcessingLauncher(strategy, start_method=start_method)
+
+
+def rendezvous_store() -> Any:
+    """The store every rank of the default process group shares (it has no public accessor)."""
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def training_data_source(trainer: Any) -> Any:
+    """The fit loop's source of training data loaders, before Lightning sets them up (no public
+    accessor exists at ``setup`` time)."""
+    return trainer.fit_loop._data_source
+
+
+def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, Any]:
+    """``GradScaler``'s per-device "found inf" flags of ``optimizer`` after ``unscale_`` (kept in
+    a private dict; no public hook exists)."""
+    return scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]  # type: ignore[no-any-return]

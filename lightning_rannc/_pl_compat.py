@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytorch_lightning.strategies as pl_strategies
 
-from lightning_rannc.strategy import _RaNNCStrategyMixin
+from lightning_rannc.strategy import RaNNCStrategyMixin
 
 __all__ = ["RaNNCStrategy"]
 
 
-class RaNNCStrategy(_RaNNCStrategyMixin, pl_strategies.ParallelStrategy):  # type: ignore[misc]
+class RaNNCStrategy(RaNNCStrategyMixin, pl_strategies.ParallelStrategy):  # type: ignore[misc]
     """``lightning_rannc.RaNNCStrategy`` for ``pytorch_lightning.Trainer``."""
 
     _namespace = "pytorch_lightning"

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from lightning_rannc._compat import is_op_overload
+
 __all__: list[str] = []
 
 _KEY = threading.local()
@@ -48,4 +50,4 @@ def device_generator(device: torch.device) -> torch.Generator:
 
 
 def is_random(target: object) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+    return is_op_overload(target) and torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())

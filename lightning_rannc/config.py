@@ -1,10 +1,14 @@
-"""The strategy's options as one validated dataclass, overridable from the environment.
+"""The strategy's options, each declared once: its name, type, default and meaning.
 
-``RaNNCConfig`` is what ``RaNNCStrategy`` is configured with. It works as an OmegaConf
-structured config (``OmegaConf.structured(RaNNCConfig)`` type-checks YAML values), and every
-field can be overridden by an environment variable ``RANNC_<FIELD>`` (``RANNC_MICRO_BATCHES=8``),
-as RaNNC's options are. The environment wins over arguments, so a launch script can tune a
-run without editing code.
+``RaNNCConfig`` is what ``RaNNCStrategy`` is configured with. Everything else that names an
+option derives from the fields here or is checked against them by ``tests/unit/test_options.py``:
+the strategy's signature and docstring, the options table of the README (``options_table``),
+the environment overrides, the engine's and the search's settings, and the CLI's defaults.
+
+It works as an OmegaConf structured config (``OmegaConf.structured(RaNNCConfig)`` type-checks
+YAML values), and every field can be overridden by an environment variable ``RANNC_<FIELD>``
+(``RANNC_MICRO_BATCHES=8``), as RaNNC's options are. The environment wins over arguments, so a
+launch script can tune a run without editing code.
 """
 
 from __future__ import annotations
@@ -20,75 +24,130 @@ from typing import Any
 from lightning_rannc.plan.devices import get_device, parse_bytes
 from lightning_rannc.plan.plan import SCHEDULES
 
-__all__ = ["RaNNCConfig"]
+__all__ = ["RaNNCConfig", "option_docs", "options_table", "strategy_docstring"]
 
 _ENV_PREFIX = "RANNC_"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+START_METHODS = ("popen", "spawn", "fork", "forkserver")
+
+
+def _option(default: Any, doc: str, shown: str | None = None) -> Any:
+    """A field with its meaning (``doc``, markdown) and, where the plain value would mislead
+    (``None`` standing for "from the device"), the default as the README shows it (``shown``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "shown": shown})
 
 
 @dataclass(kw_only=True)
 class RaNNCConfig:
-    """Options of ``RaNNCStrategy``; see its docstring for each one's meaning."""
+    """Options of ``RaNNCStrategy``: ``RaNNCStrategy(**vars(config))`` or ``RaNNCStrategy(micro_batches=8)``."""
 
-    pipeline_stages: int | str | None = "auto"
-    """Ranks per pipeline (S); ``"auto"``: the planner's choice; ``None``: one pipeline over all devices."""
-    micro_batches: int | str = 4
-    """Micro-batches per batch; ``"auto"``: the planner's choice."""
-    max_micro_batches: int = 64
-    """With ``micro_batches="auto"``: the most micro-batches the planner may choose."""
-    min_micro_batch_size: int = 1
-    """With ``micro_batches="auto"``: the fewest samples per micro-batch."""
-    schedule: str = "auto"
-    """``"auto"``, ``"gpipe"``, ``"1f1b"`` or ``"interleaved_1f1b"``."""
-    virtual_stages: int = 1
-    """Stages per rank for ``"interleaved_1f1b"``."""
-    zero_bubble: bool = False
-    """Run the 1F1B schedules as zero bubble (backward split into input and weight gradients)."""
-    activation_checkpointing: bool | str = False
-    """Recompute stages' activations in backward: ``True`` every stage, ``"auto"`` only the stages
-    that need it to fit the memory limit."""
-    memory_limit: int | str | None = None
-    """Bytes per device the plan may use (``"80GB"``, ``"16GiB"``); ``None``: the CUDA device's
-    total memory, unlimited on CPU."""
-    memory_margin: float = 0.1
-    """Share of the memory limit kept free for what the model does not predict."""
-    device_preset: str | None = None
-    """Device description for link bandwidths and analytic costs (``"h100"``, ``"a100"``,
-    ``"v100"``, ``"cpu"``); ``None``: from the device's name."""
-    max_blocks: int = 64
-    """At most this many blocks are profiled; stages are cut only between blocks."""
-    profile_repeats: int = 3
-    """Timed runs per block when profiling."""
-    deployment: str | None = None
-    """A plan file to reuse, or to write at the first run."""
-    state_dict_type: str = "full"
-    """Checkpoints: ``"full"`` (one file, gathered on rank 0) or ``"sharded"`` (a directory, each
-    rank writing its own tensors)."""
-    profile_cache: str | None = None
-    """Directory keeping measured block costs between runs; ``None``: kept for this process only."""
-    measure_links: bool = True
-    """Time point-to-point and all-reduce transfers at setup and plan with the measured bandwidths."""
-    trace: str | None = None
-    """Path of a Chrome trace of the runtime's events (per rank: forward and backward of each
-    micro-batch, collectives, optimizer step), written by rank 0 at the end of ``fit``."""
-    trace_steps: int = 5
-    """Training steps the trace records (the first ones)."""
-    verify: bool = False
-    """Run the first step unpartitioned too and compare loss and gradients (RaNNC's
-    ``verify_partitioning``); raise on every rank above ``verify_tolerance``."""
-    verify_tolerance: float = 1e-3
-    """Largest relative difference ``verify`` accepts (max abs difference / max abs value)."""
-    terminate_on_nan: bool = False
-    """Stop training (every rank raises) at the first step whose loss is NaN or infinite;
-    ``False``: as Lightning, the value is logged and training goes on."""
-    pipelined_evaluation: bool = True
-    """Run validation, test and predict steps forward only through the training pipeline;
-    ``False``: gather the whole module on every rank for them."""
-    fault_timeout: float = 60.0
-    """Seconds a rank may show no sign of life before every rank stops (a rank that raises stops
-    the others at once)."""
-    timeout: float = 1800.0
-    """Seconds a collective may wait."""
+    pipeline_stages: int | str | None = _option(
+        "auto",
+        'ranks per pipeline (S); the devices form `devices / S` data-parallel replicas of it. `"auto"`: the '
+        "layout with the most samples per second that fits `memory_limit`, planned at setup from the first "
+        "training batch; `None`: one pipeline over all devices",
+    )
+    micro_batches: int | str = _option(
+        4,
+        "micro-batches per batch; a batch it does not divide runs with the nearest count that does "
+        '(10 samples: 5 x 2). `"auto"`: the planner\'s choice (a divisor of the batch)',
+    )
+    max_micro_batches: int = _option(64, 'with `micro_batches="auto"`: the most micro-batches the planner may pick')
+    min_micro_batch_size: int = _option(1, 'with `micro_batches="auto"`: the fewest samples per micro-batch')
+    schedule: str = _option(
+        "auto",
+        '`"gpipe"`, `"1f1b"`, `"interleaved_1f1b"`; `"auto"`: 1F1B when `micro_batches >= stages`, else GPipe',
+    )
+    virtual_stages: int = _option(1, 'stages per rank, for `"interleaved_1f1b"`')
+    zero_bubble: bool = _option(
+        False,
+        "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
+        "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
+        "where the pipeline would idle; costed as the 1F1B schedule it refines (same peak activation memory)",
+    )
+    activation_checkpointing: bool | str = _option(
+        False,
+        'recompute each stage\'s activations in backward (`torch.utils.checkpoint`, non-reentrant); `"auto"`: '
+        "only the stages that need it to fit `memory_limit`",
+    )
+    memory_limit: int | str | None = _option(
+        None,
+        'bytes per device the plan may use (`"80GB"`, `"16GiB"`, an int); `None`: the CUDA device\'s memory, '
+        "unlimited on CPU. Nothing fits: `PlanError` naming the device count or memory per device that would",
+    )
+    memory_margin: float = _option(0.1, "share of `memory_limit` kept free")
+    device_preset: str | None = _option(
+        None,
+        '`"h100"`, `"a100"`, `"v100"`, `"cpu"`: link bandwidths for predictions, FLOP rates for meta-device modules',
+        shown="from the device",
+    )
+    deployment: str | None = _option(
+        None,
+        "a plan file (RaNNC's deployment): used when it exists, with no profiling or search, and refused with "
+        "the differences if it was made for another graph, layout or batch size; written otherwise",
+    )
+    state_dict_type: str = _option(
+        "full",
+        'checkpoints: `"full"`, one file gathered on rank 0 that plain Lightning loads; `"sharded"`, a '
+        "directory where every rank writes the tensors it holds (no gather; `python -m lightning_rannc "
+        "consolidate DIR FILE` makes one file)",
+    )
+    profile_cache: str | None = _option(
+        None,
+        "directory keeping measured block costs, keyed by graph, micro-batch shapes, blocks, device and torch "
+        "version, so the next run skips profiling; `None`: kept in memory for this process (the setup-time "
+        "layout choice and the first batch share it)",
+    )
+    measure_links: bool = _option(
+        True,
+        "time point-to-point transfers (within and across nodes) and an all-reduce at setup (about 0.1 s), and "
+        "plan with the measured latency and bandwidths instead of the preset's",
+    )
+    max_blocks: int = _option(
+        64, "the graph is grouped into at most this many blocks; stages are cut only between blocks"
+    )
+    profile_repeats: int = _option(3, "timed runs per block when profiling")
+    trace: str | None = _option(
+        None,
+        "path of a Chrome/Perfetto trace of what each rank really did in the first `trace_steps` steps: every "
+        "stage's forward and backward of each micro-batch, the waits for its sends and receives, the collectives "
+        "after the schedule, the optimizer step; written by rank 0 at the end of `fit` (RaNNC's `trace_events`); "
+        "`python -m lightning_rannc show plan.json --chart step.png --measured trace.json` draws a step of it "
+        "below the prediction",
+    )
+    trace_steps: int = _option(5, "training steps `trace` records")
+    verify: bool = _option(
+        False,
+        "RaNNC's `verify_partitioning`: the first step also runs unpartitioned on each rank's batch, with the "
+        "same random streams; the loss and every gradient are compared and the largest relative difference is "
+        "logged; above `verify_tolerance` every rank raises, naming the parameter",
+    )
+    verify_tolerance: float = _option(
+        1e-3, "the largest relative difference (max abs difference / max abs value) `verify` accepts", shown="`1e-3`"
+    )
+    terminate_on_nan: bool = _option(
+        False,
+        "raise on every rank at the first step whose loss is NaN or infinite; `False`: as Lightning, the value "
+        "is logged and training goes on",
+    )
+    pipelined_evaluation: bool = _option(
+        True,
+        "run `validation_step`, `test_step`, `predict_step` forward only through the training pipeline; "
+        "`False`: gather the whole module on every rank for each evaluation loop (ignored for a module created "
+        "on the meta device)",
+    )
+    fault_timeout: float = _option(
+        60.0,
+        "seconds a rank may show no sign of life (killed, frozen) before every rank stops; a rank that raises "
+        "stops the others within about a second",
+        shown="`60`",
+    )
+    process_group_backend: str | None = _option(None, '`"gloo"` or `"nccl"`', shown="device's default")
+    timeout: float = _option(1800.0, "seconds a collective may wait before the process group fails", shown="`1800`")
+    start_method: str = _option(
+        "popen",
+        '`"popen"` re-runs the script per rank (like `ddp`); `"spawn"`/`"fork"`/`"forkserver"` spawn',
+    )
 
     def __post_init__(self) -> None:
         positive = ("virtual_stages", "max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size")
@@ -98,8 +157,7 @@ class RaNNCConfig:
             _check_positive("pipeline_stages", self.pipeline_stages, "or 'auto' or None")
         if self.micro_batches != "auto":
             _check_positive("micro_batches", self.micro_batches, "or 'auto'")
-        if self.schedule not in ("auto", *SCHEDULES):
-            raise ValueError(f"RaNNCStrategy(schedule={self.schedule!r}): valid values are {['auto', *SCHEDULES]}.")
+        _check_choice("schedule", self.schedule, ("auto", *SCHEDULES))
         if self.zero_bubble and self.schedule == "gpipe":
             raise ValueError(
                 "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "
@@ -115,8 +173,8 @@ class RaNNCConfig:
             raise ValueError(f"RaNNCStrategy(memory_margin={self.memory_margin!r}): use a fraction in [0, 1).")
         if self.device_preset is not None:
             get_device(self.device_preset)
-        if self.state_dict_type not in ("full", "sharded"):
-            raise ValueError(f"RaNNCStrategy(state_dict_type={self.state_dict_type!r}): use 'full' or 'sharded'.")
+        _check_choice("state_dict_type", self.state_dict_type, ("full", "sharded"))
+        _check_choice("start_method", self.start_method, START_METHODS)
         if self.fault_timeout <= 0:
             raise ValueError(f"RaNNCStrategy(fault_timeout={self.fault_timeout!r}): use positive seconds.")
         if self.timeout <= 0:
@@ -143,10 +201,43 @@ class RaNNCConfig:
         return dataclasses.replace(self, **changes)
 
 
+def option_docs() -> dict[str, str]:
+    """Each option's meaning, by name, in declaration order."""
+    return {f.name: f.metadata["doc"] for f in dataclasses.fields(RaNNCConfig)}
+
+
+def options_table() -> str:
+    """The README's options table (markdown), one row per option."""
+    rows = ["| `RaNNCStrategy(...)` | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(RaNNCConfig):
+        default = f'"{f.default}"' if isinstance(f.default, str) else repr(f.default)
+        rows.append(f"| `{f.name}` | {f.metadata['shown'] or f'`{default}`'} | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+def strategy_docstring() -> str:
+    """``RaNNCStrategy.__init__``'s docstring: each option's meaning, as declared here."""
+    lines = ["Pipeline-parallel training of an unmodified LightningModule.", "", "Args:"]
+    lines += [f"    {name}: {doc}." for name, doc in option_docs().items()]
+    lines += [
+        "    accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin: set by the",
+        "        Trainer, as for any Lightning strategy.",
+        "",
+        "Every option is a field of ``RaNNCConfig``, and can also come from an environment variable",
+        "``RANNC_<OPTION>`` (``RANNC_MICRO_BATCHES=8``), which wins over the argument.",
+    ]
+    return "\n".join(lines)
+
+
 def _check_positive(option: str, value: Any, alternatives: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         also = f" {alternatives}" if alternatives else ""
         raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer{also}.")
+
+
+def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"RaNNCStrategy({option}={value!r}): valid values are {list(choices)}.")
 
 
 def _parse(text: str, hint: Any, variable: str) -> Any:

@@ -14,8 +14,10 @@ from torch import nn
 
 from lightning_rannc._utils import optimizer_kind as _optimizer_kind
 from lightning_rannc._utils import where_defined
-from lightning_rannc.capture.export import capture_training_step, fake_module_state, flatten_batch
+from lightning_rannc.capture.batch import FlatBatch
+from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.capture.module_state import fake_module_state
 from lightning_rannc.errors import CaptureError
 from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
 from lightning_rannc.profile.analytic import estimate_blocks
@@ -33,10 +35,10 @@ def plan_module(module: nn.Module, batch: Any, settings: SearchSettings, max_blo
     The step is captured for one sample of ``batch`` and costs scale linearly to larger
     micro-batches; ``settings.global_batch_size`` is the batch the plan splits.
     """
-    leaves, spec = flatten_batch(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
+    flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
     with fake_module_state(module, torch.device("cpu")) as mode:
-        sample = [mode.from_tensor(leaf[:1]) for leaf in leaves]
-        captured = capture_training_step(module, spec.unflatten(sample))
+        sample = [mode.from_tensor(leaf) for leaf in flat.first_leaves(1)]
+        captured = capture_training_step(module, flat.with_leaves(sample))
         graph = StepGraph.from_captured(captured)
         spans = group_nodes(graph, max_blocks)
         costs = estimate_blocks(graph, sample, spans, device=settings.device)

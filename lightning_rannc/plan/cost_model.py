@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockCost", "estimate_stage_ms", "estimate_step_ms", "with_fixed_parts"]
+__all__ = ["BlockCost", "with_fixed_parts"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -80,22 +80,3 @@ def with_fixed_parts(
 def _intercept(large_ms: float, small_ms: float, size: int, smaller_size: int) -> float:
     value = (small_ms * size - large_ms * smaller_size) / (size - smaller_size)
     return min(max(value, 0.0), small_ms, large_ms)
-
-
-def estimate_stage_ms(blocks: Sequence[BlockCost], p2p_bytes_per_ms: float, is_last: bool) -> float:
-    """Forward + backward time of one micro-batch on one stage, including sending its outputs."""
-    compute = sum(b.fwd_ms + b.bwd_ms for b in blocks)
-    send = 0.0 if is_last else 2 * blocks[-1].cut_bytes / p2p_bytes_per_ms
-    return compute + send
-
-
-def estimate_step_ms(stage_ms: Sequence[float], num_microbatches: int, virtual_stages: int = 1) -> float:
-    """Step time of a fill-drain (GPipe/1F1B) or interleaved schedule, ignoring all-reduce.
-
-    Each rank runs ``virtual_stages`` stages (stage ``i`` on position ``i % S``); the busiest rank
-    does ``M`` micro-batches of its stages, and the fill/drain bubble is ``S - 1`` slots of the
-    slowest stage. With one stage per rank this is ``(M + S - 1) * max(stage_ms)``.
-    """
-    pipeline_degree = len(stage_ms) // virtual_stages
-    per_rank = [sum(stage_ms[p::pipeline_degree]) for p in range(pipeline_degree)]
-    return num_microbatches * max(per_rank) + (pipeline_degree - 1) * max(stage_ms)

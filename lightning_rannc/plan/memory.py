@@ -2,17 +2,27 @@
 
 Pure arithmetic on byte counts, shared by the search (which never exceeds a limit) and the
 plan table (which shows the breakdown). The single-device case is checked against peak memory
-measured on an H100 in ``tests/unit/test_calibration.py``.
+measured on an H100 in ``tests/unit/test_calibration.py``. ``TensorTable`` is the model's side of
+the input: the sizes of the graph's parameters and buffers, which the profiler fills from the
+captured step (``profile/tensors.py``) without importing the search.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from lightning_rannc.errors import PlanError
 
-__all__ = ["StageMemory", "stage_memory", "in_flight_microbatches", "optimizer_state_factor", "OPTIMIZER_STATE"]
+__all__ = [
+    "TensorTable",
+    "StageMemory",
+    "stage_memory",
+    "in_flight_microbatches",
+    "optimizer_state_factor",
+    "OPTIMIZER_STATE",
+]
 
 OPTIMIZER_STATE = {
     "adam": 2.0,
@@ -23,6 +33,15 @@ OPTIMIZER_STATE = {
     "adagrad": 1.0,
 }
 """Optimizer state per byte of trainable parameter (Adam keeps two moments, SGD with momentum one)."""
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """Sizes of the graph's parameters and buffers by canonical name."""
+
+    nbytes: Mapping[str, int]
+    numel: Mapping[str, int]
+    trainable: frozenset[str]
 
 
 def optimizer_state_factor(optimizer: str) -> float:
@@ -57,7 +76,7 @@ class StageMemory:
 
 
 def in_flight_microbatches(
-    schedule: str, position: int, pipeline_degree: int, num_microbatches: int, virtual_stages: int = 1
+    schedule: str, position: int, pipeline_stages: int, num_microbatches: int, virtual_stages: int = 1
 ) -> int:
     """Micro-batches whose activations a stage at ``position`` holds at once.
 
@@ -68,8 +87,8 @@ def in_flight_microbatches(
     if schedule == "gpipe":
         return num_microbatches
     if schedule == "1f1b":
-        return min(num_microbatches, pipeline_degree - position)
-    chunks = 2 * (pipeline_degree - position - 1) + (virtual_stages - 1) * pipeline_degree + 1
+        return min(num_microbatches, pipeline_stages - position)
+    chunks = 2 * (pipeline_stages - position - 1) + (virtual_stages - 1) * pipeline_stages + 1
     return min(num_microbatches, math.ceil(chunks / virtual_stages))
 
 

@@ -73,9 +73,9 @@ class PartitionPlan:
     schedule: str = "gpipe"
     """One of ``SCHEDULES``; ``interleaved_1f1b`` runs ``virtual_stages`` stages per rank."""
     num_replicas: int = 1
-    """Data-parallel replicas of the whole pipeline (D); ``world_size = D * pipeline_degree``."""
+    """Data-parallel replicas of the whole pipeline (D); ``world_size = D * pipeline_stages``."""
     virtual_stages: int = 1
-    """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_degree``."""
+    """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_stages``."""
     zero_bubble: bool = False
     """Run the 1F1B schedule (plain or interleaved) as zero bubble (ZB1P): each backward is split
     into the gradient of the inputs, sent on at once, and that of the weights, run in the bubble.
@@ -101,7 +101,7 @@ class PartitionPlan:
         return len(self.stages)
 
     @property
-    def pipeline_degree(self) -> int:
+    def pipeline_stages(self) -> int:
         """Ranks per pipeline (S): the number of stages divided by the virtual stages per rank."""
         return len(self.stages) // self.virtual_stages
 
@@ -119,10 +119,10 @@ class PartitionPlan:
 
     def microbatches_for(self, batch_size: int) -> int:
         """Micro-batches for a batch of ``batch_size`` samples (see ``choose_microbatches``)."""
-        minimum = 1 if self.schedule == "gpipe" else self.pipeline_degree
+        minimum = 1 if self.schedule == "gpipe" else self.pipeline_stages
         in_rounds = self.schedule == "interleaved_1f1b" or self.zero_bubble
         return choose_microbatches(
-            batch_size, self.num_microbatches, minimum, self.pipeline_degree if in_rounds else None
+            batch_size, self.num_microbatches, minimum, self.pipeline_stages if in_rounds else None
         )
 
     def stage_of_rank(self, rank: int) -> StagePlan:
@@ -141,15 +141,15 @@ class PartitionPlan:
             raise PlanError("zero_bubble refines 1F1B schedules, not GPipe: use schedule='1f1b' or 'interleaved_1f1b'.")
         if (self.virtual_stages > 1) != (self.schedule == "interleaved_1f1b"):
             raise PlanError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved_1f1b' (and back).")
-        if self.world_size != self.num_replicas * self.pipeline_degree:
+        if self.world_size != self.num_replicas * self.pipeline_stages:
             raise PlanError(
                 f"world_size ({self.world_size}) must equal replicas ({self.num_replicas}) x pipeline "
-                f"ranks ({self.pipeline_degree})."
+                f"ranks ({self.pipeline_stages})."
             )
         if [s.stage_index for s in self.stages] != list(range(len(self.stages))):
             raise PlanError("Stage indices must be 0, 1, ... in order.")
         for stage in self.stages:
-            expected = stage_ranks(stage.stage_index, self.pipeline_degree, self.num_replicas)
+            expected = stage_ranks(stage.stage_index, self.pipeline_stages, self.num_replicas)
             if stage.ranks != expected:
                 raise PlanError(f"Stage {stage.stage_index} must run on ranks {expected}, not {stage.ranks}.")
         for before, after in zip(self.stages, self.stages[1:]):
@@ -223,11 +223,11 @@ class PartitionPlan:
 Plan = PartitionPlan
 
 
-def stage_ranks(stage_index: int, pipeline_degree: int, num_replicas: int) -> list[int]:
+def stage_ranks(stage_index: int, pipeline_stages: int, num_replicas: int) -> list[int]:
     """Global ranks of a stage. Ranks ``d*S .. d*S+S-1`` form replica ``d``'s pipeline, so that
     pipeline neighbours are neighbouring ranks (usually on one node); stage ``i`` runs on
     position ``i % S`` of every pipeline."""
-    return [d * pipeline_degree + stage_index % pipeline_degree for d in range(num_replicas)]
+    return [d * pipeline_stages + stage_index % pipeline_stages for d in range(num_replicas)]
 
 
 def _mib(num_bytes: int) -> str:

@@ -105,7 +105,7 @@ def _memory_unit(plan: PartitionPlan) -> tuple[str, int]:
 
 def _summary(plan: PartitionPlan) -> str:
     return (
-        f"{plan.world_size} device(s): {plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s), "
+        f"{plan.world_size} device(s): {plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), "
         f"{plan.num_microbatches} micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
         + (" (zero bubble)" if plan.zero_bubble else "")
     )

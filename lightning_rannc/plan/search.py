@@ -1,8 +1,8 @@
 """The planner's search: stages x replicas x micro-batches x checkpointing x schedule.
 
 For every layout the device count allows (``S`` stages, ``D = N / S`` replicas) and every
-micro-batch count ``M`` (each divisor of the replica's batch up to ``max_microbatches``, each
-micro-batch at least ``min_microbatch_size``), an
+micro-batch count ``M`` (each divisor of the replica's batch up to ``max_micro_batches``, each
+micro-batch at least ``min_micro_batch_size``), an
 exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
 the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
 fit turns on activation checkpointing if allowed. Each candidate's step time is then simulated
@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
-from lightning_rannc.plan.memory import StageMemory, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.memory import StageMemory, TensorTable, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.modules import describe_span
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, rounds_fit, stage_ranks
-from lightning_rannc.plan.planner import describe_span
 from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule
 from lightning_rannc.plan.solver import min_max_partition
 
-__all__ = ["SearchSettings", "TensorTable", "Candidate", "SearchResult", "search_plan", "evaluate_split"]
+__all__ = ["SearchSettings", "Candidate", "SearchResult", "search_plan", "evaluate_split"]
 
 
 @dataclass(kw_only=True)
@@ -57,12 +57,12 @@ class SearchSettings:
     pipeline_stages: int | None = None
     replicas: int | None = None
     micro_batches: int | None = None
-    max_microbatches: int = 64
-    min_microbatch_size: int = 1
+    max_micro_batches: int = 64
+    min_micro_batch_size: int = 1
     schedule: str = "auto"
     virtual_stages: int | None = None
     """Stages per rank (interleaved 1F1B); ``None``: 1, and 2 where the schedule may be interleaved."""
-    checkpointing: bool | None = None
+    activation_checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
     zero_bubble: bool = False
     """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
@@ -72,15 +72,6 @@ class SearchSettings:
     def usable_memory(self) -> float:
         limit = self.device.memory_bytes if self.memory_limit is None else self.memory_limit
         return limit * (1.0 - self.memory_margin)
-
-
-@dataclass(frozen=True)
-class TensorTable:
-    """Sizes of the graph's parameters and buffers by canonical name."""
-
-    nbytes: Mapping[str, int]
-    numel: Mapping[str, int]
-    trainable: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -164,8 +155,10 @@ def _microbatch_counts(settings: SearchSettings, replicas: int) -> list[int]:
     per_replica = _replica_batch(settings, replicas)
     if per_replica == 0:
         return []
-    counts = [settings.micro_batches] if settings.micro_batches is not None else range(1, settings.max_microbatches + 1)
-    return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_microbatch_size]
+    counts = (
+        [settings.micro_batches] if settings.micro_batches is not None else range(1, settings.max_micro_batches + 1)
+    )
+    return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_micro_batch_size]
 
 
 def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_blocks: int) -> list[tuple[int, int]]:
@@ -299,7 +292,11 @@ class _Layout:
         """Whether the stage runs checkpointed; None when it does not fit either way."""
         key = (stage, i, j)
         if key not in self.chosen_checkpoint:
-            options = [self.settings.checkpointing] if self.settings.checkpointing is not None else [False, True]
+            options = (
+                [self.settings.activation_checkpointing]
+                if self.settings.activation_checkpointing is not None
+                else [False, True]
+            )
             usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
             self.chosen_checkpoint[key] = next(  # type: ignore[assignment]
                 (c for c in options if self.memory(stage, i, j, c).total <= usable), None
@@ -308,7 +305,7 @@ class _Layout:
 
     def least_memory(self, stage: int, i: int, j: int) -> float:
         """The stage's memory with checkpointing if allowed (for "what would fit" advice)."""
-        return float(self.memory(stage, i, j, self.settings.checkpointing is not False).total)
+        return float(self.memory(stage, i, j, self.settings.activation_checkpointing is not False).total)
 
     def lower_bound(self, stage: int, i: int, j: int) -> float:
         """The stage's cost without checkpointing: grows with every block added."""
@@ -523,8 +520,8 @@ def _infeasible_message(
             else f"the global batch of {settings.global_batch_size} over the layouts of {settings.num_devices} devices"
         )
         return (
-            f"No micro-batch count splits {batch} (micro-batches of at least {settings.min_microbatch_size}, "
-            f"at most {settings.max_microbatches}): change the batch size or the device count."
+            f"No micro-batch count splits {batch} (micro-batches of at least {settings.min_micro_batch_size}, "
+            f"at most {settings.max_micro_batches}): change the batch size or the device count."
         )
     needed = _memory_needed(blocks, ranges, settings, reference)
     devices = _devices_needed(blocks, ranges, settings, reference)

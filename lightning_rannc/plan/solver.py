@@ -7,59 +7,18 @@ outputs). With ``best[s][j]`` the smallest possible bottleneck when blocks ``0 .
     best[1][j] = c(0, j)
     best[s][j] = min over s-1 <= i < j of max(best[s-1][i], c(i, j))
 
-and the answer is ``best[S][B]`` for ``B`` blocks. Cuts where ``allowed[i]`` is False are skipped.
-``O(S * B^2)`` evaluations of ``c``; ``c`` is O(1) with prefix sums.
+and the answer is ``best[S][B]`` for ``B`` blocks. A cost of ``inf`` forbids a stage (a cut that is
+not allowed, a stage that does not fit in memory). ``O(S * B^2)`` evaluations of ``c``; ``c`` is
+O(1) with prefix sums. The search (``search.py``) gives ``c`` the stage's index too: a stage's
+memory (micro-batches in flight) and its link to the next depend on its pipeline position.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from lightning_rannc.errors import PlanError
-
-__all__ = ["solve_min_max_partition", "min_max_partition"]
-
-
-def solve_min_max_partition(
-    num_blocks: int,
-    num_stages: int,
-    stage_cost: Callable[[int, int], float],
-    allowed: Sequence[bool] | None = None,
-) -> tuple[list[int], float]:
-    """Split ``num_blocks`` blocks into ``num_stages`` non-empty contiguous stages.
-
-    Args:
-        num_blocks: number of blocks ``B``.
-        num_stages: number of stages ``S``.
-        stage_cost: ``c(i, j)``, cost of a stage holding blocks ``i .. j-1``.
-        allowed: ``allowed[i]`` says whether a stage may start at block ``i`` (length ``B``).
-
-    Returns:
-        The stage boundaries ``[0, b1, ..., B]`` and the bottleneck cost.
-
-    Raises:
-        PlanError: fewer blocks (or allowed cuts) than stages.
-    """
-    if num_stages < 1:
-        raise PlanError(f"The number of stages must be at least 1, got {num_stages}.")
-    if num_stages > num_blocks:
-        raise PlanError(
-            f"Cannot split a graph of {num_blocks} block(s) into {num_stages} stages: "
-            "use fewer pipeline stages (fewer devices), or a larger model."
-        )
-    ok = list(allowed) if allowed is not None else [True] * num_blocks
-
-    def cost(_: int, i: int, j: int) -> float:
-        return stage_cost(i, j) if ok[i] else math.inf
-
-    result = min_max_partition(num_blocks, num_stages, cost, lower_bound=lambda s, i, j: stage_cost(i, j))
-    if result is None:
-        raise PlanError(
-            f"No way to cut the graph into {num_stages} stages at the allowed points "
-            f"({sum(ok[1:])} allowed cuts): use fewer pipeline stages."
-        )
-    return result
+__all__ = ["min_max_partition"]
 
 
 def min_max_partition(

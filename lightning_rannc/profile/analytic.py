@@ -34,9 +34,15 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
+from lightning_rannc._compat import (
+    TorchDispatchMode,
+    autograd_sequence_number,
+    overload_packet,
+    running_backward_sequence_number,
+    storage_key,
+)
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec, get_device
@@ -115,9 +121,9 @@ class _Recorder(TorchDispatchMode):
     ) -> None:
         super().__init__()
         self.trace, self.device = trace, device
-        self.parameters = {t.untyped_storage()._cdata for t in tensors}
+        self.parameters = {storage_key(t.untyped_storage()) for t in tensors}
         """Parameters, buffers and constants: not activations."""
-        self.existing = self.parameters | {t.untyped_storage()._cdata for t in leaves}
+        self.existing = self.parameters | {storage_key(t.untyped_storage()) for t in leaves}
         """Storages that were there before the step: not allocated by it."""
         self.node = 0
         """The forward node now running; in backward, the node of the last operator."""
@@ -125,7 +131,7 @@ class _Recorder(TorchDispatchMode):
         self.sequence_starts: list[int] = []
         """First autograd sequence number of each graph node (nondecreasing)."""
         self.serial: dict[int, int] = {}
-        """Live storage (``_cdata``) -> serial number (addresses are reused, serials are not)."""
+        """Live storage (``storage_key``) -> serial number (addresses are reused, serials are not)."""
         self.serials = itertools.count()
         self.events: list[tuple[int, int, int]] = []
         """(serial, +bytes allocated or -bytes released, node); serial -1: an operator ended."""
@@ -149,9 +155,8 @@ class _Recorder(TorchDispatchMode):
     def _owner(self) -> int:
         if not self.backward:
             return self.node
-        running = torch._C._current_autograd_node()
-        sequence = running._sequence_nr() if running is not None else _ACCUMULATE
-        if sequence != _ACCUMULATE:
+        sequence = running_backward_sequence_number()
+        if sequence is not None and sequence != _ACCUMULATE:
             self.node = max(0, bisect.bisect_right(self.sequence_starts, sequence) - 1)
         return self.node
 
@@ -159,7 +164,7 @@ class _Recorder(TorchDispatchMode):
         inputs = [*_tensors(args), *_tensors(kwargs)]
         moved = sum(_read_bytes(t) for t in inputs) + sum(_nbytes(t) for t in _tensors(out))
         ms = moved / self.device.memory_bandwidth * 1e3
-        counter = _FLOPS.get(func._overloadpacket)
+        counter = _FLOPS.get(overload_packet(func))
         if counter is not None:
             dtype = next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
             flops = counter(*args, **kwargs, out_val=out)
@@ -173,7 +178,7 @@ class _Recorder(TorchDispatchMode):
 
     def _allocated(self, tensor: torch.Tensor, node: int) -> None:
         storage = tensor.untyped_storage()
-        key = storage._cdata
+        key = storage_key(storage)
         if key in self.existing or key in self.serial:
             return
         serial = self.serial[key] = next(self.serials)
@@ -190,9 +195,9 @@ class _Recorder(TorchDispatchMode):
         """``saved_tensors_hooks`` pack hook: a storage counts as an activation of the first node
         that saves it (a stage holds it once, however many of its nodes save it)."""
         storage = tensor.untyped_storage()
-        if storage._cdata not in self.parameters and storage._cdata not in self.saved_keys:
-            self.saved_keys.add(storage._cdata)
-            self.saved_serials.add(self.serial.get(storage._cdata, -1))
+        if storage_key(storage) not in self.parameters and storage_key(storage) not in self.saved_keys:
+            self.saved_keys.add(storage_key(storage))
+            self.saved_serials.add(self.serial.get(storage_key(storage), -1))
             self.trace.saved_bytes[self.node] += storage.nbytes()
         return tensor
 
@@ -237,11 +242,11 @@ class _Interpreter(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         if node in self.index:
             self.recorder.node = self.index[node]
-            self.recorder.sequence_starts.append(torch._C._autograd._get_sequence_nr())
+            self.recorder.sequence_starts.append(autograd_sequence_number())
         return super().run_node(node)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.cuda_autocast and getattr(target, "_overloadpacket", None) in _CUDA_FLOAT32:
+        if self.cuda_autocast and overload_packet(target) in _CUDA_FLOAT32:
             args, kwargs = _to_float32(args), _to_float32(kwargs)
         return super().call_function(target, args, kwargs)
 
@@ -282,7 +287,7 @@ def _trace(graph: StepGraph, fake_leaves: Sequence[torch.Tensor], device: Device
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 torch.autograd.backward(loss)
             del loss
-        grads = [t.grad.untyped_storage()._cdata for t in tensors if t.grad is not None]
+        grads = [storage_key(t.grad.untyped_storage()) for t in tensors if t.grad is not None]
         grad_serials = {recorder.serial[k] for k in grads if k in recorder.serial}
     finally:
         for tensor, grad in zip(tensors, grads_before):

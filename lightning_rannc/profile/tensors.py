@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lightning_rannc.plan.search import TensorTable
+from lightning_rannc.plan.memory import TensorTable
 
 __all__ = ["tensor_table"]
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
+from lightning_rannc._compat import LIGHTNING_METADATA_FILENAME, load_distributed_checkpoint
 from lightning_rannc.errors import RuntimeSetupError
 
 __all__ = ["save_sharded", "load_sharded", "consolidate", "is_sharded", "integer_state_keys"]
@@ -31,7 +31,7 @@ __all__ = ["save_sharded", "load_sharded", "consolidate", "is_sharded", "integer
 
 def is_sharded(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / _METADATA_FILENAME).is_file()
+    return path.is_dir() and (path / ".metadata").is_file() and (path / LIGHTNING_METADATA_FILENAME).is_file()
 
 
 def save_sharded(
@@ -54,7 +54,7 @@ def save_sharded(
         shards[f"optimizer_{index}"] = state
     dcp.save(shards, checkpoint_id=staging)
     if is_rank_zero:
-        torch.save(rest, staging / _METADATA_FILENAME)
+        torch.save(rest, staging / LIGHTNING_METADATA_FILENAME)
         _replace_directory(staging, path)
     barrier()
 
@@ -76,7 +76,7 @@ def load_sharded(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} is not a complete sharded checkpoint (no .metadata or meta.pt): was its writing "
             "interrupted?"
         )
-    checkpoint = _load_distributed_checkpoint(path)
+    checkpoint = load_distributed_checkpoint(path)
     checkpoint["state_dict"] = checkpoint.pop("model")
     count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[len("optimizer_") :].isdigit())
     if count:

@@ -30,6 +30,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_rannc import _rng
@@ -42,7 +43,6 @@ from lightning_rannc.runtime.trace import EventTrace
 
 __all__ = ["PipelineRuntime", "SeededStage"]
 
-_SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 Grads = dict[torch.nn.Parameter, torch.Tensor | None]
 
@@ -124,15 +124,15 @@ class PipelineRuntime:
         submodules = [
             _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded for seeded in self._seeded
         ]
-        self._stages = [
+        self.stages = [
             _build_stage(graph, submodule, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)
             for submodule, stage_plan in zip(submodules, plan.stages_of_rank(rank))
         ]
-        self._schedule = _build_schedule(plan, self._stages, self._loss_fn, forward_only)
+        self.schedule = _build_schedule(plan, self.stages, self._loss_fn, forward_only)
         if trace is not None:
-            for stage in self._stages:
+            for stage in self.stages:
                 trace.watch_stage(stage)
-            trace.watch_schedule(self._schedule)
+            trace.watch_schedule(self.schedule)
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
         self._loss_scale = 1.0
@@ -144,11 +144,11 @@ class PipelineRuntime:
 
     @property
     def is_first(self) -> bool:
-        return any(stage.is_first for stage in self._stages)
+        return any(stage.is_first for stage in self.stages)
 
     @property
     def is_last(self) -> bool:
-        return any(stage.is_last for stage in self._stages)
+        return any(stage.is_last for stage in self.stages)
 
     def _loss_fn(self, output: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         # `target` is the micro-batch index (see `run`): keep outputs in micro-batch order.
@@ -166,7 +166,7 @@ class PipelineRuntime:
         """
         held = self._take_grads()
         args, kwargs = self._start(leaves, seed, step, loss_scale)
-        self._schedule.step(*args, **kwargs)
+        self.schedule.step(*args, **kwargs)
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
@@ -191,7 +191,7 @@ class PipelineRuntime:
         # Lightning evaluates under inference mode; the stages' receive buffers are ordinary
         # tensors that the schedule writes in place, which inference mode would refuse later.
         with torch.inference_mode(False), torch.no_grad():
-            self._schedule.eval(*args, **kwargs)
+            self.schedule.eval(*args, **kwargs)
         with self._span("evaluation outputs shared"):
             return self._broadcast_outputs()
 
@@ -217,8 +217,8 @@ class PipelineRuntime:
         else:  # the shapes are known from the capture: allocate and receive
             examples = self._output_examples[first:]
             combined = [_combined_like(example, num_microbatches, self.device) for example in examples]
-        if dist.is_initialized() and self.plan.pipeline_degree > 1:
-            last = self.groups.dp_rank * self.plan.pipeline_degree + self.plan.pipeline_degree - 1
+        if dist.is_initialized() and self.plan.pipeline_stages > 1:
+            last = self.groups.dp_rank * self.plan.pipeline_stages + self.plan.pipeline_stages - 1
             for value in combined:
                 dist.broadcast(value, src=last, group=self.groups.pp_group)
         return combined
@@ -341,26 +341,43 @@ def _build_stage(
     )
 
 
+_SCHEDULES: dict[str, type[Any]] = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+    # Without backward every schedule is a fill and drain of forwards: GPipe's, or with several
+    # stages per rank the looped breadth-first one, which (unlike interleaved 1F1B) takes any
+    # micro-batch count.
+    "forward_only": ScheduleGPipe,
+    "forward_only_looped": ScheduleLoopedBFS,
+}
+"""torch's schedule class for each way a plan runs (see ``_schedule_name``)."""
+
+
 def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: Any, forward_only: bool = False) -> Any:
+    """torch's schedule for this rank's ``stages`` of ``plan``.
+
+    Args:
+        plan: the plan; its ``schedule``, ``zero_bubble`` and ``num_microbatches`` choose the class.
+        stages: this rank's stages (several with interleaving).
+        loss_fn: called on the last stage's outputs of each micro-batch.
+        forward_only: evaluation: forwards only.
+
+    Returns:
+        A schedule whose ``step`` runs one batch. Micro-batch losses are not rescaled by torch
+        (``scale_grads=False``): ``loss_fn`` divides each loss itself.
+    """
+    schedule_class = _SCHEDULES[_schedule_name(plan, len(stages), forward_only)]
+    # Multi-stage schedules take the list of this rank's stages; the others its one stage.
+    stage_or_stages = list[Any](stages) if issubclass(schedule_class, PipelineScheduleMulti) else stages[0]
+    return schedule_class(stage_or_stages, n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def _schedule_name(plan: PartitionPlan, num_local_stages: int, forward_only: bool) -> str:
     if forward_only:
-        # Without backward every schedule is a fill and drain of forwards: GPipe's, or with several
-        # stages per rank the looped breadth-first one, which (unlike interleaved 1F1B) takes any
-        # micro-batch count.
-        if len(stages) == 1:
-            return ScheduleGPipe(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
-        return ScheduleLoopedBFS(
-            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
-        )
-    if plan.zero_bubble:
-        return ScheduleInterleavedZeroBubble(
-            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
-        )
-    if plan.schedule == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(
-            list[Any](stages), n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False
-        )
-    schedule_class = _SINGLE_STAGE_SCHEDULES[plan.schedule]
-    return schedule_class(stages[0], n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return "forward_only" if num_local_stages == 1 else "forward_only_looped"
+    return "zero_bubble" if plan.zero_bubble else plan.schedule
 
 
 def _examples(

@@ -23,16 +23,15 @@ __all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensor
 def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
     owner_path, _, leaf = path.rpartition(".")
     owner = module.get_submodule(owner_path)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
-    else:
-        owner._buffers[leaf] = tensor
+    is_parameter = leaf in dict(owner.named_parameters(recurse=False, remove_duplicate=False))
+    if is_parameter and not isinstance(tensor, nn.Parameter):
+        tensor = nn.Parameter(tensor)
+    setattr(owner, leaf, tensor)  # registered where the old one was: a parameter, or a buffer
 
 
 def _get_tensor(module: nn.Module, path: str) -> torch.Tensor:
     owner_path, _, leaf = path.rpartition(".")
-    owner = module.get_submodule(owner_path)
-    tensor = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    tensor = getattr(module.get_submodule(owner_path), leaf)
     assert tensor is not None, f"{path} is registered as None"
     return tensor
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from lightning_rannc._compat import replaced_schedule_p2p, schedule_p2p_helpers
+from lightning_rannc.report.chrome_trace import (
+    complete_event,
+    process_name_event,
+    thread_name_event,
+    write_chrome_trace,
+)
 
 __all__ = ["EventTrace"]
 
@@ -43,7 +50,6 @@ _P2P_GETTERS = (
     ("get_bwd_recv_ops", "recv B"),
     ("get_bwd_send_ops", "send B"),
 )
-_P2P_HELPERS = ("_batch_p2p", "_wait_batch_p2p")
 _TAG = "_lightning_rannc_p2p"
 """Attribute a watched stage sets on the ``P2POp`` objects it hands out: ``(label, stage_index)``."""
 _WATCHED = "_lightning_rannc_traced"
@@ -86,11 +92,19 @@ class EventTrace:
             self._add(name, category, _OTHER, start, end, {"step": self.step})
 
     def _add(self, name: str, category: str, thread: int, start: float, end: float, args: dict[str, Any]) -> None:
-        start_us = (start - self._origin) * 1e6
+        # 0.1 us is finer than anything the trace shows, and keeps the file of many steps small
         self.events.append(
-            {"name": name, "cat": category, "ph": "X", "pid": self.rank, "tid": thread,
-             "ts": round(start_us, 1), "dur": round((end - start) * 1e6, 1), "args": args}
-        )  # fmt: skip
+            complete_event(
+                name,
+                category,
+                pid=self.rank,
+                tid=thread,
+                start_us=(start - self._origin) * 1e6,
+                duration_us=(end - start) * 1e6,
+                args=args,
+                decimals=1,
+            )
+        )
 
     def watch_stage(self, stage: Any) -> None:
         """Time ``stage``'s forward and backward of each micro-batch (its first argument), and
@@ -116,21 +130,22 @@ class EventTrace:
         if getattr(schedule, _WATCHED, False):
             return
         setattr(schedule, _WATCHED, True)
-        helpers = _p2p_helpers(schedule)
+        helpers = schedule_p2p_helpers(schedule)
         if helpers is None:
             log.debug(
-                "The runtime trace has no send/recv events: %s's module has no %s (torch internals differ).",
+                "The runtime trace has no send/recv events: %s's module has no _batch_p2p / _wait_batch_p2p "
+                "(torch internals differ).",
                 type(schedule).__name__,
-                " / ".join(_P2P_HELPERS),
             )
             return
         step = schedule.step
+        post, wait = helpers
 
         @functools.wraps(step)
         def traced_step(*args: Any, **kwargs: Any) -> Any:
             if not self.recording:
                 return step(*args, **kwargs)
-            with _replaced(helpers, self._posting(helpers["_batch_p2p"]), self._waiting(helpers["_wait_batch_p2p"])):
+            with replaced_schedule_p2p(schedule, self._posting(post), self._waiting(wait)):
                 return step(*args, **kwargs)
 
         schedule.step = traced_step
@@ -190,9 +205,9 @@ class EventTrace:
         if self.rank != 0:
             return
         events = [event for part in parts for event in part]
-        names = [_name_event(rank, f"rank {rank}") for rank in range(len(parts))]
-        threads = [_thread_event(rank, tid, label) for rank in range(len(parts)) for tid, label in _THREADS]
-        Path(path).write_text(json.dumps({"traceEvents": names + threads + events, "displayTimeUnit": "ms"}))
+        names = [process_name_event(rank, f"rank {rank}") for rank in range(len(parts))]
+        threads = [thread_name_event(rank, tid, label) for rank in range(len(parts)) for tid, label in _THREADS]
+        write_chrome_trace(path, names + threads + events)
 
 
 _THREADS = ((_COMPUTE, "schedule (forward/backward, send/recv)"), (_OTHER, "collectives, optimizer"))
@@ -204,31 +219,3 @@ class _TaggedWorks(list):  # type: ignore[type-arg]
     def __init__(self, works: list[Any], tags: list[tuple[str, int]]) -> None:
         super().__init__(works)
         self.tags = tags
-
-
-def _p2p_helpers(schedule: Any) -> dict[str, Any] | None:
-    """The globals the schedule's ``_step_microbatches`` runs with, if they hold both p2p helpers."""
-    run = getattr(type(schedule), "_step_microbatches", None)
-    helpers: dict[str, Any] | None = getattr(run, "__globals__", None)
-    if helpers is None or not all(callable(helpers.get(name)) for name in _P2P_HELPERS):
-        return None
-    return helpers
-
-
-@contextlib.contextmanager
-def _replaced(helpers: dict[str, Any], batch_p2p: Any, wait_batch_p2p: Any) -> Iterator[None]:
-    """Swap the schedule module's p2p helpers for the duration of one step."""
-    saved = {name: helpers[name] for name in _P2P_HELPERS}
-    helpers.update(_batch_p2p=batch_p2p, _wait_batch_p2p=wait_batch_p2p)
-    try:
-        yield
-    finally:
-        helpers.update(saved)
-
-
-def _name_event(pid: int, name: str) -> dict[str, Any]:
-    return {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}}
-
-
-def _thread_event(pid: int, tid: int, name: str) -> dict[str, Any]:
-    return {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}}

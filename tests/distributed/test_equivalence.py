@@ -21,9 +21,9 @@ import torch
 from lightning_rannc import PartitionPlan, RaNNCStrategy
 from lightning_rannc.__main__ import main as main_cli
 
-from _dist import run_script
-from cases import load_record, run_case
-from models import GPT
+from helpers.cases import load_record, run_case
+from helpers.dist import SCRIPTS, run_script, script_env
+from helpers.models import GPT
 
 pytestmark = pytest.mark.distributed
 
@@ -206,7 +206,7 @@ def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> 
 
 def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
     plan = PartitionPlan.from_json(load_record(pipelined(4), "s2d2_1f1b", 0)["plan"])
-    assert (plan.pipeline_degree, plan.num_replicas, plan.schedule) == (2, 2, "1f1b")
+    assert (plan.pipeline_stages, plan.num_replicas, plan.schedule) == (2, 2, "1f1b")
     assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3]]
     plan = PartitionPlan.from_json(load_record(pipelined(2), "s2d1_interleaved", 0)["plan"])
     assert (plan.num_stages, plan.virtual_stages, plan.schedule) == (4, 2, "interleaved_1f1b")
@@ -347,8 +347,10 @@ def _run_nodes(commands: list[list[str]], envs: list[dict[str, str]]) -> list[st
     return outputs
 
 
-_EXTERNAL = Path(__file__).resolve().parents[1] / "scripts" / "external_rank.py"
-_OWN_ENV = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+_EXTERNAL = SCRIPTS / "external_rank.py"
+_OWN_ENV = script_env(
+    {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "RANK", "MASTER_PORT")}
+)
 
 
 def _two_nodes_like_one_process(reference, out_dir: Path, label: str, outputs: list[str], environment: str) -> None:

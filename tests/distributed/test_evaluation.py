@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import run_script
-from eval_cases import load_evaluation, run_evaluation
-from models import table_data
+from helpers.dist import run_script
+from helpers.eval_cases import load_evaluation, run_evaluation
+from helpers.models import table_data
 
 pytestmark = pytest.mark.distributed
 
@@ -158,7 +158,7 @@ def _csv_rows(text: str) -> list[dict[str, str]]:
 
 
 def test_checkpoint_early_stopping_lr_monitor_and_loggers_behave_as_on_one_device(tmp_path: Path) -> None:
-    from eval_cases import run_with_callbacks
+    from helpers.eval_cases import run_with_callbacks
 
     run_script("callbacks.py", str(tmp_path), timeout=300)
     run_with_callbacks(tmp_path, "reference", devices=1)

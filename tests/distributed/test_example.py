@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from _dist import run_script
+from helpers.dist import run_script
 
 pytestmark = pytest.mark.distributed
 

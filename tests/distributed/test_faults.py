@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist import run_script
+from helpers.dist import run_script
 
 pytestmark = pytest.mark.distributed
 

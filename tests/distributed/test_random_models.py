@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from random_models import train
 
 from lightning_rannc import PartitionPlan
 
-from _dist import run_script
+from helpers.dist import run_script
+from helpers.random_models import train
 
 pytestmark = pytest.mark.distributed
 

@@ -12,9 +12,9 @@ import pytest
 
 from lightning_rannc import PartitionPlan
 from lightning_rannc.__main__ import main
-from lightning_rannc.plan.chart import read_measured_step
+from lightning_rannc.report.measured import read_measured_step
 
-from _dist import run_script
+from helpers.dist import run_script
 
 pytestmark = pytest.mark.distributed
 

@@ -22,9 +22,9 @@ from lightning_rannc import PartitionPlan
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph
 
-from _dist import run_script
-from cases import CASES, load_record, run_case
-from eval_cases import load_evaluation, run_evaluation
+from helpers.cases import CASES, load_record, run_case
+from helpers.dist import run_script
+from helpers.eval_cases import load_evaluation, run_evaluation
 
 pytestmark = [pytest.mark.distributed, pytest.mark.compat]
 

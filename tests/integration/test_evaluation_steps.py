@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from lightning_rannc import RaNNCStrategy, RuntimeSetupError
 
-from cases import QUIET
-from models import LoggingMLP, table_loader
+from helpers.cases import QUIET
+from helpers.models import LoggingMLP, table_loader
 
 _QUIET = {**QUIET, "num_sanity_val_steps": 0}
 
@@ -27,9 +27,7 @@ def _fit(model: L.LightningModule, **strategy: Any) -> L.Trainer:
 
 
 def _pipelined_steps(trainer: L.Trainer) -> list[str]:
-    return sorted(
-        {key[0] for key, entry in trainer.strategy._engine._eval_runtimes.items() if isinstance(entry, tuple)}
-    )
+    return trainer.strategy.engine.pipeline.evaluation.pipelined_steps
 
 
 def _plain(model: L.LightningModule) -> L.Trainer:
@@ -196,9 +194,14 @@ def test_evaluation_batches_with_non_tensor_leaves_run_through_the_plan_and_retu
     trainer.fit(model, _named_loader(64))
     validated = trainer.validate(model, _named_loader(16), verbose=False)
     # two batches with other names, one capture: the names are not in the key
-    assert _pipelined_steps(trainer) == ["validation_step"] and len(trainer.strategy._engine._eval_runtimes) == 1
+    assert (
+        _pipelined_steps(trainer) == ["validation_step"]
+        and len(trainer.strategy.engine.pipeline.evaluation.runtimes) == 1
+    )
     predicted = trainer.predict(model, _named_loader(16))
-    assert _pipelined_steps(trainer) == ["predict_step"] and len(trainer.strategy._engine._eval_runtimes) == 1
+    assert (
+        _pipelined_steps(trainer) == ["predict_step"] and len(trainer.strategy.engine.pipeline.evaluation.runtimes) == 1
+    )
     reference = _plain(model)
     assert validated[0]["val_loss"] == pytest.approx(
         reference.validate(copy.deepcopy(model), _named_loader(16), verbose=False)[0]["val_loss"], rel=1e-6

@@ -10,13 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_rannc import PlanError
+from lightning_rannc import PlanError, RaNNCConfig
+from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.graph import group_nodes
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.profile.cache import ProfileCache, profile_key
-from lightning_rannc.runtime.planning import EngineOptions, capture_micro, choose_layout
+from lightning_rannc.runtime.captures import capture_micro
+from lightning_rannc.runtime.planning import EngineOptions, choose_layout
 
-from models import GPT, SyntheticTokens
+from helpers.models import GPT, SyntheticTokens
 
 _CPU = torch.device("cpu")
 
@@ -28,22 +30,22 @@ def _gpt_and_batch() -> tuple[GPT, dict[str, torch.Tensor]]:
     return model, batch
 
 
-def _options(**changes: object) -> EngineOptions:
-    options: dict = {"pipeline_degree": 1, "num_microbatches": None, "profile_repeats": 1, **changes}
-    return EngineOptions(**options)
+def _options(memory_limit: int | None = None, **config: object) -> EngineOptions:
+    options: dict = {"micro_batches": "auto", "profile_repeats": 1, **config}
+    return EngineOptions(config=RaNNCConfig(**options), pipeline_stages=1, memory_limit=memory_limit)
 
 
 def test_a_tighter_memory_limit_makes_the_chosen_pipeline_deeper_and_it_fits() -> None:
     model, batch = _gpt_and_batch()
     roomy = choose_layout(model, batch, _options(), 4, _CPU, ProfileCache())
-    assert roomy.plan is not None and roomy.pipeline_degree * roomy.num_replicas == 4
+    assert roomy.plan is not None and roomy.pipeline_stages * roomy.num_replicas == 4
     # Half the memory: more micro-batches and checkpointing alone cannot fit the whole model.
     limit = roomy.plan.stages[0].memory["total"] // 2
-    options = _options(memory_limit=limit, checkpointing=None)
+    options = _options(memory_limit=limit, activation_checkpointing="auto")
     tight = choose_layout(model, batch, options, 4, _CPU, ProfileCache())
-    assert tight.plan is not None and tight.pipeline_degree > roomy.pipeline_degree
+    assert tight.plan is not None and tight.pipeline_stages > roomy.pipeline_stages
     assert all(s.memory["total"] <= 0.9 * limit for s in tight.plan.stages)
-    assert f"{tight.pipeline_degree} stage(s) x {tight.num_replicas} replica(s)" in tight.summary
+    assert f"{tight.pipeline_stages} stage(s) x {tight.num_replicas} replica(s)" in tight.summary
 
 
 def test_the_second_choice_reads_the_profile_cache_instead_of_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,7 +58,7 @@ def test_the_second_choice_reads_the_profile_cache_instead_of_profiling(monkeypa
 
     monkeypatch.setattr("lightning_rannc.runtime.planning.profile_blocks", no_profiling)
     again = choose_layout(model, batch, _options(), 2, _CPU, cache)
-    assert (again.pipeline_degree, again.num_replicas) == (first.pipeline_degree, first.num_replicas)
+    assert (again.pipeline_stages, again.num_replicas) == (first.pipeline_stages, first.num_replicas)
     assert again.plan is not None and first.plan is not None
     assert again.plan.predicted_step_ms == first.plan.predicted_step_ms
 
@@ -68,7 +70,7 @@ def test_layout_comes_from_an_existing_deployment_and_must_match_the_device_coun
     path = tmp_path / "plan.json"
     chosen.plan.save(path)
     deployed = choose_layout(model, batch, _options(deployment=str(path)), 4, _CPU, ProfileCache())
-    assert (deployed.pipeline_degree, deployed.num_replicas) == (chosen.pipeline_degree, chosen.num_replicas)
+    assert (deployed.pipeline_stages, deployed.num_replicas) == (chosen.pipeline_stages, chosen.num_replicas)
     with pytest.raises(PlanError, match="planned for 4 device"):
         choose_layout(model, batch, _options(deployment=str(path)), 2, _CPU, ProfileCache())
 
@@ -104,7 +106,7 @@ def test_profiles_survive_on_disk_and_a_damaged_file_is_profiled_again(
 
 def test_profile_key_changes_with_shapes_device_method_and_blocks() -> None:
     model, batch = _gpt_and_batch()
-    _, graph = capture_micro(model, batch, 4, "test")
+    _, graph = capture_micro(model, FlatBatch.of(batch, "test"), 4)
     spans = group_nodes(graph, 8)
     tokens = next(iter(batch.values()))
     leaves = [tokens[:2]]
@@ -127,10 +129,10 @@ def test_searched_micro_batch_counts_respect_the_bounds() -> None:
     model, batch = _gpt_and_batch()
     cache = ProfileCache()
     # a deep pipeline wants many micro-batches to fill it
-    deep = choose_layout(model, batch, _options(memory_limit=10**6, checkpointing=None), 4, _CPU, cache)
+    deep = choose_layout(model, batch, _options(memory_limit=10**6, activation_checkpointing="auto"), 4, _CPU, cache)
     assert deep.plan is not None and deep.plan.num_microbatches > 2
-    for bounds in ({"max_microbatches": 2}, {"min_microbatch_size": 4}):
-        options = _options(memory_limit=10**6, checkpointing=None, **bounds)
+    for bounds in ({"max_micro_batches": 2}, {"min_micro_batch_size": 4}):
+        options = _options(memory_limit=10**6, activation_checkpointing="auto", **bounds)
         bounded = choose_layout(model, batch, options, 4, _CPU, cache)
         assert bounded.plan is not None and bounded.plan.num_microbatches <= 2
 
@@ -148,5 +150,5 @@ def test_planning_reports_each_phase_with_its_time(caplog: pytest.LogCaptureFixt
 def test_a_batch_the_requested_micro_batch_count_does_not_divide_still_gets_a_layout() -> None:
     model, batch = _gpt_and_batch()
     six = {key: value[:6] for key, value in batch.items()}  # 4 micro-batches do not divide 6
-    layout = choose_layout(model, six, _options(num_microbatches=4), 2, _CPU, ProfileCache())
+    layout = choose_layout(model, six, _options(micro_batches=4), 2, _CPU, ProfileCache())
     assert layout.plan is not None and layout.plan.num_microbatches == 3  # the nearest divisor, as the engine runs

@@ -13,8 +13,8 @@ import torch
 import lightning_rannc
 from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
 
-from cases import QUIET, Recorder, load_record, run_case
-from models import LoggingMLP, table_loader
+from helpers.cases import QUIET, Recorder, load_record, run_case
+from helpers.models import LoggingMLP, table_loader
 
 _QUIET = QUIET
 
@@ -183,8 +183,7 @@ def test_a_meta_device_module_validates_through_the_plan_inside_fit() -> None:
         model = LoggingMLP()
     trainer.fit(model, table_loader(), table_loader(size=16))
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
-    engine = trainer.strategy._engine
-    assert [key[0] for key, entry in engine._eval_runtimes.items() if isinstance(entry, tuple)] == ["validation_step"]
+    assert trainer.strategy.engine.pipeline.evaluation.pipelined_steps == ["validation_step"]
 
 
 def test_resuming_a_meta_device_module_is_refused_rather_than_started_from_random_weights(tmp_path: Path) -> None:

@@ -9,11 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning_rannc
 
-import lightning_rannc  # noqa: E402
-
-from eval_cases import run_evaluation  # noqa: E402
+from helpers.eval_cases import run_evaluation
 
 
 def main() -> None:

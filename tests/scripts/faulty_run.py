@@ -9,15 +9,12 @@ limit nothing fits, an error rank 0 finds and every rank raises.
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
 
-import lightning as L  # noqa: E402
+from lightning_rannc import RaNNCStrategy
 
-from lightning_rannc import RaNNCStrategy  # noqa: E402
-
-from models import LoggingMLP, table_loader  # noqa: E402
+from helpers.models import LoggingMLP, table_loader
 
 
 class Fault(L.Callback):

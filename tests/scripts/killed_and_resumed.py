@@ -9,14 +9,12 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning_rannc import RaNNCStrategy
 
-from lightning_rannc import RaNNCStrategy  # noqa: E402
-
-from models import LoggingMLP, table_loader  # noqa: E402
+from helpers.models import LoggingMLP, table_loader
 
 
 class Record(L.Callback):

@@ -16,9 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, even if installed elsewhere
-
-from lightning_rannc.runtime.links import measure_links  # noqa: E402
+from lightning_rannc.runtime.links import measure_links
 
 # World size -> the local_world_size values to measure with (each a separate collective call).
 RUNS = {2: (2, 1), 3: (2, 3, 1)}

@@ -12,11 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning_rannc
 
-import lightning_rannc  # noqa: E402
-
-from cases import run_case  # noqa: E402
+from helpers.cases import run_case
 
 
 def main() -> None:

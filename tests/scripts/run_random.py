@@ -6,11 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_rannc import RaNNCStrategy
 
-from random_models import train  # noqa: E402
-
-from lightning_rannc import RaNNCStrategy  # noqa: E402
+from helpers.random_models import train
 
 
 def main() -> None:

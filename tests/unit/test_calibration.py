@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_rannc.capture.export import capture_training_step, fake_module_state
+from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.capture.module_state import fake_module_state
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import get_device
 from lightning_rannc.plan.memory import optimizer_state_factor, stage_memory

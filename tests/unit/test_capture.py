@@ -7,7 +7,7 @@ from torch import nn
 from lightning_rannc import CaptureError
 from lightning_rannc.capture.export import capture_training_step
 
-from models import GPT
+from helpers.models import GPT
 
 
 class _Step(L.LightningModule):

@@ -1,4 +1,4 @@
-"""Chrome trace and PNG chart of a planned step (``lightning_rannc.plan.chart``, ``plan --chart/--trace``),
+"""Chrome trace and PNG chart of a planned step (``lightning_rannc.report``, ``plan --chart/--trace``),
 and the chart of a predicted step above a measured one (``show --chart --measured``)."""
 
 from __future__ import annotations
@@ -14,13 +14,18 @@ import pytest
 
 from lightning_rannc.__main__ import main
 from lightning_rannc.errors import PlanError
-from lightning_rannc.plan.chart import read_measured_step, write_chart, write_comparison_chart, write_trace
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
+from lightning_rannc.plan.memory import TensorTable
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.report import format_plan
-from lightning_rannc.plan.search import SearchResult, SearchSettings, TensorTable, search_plan
+from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
+from lightning_rannc.report.chart import write_chart, write_comparison_chart
+from lightning_rannc.report.chrome_trace import write_trace
+from lightning_rannc.report.measured import read_measured_step
+
+from helpers.devices import test_device
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = f"{ROOT / 'benchmarks' / 'models.py'}:GPTLM"
@@ -28,15 +33,7 @@ SMALL = json.dumps({"layers": 4, "hidden": 256, "heads": 4, "seq_len": 128, "voc
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MATPLOTLIB_MODULES = ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg")
 
-DEVICE = DeviceSpec(
-    name="test",
-    flops_per_s={"float32": 1e12},
-    memory_bandwidth=1e12,
-    memory_bytes=10**10,
-    intra_node_bandwidth=1e9,
-    inter_node_bandwidth=1e8,
-    op_overhead_ms=0.0,
-)
+DEVICE = test_device(10**10)
 
 
 def _search(

@@ -26,7 +26,7 @@ def test_plan_prints_a_table_and_writes_a_plan_that_show_prints_again(
     printed = capsys.readouterr().out
     plan = PartitionPlan.load(output)
     assert plan.world_size == 4 and plan.microbatch_size * plan.num_microbatches * plan.num_replicas == 64
-    assert f"{plan.pipeline_degree} stage(s) x {plan.num_replicas} replica(s)" in printed
+    assert f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s)" in printed
     assert "predicted step" in printed and ("total GiB" in printed or "total MiB" in printed)
     assert all(s.memory["total"] <= 0.9 * 85_198_045_184 for s in plan.stages)
     assert main(["show", str(output)]) == 0

@@ -1,11 +1,23 @@
+"""The plan file (JSON, validation, ranks on the mesh) as the search makes it, and the schedule it picks."""
+
 import json
+from typing import Any
 
 import pytest
 
 from lightning_rannc import PartitionPlan, PlanError, StagePlan
-from lightning_rannc.plan.cost_model import BlockCost, estimate_step_ms
+from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.plan.memory import TensorTable
+from lightning_rannc.plan.modules import describe_span
 from lightning_rannc.plan.plan import stage_ranks
-from lightning_rannc.plan.planner import choose_schedule, describe_span, plan_pipeline
+from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
+from lightning_rannc.plan.simulate import simulate_schedule
+
+from helpers.devices import test_device
+
+# No overheads and plenty of memory: stage times are the blocks' own, and every split fits.
+DEVICE = test_device(10**10)
+NAMES = [f"layers.{i}.weight" for i in range(5)] + ["emb.weight"]
 
 
 def _blocks() -> list[BlockCost]:
@@ -25,18 +37,37 @@ def _blocks() -> list[BlockCost]:
     ]
 
 
-def _plan(num_stages: int = 2, **options) -> PartitionPlan:
-    names = [f"layers.{i}.weight" for i in range(5)] + ["emb.weight"]
-    return plan_pipeline(
-        _blocks(),
-        num_stages=num_stages,
-        num_microbatches=4,
-        microbatch_size=2,
-        graph_fingerprint="abc",
-        tensor_bytes={n: 40 for n in names},
-        tensor_numel={n: 10 for n in names},
-        **options,
+def _search(
+    stages: int = 2,
+    *,
+    replicas: int = 1,
+    virtual: int = 1,
+    schedule: str = "auto",
+    microbatches: int | None = 4,
+    replica_batch: int | None = None,
+) -> SearchResult:
+    """The search with the layout forced: ``stages`` ranks per pipeline, ``virtual`` stages per
+    rank, micro-batches of 2 samples unless ``microbatches`` is None (then the search picks a
+    count for ``replica_batch`` samples per replica)."""
+    samples = replica_batch if replica_batch is not None else 2 * (microbatches or 1)
+    settings = SearchSettings(
+        num_devices=stages * replicas,
+        global_batch_size=samples * replicas,
+        device=DEVICE,
+        pipeline_stages=stages,
+        replicas=replicas,
+        micro_batches=microbatches,
+        virtual_stages=virtual,
+        schedule=schedule,
     )
+    tensors = TensorTable({n: 40 for n in NAMES}, {n: 10 for n in NAMES}, frozenset(NAMES))
+    return search_plan(
+        _blocks(), reference_microbatch_size=2, settings=settings, tensors=tensors, graph_fingerprint="abc"
+    )
+
+
+def _plan(stages: int = 2, **options: Any) -> PartitionPlan:
+    return _search(stages, **options).plan
 
 
 def test_plan_balances_profiled_time_and_lists_stage_contents() -> None:
@@ -46,7 +77,7 @@ def test_plan_balances_profiled_time_and_lists_stage_contents() -> None:
     assert plan.stages[1].num_params == 40
     assert plan.stages[0].module_span == "layers.0-1"
     assert plan.stages[0].fwd_ms == 4.0 and plan.stages[0].bwd_ms == 8.0
-    assert plan.predicted_step_ms > 0
+    assert plan.graph_fingerprint == "abc" and plan.predicted_step_ms > 0
 
 
 def test_plan_round_trips_through_json(tmp_path) -> None:
@@ -114,8 +145,8 @@ def test_stage_plan_is_plain_data() -> None:
 
 
 def test_replicas_and_virtual_stages_place_stages_on_the_mesh() -> None:
-    plan = _plan(4, num_replicas=2, virtual_stages=2)
-    assert plan.world_size == 4 and plan.pipeline_degree == 2
+    plan = _plan(2, replicas=2, virtual=2)
+    assert plan.world_size == 4 and plan.pipeline_stages == 2
     assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [s.stage_index for s in plan.stages_of_rank(3)] == [1, 3]
     assert plan.schedule == "interleaved_1f1b"
@@ -127,7 +158,7 @@ def test_stage_ranks_keep_a_pipeline_on_neighbouring_ranks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("requested", "degree", "microbatches", "virtual", "expected"),
+    ("requested", "stages", "microbatches", "virtual", "expected"),
     [
         ("auto", 2, 4, 1, "1f1b"),
         ("auto", 4, 2, 1, "gpipe"),
@@ -135,20 +166,32 @@ def test_stage_ranks_keep_a_pipeline_on_neighbouring_ranks() -> None:
         ("gpipe", 2, 4, 1, "gpipe"),
     ],
 )
-def test_auto_schedule(requested: str, degree: int, microbatches: int, virtual: int, expected: str) -> None:
-    assert choose_schedule(requested, degree, microbatches, virtual) == expected
+def test_auto_schedule(requested: str, stages: int, microbatches: int, virtual: int, expected: str) -> None:
+    plan = _plan(stages, microbatches=microbatches, virtual=virtual, schedule=requested)
+    assert plan.schedule == expected and plan.virtual_stages == virtual
 
 
 def test_schedule_requests_that_cannot_run_are_refused() -> None:
-    with pytest.raises(PlanError, match=r"'1f1b' needs at least as many micro-batches as pipeline stages \(2 < 4\)"):
-        choose_schedule("1f1b", 4, 2, 1)
+    # 1F1B needs a micro-batch per stage to fill the pipeline: 2 for 4 stages is never planned
+    with pytest.raises(PlanError, match=r"No micro-batch count splits the global batch of 4"):
+        _plan(4, microbatches=2, schedule="1f1b")
+    free = _search(4, microbatches=None, replica_batch=8, schedule="1f1b")
+    assert sorted(c.microbatches for c in free.candidates) == [4, 8]
+    assert free.plan.schedule == "1f1b" and free.plan.num_microbatches >= 4
     with pytest.raises(PlanError, match="Unknown schedule 'zb'"):
-        choose_schedule("zb", 2, 2, 1)
+        _plan(2, microbatches=2, schedule="zb")
 
 
-def test_step_estimate_counts_the_bubble_and_shrinks_it_with_virtual_stages() -> None:
-    assert estimate_step_ms([1.0, 2.0], num_microbatches=4) == (4 + 1) * 2.0
-    assert estimate_step_ms([1.0, 1.0, 1.0, 1.0], num_microbatches=4, virtual_stages=2) == 4 * 2.0 + 1 * 1.0
+def test_simulated_step_counts_the_bubble_and_shrinks_it_with_virtual_stages() -> None:
+    # stages of 1 and 2 ms (forward + backward): 4 micro-batches on the slower stage, plus the
+    # faster stage's forward of the first and backward of the last (the bubble)
+    uneven = simulate_schedule([1 / 3, 2 / 3], [2 / 3, 4 / 3], [0.0, 0.0], 4, "1f1b").makespan_ms
+    assert uneven == pytest.approx(4 * 2.0 + 1 * 1.0) and uneven > 4 * 2.0
+    # 2 ranks of 2 ms each: M + S - 1 slots; as 4 stages of 1 ms, interleaved, the bubble is 1 ms
+    plain = simulate_schedule([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], 4, "1f1b").makespan_ms
+    interleaved = simulate_schedule([0.5] * 4, [0.5] * 4, [0.0] * 4, 4, "interleaved_1f1b", 2).makespan_ms
+    assert plain == pytest.approx((4 + 1) * 2.0)
+    assert interleaved == pytest.approx(4 * 2.0 + 1 * 1.0) and interleaved < plain
 
 
 def test_saved_plan_leaves_no_temporary_file_and_names_every_stale_field(tmp_path) -> None:

@@ -1,19 +1,21 @@
 import copy
-import dataclasses
 import logging
 
 import pytest
 import torch
 
+from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
+from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
 from lightning_rannc.runtime import planning
-from lightning_rannc.runtime.planning import EngineOptions, SmallerSample, block_costs, smaller_sample
+from lightning_rannc.runtime.captures import SmallerSample, smaller_sample
+from lightning_rannc.runtime.planning import EngineOptions, block_costs
 
-from models import GPT, LoggingMLP
+from helpers.models import GPT, LoggingMLP
 
 
 def _gpt_graph():
@@ -60,7 +62,7 @@ def test_values_without_gradient_are_found() -> None:
 
 
 def _analytic_gpt_costs(model, tokens, max_blocks):
-    from lightning_rannc.capture.export import fake_module_state
+    from lightning_rannc.capture.module_state import fake_module_state
     from lightning_rannc.plan.devices import get_device
     from lightning_rannc.profile.analytic import estimate_blocks
 
@@ -128,10 +130,12 @@ def test_blocks_are_timed_again_on_the_smallest_micro_batch_the_search_may_pick(
     model.log = lambda *a, **k: None
     tokens = torch.randint(0, 256, (16, 16))
     batch = {"tokens": tokens, "targets": tokens.roll(1, 1)}
-    options = EngineOptions(pipeline_degree=2, num_microbatches=None, max_blocks=8)
-    assert smaller_sample(model, batch, "here", 4, dataclasses.replace(options, num_microbatches=4)) is None
-    assert smaller_sample(model, batch, "here", 3, options) is None  # 2 samples: too close to 3 for a fit
-    smaller = smaller_sample(model, batch, "here", 4, options)
+    options = EngineOptions(config=RaNNCConfig(micro_batches="auto", max_blocks=8), pipeline_stages=2)
+    four = EngineOptions(config=RaNNCConfig(micro_batches=4, max_blocks=8), pipeline_stages=2)
+    flat = FlatBatch.of(batch, "here")
+    assert smaller_sample(model, flat, 4, four) is None
+    assert smaller_sample(model, flat, 3, options) is None  # 2 samples: too close to 3 for a fit
+    smaller = smaller_sample(model, flat, 4, options)
     assert smaller is not None and smaller.size == 2
     graph = StepGraph.from_captured(capture_training_step(model, {k: v[:4] for k, v in batch.items()}))
     small_graph, small_leaves = smaller.capture()  # the real capture, on 2 samples
@@ -142,7 +146,7 @@ def test_blocks_are_timed_again_on_the_smallest_micro_batch_the_search_may_pick(
     counted = SmallerSample(2, lambda: captures.append(1) or smaller.capture())
     micro = [batch["tokens"][:4], batch["targets"][:4]]
     cache = ProfileCache()
-    linear = block_costs(graph, micro, dataclasses.replace(options, num_microbatches=4), cache, False)
+    linear = block_costs(graph, micro, four, cache, False)
     fitted = block_costs(graph, micro, options, cache, False, counted)
     assert all(c.fwd_fixed_ms == 0 and c.bwd_fixed_ms == 0 for c in linear)  # one size: in proportion
     assert all(c.fwd_fixed_ms == pytest.approx(1.0) and c.bwd_fixed_ms == pytest.approx(2.0) for c in fitted)

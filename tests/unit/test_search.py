@@ -10,21 +10,14 @@ import pytest
 
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
-from lightning_rannc.plan.devices import DeviceSpec
-from lightning_rannc.plan.memory import in_flight_microbatches, optimizer_state_factor, stage_memory
-from lightning_rannc.plan.search import SearchSettings, TensorTable, evaluate_split, search_plan
+from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
 from lightning_rannc.plan.simulate import operation_order, simulate_schedule
 
+from helpers.devices import test_device
+
 # Bandwidth in bytes/s; one node holds every device, so every link is this fast.
-DEVICE = DeviceSpec(
-    name="test",
-    flops_per_s={"float32": 1e12},
-    memory_bandwidth=1e12,
-    memory_bytes=10**9,
-    intra_node_bandwidth=1e9,
-    inter_node_bandwidth=1e8,
-    op_overhead_ms=0.0,
-)
+DEVICE = test_device()
 
 
 def _random_model(rng: random.Random, num_blocks: int) -> tuple[list[BlockCost], TensorTable]:
@@ -60,7 +53,7 @@ def _settings(rng: random.Random, devices: int, stages: int, microbatches: int) 
         optimizer=rng.choice(["adamw", "sgd", "sgd_momentum"]),
         pipeline_stages=stages,
         micro_batches=microbatches,
-        checkpointing=rng.choice([None, False, True]),
+        activation_checkpointing=rng.choice([None, False, True]),
         schedule=rng.choice(["gpipe", "1f1b"]) if microbatches >= stages else "gpipe",
     )
 
@@ -97,7 +90,7 @@ def _brute_force(blocks: list[BlockCost], tensors: TensorTable, settings: Search
 
 
 def _checkpoint_options(settings: SearchSettings) -> list[bool]:
-    return [False, True] if settings.checkpointing is None else [settings.checkpointing]
+    return [False, True] if settings.activation_checkpointing is None else [settings.activation_checkpointing]
 
 
 def _schedule(settings: SearchSettings) -> str:
@@ -161,7 +154,7 @@ def test_split_has_the_brute_force_bottleneck_and_respects_memory(seed: int) -> 
     plan = search_plan(
         blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g"
     ).plan
-    replicas, slots = plan.num_replicas, plan.num_microbatches + plan.pipeline_degree - 1
+    replicas, slots = plan.num_replicas, plan.num_microbatches + plan.pipeline_stages - 1
     plain = [s.fwd_ms + s.bwd_ms + 2 * s.send_bytes / 1e6 for s in plan.stages]
     spread = [p + 3 * (replicas - 1) / replicas * s.param_bytes / 1e6 / slots for p, s in zip(plain, plan.stages)]
     if replicas == 1:
@@ -169,7 +162,11 @@ def test_split_has_the_brute_force_bottleneck_and_respects_memory(seed: int) -> 
     else:
         assert max(spread) == pytest.approx(expected[0][0]) or max(plain) == pytest.approx(expected[0][1])
     assert all(s.memory["total"] <= settings.usable_memory for s in plan.stages)
-    assert all(s.checkpoint == settings.checkpointing for s in plan.stages if settings.checkpointing is not None)
+    assert all(
+        s.checkpoint == settings.activation_checkpointing
+        for s in plan.stages
+        if settings.activation_checkpointing is not None
+    )
     # The split minimises the bottleneck, not the simulated step; on these small chains the step
     # is still within 15% of the best any split reaches.
     assert plan.predicted_step_ms <= 1.15 * expected[1]
@@ -215,9 +212,9 @@ def _search(blocks: list[BlockCost], tensors: TensorTable, **settings: object): 
 
 def test_small_model_gets_data_parallelism_and_huge_one_a_deep_pipeline() -> None:
     small = _search(*_uniform_model(16, 10**5, 10**5), memory_limit=10**10).plan
-    assert (small.pipeline_degree, small.num_replicas) == (1, 8)
+    assert (small.pipeline_stages, small.num_replicas) == (1, 8)
     huge = _search(*_uniform_model(16, 10**9, 10**5), memory_limit=6 * 10**9, optimizer="sgd").plan
-    assert huge.pipeline_degree == 8 and all(s.memory["total"] <= 0.9 * 6 * 10**9 for s in huge.stages)
+    assert huge.pipeline_stages == 8 and all(s.memory["total"] <= 0.9 * 6 * 10**9 for s in huge.stages)
 
 
 def test_tightening_the_limit_adds_stages_or_checkpointing() -> None:
@@ -228,7 +225,7 @@ def test_tightening_the_limit_adds_stages_or_checkpointing() -> None:
         result = _search(blocks, tensors, memory_limit=limit, optimizer="adamw", virtual_stages=1)
         plan = result.plan
         assert all(s.memory["total"] <= 0.9 * limit for s in plan.stages)
-        pressure = (plan.pipeline_degree, sum(s.checkpoint for s in plan.stages), plan.num_microbatches)
+        pressure = (plan.pipeline_stages, sum(s.checkpoint for s in plan.stages), plan.num_microbatches)
         if previous is not None:
             assert pressure != previous[0] or plan.predicted_step_ms == pytest.approx(previous[1])
             assert pressure[0] >= previous[0][0] or pressure[1] > previous[0][1] or pressure[2] > previous[0][2]
@@ -269,7 +266,7 @@ def test_fixed_batch_per_replica_picks_the_most_samples_per_second() -> None:
     assert len({layout[1] for layout in steps}) > 1
     best = min(steps, key=lambda layout: steps[layout] / (8 * layout[1]))
     plan = result.plan
-    assert (plan.pipeline_degree, plan.num_replicas, plan.num_microbatches) == best
+    assert (plan.pipeline_stages, plan.num_replicas, plan.num_microbatches) == best
     assert plan.microbatch_size * plan.num_microbatches == 8
     # judged per step instead, the deepest pipeline (the most micro-batches per replica) would have won
     assert min(steps, key=steps.__getitem__)[1] < best[1] == 8
@@ -286,7 +283,7 @@ def test_runtime_overheads_enter_the_prediction_and_bound_the_micro_batch_count(
             global_batch_size=64,
             device=dataclasses.replace(DEVICE, **device),
             pipeline_stages=4,
-            max_microbatches=64,
+            max_micro_batches=64,
             optimizer="sgd_momentum",
         )
         return search_plan(

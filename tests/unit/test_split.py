@@ -13,7 +13,7 @@ from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.capture.split import build_range_module
 
-from models import GPT, ResCNN
+from helpers.models import GPT, ResCNN
 
 
 class SkipDAG(L.LightningModule):

@@ -1,15 +1,19 @@
 """How the runtime trace times sends and receives (``EventTrace.watch_stage`` / ``watch_schedule``),
 on stand-ins for a pipeline stage and schedule: this module plays the part of torch's
-``schedules.py``, whose ``_batch_p2p`` and ``_wait_batch_p2p`` the trace swaps during a step."""
+``schedules.py``, whose ``_batch_p2p`` and ``_wait_batch_p2p`` the trace swaps during a step; and
+the file it writes, read back as ``show --measured`` reads it (``report.measured``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lightning_rannc.report.measured import read_measured_step
 from lightning_rannc.runtime.trace import EventTrace
 
 
@@ -139,3 +143,32 @@ def test_a_schedule_without_the_helpers_is_left_alone(caplog: pytest.LogCaptureF
     messages = [r.getMessage() for r in caplog.records]
     assert any("no send/recv events: Elsewhere's module has no _batch_p2p / _wait_batch_p2p" in m for m in messages)
     assert any("no send/recv events: the stage has no get_fwd_recv_ops" in m for m in messages)
+
+
+def test_written_trace_names_each_row_and_is_read_back_step_by_step(tmp_path: Path) -> None:
+    trace = EventTrace(rank=0, max_steps=2)
+    for _ in range(3):  # the third step is past max_steps: not recorded
+        trace.start_step()
+        with trace.span("F0", "forward", 0, micro_batch=0, stage=0):
+            time.sleep(0.002)
+        trace.interval("optimizer step", "optimizer", time.perf_counter(), time.perf_counter())
+    trace.write(tmp_path / "run.json")
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert set(data) == {"traceEvents", "displayTimeUnit"} and data["displayTimeUnit"] == "ms"
+    names = [(e["name"], e["pid"], e["tid"], e["args"]) for e in data["traceEvents"] if e["ph"] == "M"]
+    assert names == [
+        ("process_name", 0, 0, {"name": "rank 0"}),
+        ("thread_name", 0, 0, {"name": "schedule (forward/backward, send/recv)"}),
+        ("thread_name", 0, 1, {"name": "collectives, optimizer"}),
+    ]
+    boxes = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert [(e["name"], e["cat"], e["tid"], e["args"]["step"]) for e in boxes] == [
+        ("F0", "forward", 0, 1), ("optimizer step", "optimizer", 1, 1),
+        ("F0", "forward", 0, 2), ("optimizer step", "optimizer", 1, 2),
+    ]  # fmt: skip
+    assert all(e["pid"] == 0 and e["ts"] == round(e["ts"], 1) and e["dur"] == round(e["dur"], 1) for e in boxes)
+    measured = read_measured_step(tmp_path / "run.json")
+    assert measured.steps == [1, 2] and measured.step == 2 and list(measured.rows) == [0]
+    [(kind, microbatch, start_ms, end_ms)] = measured.operations(0)
+    assert (kind, microbatch, start_ms) == ("F", 0, 0.0) and end_ms >= 2.0
+    assert [e.name for e in measured.rows[0]] == ["F0", "optimizer step"]

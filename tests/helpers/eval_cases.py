@@ -17,8 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from cases import ShardedData
-from models import (
+from helpers.cases import ShardedData
+from helpers.models import (
     ColumnMajor,
     EvalBatchNormCNN,
     EvalGPT,
@@ -87,9 +87,8 @@ class EvalRecorder(L.Callback):
             self.test_outputs.append(outputs["per_sample"])
 
     def _note_pipelined(self, trainer: L.Trainer) -> None:
-        engine = getattr(trainer.strategy, "_engine", None)
-        runtimes = getattr(engine, "_eval_runtimes", {})
-        self.pipelined_steps |= {key[0] for key, entry in runtimes.items() if isinstance(entry, tuple)}
+        pipeline = _pipeline(trainer)
+        self.pipelined_steps |= set(pipeline.evaluation.pipelined_steps if pipeline is not None else [])
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._note_pipelined(trainer)
@@ -99,6 +98,11 @@ class EvalRecorder(L.Callback):
 
     def on_predict_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._note_pipelined(trainer)
+
+
+def _pipeline(trainer: L.Trainer) -> Any:
+    """The strategy's built pipeline (``None`` for other strategies, or before the first batch)."""
+    return getattr(getattr(trainer.strategy, "engine", None), "pipeline", None)
 
 
 def run_evaluation(

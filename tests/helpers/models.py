@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,9 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from gpt import GPT, SyntheticTokens, make_dataloader  # noqa: E402
+from gpt import GPT, SyntheticTokens, make_dataloader
 
 __all__ = [
     "GPT",

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models import (
+from helpers.models import (
     GPT,
     BatchNormCNN,
     ColumnMajor,
@@ -240,7 +240,7 @@ def run_case(
         "local_buffers": recorder.local_buffers,
         "loss_scales": recorder.loss_scales,
         "optimizer_state_numel": recorder.optimizer_state_numel,
-        "batch_shapes_built": len(getattr(getattr(trainer.strategy, "_engine", None), "_runtimes", ())),
+        "batch_shapes_built": len(_pipeline(trainer).runtimes) if _pipeline(trainer) is not None else 0,
         "schedule_class": _schedule_class(trainer),
         "ddp_stages": _ddp_stages(trainer),
         # a module built on the meta device stays partitioned after fit: only this rank's tensors
@@ -250,15 +250,20 @@ def run_case(
     return trainer
 
 
+def _pipeline(trainer: L.Trainer) -> Any:
+    """The strategy's built pipeline (``None`` for other strategies)."""
+    return getattr(getattr(trainer.strategy, "engine", None), "pipeline", None)
+
+
 def _schedule_class(trainer: L.Trainer) -> str | None:
-    runtime = getattr(getattr(trainer.strategy, "_engine", None), "_last_runtime", None)
-    return type(runtime._schedule).__name__ if runtime is not None else None
+    runtime = getattr(_pipeline(trainer), "last_runtime", None)
+    return type(runtime.schedule).__name__ if runtime is not None else None
 
 
 def _ddp_stages(trainer: L.Trainer) -> int:
     """Stages of this rank whose module torch's pipeline drives as DDP (replicas' gradient exchange)."""
-    runtime = getattr(getattr(trainer.strategy, "_engine", None), "_last_runtime", None)
-    stages = runtime._stages if runtime is not None else []
+    runtime = getattr(_pipeline(trainer), "last_runtime", None)
+    stages = runtime.stages if runtime is not None else []
     return sum(isinstance(stage.submod, torch.nn.parallel.DistributedDataParallel) for stage in stages)
 
 

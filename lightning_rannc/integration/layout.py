@@ -1,0 +1,172 @@
+"""Setup-time choices: the device description, the stages x replicas layout, the engine's options.
+
+The layout must be known inside ``setup``, before the optimizers: ``configure_optimizers`` may
+read ``trainer.estimated_stepping_batches``, which makes Lightning shard the data loaders with
+``distributed_sampler_kwargs``, which depend on the replica count. So with
+``pipeline_stages="auto"`` rank 0 plans every layout on a sample batch here, and every rank
+takes its choice (or raises its error).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_rannc._compat import optimizer_of, training_data_source
+from lightning_rannc._utils import optimizer_kind
+from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.plan.devices import DeviceSpec, get_device, parse_bytes
+from lightning_rannc.runtime.agreement import decided_on_rank_zero
+from lightning_rannc.runtime.engine import PipelineEngine
+from lightning_rannc.runtime.links import apply_links, measure_links
+from lightning_rannc.runtime.mesh import ProcessGroups
+from lightning_rannc.runtime.planning import EngineOptions, Layout, choose_layout
+from lightning_rannc.runtime.trace import EventTrace
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightning_rannc.strategy import RaNNCStrategyMixin as RaNNCStrategy
+
+__all__ = [
+    "device_preset",
+    "measured_device",
+    "engine_options",
+    "choose_pipeline_stages",
+    "check_trainer",
+    "check_trace_path",
+]
+
+log = logging.getLogger("lightning_rannc")
+
+
+def device_preset(device: torch.device) -> str:
+    """The preset closest to ``device`` (an unknown GPU is planned as an H100)."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return next((preset for preset in ("h100", "a100", "v100") if preset in name), "h100")
+
+
+def measured_device(strategy: RaNNCStrategy, trainer: pl.Trainer) -> DeviceSpec | None:
+    """The device preset with measured link bandwidths (collective, ``fit`` only); ``None``: the preset."""
+    config = strategy.config
+    if not config.measure_links or strategy.world_size == 1 or trainer.state.fn != "fit":
+        return None
+    links = measure_links(strategy.root_device, local_world_size=strategy.num_processes)
+    if strategy.is_global_zero:
+        log.info(links.describe())
+    return apply_links(get_device(config.device_preset or device_preset(strategy.root_device)), links)
+
+
+def engine_options(strategy: RaNNCStrategy, device: DeviceSpec | None, optimizer: str | None = None) -> EngineOptions:
+    """The options and what setup resolved, for the engine and the layout search."""
+    optimizers = strategy.optimizers
+    if optimizer is None:
+        optimizer = optimizer_kind(optimizer_of(optimizers[0])) if optimizers else "sgd"
+    config = strategy.config
+    preset = get_device(config.device_preset or device_preset(strategy.root_device))
+    return EngineOptions(
+        config=config,
+        pipeline_stages=strategy.layout.pipeline_stages,
+        num_replicas=strategy.layout.num_replicas,
+        device=device or preset,
+        devices_per_node=strategy.num_processes,
+        optimizer=optimizer,
+        memory_limit=_memory_limit(strategy),
+    )
+
+
+def build_engine(
+    strategy: RaNNCStrategy, device: DeviceSpec | None, groups: ProcessGroups, trace: EventTrace | None
+) -> PipelineEngine:
+    """The engine for the strategy's module, with the options and layout setup resolved."""
+    module = strategy.lightning_module
+    assert module is not None
+    options = engine_options(strategy, device)
+    return PipelineEngine(
+        module, options, strategy.global_rank, strategy.root_device, groups, strategy.block_costs, trace
+    )
+
+
+def _memory_limit(strategy: RaNNCStrategy) -> int | None:
+    if strategy.config.memory_limit is not None:
+        return parse_bytes(strategy.config.memory_limit)
+    if strategy.root_device.type == "cuda":
+        return torch.cuda.get_device_properties(strategy.root_device).total_memory
+    return None
+
+
+def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device: DeviceSpec | None) -> int | None:
+    """``pipeline_stages="auto"``: the stage count rank 0 finds best on a sample batch, on every
+    rank; ``None`` when nothing is to be chosen. The optimizers do not exist yet: their state is
+    sized as Adam's (two moments), the most common and the larger. Collective."""
+    if strategy.config.pipeline_stages != "auto" or strategy.world_size == 1 or trainer.state.fn != "fit":
+        return None
+    options = engine_options(strategy, device, optimizer="adamw")
+    layout = decided_on_rank_zero(lambda: _best_layout(strategy, trainer, options), strategy.global_rank)
+    if strategy.is_global_zero:
+        log.info(layout.summary)
+    return layout.pipeline_stages
+
+
+def _best_layout(strategy: RaNNCStrategy, trainer: pl.Trainer, options: EngineOptions) -> Layout:
+    batch = _sample_batch(strategy, trainer)
+    world = strategy.world_size
+    if batch is None:
+        return Layout(world, 1, "layout: no training batch to plan from; one pipeline over all devices")
+    module = strategy.lightning_module
+    assert module is not None
+    with strategy.precision_plugin.train_step_context():
+        return choose_layout(module, batch, options, world, strategy.root_device, strategy.block_costs)
+
+
+def _sample_batch(strategy: RaNNCStrategy, trainer: pl.Trainer) -> Any:
+    """The first training batch as the step will get it, without disturbing the training run
+    (the shuffling sampler draws from the global RNG)."""
+    source = training_data_source(trainer)
+    if trainer.limit_train_batches == 0 or not source.is_defined():
+        return None
+    combined_loader = importlib.import_module(f"{strategy.lightning_package}.utilities").CombinedLoader
+    with torch.random.fork_rng(devices=[]):  # the user's transfer hooks may draw random numbers too
+        loaders = source.dataloader()
+        combined = loaders if isinstance(loaders, combined_loader) else combined_loader(loaders, "max_size_cycle")
+        batch = next(iter(combined), None)
+        if batch is None:
+            return None
+        return strategy.precision_plugin.convert_input(strategy.batch_to_device(batch[0]))
+
+
+def check_trainer(strategy: RaNNCStrategy, trainer: pl.Trainer, supported_precision: tuple[str, ...]) -> None:
+    """Refuse, at setup and on every rank, what the strategy cannot run."""
+    name, stages, world = type(strategy).__name__, strategy.layout.pipeline_stages, strategy.world_size
+    if world % stages:
+        raise RuntimeSetupError(
+            f"{name}(pipeline_stages={stages}) needs a multiple of {stages} processes (one pipeline "
+            f"per replica), but the Trainer has {world} (devices x num_nodes): change "
+            "pipeline_stages or the number of devices."
+        )
+    if not trainer.lightning_module.automatic_optimization:
+        raise RuntimeSetupError(
+            f"{name} runs the pipelined step for you, so it needs automatic optimization; "
+            f"{type(trainer.lightning_module).__name__} sets `automatic_optimization = False`."
+        )
+    if str(trainer.precision) not in supported_precision:
+        raise RuntimeSetupError(
+            f"{name} supports precision={list(supported_precision)} so far; got "
+            f"Trainer(precision={trainer.precision!r})."
+        )
+
+
+def check_trace_path(strategy: RaNNCStrategy, path: str) -> None:
+    """Rank 0 writes the trace after training: a path it cannot write fails now, everywhere."""
+    missing = strategy.broadcast(not Path(path).resolve().parent.is_dir() if strategy.global_rank == 0 else None)
+    if missing:
+        raise RuntimeSetupError(
+            f"{type(strategy).__name__}(trace={path!r}): the folder {str(Path(path).parent)!r} does not exist on "
+            "rank 0; create it or choose another path."
+        )

@@ -1,0 +1,116 @@
+"""One training step read back from a runtime trace, to set beside the plan's prediction.
+
+``RaNNCStrategy(trace=...)`` (``runtime/trace.py``) writes a Chrome trace of what each rank did;
+``read_measured_step`` picks one training step out of it, one row of events per rank, with time
+0 at the step's first event on any rank. ``chart.write_comparison_chart`` draws it below the
+predicted step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from lightning_rannc.errors import PlanError
+from lightning_rannc.report.labels import Operation
+
+__all__ = ["MeasuredEvent", "MeasuredStep", "read_measured_step", "steps_text", "MEASURED_KINDS"]
+
+MEASURED_KINDS = {
+    "forward": "F",
+    "backward": "B",
+    "communication": "p2p",
+    "collective": "exchange",
+    "optimizer": "update",
+}
+"""Runtime trace category -> the kind of box it is drawn as."""
+
+
+class MeasuredEvent(NamedTuple):
+    """One event of a runtime trace, in ms from the start of its step."""
+
+    name: str
+    """``F3``, ``B2``, ``send F1 + recv B0``, ``gradient average over replicas``, ..."""
+    category: str
+    """``forward``, ``backward``, ``communication``, ``collective`` or ``optimizer``."""
+    start_ms: float
+    end_ms: float
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MeasuredStep:
+    """One training step of a runtime trace (``RaNNCStrategy(trace=...)``)."""
+
+    step: int
+    steps: list[int]
+    """Every step the trace recorded."""
+    rows: dict[int, list[MeasuredEvent]]
+    """Per rank, its events of ``step`` in time order; time 0 is the step's first event on any rank."""
+
+    @property
+    def duration_ms(self) -> float:
+        """From the step's first event to its last, over all ranks."""
+        return max((e.end_ms for events in self.rows.values() for e in events), default=0.0)
+
+    def operations(self, rank: int) -> list[Operation]:
+        """The rank's forwards and backwards as ``(kind, micro_batch, start_ms, end_ms)``."""
+        return [
+            (MEASURED_KINDS[e.category], int(e.args["micro_batch"]), e.start_ms, e.end_ms)
+            for e in self.rows[rank]
+            if e.category in ("forward", "backward")
+        ]
+
+
+def read_measured_step(
+    trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]], step: int | None = None
+) -> MeasuredStep:
+    """One training step of a runtime trace (see ``chart.write_comparison_chart``); the last
+    recorded one when ``step`` is None. Raises ``PlanError`` for a file that is not a runtime
+    trace or a step it did not record."""
+    source = f"The trace {str(trace)!r}" if isinstance(trace, (str, Path)) else "The trace"
+    events = _trace_events(trace, source)
+    timed = [e for e in events if e.get("ph") == "X" and "step" in (e.get("args") or {})]
+    steps = sorted({int(e["args"]["step"]) for e in timed})
+    if not steps:
+        raise PlanError(
+            f"{source} holds no training step: pass the file RaNNCStrategy(trace=...) wrote (the CLI's "
+            "`plan --trace` writes the predicted schedule, which has none)."
+        )
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise PlanError(f"{source} recorded steps {steps_text(steps)}, not step {step}: pick one of them.")
+    mine = [e for e in timed if e["args"]["step"] == step]
+    origin = min(float(e["ts"]) for e in mine)
+    ranks = {int(e["pid"]) for e in events if e.get("name") == "process_name"} | {int(e["pid"]) for e in mine}
+    rows: dict[int, list[MeasuredEvent]] = {rank: [] for rank in sorted(ranks)}
+    for e in sorted(mine, key=lambda e: float(e["ts"])):
+        start_ms = (float(e["ts"]) - origin) / 1e3
+        rows[int(e["pid"])].append(
+            MeasuredEvent(e["name"], e.get("cat", ""), start_ms, start_ms + float(e["dur"]) / 1e3, e["args"])
+        )
+    return MeasuredStep(step=step, steps=steps, rows=rows)
+
+
+def steps_text(steps: Sequence[int]) -> str:
+    """``1-3`` for consecutive steps, else the list."""
+    return f"{steps[0]}-{steps[-1]}" if list(steps) == list(range(steps[0], steps[-1] + 1)) else str(list(steps))
+
+
+def _trace_events(
+    trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]], source: str
+) -> list[Mapping[str, Any]]:
+    try:
+        data: Any = json.loads(Path(trace).read_text()) if isinstance(trace, (str, Path)) else trace
+        events = data["traceEvents"] if isinstance(data, Mapping) else data
+        if not all(isinstance(e, Mapping) for e in events):
+            raise TypeError("its events are not JSON objects")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PlanError(
+            f"{source} is not a Chrome trace ({type(error).__name__}: {error}); pass the file "
+            "RaNNCStrategy(trace=...) wrote."
+        ) from error
+    return list(events)

@@ -1,0 +1,292 @@
+"""One rank's pipeline once it exists: the plan, this rank's tensors, and stages per batch shape.
+
+``PipelineEngine.build`` makes it at the first training batch; everything here exists from then
+on. A batch of another shape (a smaller last batch, another sequence length) is captured again
+and gets its own stage objects for the same plan: nothing is re-planned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_rannc.capture.batch import FlatBatch, ShapeKey
+from lightning_rannc.capture.export import CapturedStep
+from lightning_rannc.capture.graph import StepGraph, align_nodes
+from lightning_rannc.capture.module_state import module_tensors
+from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.runtime.captures import fake_capture
+from lightning_rannc.runtime.evaluation import PipelinedEvaluation, check_combinable, moved_stages
+from lightning_rannc.runtime.mesh import ProcessGroups
+from lightning_rannc.runtime.optim import (
+    broadcast_from_owners,
+    clip_grad_norm,
+    gather_optimizer_state,
+    keep_local_params,
+    local_optimizer_state,
+)
+from lightning_rannc.runtime.pipeline import PipelineRuntime
+from lightning_rannc.runtime.replay import replay_logs, step_output
+from lightning_rannc.runtime.state import gather_tensors, install_tensors, local_tensors, release_tensors
+from lightning_rannc.runtime.trace import EventTrace
+from lightning_rannc.runtime.verify import Reference, check_against_reference
+
+__all__ = ["BuiltPipeline", "Ownership", "warn_if_adjusted"]
+
+log = logging.getLogger("lightning_rannc")
+
+
+@dataclass(kw_only=True)
+class Ownership:
+    """Which tensors this rank holds and updates, by canonical name."""
+
+    local: set[str]
+    """Its stages' parameters, buffers and constants."""
+    owned: set[str]
+    """What it contributes to a gathered state dict: its stages' tensors on the first replica,
+    and on rank 0 the tensors no stage uses."""
+    optimizer_owner: dict[str, int]
+    """Trainable tensor -> the replica whose optimizer updates it (sharded optimizer state)."""
+    names: dict[int, str]
+    """``id(tensor)`` -> canonical name, for the optimizers' parameters."""
+    updated_elsewhere: list[str] = field(default_factory=list)
+    """This rank's trainable tensors another replica's optimizer updates."""
+    layouts: dict[int, list[list[str]]] = field(default_factory=dict)
+    """Per optimizer: the canonical names of each parameter group's full parameter list."""
+
+
+class BuiltPipeline:
+    """This rank's part of the planned, pipelined training step of ``module``."""
+
+    def __init__(
+        self,
+        *,
+        module: nn.Module,
+        plan: PartitionPlan,
+        captured: CapturedStep,
+        graph: StepGraph,
+        ownership: Ownership,
+        rank: int,
+        device: torch.device,
+        groups: ProcessGroups,
+        seed: int,
+        where: str,
+        verify_tolerance: float,
+        trace: EventTrace | None = None,
+    ) -> None:
+        self.module, self.plan, self.captured = module, plan, captured
+        self.ownership = ownership
+        self.rank, self.device, self.groups = rank, device, groups
+        self.seed, self.where, self.trace = seed, where, trace
+        self.node_keys, self.node_names = graph.node_keys(), [n.name for n in graph.nodes]
+        self.runtimes: dict[ShapeKey, PipelineRuntime] = {}
+        self.last_runtime: PipelineRuntime | None = None
+        self.reference: Reference | None = None
+        """The unpartitioned first step, compared with the first pipelined step (``verify``)."""
+        self.steps = 0
+        self.evaluation = PipelinedEvaluation(self)
+        self._verify_tolerance = verify_tolerance
+
+    # --- training steps -----------------------------------------------------------------------
+
+    def run(self, batch: FlatBatch, batch_idx: int, loss_scale: float = 1.0) -> torch.Tensor:
+        """One training step; the loss and logged values, the same on every rank. Collective."""
+        runtime = self._runtime_for(batch, batch_idx)
+        self.last_runtime = runtime
+        self.steps += 1
+        if self.trace is not None:
+            self.trace.start_step()
+        values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale)
+        if self.reference is not None:
+            grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}
+            reference, self.reference = self.reference, None
+            check_against_reference(reference, float(values[0]), grads, self.groups, self._verify_tolerance, loss_scale)
+        self._share_written_buffers()
+        return values
+
+    def replay_logs(self, values: torch.Tensor) -> None:
+        """Replay the training step's ``self.log`` and metric calls with the last step's values."""
+        tensor_outputs = self.last_runtime.tensor_outputs if self.last_runtime is not None else []
+        replay_logs(self.module, self.captured, values, tensor_outputs)
+
+    def step_output(self, values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return step_output(self.captured, values)
+
+    def add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
+        """Stages for batches of shapes ``key``, from ``graph`` (the step captured for them)."""
+        plan = self._plan_for(graph, num_microbatches)
+        first_metric = self.captured.first_metric_output
+        microbatch_size = int(graph.inputs[0].meta["val"].shape[0]) if graph.inputs else 1
+        check_combinable(graph.outputs[first_metric:], microbatch_size, f"`training_step` ({self.where})")
+        runtime = PipelineRuntime(
+            graph, plan, self.rank, self.device, self.groups, self.trace, num_scalar_outputs=first_metric
+        )
+        self.runtimes[key] = runtime
+        return runtime
+
+    def _runtime_for(self, batch: FlatBatch, batch_idx: int) -> PipelineRuntime:
+        key = batch.shape_key
+        if key in self.runtimes:
+            return self.runtimes[key]
+        num_microbatches = self.plan.microbatches_for(batch.size)
+        warn_if_adjusted(batch.size, self.plan.num_microbatches, num_microbatches)
+        log.debug("batch %d has shapes %s: capturing the step for them", batch_idx, key)
+        return self.add_runtime(key, self.capture_again(batch, num_microbatches), num_microbatches)
+
+    def capture_again(self, batch: FlatBatch, num_microbatches: int) -> StepGraph:
+        """Capture the step for another batch shape; the graph uses this rank's real tensors."""
+        with fake_capture(self.module, batch, num_microbatches, self.device) as (_, graph, _):
+            pass
+        graph.tensors = self.captured.tensors  # this rank's parameters, buffers and constants
+        return graph
+
+    def _plan_for(self, graph: StepGraph, num_microbatches: int) -> PartitionPlan:
+        """The plan, with its node ranges moved onto another capture of the step (another shape)."""
+        plan = dataclasses.replace(self.plan, num_microbatches=num_microbatches)
+        if graph.fingerprint() == plan.graph_fingerprint:
+            return plan
+        matched = align_nodes(self.node_keys, graph.node_keys())
+        stages = moved_stages(plan, matched, len(graph))
+        names = {i: n.name for i, n in enumerate(graph.nodes)}
+        no_grad = [
+            names[matched[i]] for i, n in enumerate(self.node_names) if n in plan.no_grad_values and i in matched
+        ]
+        plan = dataclasses.replace(plan, stages=stages, no_grad_values=no_grad)  # names of the new graph
+        for stage in plan.stages_of_rank(self.rank):
+            missing = set(graph.tensor_names(stage.node_start, stage.node_end)) - set(self.captured.tensors)
+            if stage.node_start >= stage.node_end or missing:
+                raise RuntimeSetupError(
+                    f"A batch of another shape changes the graph of `training_step` ({self.where}) so much "
+                    f"that stage {stage.stage_index} no longer matches the plan (needs {sorted(missing)}). "
+                    "Use fixed batch shapes (drop_last=True, padding to one length)."
+                )
+        return plan
+
+    def _share_written_buffers(self) -> None:
+        """Replicas see different data; like DDP, every replica takes replica 0's buffers."""
+        if self.groups.num_replicas == 1:
+            return
+        src = self.groups.replica_rank(0)
+        for name in sorted(set(self.captured.written_buffers) & self.ownership.local):
+            dist.broadcast(self.captured.tensors[name], src=src, group=self.groups.dp_group)
+
+    # --- around the optimizer step -----------------------------------------------------------
+
+    def accumulate_grads(self, scale: float) -> None:
+        assert self.last_runtime is not None, "backward before a training step"
+        self.last_runtime.accumulate_grads(scale)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip this rank's gradients by the norm over the whole model (all stages). Collective."""
+        first_holder = _first_holders(self.plan)
+        tensors = self.captured.tensors
+        params = {n: tensors[n] for n in sorted(self.ownership.local) if n in tensors}
+        counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank]
+        return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group)
+
+    def unscale_updated_elsewhere(self, inv_scale: float) -> None:
+        """Unscale the gradients the optimizer does not hold (it unscales its own): they enter
+        the gradient norm."""
+        for name in self.ownership.updated_elsewhere:
+            grad = self.captured.tensors[name].grad
+            if grad is not None:
+                grad.mul_(inv_scale)
+
+    def after_optimizer_step(self) -> None:
+        """Share the parameters each replica updated with the others (sharded optimizer state)."""
+        if self.groups.num_replicas > 1:
+            with self._span("updated parameters shared by replicas"):
+                broadcast_from_owners(self.captured.tensors, self.ownership.optimizer_owner, self.groups)
+        # Lightning's zero_grad only reaches parameters in the optimizer; the others' gradients
+        # (kept for the gradient norm) must not leak into the next accumulation window.
+        for name in self.ownership.updated_elsewhere:
+            self.captured.tensors[name].grad = None
+
+    def _span(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return self.trace.span(name, "collective") if self.trace is not None else contextlib.nullcontext()
+
+    def restrict_optimizers(self, optimizers: list[Optimizer]) -> None:
+        """Keep in the user's optimizers only the parameters whose optimizer state this rank
+        holds (its stages', sharded over replicas), then free other stages' memory."""
+        owner, own = self.ownership, self.groups.dp_rank
+        keep = {n for n in owner.local if owner.optimizer_owner.get(n, own) == own}
+        owner.updated_elsewhere = sorted(set(owner.optimizer_owner) - keep)
+        for index, optimizer in enumerate(optimizers):
+            # Parameters materialised from the meta device are new objects: put them in the groups.
+            for group in optimizer.param_groups:
+                group["params"] = [self.captured.tensors.get(owner.names[id(p)], p) for p in group["params"]]
+            owner.layouts[index] = keep_local_params(optimizer, owner.names, keep)
+        owner.names = {i: n for i, n in owner.names.items() if n in owner.local | owner.owned}
+        self.release()
+
+    # --- where the tensors are ------------------------------------------------------------------
+
+    def rebind(self, groups: ProcessGroups) -> None:
+        """Use new process groups (a later ``validate``/``test``/``predict``): the stages made
+        with the old ones are dropped and built again when needed."""
+        self.groups = groups
+        self.runtimes.clear()
+        self.evaluation = PipelinedEvaluation(self)
+        self.last_runtime = None
+        # Moving the module between devices (teardown, setup) replaces buffer objects.
+        current = module_tensors(self.module)
+        self.captured.tensors = {n: current.get(n, t) for n, t in self.captured.tensors.items()}
+        self.ownership.names = {id(t): n for n, t in self.captured.tensors.items()}
+
+    def release(self) -> None:
+        """Free every tensor this rank does not hold (they become meta tensors in the module)."""
+        release_tensors(self.module, self.captured.aliases, self.ownership.local | self.ownership.owned)
+
+    def materialize(self) -> None:
+        """Give every rank the whole module again (for evaluation and after fit). Collective."""
+        values = gather_tensors(local_tensors(self.captured.tensors, sorted(self.ownership.owned)), None)
+        install_tensors(self.module, self.captured.aliases, values, self.device)
+
+    def full_state_dict(self, dst: int | None) -> dict[str, torch.Tensor]:
+        """The unpartitioned module's state dict on ``dst`` (``None``: every rank). Collective."""
+        values = gather_tensors(local_tensors(self.captured.tensors, sorted(self.ownership.owned)), dst)
+        if dst is not None and self.rank != dst:
+            return {}
+        return {key: values[self.captured.aliases[key]] for key in self.captured.state_dict_keys}
+
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's share of the module's state dict, under the module's keys: the tensors it
+        contributes to a gathered one (its stages', on the first replica), for sharded checkpoints."""
+        tensors = local_tensors(self.captured.tensors, sorted(self.ownership.owned))
+        aliases = self.captured.aliases
+        return {key: tensors[aliases[key]] for key in self.captured.state_dict_keys if aliases[key] in tensors}
+
+    def full_optimizer_state(self, optimizer: Optimizer, index: int, dst: int) -> dict[str, Any]:
+        return gather_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names, dst)
+
+    def local_optimizer_state(self, optimizer: Optimizer, index: int) -> dict[str, Any]:
+        return local_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names)
+
+
+def warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:
+    if used != requested:
+        warnings.warn(
+            f"RaNNCStrategy: a batch of {batch_size} sample(s) runs as {used} micro-batch(es) of "
+            f"{batch_size // used}, not {requested}: micro-batches must all have one shape. Use a batch size "
+            f"that {requested} divides (and drop_last=True) to keep the planned count.",
+            stacklevel=4,
+        )
+
+
+def _first_holders(plan: PartitionPlan) -> dict[str, int]:
+    """Pipeline position of the first stage holding each tensor (counts it once in norms)."""
+    first: dict[str, int] = {}
+    for stage in plan.stages:
+        for name in stage.tensor_names:
+            first.setdefault(name, stage.stage_index % plan.pipeline_stages)
+    return first

@@ -1,0 +1,107 @@
+"""The step captured for a micro-batch: with the module's own tensors, or with fake ones.
+
+Planning needs the step's graph at the micro-batch size (and, when the search picks the
+micro-batch count, at a second, smaller size). After the first batch, other stages' tensors are
+freed, so a batch of another shape is captured on fake tensors, and so is a module built on the
+meta device, which cannot run at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_rannc.capture.batch import FlatBatch
+from lightning_rannc.capture.export import CapturedStep, capture_step, capture_training_step
+from lightning_rannc.capture.graph import StepGraph
+from lightning_rannc.capture.module_state import fake_module_state, module_tensors
+
+if TYPE_CHECKING:
+    from lightning_rannc.runtime.planning import EngineOptions
+
+__all__ = ["SmallerSample", "capture_micro", "fake_capture", "smaller_sample", "captured_for_costs"]
+
+log = logging.getLogger("lightning_rannc")
+
+_SMALLEST_TIMED = 2
+"""Fewest samples of the second timing: one sample times the noisiest, and BatchNorm in
+training refuses a batch with one value per channel."""
+
+
+@dataclass(frozen=True)
+class SmallerSample:
+    """A smaller micro-batch to time the blocks on: its size, and a call that captures the step
+    on it and returns the graph and the micro-batch's leaves."""
+
+    size: int
+    capture: Callable[[], tuple[StepGraph, list[torch.Tensor]]]
+
+
+def capture_micro(module: nn.Module, batch: FlatBatch, num_microbatches: int) -> tuple[CapturedStep, StepGraph]:
+    """Capture the step for the first micro-batch of ``batch`` with the module's own tensors."""
+    captured = capture_training_step(module, batch.first(batch.size // num_microbatches))
+    return captured, StepGraph.from_captured(captured)
+
+
+@contextlib.contextmanager
+def fake_capture(
+    module: nn.Module,
+    batch: FlatBatch,
+    num_microbatches: int,
+    device: torch.device,
+    step_name: str = "training_step",
+    extra_args: tuple[Any, ...] = (),
+) -> Iterator[tuple[CapturedStep, StepGraph, list[torch.Tensor]]]:
+    """Capture the step with fake tensors standing in for the module's and the batch's (other
+    stages' tensors are freed or were never allocated). Yields the capture, its graph and the
+    fake micro-batch leaves, valid inside the block."""
+    size = batch.size // num_microbatches
+    with fake_module_state(module, device) as mode:
+        micro = [mode.from_tensor(leaf) for leaf in batch.first_leaves(size)]
+        captured = capture_step(module, batch.with_leaves(micro), step_name, extra_args)
+        yield captured, StepGraph.from_captured(captured), micro
+
+
+def smaller_sample(
+    module: nn.Module, batch: FlatBatch, microbatch_size: int, options: EngineOptions
+) -> SmallerSample | None:
+    """When the search picks the micro-batch count: the step on the smallest micro-batch it may
+    choose, captured when called, so that ``block_costs`` can time the blocks at two sizes.
+    ``None`` when the count is given (costs are measured at that size), or when no micro-batch
+    of at most half ``microbatch_size`` is allowed (two close sizes give a noisy intercept)."""
+    if options.num_microbatches is not None:
+        return None
+    fewest_samples = -(-batch.size // options.config.max_micro_batches)  # with the most micro-batches
+    smallest = max(options.config.min_micro_batch_size, _SMALLEST_TIMED, fewest_samples)
+    if 2 * smallest > microbatch_size:
+        return None
+
+    def capture() -> tuple[StepGraph, list[torch.Tensor]]:
+        return StepGraph.from_captured(capture_training_step(module, batch.first(smallest))), batch.first_leaves(
+            smallest
+        )
+
+    return SmallerSample(smallest, capture)
+
+
+@contextlib.contextmanager
+def captured_for_costs(
+    module: nn.Module, batch: FlatBatch, num_microbatches: int, device: torch.device
+) -> Iterator[tuple[StepGraph, list[torch.Tensor], bool]]:
+    """The graph and micro-batch to cost, and whether they are fake (a module on the meta device)."""
+    started = time.perf_counter()
+    if any(t.is_meta for t in module_tensors(module).values()):
+        with fake_capture(module, batch, num_microbatches, device) as (_, graph, micro):
+            log.info("captured the step on fake tensors in %.1f s", time.perf_counter() - started)
+            yield graph, micro, True
+        return
+    _, graph = capture_micro(module, batch, num_microbatches)
+    log.info("captured the step in %.1f s (%d nodes)", time.perf_counter() - started, len(graph))
+    yield graph, batch.first_leaves(batch.size // num_microbatches), False
