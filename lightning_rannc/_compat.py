@@ -67,6 +67,7 @@ __all__ = [
     "build_launcher",
     "ddp_without_buffer_sync",
     "is_op_overload",
+    "is_registered_pytree",
     "op_schema",
     "optimizer_of",
     "overload_packet",
@@ -208,6 +209,11 @@ PipelineStageClass: type[PipelineStage] = PipelineStage if TORCH_GREATER_EQUAL_2
 """The ``PipelineStage`` to build: torch's own, or on torch < 2.13 the one above."""
 
 # --- torch internals --------------------------------------------------------------------------
+
+
+def is_registered_pytree(kind: type) -> bool:
+    """Whether torch's pytrees open instances of ``kind`` (no public query exists)."""
+    return kind in torch.utils._pytree.SUPPORTED_NODES
 
 
 def op_schema(target: Any) -> Any:

@@ -28,7 +28,8 @@ from lightning_rannc import _compat
 from lightning_rannc._utils import _configure_logger
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.config import RaNNCConfig, option_docs, strategy_docstring
-from lightning_rannc.integration import checkpoints, layout, precision
+from lightning_rannc.integration import checkpoints, precision
+from lightning_rannc.integration import layout as at_setup
 from lightning_rannc.integration.evaluation import EvaluationLoops, batch_and_index
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.runtime.engine import PipelineEngine
@@ -156,8 +157,8 @@ class RaNNCStrategyMixin(_MixinBase):
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Every stage of a pipeline reads the same batch: shard the data over replicas only.
-        layout = self.layout
-        return {"num_replicas": layout.num_replicas, "rank": self.global_rank // layout.pipeline_stages}
+        shape = self.layout
+        return {"num_replicas": shape.num_replicas, "rank": self.global_rank // shape.pipeline_stages}
 
     @property
     def plan(self) -> Any:
@@ -203,14 +204,14 @@ class RaNNCStrategyMixin(_MixinBase):
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
-        layout.check_trainer(self, trainer, _SUPPORTED_PRECISION)
+        at_setup.check_trainer(self, trainer, _SUPPORTED_PRECISION)
         assert self.accelerator is not None and self.model is not None
         precision.install(self)
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        device = layout.measured_device(self, trainer)
-        chosen = layout.choose_pipeline_stages(self, trainer, device)  # before the optimizers
+        device = at_setup.measured_device(self, trainer)
+        chosen = at_setup.choose_pipeline_stages(self, trainer, device)  # before the optimizers
         self._chosen_stages = chosen or self._chosen_stages  # validate/test after fit keep fit's choice
         if trainer.state.fn == "fit":
             self.setup_optimizers(trainer)
@@ -225,9 +226,9 @@ class RaNNCStrategyMixin(_MixinBase):
             self.engine.rebind(self._groups)  # evaluate with the parameters where training put them
             return
         if self.config.trace is not None and trainer.state.fn == "fit":
-            layout.check_trace_path(self, self.config.trace)
+            at_setup.check_trace_path(self, self.config.trace)
             self._trace = EventTrace(self.global_rank, self.config.trace_steps)
-        self.engine = layout.build_engine(self, device, self._groups, self._trace)
+        self.engine = at_setup.build_engine(self, device, self._groups, self._trace)
 
     @override
     def model_to_device(self) -> None:

@@ -8,13 +8,14 @@ while the step is traced each one is an ``OpaqueLeaf`` that refuses any use.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lightning_rannc._compat import TreeSpec, tree_flatten, tree_unflatten
+from lightning_rannc._compat import TreeSpec, is_registered_pytree, tree_flatten, tree_unflatten
 from lightning_rannc.errors import CaptureError, RuntimeSetupError
 
 __all__ = ["BatchSpec", "FlatBatch", "OpaqueLeaf", "batch_size_of", "flatten_batch"]
@@ -57,12 +58,52 @@ class BatchSpec:
 def flatten_batch(batch: Any, where: str, step_name: str = "training_step") -> tuple[list[torch.Tensor], BatchSpec]:
     """The batch's tensor leaves (the graph's inputs), and how to rebuild the batch from them.
     Other leaves (file names, ids) pass through as long as the step does not use them."""
+    named = f"The batch passed to `{step_name}` ({where})"
+    _register_dataclasses(batch, named)
     leaves, tree = tree_flatten(batch)
     positions = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
     if not positions:
-        raise CaptureError(f"The batch passed to `{step_name}` ({where}) holds no tensors.")
+        raise CaptureError(f"{named} holds no tensors{_unknown_type_hint(batch)}.")
     constants = tuple(None if i in positions else leaf for i, leaf in enumerate(leaves))
     return [leaves[i] for i in positions], BatchSpec(tree, constants, positions)
+
+
+def _register_dataclasses(value: Any, named: str) -> None:
+    """Dataclass batches are containers like dicts: register their types as pytrees (what
+    ``torch.export.register_dataclass`` does), so that their tensor fields become graph inputs.
+    A dataclass with fields ``__init__`` does not take cannot be rebuilt that way: refused."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        kind = type(value)
+        if not is_registered_pytree(kind):
+            fixed = [f.name for f in dataclasses.fields(value) if not f.init]
+            if fixed:
+                raise CaptureError(
+                    f"{named} is a {kind.__qualname__} whose fields {fixed} are not `__init__` arguments, so it "
+                    "cannot be rebuilt from its tensors: make them `__init__` fields, or return a dict from "
+                    "your DataLoader's collate_fn."
+                )
+            torch.export.register_dataclass(kind)
+        children: list[Any] = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, (list, tuple)):
+        children = list(value)
+    elif isinstance(value, dict):
+        children = list(value.values())
+    else:
+        return
+    for child in children:
+        _register_dataclasses(child, named)
+
+
+def _unknown_type_hint(batch: Any) -> str:
+    """Why no tensor was found, when the batch is of a type torch's pytrees do not open."""
+    if isinstance(batch, (torch.Tensor, list, tuple, dict, str, int, float)) or batch is None:
+        return ""
+    kind = type(batch).__qualname__
+    return (
+        f": it is a {kind}, which torch's pytrees do not open, so its tensors are not found. Return a dict, "
+        f"tuple or dataclass from your DataLoader's collate_fn, or register {kind} with "
+        "`torch.utils._pytree.register_pytree_node`"
+    )
 
 
 def batch_size_of(leaves: list[torch.Tensor], where: str) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import pytest
@@ -384,3 +386,64 @@ def test_a_checkpoint_interrupted_while_written_leaves_the_previous_one_intact(
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["global_step"] == before  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no half-written file under the name
+
+
+@dataclasses.dataclass
+class _RowBatch:
+    """A batch as a dataclass, as many codebases write their collate functions."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    source: str = "rows"
+
+
+class _RowTuple(NamedTuple):
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+def _row_batch(rows: list[torch.Tensor]) -> _RowBatch:
+    stacked = torch.stack(rows)
+    return _RowBatch(stacked[:, :12], stacked[:, 12])
+
+
+def _row_tuple(rows: list[torch.Tensor]) -> _RowTuple:
+    stacked = torch.stack(rows)
+    return _RowTuple(stacked[:, :12], stacked[:, 12])
+
+
+class DataclassBatchMLP(LoggingMLP):
+    def training_step(self, batch: _RowBatch | _RowTuple, batch_idx: int) -> torch.Tensor:
+        return super().training_step(torch.cat([batch.features, batch.labels[:, None]], dim=1), batch_idx)["loss"]
+
+
+@pytest.mark.parametrize("collate", [_row_batch, _row_tuple], ids=["dataclass", "namedtuple"])
+def test_a_dataclass_or_namedtuple_batch_trains_as_in_lightning(collate: Any) -> None:
+    loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8, collate_fn=collate)
+    L.seed_everything(0)
+    ours = _losses(DataclassBatchMLP(), loader, max_steps=3)
+    L.seed_everything(0)
+    ref = _losses(DataclassBatchMLP(), loader, max_steps=3, strategy="auto")
+    assert len(ours) == 3
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-5, atol=0)
+
+
+class _Opaque:
+    """A batch type torch's pytrees do not open."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def to(self, device: torch.device) -> _Opaque:
+        return self
+
+
+class OpaqueBatchMLP(LoggingMLP):
+    def training_step(self, batch: _Opaque, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch.rows, batch_idx)["loss"]
+
+
+def test_a_batch_type_pytrees_cannot_open_is_named_with_what_to_do() -> None:
+    loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8, collate_fn=lambda r: _Opaque(torch.stack(r)))
+    with pytest.raises(CaptureError, match=r"holds no tensors: it is a _Opaque, which torch's pytrees do not open"):
+        _fit(OpaqueBatchMLP(), loader, max_steps=1)
