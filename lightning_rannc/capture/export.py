@@ -89,6 +89,14 @@ class CapturedStep:
     changed_attributes: list[str] = field(default_factory=list)
     """Public attributes of the module the step assigned or whose list/dict/set it changed:
     Python side effects, which happen only at capture."""
+    tensor_extra_keys: list[str] = field(default_factory=list)
+    """Keys of the returned dict whose values are per-sample tensors (first dimension = batch):
+    graph outputs from ``first_tensor_output`` on, concatenated over micro-batches."""
+    returned_keys: list[str] = field(default_factory=list)
+    """Keys of the returned dict, in the user's order."""
+    first_tensor_output: int = 0
+    """Graph outputs from here on are combined by concatenation (per-sample tensors): the
+    returned per-sample extras, then the metric arguments. Those before are averaged scalars."""
     first_metric_output: int = 0
     """Graph outputs from here on are metric arguments (per-sample tensors or scalars)."""
 
@@ -98,9 +106,13 @@ class CapturedStep:
         self.tensors = {name: t for name, t in self.tensors.items() if name in keep}
 
 
-def _split_step_output(output: Any, where: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the loss and the other tensors of what ``training_step`` returned."""
+def _split_step_output(
+    output: Any, where: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The loss, the other scalars and the other (per-sample) tensors ``training_step`` returned,
+    detached as Lightning hands them to ``on_train_batch_end``."""
     extras: dict[str, torch.Tensor] = {}
+    per_sample: dict[str, torch.Tensor] = {}
     if isinstance(output, Mapping):
         if "loss" not in output:
             raise CaptureError(
@@ -108,6 +120,9 @@ def _split_step_output(output: Any, where: str) -> tuple[torch.Tensor, dict[str,
                 f"(keys: {sorted(output)}). Return the loss tensor, or a dict with 'loss'."
             )
         extras = {k: v.detach() for k, v in output.items() if k != "loss" and _is_scalar(v)}
+        per_sample = {
+            k: v.detach() for k, v in output.items() if isinstance(v, torch.Tensor) and k != "loss" and k not in extras
+        }
         output = output["loss"]
     if output is None:
         raise CaptureError(
@@ -124,7 +139,7 @@ def _split_step_output(output: Any, where: str) -> tuple[torch.Tensor, dict[str,
             f"`training_step` ({where}) returned a loss of shape {tuple(output.shape)}; "
             "the loss must be a scalar (reduce it, e.g. with `.mean()`)."
         )
-    return output.reshape(()), extras
+    return output.reshape(()), extras, per_sample
 
 
 def _is_scalar(value: Any) -> bool:
@@ -176,10 +191,16 @@ class _StepFunction(nn.Module):
             )
             outputs = [*(v.reshape(()) for v in logged), *(v.detach() for v in returned if isinstance(v, torch.Tensor))]
         else:
-            loss, extras = _split_step_output(output, self.where)
-            recorder.output_info.update(returns_dict=isinstance(output, Mapping), extra_keys=list(extras))
+            loss, extras, per_sample = _split_step_output(output, self.where)
+            returned = [k for k in output if k in extras or k in per_sample] if isinstance(output, Mapping) else []
+            recorder.output_info.update(
+                returns_dict=isinstance(output, Mapping), extra_keys=list(extras), returned_keys=["loss", *returned]
+            )
             outputs = [loss, *logged, *extras.values()]
+            recorder.output_info.update(first_tensor_output=len(outputs), tensor_extra_keys=list(per_sample))
+            outputs += per_sample.values()
         recorder.output_info["first_metric_output"] = first = len(outputs)
+        recorder.output_info.setdefault("first_tensor_output", first)
         for call in recorder.metric_calls:
             call.first_output, first = first, first + len(call.tensor_positions)
         return (*outputs, *recorder.metric_tensors)
@@ -317,6 +338,9 @@ def capture_step(
         metric_calls=list(wrapper.recorder.metric_calls),
         changed_attributes=info["changed_attributes"],
         first_metric_output=info["first_metric_output"],
+        first_tensor_output=info["first_tensor_output"],
+        tensor_extra_keys=info.get("tensor_extra_keys", []),
+        returned_keys=info.get("returned_keys", []),
         placeholder_names=placeholders,
         written_buffers=written,
     )

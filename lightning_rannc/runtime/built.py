@@ -120,16 +120,20 @@ class BuiltPipeline:
         replay_logs(self.module, self.captured, values, tensor_outputs)
 
     def step_output(self, values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        return step_output(self.captured, values)
+        tensor_outputs = self.last_runtime.tensor_outputs if self.last_runtime is not None else []
+        return step_output(self.captured, values, tensor_outputs)
 
     def add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
         """Stages for batches of shapes ``key``, from ``graph`` (the step captured for them)."""
         plan = self._plan_for(graph, num_microbatches)
-        first_metric = self.captured.first_metric_output
+        first_tensor = self.captured.first_tensor_output
         microbatch_size = int(graph.inputs[0].meta["val"].shape[0]) if graph.inputs else 1
-        check_combinable(graph.outputs[first_metric:], microbatch_size, f"`training_step` ({self.where})")
+        named = f"`training_step` ({self.where})"
+        for offset, returned in enumerate(self.captured.tensor_extra_keys):
+            check_combinable([graph.outputs[first_tensor + offset]], microbatch_size, f"{named}, key {returned!r},")
+        check_combinable(graph.outputs[first_tensor:], microbatch_size, named)
         runtime = PipelineRuntime(
-            graph, plan, self.rank, self.device, self.groups, self.trace, num_scalar_outputs=first_metric
+            graph, plan, self.rank, self.device, self.groups, self.trace, num_scalar_outputs=first_tensor
         )
         self.runtimes[key] = runtime
         return runtime

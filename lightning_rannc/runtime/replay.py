@@ -26,25 +26,29 @@ def replay_logs(
     values: torch.Tensor | list[torch.Tensor],
     tensor_outputs: list[torch.Tensor],
 ) -> None:
-    """Replay ``captured``'s side effects with the step's ``values`` (its graph outputs before the
-    metrics' arguments) and ``tensor_outputs`` (the outputs from ``first_metric_output`` on)."""
+    """Replay ``captured``'s side effects with the step's ``values`` (its averaged scalar outputs)
+    and ``tensor_outputs`` (the outputs from ``first_tensor_output`` on, concatenated)."""
     results: list[Any] = []  # what each metric call returned, by call index
     events: list[LoggedValue | MetricCall] = sorted([*captured.logged, *captured.metric_calls], key=_order)
     for event in events:
         if isinstance(event, MetricCall):
-            results.append(_replay_metric_call(module, event, tensor_outputs, captured.first_metric_output))
+            results.append(_replay_metric_call(module, event, tensor_outputs, captured.first_tensor_output))
         else:
             module.log(event.name, _logged_value(module, event, values, results), **event.kwargs)  # type: ignore[operator]
 
 
-def step_output(captured: CapturedStep, values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-    """What ``training_step`` returned, rebuilt from the step's values: the loss, or a dict."""
+def step_output(
+    captured: CapturedStep, values: torch.Tensor, tensor_outputs: list[torch.Tensor]
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """What ``training_step`` returned, rebuilt from the step's values: the loss, or a dict in the
+    user's key order (scalars averaged over micro-batches, per-sample tensors concatenated)."""
     loss = values[0].float()
     if not captured.returns_dict:
         return loss
     first_extra = 1 + sum(item.output_index is not None for item in captured.logged)
-    extras = {k: values[first_extra + i].float() for i, k in enumerate(captured.extra_keys)}
-    return {"loss": loss, **extras}
+    returned = {k: values[first_extra + i].float() for i, k in enumerate(captured.extra_keys)}
+    returned.update(zip(captured.tensor_extra_keys, tensor_outputs))
+    return {"loss": loss, **{k: returned[k] for k in captured.returned_keys if k != "loss"}}
 
 
 def _logged_value(

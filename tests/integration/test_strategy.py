@@ -447,3 +447,55 @@ def test_a_batch_type_pytrees_cannot_open_is_named_with_what_to_do() -> None:
     loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8, collate_fn=lambda r: _Opaque(torch.stack(r)))
     with pytest.raises(CaptureError, match=r"holds no tensors: it is a _Opaque, which torch's pytrees do not open"):
         _fit(OpaqueBatchMLP(), loader, max_steps=1)
+
+
+class ReturnsPerSampleMLP(LoggingMLP):
+    """Returns the logits (per sample) and a scalar beside the loss, as many steps do."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        logits = self.net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return {"logits": logits, "loss": loss, "hidden_norm": logits.norm(dim=-1).mean(), "labels": y}
+
+
+class _Outputs(L.Callback):
+    def __init__(self) -> None:
+        self.outputs: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.outputs.append({key: value.clone() for key, value in outputs.items()})
+
+
+def _returned(make_model: type[L.LightningModule], **trainer: object) -> list[dict[str, torch.Tensor]]:
+    recorder = _Outputs()
+    L.seed_everything(0)
+    model = make_model()
+    loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8)
+    _trainer(callbacks=[recorder], use_distributed_sampler=False, max_steps=3, **trainer).fit(model, loader)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return recorder.outputs
+
+
+def test_per_sample_values_returned_by_the_step_reach_the_hooks_as_in_lightning() -> None:
+    ours = _returned(ReturnsPerSampleMLP, strategy=RaNNCStrategy(micro_batches=4))
+    ref = _returned(ReturnsPerSampleMLP, strategy="auto")
+    assert len(ours) == len(ref) == 3
+    for mine, theirs in zip(ours, ref):
+        assert list(mine) == list(theirs) == ["loss", "logits", "hidden_norm", "labels"]
+        for key, value in theirs.items():  # logits in sample order over the 4 micro-batches
+            assert mine[key].shape == value.shape and mine[key].dtype == value.dtype, key
+            torch.testing.assert_close(mine[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+class ReturnsPerClassMLP(LoggingMLP):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        loss = super().training_step(batch, batch_idx)["loss"]
+        return {"loss": loss, "class_weights": self.net[-1].weight.sum(dim=1)}  # one value per class
+
+
+def test_a_returned_tensor_that_is_not_per_sample_is_refused_with_its_key_named() -> None:
+    loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8)
+    with pytest.raises(RuntimeSetupError, match=r"key 'class_weights', returns .* a tensor of shape \(4,\)"):
+        _fit(ReturnsPerClassMLP(), loader, max_steps=1, strategy=RaNNCStrategy(micro_batches=4))  # 2 samples each
