@@ -103,10 +103,16 @@ def _memory_limit(strategy: RaNNCStrategy) -> int | None:
 
 def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device: DeviceSpec | None) -> int | None:
     """``pipeline_stages="auto"``: the stage count rank 0 finds best on a sample batch, on every
-    rank; ``None`` when nothing is to be chosen. The optimizers do not exist yet: their state is
-    sized as Adam's (two moments), the most common and the larger. Collective."""
-    if strategy.config.pipeline_stages != "auto" or strategy.world_size == 1 or trainer.state.fn != "fit":
+    rank (1 for evaluation on a fresh Trainer); ``None`` when nothing is to be chosen. The
+    optimizers do not exist yet: their state is sized as Adam's (two moments), the most common
+    and the larger. Collective."""
+    if strategy.config.pipeline_stages != "auto" or strategy.world_size == 1:
         return None
+    if trainer.state.fn != "fit":
+        # After a fit its choice stands. Before any (a fresh Trainer), every rank holds the whole
+        # module and runs evaluation steps as Lightning does: shard the data over every rank, as ddp.
+        trained = strategy.engine is not None and strategy.engine.pipeline is not None
+        return None if trained else 1
     options = engine_options(strategy, device, optimizer="adamw")
     layout = decided_on_rank_zero(lambda: _best_layout(strategy, trainer, options), strategy.global_rank)
     if strategy.is_global_zero:

@@ -66,10 +66,14 @@ class StageMemory:
     """Saved activations of the micro-batches in flight, plus one running micro-batch's workspace."""
     buffers: int
     """Point-to-point send/receive buffers."""
+    shared: int = 0
+    """Bytes counted in both ``grads`` and ``activations`` that never live at once: gradients
+    made while backward frees activations (one micro-batch), or the optimizer step's, made after
+    the activations are gone. The total counts them once."""
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers - self.shared
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -140,11 +144,14 @@ def stage_memory(
     # batch 1 peaks there at 5.0x its parameter bytes (params, grads, 2 moments, temporary).
     # Counted for every stateful optimizer (for SGD with momentum it is an over-estimate).
     temporary = trainable_bytes / shards if optimizer_factor > 0 else 0
-    live = max(backward, int(trainable_bytes + temporary))
+    stepping = int(trainable_bytes + temporary)
+    live = max(backward, stepping)
+    grads = stepping if stepping >= backward else trainable_bytes
     return StageMemory(
         params=param_bytes,
-        grads=live - activations,
+        grads=grads,
         optimizer=int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
         buffers=2 * (input_bytes + output_bytes),
+        shared=activations + grads - live,
     )

@@ -119,6 +119,13 @@ def _footer(plan: PartitionPlan) -> list[str]:
     lines.append(
         f"pipeline bubble {plan.predicted_bubble:.1%}; gradient exchange {plan.predicted_exchange_ms:.1f} ms per step"
     )
+    shared = max((s.memory.get("shared", 0) for s in plan.stages), default=0)
+    if shared > 0:
+        unit, scale = _memory_unit(plan)
+        lines.append(
+            f"total counts once what grads and activ share (up to {shared / scale:.2f} {unit} a stage): "
+            "gradients made while backward frees activations, or after them (the optimizer step)"
+        )
     return lines
 
 

@@ -32,13 +32,16 @@ RUNS = [
     {"label": "out_of_order", "case": "gpt_out_of_order", "strategy": {"pipeline_stages": 2}},
     # a fresh Trainer has no plan: every rank evaluates the whole module, as Lightning does
     {"label": "fresh", "case": "gpt", "strategy": {"pipeline_stages": 2}, "weights": "s2"},
+    # the same with the automatic layout: the data is sharded over both ranks, as with ddp
+    {"label": "fresh_auto", "case": "gpt", "strategy": {"pipeline_stages": "auto"}, "weights": "s2"},
 ]
 PIPELINED_STEPS = {
     "out_of_order": ["predict_step", "test_step"],
     "fresh": [],
+    "fresh_auto": [],
 }
 """Evaluation steps not run through the pipeline, by run; all three are in the others."""
-REPLICAS = {"s1d2": 2, "metrics_d2": 2}
+REPLICAS = {"s1d2": 2, "metrics_d2": 2, "fresh_auto": 2}
 """Runs with data-parallel replicas; the others have one pipeline over both processes."""
 TRAINED_LIKE_ONE_DEVICE = ("s2", "s1d2", "interleaved", "out_of_order", "metrics", "metrics_d2")
 """Runs whose training equals one device's (no dropout, no per-micro-batch BatchNorm)."""

@@ -132,3 +132,39 @@ def test_plan_lines_for_the_log_are_rich_only_when_asked_and_installed(monkeypat
     for module in RICH_MODULES:
         monkeypatch.setitem(sys.modules, module, None)  # as if rich were not installed
     assert plan_lines(plan, rich=True) == plain
+
+
+def _memory(num_microbatches: int, optimizer_factor: float = 2.0, activation_bytes: int = 8 * 2**20):
+    from lightning_rannc.plan.memory import stage_memory
+
+    return stage_memory(
+        param_bytes=4 * 2**20,
+        trainable_bytes=4 * 2**20,
+        activation_bytes=activation_bytes,
+        input_bytes=0,
+        output_bytes=0,
+        in_flight=num_microbatches,
+        num_microbatches=num_microbatches,
+        checkpoint=False,
+        optimizer_factor=optimizer_factor,
+    )
+
+
+def test_the_grads_column_shows_the_gradients_and_the_total_counts_shared_bytes_once() -> None:
+    one = _memory(1, optimizer_factor=0.0)  # SGD: backward is the peak, gradients reuse activations
+    assert one.grads == 4 * 2**20 and one.shared == 4 * 2**20
+    assert one.total == one.params + one.activations  # activations, then gradients in their place
+    four = _memory(4, optimizer_factor=0.0)  # finished micro-batches' gradients beside the others'
+    assert four.grads == 4 * 2**20 and four.shared == 0
+    assert four.total == four.params + four.activations + four.grads
+    stepping = _memory(1, activation_bytes=2**20)  # Adam's step after backward is the peak
+    assert stepping.grads == 8 * 2**20 and stepping.shared == stepping.activations  # gone by then
+    assert stepping.total == stepping.params + stepping.grads + stepping.optimizer
+
+
+def test_the_plan_table_says_what_grads_and_activations_share() -> None:
+    plan = _plan()
+    plan.stages[0].memory = {**plan.stages[0].memory, "shared": 2**20}
+    text = format_plan(plan)
+    assert "total counts once what grads and activ share (up to 1.00 MiB a stage)" in text
+    assert "share" not in format_plan(_plan())  # nothing shared, no line
