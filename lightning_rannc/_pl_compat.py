@@ -17,7 +17,7 @@ __all__ = ["RaNNCStrategy"]
 class RaNNCStrategy(RaNNCStrategyMixin, pl_strategies.ParallelStrategy):  # type: ignore[misc]
     """``lightning_rannc.RaNNCStrategy`` for ``pytorch_lightning.Trainer``."""
 
-    _namespace = "pytorch_lightning"
+    lightning_package = "pytorch_lightning"
 
 
 RaNNCStrategy.register_strategies(pl_strategies.StrategyRegistry)

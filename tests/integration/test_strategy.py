@@ -54,6 +54,7 @@ def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) 
     trainer = pl.Trainer(strategy="rannc", use_distributed_sampler=False, **_QUIET)
     assert isinstance(trainer.strategy, PLRaNNCStrategy)
     assert isinstance(trainer.strategy, pl.strategies.ParallelStrategy)
+    assert type(trainer.strategy.launcher).__module__.startswith("pytorch_lightning.")  # its own launcher
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=8)
     trainer.fit(Tiny(), data)
     assert trainer.global_step == 2 and "loss" in trainer.callback_metrics
