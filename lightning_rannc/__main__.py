@@ -27,7 +27,7 @@ from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import PlanError, RaNNCError
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
 from lightning_rannc.plan.plan import SCHEDULES, PartitionPlan
-from lightning_rannc.plan.report import format_plan, print_rich_plan
+from lightning_rannc.plan.report import format_plan, microbatch_choice, print_rich_plan
 from lightning_rannc.plan.search import SearchSettings
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 from lightning_rannc.report.chart import require_matplotlib, write_chart, write_comparison_chart
@@ -129,6 +129,9 @@ def _plan(args: argparse.Namespace) -> int:
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks)
     _print_plan(result.plan, args.rich)
+    choice = microbatch_choice(result.plan, result.candidates)
+    if choice is not None:
+        print(choice)
     print(f"planned in {time.perf_counter() - started:.1f} s ({len(result.candidates)} layouts compared)")
     if args.output:
         result.plan.save(args.output)

@@ -12,18 +12,20 @@ Helpers in this module are implementation details and stay private to the packag
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib
 import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available as all_gather_ddp_if_available
 from lightning.fabric.utilities.distributed import _distributed_is_initialized as distributed_is_initialized
 from lightning.fabric.utilities.distributed import (
     _get_default_process_group_backend_for_device as default_process_group_backend,
 )
-from lightning.fabric.utilities.distributed import _init_dist_connection as init_dist_connection
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.distributed import _sync_ddp_if_available as sync_ddp_if_available
 from lightning.fabric.utilities.load import _METADATA_FILENAME as LIGHTNING_METADATA_FILENAME
 from lightning.fabric.utilities.load import _load_distributed_checkpoint as load_distributed_checkpoint
@@ -33,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 # Re-exported under public names:
 # - Lightning's process-group helpers, as its own DDP strategy uses them;
@@ -50,18 +52,19 @@ __all__ = [
     "all_gather_ddp_if_available",
     "default_process_group_backend",
     "distributed_is_initialized",
-    "init_dist_connection",
+    "start_process_group",
     "load_distributed_checkpoint",
     "optimizers_to_device",
     "sync_ddp_if_available",
     "tree_flatten",
+    "tree_map",
     "tree_unflatten",
     # defined below
     "DDP_TAKES_FORWARD_SYNC_BUFFERS",
     "SCHEDULE_STEP_TAKES_RETURN_OUTPUTS",
     "TORCH_GREATER_EQUAL_2_13",
     "PipelineStageClass",
-    "apply_to_tensors",
+    "move_to_device",
     "attached_trainer",
     "autograd_sequence_number",
     "build_launcher",
@@ -78,6 +81,11 @@ __all__ = [
     "scaler_found_inf",
     "storage_key",
     "training_data_source",
+    "scheduler_last_values",
+    "optimizer_unscales_itself",
+    "abort_process_group",
+    "scaler_unscaled",
+    "set_scheduler_last_values",
 ]
 
 TORCH_GREATER_EQUAL_2_13 = compare_version("torch", lambda a, b: a >= b, "2.13.0", use_base_version=True)
@@ -248,10 +256,18 @@ def running_backward_sequence_number() -> int | None:
     return None if node is None else int(node._sequence_nr())
 
 
-def apply_to_tensors(module: Any, fn: Any) -> None:
-    """Apply ``fn`` to every parameter and buffer of ``module`` in place of ``.to()``, which
-    would also try to move meta tensors (``nn.Module._apply``)."""
-    module._apply(fn)
+def move_to_device(module: Any, device: Any) -> None:
+    """``module.to(device)`` for every parameter and buffer but the meta ones (each rank
+    materialises only its stages'), which ``.to()`` would refuse (``nn.Module._apply``). Then,
+    as ``.to()`` does, Lightning's modules report ``device``: without it a step's
+    ``torch.arange(n, device=self.device)`` stays on the CPU the module was built on, and a
+    Python number logged with ``sync_dist`` becomes a CPU tensor handed to NCCL. Lightning keeps
+    it in a private ``_device``, set on every module that has one (lightning and
+    pytorch_lightning each have their own mixin class)."""
+    module._apply(lambda t: t if t.is_meta else t.to(device))
+    for submodule in module.modules():
+        if "_device" in vars(submodule):
+            submodule._device = torch.device(device)
 
 
 _P2P_HELPERS = ("_batch_p2p", "_wait_batch_p2p")
@@ -289,6 +305,16 @@ def attached_trainer(module: Any) -> Any:
     return getattr(module, "_trainer", None)
 
 
+def scheduler_last_values(scheduler: Any) -> list[Any] | None:
+    """What ``scheduler.get_last_lr()`` returns (torch keeps it as ``_last_lr``), or ``None``."""
+    values = getattr(scheduler, "_last_lr", None)
+    return values if isinstance(values, list) else None
+
+
+def set_scheduler_last_values(scheduler: Any, values: list[Any]) -> None:
+    scheduler._last_lr = values
+
+
 def optimizer_of(optimizer: Any) -> Any:
     """The torch optimizer behind a ``LightningOptimizer`` (or the optimizer itself)."""
     from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -317,6 +343,38 @@ def training_data_source(trainer: Any) -> Any:
     """The fit loop's source of training data loaders, before Lightning sets them up (no public
     accessor exists at ``setup`` time)."""
     return trainer.fit_loop._data_source
+
+
+def start_process_group(environment: Any, backend: str, timeout_s: float, device: torch.device) -> None:
+    """Lightning's process-group start (it reads the cluster environment), bound to ``device``
+    on a GPU as Lightning's DDPStrategy does: NCCL then creates communicators on the right GPU
+    instead of guessing it from the rank."""
+    device_id = device if device.type == "cuda" else None
+    _init_dist_connection(environment, backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device_id)
+
+
+def abort_process_group(group: Any) -> None:
+    """Abort an NCCL process group (``None``: all of them) without waiting for its peers; torch's
+    abort is still private (experimental). Where it is missing, destroy instead."""
+    from torch.distributed import distributed_c10d
+
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    if abort is None:
+        dist.destroy_process_group(group)
+    else:
+        abort(group)
+
+
+def optimizer_unscales_itself(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` unscales gradients itself (fused Adam/AdamW): Lightning then never
+    calls ``GradScaler.unscale_`` for it (its check reads the same private flag)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def scaler_unscaled(scaler: Any, optimizer: Any) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` ran since the last ``update()`` (private state)."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return bool(state) and state["stage"].name == "UNSCALED"
 
 
 def scaler_found_inf(scaler: Any, optimizer: Any) -> dict[Any, Any]:

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,8 +31,8 @@ from lightning_rannc.integration import checkpoints, precision
 from lightning_rannc.integration import layout as at_setup
 from lightning_rannc.integration.evaluation import EvaluationLoops, batch_and_index
 from lightning_rannc.profile.cache import ProfileCache
+from lightning_rannc.runtime import mesh
 from lightning_rannc.runtime.engine import PipelineEngine
-from lightning_rannc.runtime.mesh import ProcessGroups, build_process_groups, destroy_process_group_at_exit
 from lightning_rannc.runtime.planning import Layout
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.watchdog import Watchdog
@@ -110,7 +109,7 @@ class RaNNCStrategyMixin(_MixinBase):
         self._trace: EventTrace | None = None
         self._closure_end = 0.0
         self._num_nodes = 1
-        self._groups: ProcessGroups | None = None
+        self._groups: mesh.ProcessGroups | None = None
         self._evaluation = EvaluationLoops()
         _configure_logger()
 
@@ -180,8 +179,8 @@ class RaNNCStrategyMixin(_MixinBase):
         config = self.config
         backend = config.process_group_backend or _compat.default_process_group_backend(self.root_device)
         assert self.cluster_environment is not None
-        _compat.init_dist_connection(self.cluster_environment, backend, timeout=timedelta(seconds=config.timeout))
-        atexit.register(destroy_process_group_at_exit)
+        _compat.start_process_group(self.cluster_environment, backend, config.timeout, self.root_device)
+        atexit.register(mesh.destroy_process_group_at_exit)
         if self.world_size > 1 and self._watchdog is None:
             self._watchdog = Watchdog(
                 _compat.rendezvous_store(), self.global_rank, self.world_size, config.fault_timeout
@@ -191,7 +190,8 @@ class RaNNCStrategyMixin(_MixinBase):
     @override
     def on_exception(self, exception: BaseException) -> None:
         # Lightning calls this on the rank that raised; the others may be waiting for it in a
-        # collective: the watchdog tells them to stop.
+        # collective: the watchdog tells them to stop, and this rank's NCCL groups are aborted.
+        mesh.note_failure()
         if self._watchdog is not None:
             self._watchdog.report_failure(exception)
 
@@ -219,7 +219,7 @@ class RaNNCStrategyMixin(_MixinBase):
         if trainer.state.fn == "fit":
             _compat.optimizers_to_device(self.optimizers, self.root_device)
         shape = self.layout
-        self._groups = build_process_groups(
+        self._groups = mesh.build_process_groups(
             shape.pipeline_stages, shape.num_replicas, self.global_rank, self.root_device
         )
         if trainer.state.fn != "fit" and self.engine is not None and self.engine.serves(self.lightning_module, shape):
@@ -227,14 +227,13 @@ class RaNNCStrategyMixin(_MixinBase):
             return
         if self.config.trace is not None and trainer.state.fn == "fit":
             at_setup.check_trace_path(self, self.config.trace)
-            self._trace = EventTrace(self.global_rank, self.config.trace_steps)
+            self._trace = EventTrace(self.global_rank, self.config.trace_steps, self.root_device)
         self.engine = at_setup.build_engine(self, device, self._groups, self._trace)
 
     @override
     def model_to_device(self) -> None:
-        # Tensors on the meta device stay there: each rank materialises only its stage's.
         assert self.model is not None
-        _compat.apply_to_tensors(self.model, lambda t: t if t.is_meta else t.to(self.root_device))
+        _compat.move_to_device(self.model, self.root_device)  # tensors on the meta device stay there
 
     @contextmanager
     @override
@@ -257,12 +256,12 @@ class RaNNCStrategyMixin(_MixinBase):
         engine = self.engine
         assert engine is not None, "training_step before setup"
         scaler = getattr(self.precision_plugin, "scaler", None)
-        # Capture, profile and run under the precision's context (autocast, default dtype):
-        # the captured graph then knows the dtypes its values have at run time.
+        scale = float(scaler.get_scale()) if scaler else 1.0
+        # Capture, profile, run under the precision's context: the graph knows its run-time dtypes.
         with self.precision_plugin.train_step_context():
             flat = FlatBatch.of(self.precision_plugin.convert_input(batch), engine.where)  # the one flattening
-            pipeline = engine.pipeline or engine.build(flat, self.optimizers)
-            values = pipeline.run(flat, batch_idx, loss_scale=float(scaler.get_scale()) if scaler else 1.0)
+            pipeline = engine.pipeline or engine.build(flat, self.optimizers, batch_idx, scale)
+            values = pipeline.run(flat, batch_idx, loss_scale=scale)
         if self.config.terminate_on_nan and not torch.isfinite(values[0]):
             module = self.lightning_module
             step = module.trainer.global_step if module is not None else "?"
@@ -367,7 +366,7 @@ class RaNNCStrategyMixin(_MixinBase):
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         if _compat.distributed_is_initialized():
-            dist.barrier()
+            mesh.barrier(self.root_device)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -415,7 +414,7 @@ class RaNNCStrategyMixin(_MixinBase):
             self.cluster_environment.teardown()
         _compat.optimizers_to_device(self.optimizers, torch.device("cpu"))
         if self.lightning_module is not None and self.root_device.type != "cpu":
-            _compat.apply_to_tensors(self.lightning_module, lambda t: t if t.is_meta else t.cpu())
+            _compat.move_to_device(self.lightning_module, torch.device("cpu"))
         self.precision_plugin.teardown()
         if self.accelerator is not None:
             self.accelerator.teardown()

@@ -26,6 +26,7 @@ from torch.export import ExportedProgram
 from lightning_rannc._compat import TreeSpec, op_schema, tree_flatten
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import BatchSpec, FlatBatch, OpaqueLeaf
+from lightning_rannc.capture.guards import Guard, GuardBook
 from lightning_rannc.capture.module_state import canonical_names
 from lightning_rannc.capture.recording import (
     LoggedValue,
@@ -35,13 +36,8 @@ from lightning_rannc.capture.recording import (
     recording_logs,
     recording_metrics,
 )
-from lightning_rannc.capture.watching import (
-    WatchedIndex,
-    python_state,
-    warn_fixed_counters,
-    warn_side_effects,
-    watching_counters,
-)
+from lightning_rannc.capture.reductions import MEAN, SUM, Reduction, declared_reduction, output_reductions
+from lightning_rannc.capture.watching import python_state, warn_side_effects, watching_numbers
 from lightning_rannc.errors import CaptureError
 
 __all__ = ["CONSTANT_PREFIX", "CapturedStep", "capture_training_step", "capture_step"]
@@ -99,6 +95,10 @@ class CapturedStep:
     returned per-sample extras, then the metric arguments. Those before are averaged scalars."""
     first_metric_output: int = 0
     """Graph outputs from here on are metric arguments (per-sample tensors or scalars)."""
+    output_reductions: dict[int, Reduction] = field(default_factory=dict)
+    """Scalar graph output -> how it combines over micro-batches (``reductions.py``)."""
+    guards: list[Guard] = field(default_factory=list)
+    """Uses of numbers that change between steps the graph depends on (``guards.py``)."""
 
     def forget_tensors_except(self, keep: set[str]) -> None:
         """Drop the program and every tensor not in ``keep``, so that other stages' memory can be freed."""
@@ -153,7 +153,13 @@ class _StepFunction(nn.Module):
     tensors of the returned value)."""
 
     def __init__(
-        self, module: nn.Module, spec: BatchSpec, where: str, step_name: str, extra_args: tuple[Any, ...]
+        self,
+        module: nn.Module,
+        spec: BatchSpec,
+        where: str,
+        step_name: str,
+        extra_args: tuple[Any, ...],
+        batch_idx: int,
     ) -> None:
         super().__init__()
         self.module = module
@@ -161,20 +167,23 @@ class _StepFunction(nn.Module):
         self.where = where
         self.step_name = step_name
         self.extra_args = extra_args
+        self.batch_idx = batch_idx
         self.recorder = LogRecorder(where)
+        self.book = GuardBook()
 
     def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = self.spec.unflatten(list(leaves), self.spec.opaque_others(self.where, self.step_name))
         recorder = self.recorder
         recorder.clear()
+        self.book.clear()
         step = getattr(self.module, self.step_name)
         with (
             recording_logs(self.module, recorder),
             recording_metrics(self.module, recorder),
-            watching_counters(self.module, recorder.counter_reads),
+            watching_numbers(self.module, self.batch_idx, self.book) as batch_idx,
         ):
             before = python_state(self.module)
-            output = step(batch, WatchedIndex(0, recorder.counter_reads), *self.extra_args)
+            output = step(batch, batch_idx, *self.extra_args)
             after = python_state(self.module)
         recorder.output_info["changed_attributes"] = sorted(n for n in after if before.get(n) != after[n])
         logged = [v for _, v, _, _ in recorder.calls if isinstance(v, torch.Tensor)]
@@ -271,7 +280,7 @@ def _written_buffers(program: ExportedProgram, placeholders: dict[str, str], whe
     return list(written)
 
 
-def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
+def capture_training_step(module: nn.Module, microbatch: Any, batch_idx: int = 0) -> CapturedStep:
     """Export ``module.training_step`` for one micro-batch.
 
     Args:
@@ -284,20 +293,24 @@ def capture_training_step(module: nn.Module, microbatch: Any) -> CapturedStep:
     Raises:
         CaptureError: the step or the batch cannot be captured; the message names the user's code.
     """
-    return capture_step(module, microbatch)
+    return capture_step(module, microbatch, batch_idx=batch_idx)
 
 
 def capture_step(
-    module: nn.Module, microbatch: Any, step_name: str = "training_step", extra_args: tuple[Any, ...] = ()
+    module: nn.Module,
+    microbatch: Any,
+    step_name: str = "training_step",
+    extra_args: tuple[Any, ...] = (),
+    batch_idx: int = 0,
 ) -> CapturedStep:
-    """Export ``module.<step_name>(microbatch, 0, *extra_args)`` (see ``capture_training_step``).
-    ``microbatch`` is structured as the DataLoader yields it, or already a ``FlatBatch`` (the
-    strategy's, sliced: it is not flattened again). ``extra_args`` is the ``dataloader_idx`` of
-    evaluation steps with several loaders."""
+    """Export ``module.<step_name>(microbatch, batch_idx, *extra_args)`` (see
+    ``capture_training_step``). ``microbatch`` is structured as the DataLoader yields it, or
+    already a ``FlatBatch`` (the strategy's, sliced: it is not flattened again). ``extra_args`` is
+    the ``dataloader_idx`` of evaluation steps with several loaders."""
     where = where_defined(getattr(type(module), step_name))
     flat = microbatch if isinstance(microbatch, FlatBatch) else FlatBatch.of(microbatch, where, step_name)
     leaves, spec = flat.leaves, flat.spec
-    wrapper = _StepFunction(module, spec, where, step_name, extra_args)
+    wrapper = _StepFunction(module, spec, where, step_name, extra_args, batch_idx)
     try:
         program = torch.export.export(wrapper, tuple(leaves), strict=False)
     except CaptureError:
@@ -315,16 +328,22 @@ def capture_step(
     placeholders, tensors = _tensor_names(wrapper, program)
     named_where = f"`{step_name}` ({where})"
     written = _written_buffers(program, placeholders, named_where)
-    if wrapper.recorder.counter_reads:
-        warn_fixed_counters(sorted(wrapper.recorder.counter_reads), named_where)
     if is_training and info["changed_attributes"]:
         warn_side_effects(info["changed_attributes"], named_where)
     _, aliases, _ = canonical_names(module)
+    logged = logged_values(wrapper.recorder.calls, first_index=1 if is_training else 0)
+    reductions = _reductions(program, logged, int(leaves[0].shape[0]) if leaves[0].dim() else 1)
+    if is_training and reductions.get(0, MEAN) not in (MEAN, SUM):
+        raise CaptureError(
+            f"The loss of {named_where} is a {reductions[0]} over samples. RaNNCStrategy sums the gradients "
+            "of micro-batches, which gives one device's gradient for a mean or a sum over samples only: "
+            "return a mean (or sum) loss, and log the maximum or minimum with `self.log` instead."
+        )
     return CapturedStep(
         program=program,
         batch_spec=spec,
         microbatch_size=int(leaves[0].shape[0]) if leaves[0].dim() else 1,
-        logged=logged_values(wrapper.recorder.calls, first_index=1 if is_training else 0),
+        logged=logged,
         extra_keys=info.get("extra_keys", []),
         returns_dict=info.get("returns_dict", False),
         tensors=tensors,
@@ -343,4 +362,18 @@ def capture_step(
         returned_keys=info.get("returned_keys", []),
         placeholder_names=placeholders,
         written_buffers=written,
+        output_reductions=reductions,
+        guards=list(wrapper.book.guards),
     )
+
+
+def _reductions(program: ExportedProgram, logged: list[LoggedValue], microbatch_size: int) -> dict[int, Reduction]:
+    """How each scalar output combines over micro-batches: as the graph computes it, else as the
+    ``self.log`` call's ``reduce_fx`` says."""
+    declared = {
+        item.output_index: declared_reduction(item.kwargs.get("reduce_fx", "mean"))
+        for item in logged
+        if item.output_index is not None
+    }
+    user_inputs = set(program.graph_signature.user_inputs)
+    return output_reductions(program.graph, user_inputs, microbatch_size, declared)

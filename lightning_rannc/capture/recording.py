@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_rannc._compat import TreeSpec, tree_flatten
+from lightning_rannc.capture.guards import Expression, WatchedFloat, WatchedInt, expression_of, plain
 from lightning_rannc.errors import CaptureError
 
 __all__ = ["LoggedValue", "MetricCall", "LogRecorder", "recording_logs", "recording_metrics", "logged_values"]
@@ -35,6 +36,9 @@ class LoggedValue:
     """Position of the value among the graph's outputs; ``None`` for a Python constant."""
     constant: float | int | None = None
     """The value, when the user logged a Python number instead of a tensor."""
+    expression: Expression | None = None
+    """How that number was computed from state that changes between steps (the learning rate,
+    ``self.global_step``): re-evaluated at every step (``guards.py``)."""
     metric: str | None = None
     """Path of the torchmetrics Metric object logged (``self.log("acc", self.acc)``)."""
     metric_call: tuple[int, str | None] | None = None
@@ -75,7 +79,6 @@ class LogRecorder:
         # What the step returned. Kept here, not on the traced module: export restores the
         # module's attributes after tracing.
         self.output_info: dict[str, Any] = {}
-        self.counter_reads: set[str] = set()
         self.metric_paths: dict[int, str] = {}
         self._placeholders: dict[int, tuple[int, str | None]] = {}
         self._kept: list[torch.Tensor] = []  # the placeholders, alive: their ids must stay theirs
@@ -124,7 +127,9 @@ class LogRecorder:
         gets a NaN placeholder that ``self.log`` recognises (arithmetic on it shows as NaN)."""
         leaves, spec = tree_flatten((args, kwargs))
         positions = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-        constants = [None if i in positions else v for i, v in enumerate(leaves)]
+        # A changing number passed to a metric is fixed in the recorded call: a guard (the step
+        # is captured again when it changes).
+        constants = [None if i in positions else _fixed(v) for i, v in enumerate(leaves)]
         index = len(self.metric_calls)
         self.metric_calls.append(
             MetricCall(
@@ -150,6 +155,12 @@ class LogRecorder:
         self._placeholders[id(value)] = (index, key)
         self._kept.append(value)
         return value
+
+
+def _fixed(value: Any) -> Any:
+    if isinstance(value, WatchedInt):
+        return int(value)
+    return float(value) if isinstance(value, WatchedFloat) else value
 
 
 def _metric_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -205,6 +216,8 @@ def logged_values(calls: list[tuple[str, Any, dict[str, Any], int]], first_index
         elif isinstance(value, tuple):
             item.metric_call = value[1]
         else:
-            item.constant = value
+            item.constant = plain(value)
+            if isinstance(value, (WatchedInt, WatchedFloat)):
+                item.expression = expression_of(value)
         logged.append(item)
     return logged

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from lightning_rannc._compat import scaler_found_inf
+from lightning_rannc._compat import optimizer_unscales_itself, scaler_found_inf, scaler_unscaled
 
 if TYPE_CHECKING:
     from lightning_rannc.strategy import RaNNCStrategyMixin as RaNNCStrategy
@@ -32,11 +32,23 @@ def install(strategy: RaNNCStrategy) -> None:
         # The class's method, not the attribute: a second fit must not wrap the wrapper.
         unscale = functools.partial(type(scaler).unscale_, scaler)
         scaler.unscale_ = functools.partial(_unscale_agreed, strategy, scaler, unscale)
+        step = functools.partial(type(scaler).step, scaler)
+        scaler.step = functools.partial(_step_agreed, scaler, step)
 
 
 def _clip_grad_by_norm(strategy: RaNNCStrategy, optimizer: Optimizer, clip_val: int | float) -> None:
     assert strategy.engine is not None and strategy.engine.pipeline is not None
     strategy.engine.pipeline.clip_grad_norm(float(clip_val))
+
+
+def _step_agreed(scaler: Any, step: Any, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any:
+    """GradScaler.step. Lightning never calls ``unscale_`` for an optimizer that unscales in its
+    own step (fused AdamW), so the agreement below would not run and each rank would skip steps
+    on its own stage's overflows (and a rank holding no gradients would find no inf check at
+    all). Unscale it first: the fused step then gets no scale and the agreed flag."""
+    if optimizer_unscales_itself(optimizer) and not scaler_unscaled(scaler, optimizer):
+        scaler.unscale_(optimizer)
+    return step(optimizer, *args, **kwargs)
 
 
 def _unscale_agreed(strategy: RaNNCStrategy, scaler: Any, unscale: Any, optimizer: Optimizer) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.search import Candidate
 
 __all__ = ["format_plan", "plan_lines", "print_rich_plan", "rich_plan_table"]
 
@@ -127,6 +128,26 @@ def _footer(plan: PartitionPlan) -> list[str]:
             "gradients made while backward frees activations, or after them (the optimizer step)"
         )
     return lines
+
+
+def microbatch_choice(plan: PartitionPlan, candidates: Sequence[Candidate]) -> str | None:
+    """Why the plan has its micro-batch count: the predicted steps of the other counts the search
+    compared for the same layout; ``None`` when it compared no other."""
+    others: dict[int, float] = {}
+    for c in candidates:
+        same_layout = (c.stages, c.replicas) == (plan.pipeline_stages, plan.num_replicas)
+        if same_layout and c.step_ms is not None and c.microbatches != plan.num_microbatches:
+            others[c.microbatches] = min(others.get(c.microbatches, c.step_ms), c.step_ms)
+    if not others:
+        return None
+    listed = ", ".join(f"{m} -> {ms:.1f} ms" for m, ms in sorted(others.items())[:4])
+    line = f"{plan.num_microbatches} micro-batch(es) predicted fastest; other counts compared: {listed}"
+    if plan.pipeline_stages > 1 and plan.predicted_bubble > 0.3 and min(others) > plan.num_microbatches:
+        line += (
+            ". More micro-batches would shorten the bubble, but each one costs time that does not shrink with its "
+            "size (kernel launches, transfers), and at this batch size that outweighs the bubble"
+        )
+    return line
 
 
 def _ranks(ranks: Sequence[int]) -> str:

@@ -177,7 +177,10 @@ def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_b
 
 
 def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, num_blocks: int) -> list[int]:
-    may_interleave = settings.schedule in ("auto", "interleaved_1f1b") and stages > 1
+    # One rank gains nothing from virtual stages (no bubble), but may be asked for them
+    # (multi-stage code without point-to-point, e.g. on a single GPU).
+    asked = settings.virtual_stages is not None
+    may_interleave = settings.schedule in ("auto", "interleaved_1f1b") and (stages > 1 or asked)
     if settings.virtual_stages is not None:
         wanted = [settings.virtual_stages]
     else:

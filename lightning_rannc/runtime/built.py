@@ -22,7 +22,9 @@ from torch.optim import Optimizer
 from lightning_rannc.capture.batch import FlatBatch, ShapeKey
 from lightning_rannc.capture.export import CapturedStep
 from lightning_rannc.capture.graph import StepGraph, align_nodes
+from lightning_rannc.capture.guards import Source
 from lightning_rannc.capture.module_state import module_tensors
+from lightning_rannc.capture.watching import current_numbers
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.runtime.captures import fake_capture
@@ -39,9 +41,11 @@ from lightning_rannc.runtime.pipeline import PipelineRuntime
 from lightning_rannc.runtime.replay import replay_logs, step_output
 from lightning_rannc.runtime.state import gather_tensors, install_tensors, local_tensors, release_tensors
 from lightning_rannc.runtime.trace import EventTrace
+from lightning_rannc.runtime.variants import Variant, Variants, numbers_read
 from lightning_rannc.runtime.verify import Reference, check_against_reference
 
 __all__ = ["BuiltPipeline", "Ownership", "warn_if_adjusted"]
+
 
 log = logging.getLogger("lightning_rannc")
 
@@ -89,8 +93,12 @@ class BuiltPipeline:
         self.rank, self.device, self.groups = rank, device, groups
         self.seed, self.where, self.trace = seed, where, trace
         self.node_keys, self.node_names = graph.node_keys(), [n.name for n in graph.nodes]
-        self.runtimes: dict[ShapeKey, PipelineRuntime] = {}
+        self.runtimes: dict[ShapeKey, Variants[PipelineRuntime]] = {}
+        """Per batch shape: the stages of each capture of the step (one per branch it takes)."""
         self.last_runtime: PipelineRuntime | None = None
+        self._last_captured = captured
+        self._numbers: dict[Source, Any] = {}
+        """The last step's values of the changing numbers the step reads (``capture/guards.py``)."""
         self.reference: Reference | None = None
         """The unpartitioned first step, compared with the first pipelined step (``verify``)."""
         self.steps = 0
@@ -101,8 +109,9 @@ class BuiltPipeline:
 
     def run(self, batch: FlatBatch, batch_idx: int, loss_scale: float = 1.0) -> torch.Tensor:
         """One training step; the loss and logged values, the same on every rank. Collective."""
-        runtime = self._runtime_for(batch, batch_idx)
-        self.last_runtime = runtime
+        variant = self._variant_for(batch, batch_idx)
+        runtime = self.last_runtime = variant.entry
+        self._last_captured = variant.captured
         self.steps += 1
         if self.trace is not None:
             self.trace.start_step()
@@ -117,42 +126,62 @@ class BuiltPipeline:
     def replay_logs(self, values: torch.Tensor) -> None:
         """Replay the training step's ``self.log`` and metric calls with the last step's values."""
         tensor_outputs = self.last_runtime.tensor_outputs if self.last_runtime is not None else []
-        replay_logs(self.module, self.captured, values, tensor_outputs)
+        replay_logs(self.module, self._last_captured, values, tensor_outputs, self._numbers)
 
     def step_output(self, values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         tensor_outputs = self.last_runtime.tensor_outputs if self.last_runtime is not None else []
-        return step_output(self.captured, values, tensor_outputs)
+        return step_output(self._last_captured, values, tensor_outputs)
 
-    def add_runtime(self, key: ShapeKey, graph: StepGraph, num_microbatches: int) -> PipelineRuntime:
+    def add_runtime(
+        self, key: ShapeKey, graph: StepGraph, num_microbatches: int, captured: CapturedStep
+    ) -> Variant[PipelineRuntime]:
         """Stages for batches of shapes ``key``, from ``graph`` (the step captured for them)."""
         plan = self._plan_for(graph, num_microbatches)
-        first_tensor = self.captured.first_tensor_output
+        first_tensor = captured.first_tensor_output
         microbatch_size = int(graph.inputs[0].meta["val"].shape[0]) if graph.inputs else 1
         named = f"`training_step` ({self.where})"
-        for offset, returned in enumerate(self.captured.tensor_extra_keys):
+        for offset, returned in enumerate(captured.tensor_extra_keys):
             check_combinable([graph.outputs[first_tensor + offset]], microbatch_size, f"{named}, key {returned!r},")
         check_combinable(graph.outputs[first_tensor:], microbatch_size, named)
         runtime = PipelineRuntime(
-            graph, plan, self.rank, self.device, self.groups, self.trace, num_scalar_outputs=first_tensor
+            graph,
+            plan,
+            self.rank,
+            self.device,
+            self.groups,
+            self.trace,
+            num_scalar_outputs=first_tensor,
+            reductions=captured.output_reductions,
         )
-        self.runtimes[key] = runtime
-        return runtime
+        variants = self.runtimes.setdefault(key, Variants(named))
+        return variants.add(captured if captured is self.captured else _without_tensors(captured), runtime)
 
-    def _runtime_for(self, batch: FlatBatch, batch_idx: int) -> PipelineRuntime:
+    def _variant_for(self, batch: FlatBatch, batch_idx: int) -> Variant[PipelineRuntime]:
+        """The stages for this step: those captured for its batch shape and for what its numbers
+        decide (the branches it takes), captured now if there are none yet."""
         key = batch.shape_key
-        if key in self.runtimes:
-            return self.runtimes[key]
+        variants = self.runtimes.get(key)
+        captures = [v.captured for shape in self.runtimes.values() for v in shape.variants]
+        self._numbers = current_numbers(self.module, batch_idx, numbers_read(captures))
+        found = variants.find(self._numbers) if variants is not None else None
+        if found is not None:
+            return found
         num_microbatches = self.plan.microbatches_for(batch.size)
         warn_if_adjusted(batch.size, self.plan.num_microbatches, num_microbatches)
-        log.debug("batch %d has shapes %s: capturing the step for them", batch_idx, key)
-        return self.add_runtime(key, self.capture_again(batch, num_microbatches), num_microbatches)
+        log.debug("batch %d (shapes %s) takes a path not captured yet: capturing the step for it", batch_idx, key)
+        captured, graph = self.capture_again(batch, num_microbatches, batch_idx)
+        variant = self.add_runtime(key, graph, num_microbatches, captured)
+        self._numbers = current_numbers(self.module, batch_idx, numbers_read([captured, *captures]))
+        return variant
 
-    def capture_again(self, batch: FlatBatch, num_microbatches: int) -> StepGraph:
-        """Capture the step for another batch shape; the graph uses this rank's real tensors."""
-        with fake_capture(self.module, batch, num_microbatches, self.device) as (_, graph, _):
+    def capture_again(self, batch: FlatBatch, num_microbatches: int, batch_idx: int) -> tuple[CapturedStep, StepGraph]:
+        """Capture the step for another batch shape (or another path through it); the graph uses
+        this rank's real tensors."""
+        capture = fake_capture(self.module, batch, num_microbatches, self.device, batch_idx=batch_idx)
+        with capture as (captured, graph, _):
             pass
         graph.tensors = self.captured.tensors  # this rank's parameters, buffers and constants
-        return graph
+        return captured, graph
 
     def _plan_for(self, graph: StepGraph, num_microbatches: int) -> PartitionPlan:
         """The plan, with its node ranges moved onto another capture of the step (another shape)."""
@@ -196,7 +225,7 @@ class BuiltPipeline:
         tensors = self.captured.tensors
         params = {n: tensors[n] for n in sorted(self.ownership.local) if n in tensors}
         counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank]
-        return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group)
+        return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group, self.device)
 
     def unscale_updated_elsewhere(self, inv_scale: float) -> None:
         """Unscale the gradients the optimizer does not hold (it unscales its own): they enter
@@ -294,3 +323,9 @@ def _first_holders(plan: PartitionPlan) -> dict[str, int]:
         for name in stage.tensor_names:
             first.setdefault(name, stage.stage_index % plan.pipeline_stages)
     return first
+
+
+def _without_tensors(captured: CapturedStep) -> CapturedStep:
+    """A capture kept only to replay its step's side effects: its (fake) tensors dropped."""
+    captured.forget_tensors_except(set())
+    return captured

@@ -44,9 +44,11 @@ class SmallerSample:
     capture: Callable[[], tuple[StepGraph, list[torch.Tensor]]]
 
 
-def capture_micro(module: nn.Module, batch: FlatBatch, num_microbatches: int) -> tuple[CapturedStep, StepGraph]:
+def capture_micro(
+    module: nn.Module, batch: FlatBatch, num_microbatches: int, batch_idx: int = 0
+) -> tuple[CapturedStep, StepGraph]:
     """Capture the step for the first micro-batch of ``batch`` with the module's own tensors."""
-    captured = capture_training_step(module, batch.first(batch.size // num_microbatches))
+    captured = capture_training_step(module, batch.first(batch.size // num_microbatches), batch_idx)
     return captured, StepGraph.from_captured(captured)
 
 
@@ -58,6 +60,7 @@ def fake_capture(
     device: torch.device,
     step_name: str = "training_step",
     extra_args: tuple[Any, ...] = (),
+    batch_idx: int = 0,
 ) -> Iterator[tuple[CapturedStep, StepGraph, list[torch.Tensor]]]:
     """Capture the step with fake tensors standing in for the module's and the batch's (other
     stages' tensors are freed or were never allocated). Yields the capture, its graph and the
@@ -65,7 +68,7 @@ def fake_capture(
     size = batch.size // num_microbatches
     with fake_module_state(module, device) as mode:
         micro = [mode.from_tensor(leaf) for leaf in batch.first_leaves(size)]
-        captured = capture_step(module, batch.with_leaves(micro), step_name, extra_args)
+        captured = capture_step(module, batch.with_leaves(micro), step_name, extra_args, batch_idx)
         yield captured, StepGraph.from_captured(captured), micro
 
 

@@ -23,6 +23,7 @@ from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import CapturedStep
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.module_state import module_tensors
+from lightning_rannc.capture.reductions import SUM
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.report import plan_lines
@@ -96,24 +97,26 @@ class PipelineEngine:
 
     # --- the build, at the first batch ------------------------------------------------------------
 
-    def build(self, batch: FlatBatch, optimizers: list[Optimizer]) -> BuiltPipeline:
-        """Capture, plan and build this rank's stages from the first batch; keep in ``optimizers``
-        only what this rank updates. Collective."""
+    def build(
+        self, batch: FlatBatch, optimizers: list[Optimizer], batch_idx: int = 0, loss_scale: float = 1.0
+    ) -> BuiltPipeline:
+        """Capture, plan and build this rank's stages from the first batch (number ``batch_idx``,
+        under 16-bit ``loss_scale``); keep in ``optimizers`` only what this rank updates. Collective."""
         requested = self.options.num_microbatches
         num_microbatches = reference_microbatches(batch.size, requested, self.options.min_microbatches)
         if requested is not None:
             warn_if_adjusted(batch.size, requested, num_microbatches)
         on_meta = self._from_meta = self.from_meta
         if on_meta:
-            captured, graph, plan, seed = self._plan_on_meta(batch, num_microbatches)
+            captured, graph, plan, seed = self._plan_on_meta(batch, num_microbatches, batch_idx)
         else:
-            captured, graph = capture_micro(self.module, batch, num_microbatches)
+            captured, graph = capture_micro(self.module, batch, num_microbatches, batch_idx)
             micro = batch.size // num_microbatches
             smaller = smaller_sample(self.module, batch, micro, self.options)
             request = self._request(graph, batch.first_leaves(micro), num_microbatches, False, smaller)
             plan, seed = self._agreed_plan(request, graph)
         trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
-        add_tied_groups(self.groups, plan, self.rank, trainable)
+        add_tied_groups(self.groups, plan, self.rank, trainable, self.device)
         ownership = self._ownership(plan, captured, trainable)
         if on_meta:
             self._materialize_own_tensors(captured, graph, ownership, seed)
@@ -132,10 +135,14 @@ class PipelineEngine:
             trace=self.trace,
         )
         if plan.num_microbatches != num_microbatches:  # the search chose another count than costed
-            graph = pipeline.capture_again(batch, plan.num_microbatches)
-        runtime = pipeline.add_runtime(batch.shape_key, graph, plan.num_microbatches)
+            captured_again, graph = pipeline.capture_again(batch, plan.num_microbatches, batch_idx)
+            captured.guards = captured_again.guards
+        runtime = pipeline.add_runtime(batch.shape_key, graph, plan.num_microbatches, captured).entry
         if self.options.config.verify:
-            pipeline.reference = self._reference_step(graph, batch, runtime.plan, ownership.local & trainable, seed)
+            names = ownership.local & trainable
+            sum_loss = captured.output_reductions.get(0) == SUM
+            reference = self._reference_step(graph, batch, runtime.plan, names, seed, sum_loss, loss_scale)
+            pipeline.reference = reference
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(ownership.local | ownership.owned)
         _log_plan(plan, self.rank)
@@ -167,11 +174,12 @@ class PipelineEngine:
         return plan, seed
 
     def _plan_on_meta(
-        self, batch: FlatBatch, num_microbatches: int
+        self, batch: FlatBatch, num_microbatches: int, batch_idx: int
     ) -> tuple[CapturedStep, StepGraph, PartitionPlan, int]:
         """Capture and plan a module whose tensors are on the meta device, from fake tensors and
         analytic costs (nothing can run), then point the graph at the module's own tensors."""
-        with fake_capture(self.module, batch, num_microbatches, self.device) as (captured, graph, micro):
+        capture = fake_capture(self.module, batch, num_microbatches, self.device, batch_idx=batch_idx)
+        with capture as (captured, graph, micro):
             plan, seed = self._agreed_plan(self._request(graph, micro, num_microbatches, True, None), graph)
         real = module_tensors(self.module)
         constants = sorted(set(captured.tensors) - set(real))
@@ -213,7 +221,14 @@ class PipelineEngine:
         ownership.names.update({id(t): n for n, t in captured.tensors.items()})
 
     def _reference_step(
-        self, graph: StepGraph, batch: FlatBatch, plan: PartitionPlan, names: set[str], seed: int
+        self,
+        graph: StepGraph,
+        batch: FlatBatch,
+        plan: PartitionPlan,
+        names: set[str],
+        seed: int,
+        sum_loss: bool,
+        loss_scale: float,
     ) -> Reference:
         """The unpartitioned first step (``verify``), while this rank still holds every tensor."""
         if self._from_meta:
@@ -222,7 +237,8 @@ class PipelineEngine:
                 "to run the unpartitioned step that verify=True compares with. Verify a smaller configuration."
             )
         key = (seed, 1, self.groups.dp_rank)  # the first step's random streams
-        return reference_step(graph, batch.leaves, plan.num_microbatches, names, key, plan.no_grad_values)
+        no_grad = plan.no_grad_values
+        return reference_step(graph, batch.leaves, plan.num_microbatches, names, key, no_grad, sum_loss, loss_scale)
 
     # --- torchmetrics objects ---------------------------------------------------------------------
 

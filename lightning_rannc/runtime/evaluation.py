@@ -21,11 +21,14 @@ from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import CONSTANT_PREFIX, CapturedStep
 from lightning_rannc.capture.graph import StepGraph, align_nodes
+from lightning_rannc.capture.guards import Source
+from lightning_rannc.capture.watching import current_numbers
 from lightning_rannc.errors import CaptureError, RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, choose_microbatches
 from lightning_rannc.runtime.captures import fake_capture
 from lightning_rannc.runtime.pipeline import PipelineRuntime
 from lightning_rannc.runtime.replay import replay_logs
+from lightning_rannc.runtime.variants import Variant, Variants, numbers_read
 
 if TYPE_CHECKING:
     from lightning_rannc.runtime.built import BuiltPipeline
@@ -47,14 +50,15 @@ class PipelinedEvaluation:
 
     def __init__(self, pipeline: BuiltPipeline) -> None:
         self.pipeline = pipeline
-        self.runtimes: dict[tuple[Any, ...], tuple[CapturedStep, PipelineRuntime] | NotPipelined] = {}
+        self.runtimes: dict[tuple[Any, ...], Variants[PipelineRuntime] | NotPipelined] = {}
         self._where: dict[str, str] = {}
         self._steps = 0
+        self._numbers: dict[Source, Any] = {}
 
     @property
     def pipelined_steps(self) -> list[str]:
         """The steps that ran through the pipeline (for tests and diagnostics)."""
-        return sorted({key[0] for key, entry in self.runtimes.items() if isinstance(entry, tuple)})
+        return sorted({key[0] for key, entry in self.runtimes.items() if isinstance(entry, Variants)})
 
     def run(self, step_name: str, batch: Any, batch_idx: int, extra_args: tuple[Any, ...] = ()) -> Any:
         """Run ``step_name`` on ``batch`` through this rank's stages, with the parameters where
@@ -69,28 +73,53 @@ class PipelinedEvaluation:
             return NotPipelined(str(error))
         # The non-tensor leaves' values are not graph inputs: only their places are in the key.
         key = (step_name, extra_args, flat.spec.tree, flat.spec.tensor_positions, flat.shape_key)
-        if key not in self.runtimes:
-            log.debug("%s batch %d has shapes %s: capturing the step for them", step_name, batch_idx, key[-1])
-            self.runtimes[key] = self._add_runtime(step_name, flat, extra_args)
-        entry = self.runtimes[key]
-        if isinstance(entry, NotPipelined):
-            return entry
-        captured, runtime = entry
+        variant = self._variant_for(key, flat, batch_idx)
+        if isinstance(variant, NotPipelined):
+            return variant
+        captured, runtime = variant.captured, variant.entry
         values: list[torch.Tensor] = []
         if runtime.num_outputs:
             self._steps += 1
             values = runtime.evaluate(flat.leaves, self.pipeline.seed, -self._steps)
-        replay_logs(module, captured, values, values[captured.first_metric_output :])
+        replay_logs(module, captured, values, values[captured.first_metric_output :], self._numbers)
         return _returned(captured, values, batch)
 
+    def _variant_for(
+        self, key: tuple[Any, ...], batch: FlatBatch, batch_idx: int
+    ) -> Variant[PipelineRuntime] | NotPipelined:
+        """The stages for the step's batch shape and the path its numbers decide (captured now if
+        new), or why the step cannot run through the pipeline."""
+        step_name, extra_args = key[0], key[1]
+        entry = self.runtimes.get(key)
+        if isinstance(entry, NotPipelined):
+            return entry
+        module = self.pipeline.module
+        captures = [v.captured for e in self.runtimes.values() if isinstance(e, Variants) for v in e.variants]
+        self._numbers = current_numbers(module, batch_idx, numbers_read(captures))
+        found = entry.find(self._numbers) if entry is not None else None
+        if found is not None:
+            return found
+        log.debug("%s batch %d (shapes %s) takes a path not captured yet: capturing it", step_name, batch_idx, key[-1])
+        added = self._add_runtime(step_name, batch, extra_args, batch_idx)
+        if isinstance(added, NotPipelined):
+            if entry is None:
+                self.runtimes[key] = added
+            return added
+        variants = entry or Variants(f"`{step_name}` ({batch.where})")
+        self.runtimes[key] = variants
+        self._numbers = current_numbers(module, batch_idx, numbers_read([added[0], *captures]))
+        return variants.add(*added)
+
     def _add_runtime(
-        self, step_name: str, batch: FlatBatch, extra_args: tuple[Any, ...]
+        self, step_name: str, batch: FlatBatch, extra_args: tuple[Any, ...], batch_idx: int
     ) -> tuple[CapturedStep, PipelineRuntime] | NotPipelined:
         pipeline = self.pipeline
         named = f"`{step_name}` ({batch.where})"
         try:
             num_microbatches = choose_microbatches(batch.size, pipeline.plan.num_microbatches)
-            capture = fake_capture(pipeline.module, batch, num_microbatches, pipeline.device, step_name, extra_args)
+            capture = fake_capture(
+                pipeline.module, batch, num_microbatches, pipeline.device, step_name, extra_args, batch_idx
+            )
             with capture as (captured, graph, _):
                 check_combinable(graph.outputs, batch.size // num_microbatches, named)
         except (CaptureError, RuntimeSetupError) as error:
@@ -109,7 +138,15 @@ class PipelinedEvaluation:
             )
         constants = {n: t for n, t in captured.tensors.items() if n.startswith(CONSTANT_PREFIX)}
         graph.tensors = {**pipeline.captured.tensors, **constants}  # this rank's real tensors, the step's constants
-        runtime = PipelineRuntime(graph, plan, pipeline.rank, pipeline.device, pipeline.groups, forward_only=True)
+        runtime = PipelineRuntime(
+            graph,
+            plan,
+            pipeline.rank,
+            pipeline.device,
+            pipeline.groups,
+            forward_only=True,
+            reductions=captured.output_reductions,
+        )
         captured.forget_tensors_except(set())
         return captured, runtime
 

@@ -13,9 +13,21 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from lightning_rannc._compat import abort_process_group
 from lightning_rannc.plan.plan import PartitionPlan
 
-__all__ = ["MeshAxis", "ProcessGroups", "build_process_groups", "add_tied_groups", "destroy_process_group_at_exit"]
+__all__ = [
+    "MeshAxis",
+    "ProcessGroups",
+    "build_process_groups",
+    "add_tied_groups",
+    "barrier",
+    "destroy_process_group_at_exit",
+    "note_failure",
+]
+
+_failed = False
+"""Whether this process saw a failure: its peers may be dead (``note_failure``)."""
 
 
 class MeshAxis(str, Enum):
@@ -38,14 +50,19 @@ class ProcessGroups:
     """Groups of this rank's pipeline that share parameters, with the shared parameter names."""
 
     def destroy(self) -> None:
-        """Destroy the groups made for this mesh. Left to interpreter exit, gloo's threads can end
-        the process with "terminate called without an active exception"."""
+        """Destroy the groups made for this mesh (abort them after a failure, see ``_end``). Left
+        to interpreter exit, gloo's threads can end the process with "terminate called without
+        an active exception"."""
         if not dist.is_initialized():
             return
-        groups = [g for g, _ in self.tied] + [self.pp_group, self.dp_group]
-        for group in {id(g): g for g in groups if g is not None and g is not dist.GroupMember.WORLD}.values():
-            dist.destroy_process_group(group)
+        for group in self._groups():
+            _end(group)
         self.tied, self.pp_group, self.dp_group, self.mesh = [], None, None, None
+
+    def _groups(self) -> list[dist.ProcessGroup]:
+        """This rank's groups of the mesh, the world excluded, each once, in creation order."""
+        groups = [self.pp_group, self.dp_group] + [g for g, _ in self.tied]
+        return list({id(g): g for g in groups if g is not None and g is not dist.GroupMember.WORLD}.values())
 
     def replica_rank(self, dp_rank: int) -> int:
         """Global rank of replica ``dp_rank`` at this rank's pipeline position."""
@@ -60,6 +77,7 @@ def build_process_groups(pipeline_stages: int, num_replicas: int, rank: int, dev
         names = (MeshAxis.DP.value, MeshAxis.PP.value)
         mesh = init_device_mesh(device.type, (num_replicas, pipeline_stages), mesh_dim_names=names)
         pp_group, dp_group = mesh.get_group(MeshAxis.PP.value), mesh.get_group(MeshAxis.DP.value)
+        _warm_up([pp_group, dp_group], device)
     return ProcessGroups(
         mesh=mesh,
         pp_group=pp_group,
@@ -71,10 +89,23 @@ def build_process_groups(pipeline_stages: int, num_replicas: int, rank: int, dev
     )
 
 
-def add_tied_groups(groups: ProcessGroups, plan: PartitionPlan, rank: int, trainable: set[str]) -> None:
+def add_tied_groups(
+    groups: ProcessGroups, plan: PartitionPlan, rank: int, trainable: set[str], device: torch.device
+) -> None:
     """Create the groups that sum gradients of parameters several stages hold. Collective."""
     if dist.is_initialized():
         groups.tied = _tied_groups(plan, rank, trainable)
+        _warm_up([g for g, _ in groups.tied], device)
+
+
+def _warm_up(groups: list[dist.ProcessGroup], device: torch.device) -> None:
+    """One small all-reduce on each of ``groups`` (this rank's, in creation order, which is the
+    same on every rank). NCCL creates a group's communicator at its first operation; left lazy,
+    the first one on a pipeline group can be a two-rank ``batch_isend_irecv`` mixing sends and
+    receives, for which NCCL leaves communicator creation undefined. Collective."""
+    probe = torch.zeros(1, device=device)
+    for group in groups:
+        dist.all_reduce(probe, group=group)
 
 
 def _tied_groups(plan: PartitionPlan, rank: int, trainable: set[str]) -> list[tuple[dist.ProcessGroup, list[str]]]:
@@ -102,6 +133,30 @@ def destroy_process_group_at_exit() -> None:
     """``atexit`` hook. A process group left for interpreter shutdown sometimes aborts the process
     ("terminate called without an active exception", exit code 134) with gloo on torch 2.13,
     after training finished: plain DDP runs show it too. Destroying it while Python still runs
-    lets its threads finish."""
+    lets its threads finish (after a failure, NCCL's is aborted instead, see ``_end``)."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        _end(None)
+
+
+def note_failure() -> None:
+    """This process failed (or was told a peer did): from now on NCCL groups are aborted."""
+    global _failed
+    _failed = True
+
+
+def barrier(device: torch.device) -> None:
+    """``dist.barrier`` on ``device``: NCCL's barrier otherwise guesses the GPU from the rank,
+    which is wrong when ranks do not map to GPUs in order."""
+    if device.type == "cuda" and dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[device.index if device.index is not None else torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _end(group: dist.ProcessGroup | None) -> None:
+    """Destroy ``group`` (``None``: every group). After a failure an NCCL group is aborted:
+    destroying it waits for its pending operations, which dead peers never complete."""
+    if _failed and dist.get_backend(group) == "nccl":
+        abort_process_group(group)
+    else:
+        dist.destroy_process_group(group)

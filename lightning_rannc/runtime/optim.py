@@ -56,21 +56,20 @@ def broadcast_from_owners(tensors: Mapping[str, torch.Tensor], owner: Mapping[st
 
 
 def clip_grad_norm(
-    params: list[torch.Tensor], counted: list[torch.Tensor], max_norm: float, group: Any
+    params: list[torch.Tensor], counted: list[torch.Tensor], max_norm: float, group: Any, device: torch.device
 ) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the whole pipeline.
 
     Lightning clips with the norm of this process's parameters only; the model's norm needs the
     squares of every stage's gradients, each parameter counted once (``counted``: the tensors
     this rank contributes), summed over the pipeline ``group``. All of ``params`` are scaled.
+    The sum is made on ``device`` (the group's) even when this rank has no gradient: NCCL
+    refuses CPU tensors.
     """
     grads = [p.grad for p in counted if p.grad is not None]
-    device = params[0].device if params else torch.device("cpu")
-    total = (
-        torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum()
-        if grads
-        else torch.zeros((), dtype=torch.float64, device=device)
-    )
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if grads:
+        total = torch.stack([g.detach().double().pow(2).sum().to(device) for g in grads]).sum()
     if dist.is_initialized():
         dist.all_reduce(total, group=group)
     norm = total.sqrt()

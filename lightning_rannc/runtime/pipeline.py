@@ -15,7 +15,7 @@ accumulation and zero-grad hooks keep their meaning.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,12 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_rannc import _rng
 from lightning_rannc._compat import SCHEDULE_STEP_TAKES_RETURN_OUTPUTS, PipelineStageClass, ddp_without_buffer_sync
 from lightning_rannc.capture.graph import StepGraph
+from lightning_rannc.capture.reductions import MEAN, Reduction, combine_scalars
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.trace import EventTrace
 
-__all__ = ["PipelineRuntime", "SeededStage"]
+__all__ = ["PipelineRuntime", "SeededStage", "microbatch_indices"]
 
 
 Grads = dict[torch.nn.Parameter, torch.Tensor | None]
@@ -95,6 +96,7 @@ class PipelineRuntime:
         trace: EventTrace | None = None,
         forward_only: bool = False,
         num_scalar_outputs: int | None = None,
+        reductions: Mapping[int, Reduction] | None = None,
     ) -> None:
         self.plan = plan
         self._trace = trace
@@ -105,6 +107,9 @@ class PipelineRuntime:
         # after them (torchmetrics arguments) are tensors, shared within the pipeline.
         self.num_scalar_outputs = self.num_outputs if num_scalar_outputs is None else num_scalar_outputs
         self.tensor_outputs: list[torch.Tensor] = []
+        # How each scalar output combines over micro-batches (a mean unless captured otherwise).
+        self.reductions = dict(reductions or {})
+        self._loss_divisor = plan.num_microbatches if self.reductions.get(0, MEAN) == MEAN else 1
         self._output_examples = [value.meta["val"] for value in graph.outputs]
         no_grad = set(plan.no_grad_values)
         fresh = plan.zero_bubble and not forward_only
@@ -153,10 +158,11 @@ class PipelineRuntime:
     def _loss_fn(self, output: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         # `target` is the micro-batch index (see `run`): keep outputs in micro-batch order.
         self._outputs[int(target.reshape(-1)[0])] = [o.detach() for o in output]
-        # The step's loss is the mean over micro-batches: dividing each micro-batch's loss before
-        # backward (not its gradients after, scale_grads=False) keeps every activation gradient
-        # what one device computes, so fp16 overflows where one device would, not M times sooner.
-        return output[0] * (self._loss_scale / self.plan.num_microbatches)
+        # A mean loss is the mean over micro-batches (a sum loss their sum): dividing each
+        # micro-batch's loss before backward (not its gradients after, scale_grads=False) keeps
+        # every activation gradient what one device computes, so fp16 overflows where one device
+        # would, not M times sooner.
+        return output[0] * (self._loss_scale / self._loss_divisor)
 
     def run(self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float = 1.0) -> torch.Tensor:
         """Run one step; return the mean over micro-batches and replicas of every graph output.
@@ -205,7 +211,7 @@ class PipelineRuntime:
             seeded.start_step(seed, step)
         self._outputs = [[] for _ in range(self.plan.num_microbatches)]
         kwargs: dict[str, Any] = {"return_outputs": False} if SCHEDULE_STEP_TAKES_RETURN_OUTPUTS else {}
-        kwargs["target"] = torch.arange(self.plan.num_microbatches, device=self.device)
+        kwargs["target"] = microbatch_indices(self.plan.num_microbatches)
         return (tuple(leaves) if self.is_first else ()), kwargs
 
     def _broadcast_outputs(self, first: int = 0) -> list[torch.Tensor]:
@@ -213,7 +219,7 @@ class PipelineRuntime:
         to every rank of this pipeline."""
         num_microbatches = self.plan.num_microbatches
         if self.is_last:
-            combined = [_combine([outs[i] for outs in self._outputs]) for i in range(first, self.num_outputs)]
+            combined = [self._combine([outs[i] for outs in self._outputs], i) for i in range(first, self.num_outputs)]
         else:  # the shapes are known from the capture: allocate and receive
             examples = self._output_examples[first:]
             combined = [_combined_like(example, num_microbatches, self.device) for example in examples]
@@ -222,6 +228,9 @@ class PipelineRuntime:
             for value in combined:
                 dist.broadcast(value, src=last, group=self.groups.pp_group)
         return combined
+
+    def _combine(self, per_microbatch: list[torch.Tensor], index: int) -> torch.Tensor:
+        return _combined(per_microbatch, self.reductions.get(index, MEAN))
 
     def _span(self, name: str) -> contextlib.AbstractContextManager[None]:
         return self._trace.span(name, "collective") if self._trace is not None else contextlib.nullcontext()
@@ -238,15 +247,26 @@ class PipelineRuntime:
         return grads
 
     def _share_outputs(self) -> torch.Tensor:
-        values = torch.zeros(self.num_scalar_outputs, dtype=torch.float64, device=self.device)
+        """The scalar outputs on every rank, combined over micro-batches. Means are averaged over
+        replicas too (every rank logs the same loss); sums, maxima and minima stay each replica's
+        own, as with DDP, and ``self.log(..., sync_dist=True)`` reduces them over replicas."""
+        count, replicas = self.num_scalar_outputs, self.groups.num_replicas
+        own = [i for i in range(count) if self.reductions.get(i, MEAN) != MEAN]
+        # One all-reduce: the means, then a row per replica for the replicas' own values.
+        shared = torch.zeros(count + replicas * len(own), dtype=torch.float64, device=self.device)
         if self.is_last:
-            scalars = [outs[: self.num_scalar_outputs] for outs in self._outputs]
-            per_mb = [torch.stack([o.reshape(()).to(torch.float64) for o in outs]) for outs in scalars]
-            values = torch.stack(per_mb).mean(dim=0)
+            per_output = [[outs[i] for outs in self._outputs] for i in range(count)]
+            values = torch.stack([combine_scalars(v, self.reductions.get(i, MEAN)) for i, v in enumerate(per_output)])
+            shared[:count] = values
+            row = count + self.groups.dp_rank * len(own)
+            shared[row : row + len(own)] = values[own]
         if dist.is_initialized():
             # Only the last stage of each replica contributes: the sum over ranks / D is the mean.
-            dist.all_reduce(values)
-        return values / self.groups.num_replicas
+            dist.all_reduce(shared)
+        values = shared[:count] / replicas
+        row = count + self.groups.dp_rank * len(own)
+        values[own] = shared[row : row + len(own)]
+        return values
 
     def _average_over_replicas(self, pending: Grads) -> None:
         """After the schedule, when DDP did not average during it (zero bubble)."""
@@ -270,11 +290,19 @@ class PipelineRuntime:
             param.grad = grad if param.grad is None else param.grad + grad
 
 
-def _combine(per_microbatch: list[torch.Tensor]) -> torch.Tensor:
-    """One graph output over the micro-batches: scalars (losses, logged values) are averaged,
-    per-sample tensors (predictions) concatenated along the batch dimension."""
+def microbatch_indices(num_microbatches: int) -> torch.Tensor:
+    """The schedule's ``target``: each micro-batch's index, which ``_loss_fn`` reads back. On the
+    CPU, whatever the stages' device: reading a CUDA tensor there would wait for the GPU at every
+    micro-batch (torch's schedule hands targets to the loss function as they are)."""
+    return torch.arange(num_microbatches, device="cpu")
+
+
+def _combined(per_microbatch: list[torch.Tensor], reduction: Reduction) -> torch.Tensor:
+    """One graph output over the micro-batches: scalars (losses, logged values) reduced as
+    captured (averaged, summed, ...), per-sample tensors (predictions) concatenated along the
+    batch dimension."""
     if per_microbatch[0].dim() == 0:
-        return torch.stack(per_microbatch).to(torch.float64).mean().to(_scalar_dtype(per_microbatch[0].dtype))
+        return combine_scalars(per_microbatch, reduction).to(_scalar_dtype(per_microbatch[0].dtype))
     return torch.cat(per_microbatch).contiguous()
 
 

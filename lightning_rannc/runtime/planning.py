@@ -26,6 +26,7 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
 from lightning_rannc.plan.devices import DeviceSpec, get_device
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
+from lightning_rannc.plan.report import microbatch_choice
 from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
 from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.cache import ProfileCache, profile_key
@@ -249,6 +250,9 @@ def _search(costs: list[BlockCost], microbatch_size: int, settings: SearchSettin
         graph_fingerprint=graph.fingerprint(),
     )
     log.info("searched %d candidate plans in %.2f s", len(result.candidates), time.perf_counter() - started)
+    choice = microbatch_choice(result.plan, result.candidates)
+    if choice is not None:
+        log.info(choice)
     return result
 
 

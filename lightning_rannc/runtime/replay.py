@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_rannc._compat import tree_unflatten
 from lightning_rannc.capture.export import CapturedStep
+from lightning_rannc.capture.guards import Source, evaluate
 from lightning_rannc.capture.recording import LoggedValue, MetricCall
 
 __all__ = ["replay_logs", "step_output"]
@@ -25,16 +26,19 @@ def replay_logs(
     captured: CapturedStep,
     values: torch.Tensor | list[torch.Tensor],
     tensor_outputs: list[torch.Tensor],
+    numbers: dict[Source, Any] | None = None,
 ) -> None:
-    """Replay ``captured``'s side effects with the step's ``values`` (its averaged scalar outputs)
-    and ``tensor_outputs`` (the outputs from ``first_tensor_output`` on, concatenated)."""
+    """Replay ``captured``'s side effects with the step's ``values`` (its combined scalar outputs),
+    ``tensor_outputs`` (the outputs from ``first_tensor_output`` on, concatenated) and ``numbers``
+    (the step's values of the changing numbers logged, such as the learning rate)."""
     results: list[Any] = []  # what each metric call returned, by call index
     events: list[LoggedValue | MetricCall] = sorted([*captured.logged, *captured.metric_calls], key=_order)
     for event in events:
         if isinstance(event, MetricCall):
             results.append(_replay_metric_call(module, event, tensor_outputs, captured.first_tensor_output))
         else:
-            module.log(event.name, _logged_value(module, event, values, results), **event.kwargs)  # type: ignore[operator]
+            value = _logged_value(module, event, values, results, numbers or {})
+            module.log(event.name, value, **event.kwargs)  # type: ignore[operator]
 
 
 def step_output(
@@ -52,13 +56,19 @@ def step_output(
 
 
 def _logged_value(
-    module: nn.Module, item: LoggedValue, values: torch.Tensor | list[torch.Tensor], results: list[Any]
+    module: nn.Module,
+    item: LoggedValue,
+    values: torch.Tensor | list[torch.Tensor],
+    results: list[Any],
+    numbers: dict[Source, Any],
 ) -> Any:
     if item.metric is not None:
         return module.get_submodule(item.metric)
     if item.metric_call is not None:
         index, key = item.metric_call
         return results[index] if key is None else results[index][key]
+    if item.expression is not None:
+        return evaluate(item.expression, numbers)
     return item.constant if item.output_index is None else values[item.output_index].float()
 
 

@@ -9,7 +9,9 @@ tied-weight sum, loss sharing) and the optimizer step. At the end of ``fit`` ran
 ranks' events into one file for https://ui.perfetto.dev or chrome://tracing: one process per
 rank; a ``recv`` event is the time spent waiting for a neighbour, the remaining gaps are the
 schedule's own (the bubble) or Lightning's. Clocks start at a barrier, so rows line up to within
-the barrier's skew.
+the barrier's skew. On a GPU, spans are timed with CUDA events on the device's timeline (host
+time would show a queued kernel, and a ``recv`` would read about zero), resolved once, when the
+trace is written: no step waits for the GPU because it is traced.
 
 The transfers are timed where the schedule waits for them: ``torch.distributed.pipelining``
 posts the stage's ``get_*_send_ops`` / ``get_*_recv_ops`` through its module-level
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from lightning_rannc._compat import replaced_schedule_p2p, schedule_p2p_helpers
@@ -37,6 +40,7 @@ from lightning_rannc.report.chrome_trace import (
     thread_name_event,
     write_chrome_trace,
 )
+from lightning_rannc.runtime.mesh import barrier
 
 __all__ = ["EventTrace"]
 
@@ -59,14 +63,28 @@ _WATCHED = "_lightning_rannc_traced"
 class EventTrace:
     """This rank's runtime events (complete events, microseconds since the common start)."""
 
-    def __init__(self, rank: int, max_steps: int) -> None:
+    def __init__(self, rank: int, max_steps: int, device: torch.device | None = None) -> None:
         self.rank = rank
         self.max_steps = max_steps
         self.step = 0
-        self.events: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._pending: list[tuple[str, str, int, Any, Any, dict[str, Any]]] = []
         if dist.is_initialized():
-            dist.barrier()  # a common start for every rank's clock
+            barrier(device or torch.device("cpu"))  # a common start for every rank's clock
         self._origin = time.perf_counter()
+        self._clock = _CudaClock(device) if device is not None and device.type == "cuda" else None
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The recorded events (on a GPU this waits for it once, to read the CUDA events)."""
+        if self._pending:
+            assert self._clock is not None
+            self._clock.synchronize()
+            for name, category, thread, start, end, args in self._pending:
+                start_s, end_s = (self._origin + self._clock.seconds(mark) for mark in (start, end))
+                self._add(name, category, thread, start_s, end_s, args)
+            self._pending.clear()
+        return self._events
 
     @property
     def recording(self) -> bool:
@@ -80,20 +98,28 @@ class EventTrace:
         if not self.recording:
             yield
             return
+        args = {"step": self.step, **args}
+        if self._clock is not None:
+            start = self._clock.mark()
+            try:
+                yield
+            finally:
+                self._pending.append((name, category, thread, start, self._clock.mark(), args))
+            return
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._add(name, category, thread, start, time.perf_counter(), {"step": self.step, **args})
+            self._add(name, category, thread, start, time.perf_counter(), args)
 
     def interval(self, name: str, category: str, start: float, end: float) -> None:
-        """An event between two ``time.perf_counter()`` readings."""
+        """An event between two ``time.perf_counter()`` readings (host time, also on a GPU)."""
         if self.recording:
             self._add(name, category, _OTHER, start, end, {"step": self.step})
 
     def _add(self, name: str, category: str, thread: int, start: float, end: float, args: dict[str, Any]) -> None:
         # 0.1 us is finer than anything the trace shows, and keeps the file of many steps small
-        self.events.append(
+        self._events.append(
             complete_event(
                 name,
                 category,
@@ -211,6 +237,26 @@ class EventTrace:
 
 
 _THREADS = ((_COMPUTE, "schedule (forward/backward, send/recv)"), (_OTHER, "collectives, optimizer"))
+
+
+class _CudaClock:
+    """Marks on the GPU's timeline: CUDA events recorded on the current stream, read as seconds
+    since an origin event recorded with the host origin (after the common barrier)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.origin = self.mark()
+
+    def mark(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def seconds(self, mark: Any) -> float:
+        return self.origin.elapsed_time(mark) / 1e3
 
 
 class _TaggedWorks(list):  # type: ignore[type-arg]

@@ -46,9 +46,15 @@ def reference_step(
     names: Collection[str],
     key: tuple[int, int, int],
     no_grad: Collection[str] = (),
+    sum_loss: bool = False,
+    loss_scale: float = 1.0,
 ) -> Reference:
     """Run the whole ``graph`` over ``leaves`` split into ``num_microbatches``; ``key`` is
-    (seed, step, replica) of the random streams. Buffers and gradients are left as they were."""
+    (seed, step, replica) of the random streams; ``sum_loss``: the loss sums over samples (the
+    step's loss is then the sum over micro-batches); ``loss_scale``: the first step's 16-bit loss
+    scale, applied in backward as the pipeline does (without it, gradients that underflow in
+    fp16 would show as a partitioning error), and divided out of the gradients kept. Buffers and
+    gradients are left as they were."""
     device = leaves[0].device
     stage = SeededStage(build_range_module(graph, 0, len(graph), detach=no_grad), key[2], device)
     stage.start_step(key[0], key[1])
@@ -58,15 +64,20 @@ def reference_step(
         param.grad = None
     size = int(leaves[0].shape[0]) // num_microbatches
     total = 0.0
+    divisor = 1 if sum_loss else num_microbatches
     with buffers_restored(graph):
         for m in range(num_microbatches):
             loss = stage(*[leaf[m * size : (m + 1) * size] for leaf in leaves])[0]
-            (loss / num_microbatches).backward()
+            (loss * (loss_scale / divisor)).backward()
             total += float(loss.detach())
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone() for n, p in params.items()}
+    grads = {n: _unscaled_grad(p, loss_scale) for n, p in params.items()}
     for name, param in params.items():
         param.grad = held[name]
-    return Reference(total / num_microbatches, grads, device)
+    return Reference(total / divisor, grads, device)
+
+
+def _unscaled_grad(param: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    return (param.grad / loss_scale if param.grad is not None else torch.zeros_like(param)).detach()
 
 
 def check_against_reference(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -48,3 +49,34 @@ def test_pipeline_bound_prints_bounds_with_and_without_the_bubble() -> None:
     for micro_batches, with_bubble, without in bounds:  # 2 stages fill and drain over 1 more slot
         ratio = (int(micro_batches) + 1) / int(micro_batches)
         assert float(without) == pytest.approx(float(with_bubble) * ratio, abs=0.02) and float(without) > 0
+
+
+GPU_CHECKS = (
+    "losses fp32 s1",
+    "losses fp32 s1 v2",
+    "losses bf16-mixed fused",
+    "losses 16-mixed fused",
+    "peak memory vs plan",
+    "step time overhead",
+    "host syncs fp32",
+    "host syncs 16-mixed",
+    "runtime trace",
+)
+
+
+def test_gpu_check_runs_as_a_cpu_smoke_test(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    done = run_script(BENCHMARKS / "gpu_check.py", "--device", "cpu", "--out", str(out), timeout=300, check=False)
+    verdicts = {}
+    for name in GPU_CHECKS:  # one table row per check, its verdict in the last column
+        row = re.search(rf"^{re.escape(name)}\s{{2,}}.*?\s{{2,}}(pass|FAIL|n/a on cpu)$", done.stdout, re.MULTILINE)
+        assert row, f"no row for {name!r} in:\n{done.stdout[-4000:]}"
+        verdicts[name] = row.group(1)
+    record = json.loads(out.read_text())
+    assert [check["check"] for check in record["checks"]] == list(GPU_CHECKS)
+    assert record["runs"]["rannc_s1_fp32"]["predicted_bytes"] > 0  # the plan's memory, for the CUDA check
+    # what CPU cannot measure says so; what it can must pass
+    assert {verdicts[name] for name in GPU_CHECKS[4:8]} == {"n/a on cpu"}
+    assert verdicts["losses 16-mixed fused"] == "n/a on cpu"  # Lightning runs 16-mixed as bf16-mixed on CPU
+    failed = sorted(name for name, verdict in verdicts.items() if verdict == "FAIL")
+    assert failed == [] and done.returncode == 0, done.stdout[-4000:]

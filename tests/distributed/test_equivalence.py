@@ -53,6 +53,7 @@ RUNS: dict[int | str, list[dict]] = {
         # setup, so the layout must be chosen before the optimizers are made
         _run("auto_stepping", "gpt_stepping", pipeline_stages="auto"),
         _run("cnn_bn", "cnn_bn", pipeline_stages=2),
+        _run("reducing_s2d1", "reducing", pipeline_stages=2, micro_batches=4),
     ],
     # Dropout: compared among themselves (the streams are not a single process's).
     "2-dropout": [
@@ -65,6 +66,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
         _run("fp16", "gpt_fp16", pipeline_stages=2),
+        _run("fp16_fused", "gpt_fp16_fused", pipeline_stages=2),
         _run("meta", "gpt_meta", pipeline_stages=2),
     ],
     3: [_run("gpt6", "gpt6", pipeline_stages=3)],
@@ -76,10 +78,15 @@ RUNS: dict[int | str, list[dict]] = {
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2),
         # the first step also run unpartitioned on each replica and compared (it raises if not equal)
         _run("s2d2_verified", "gpt_full", pipeline_stages=2, verify=True, verify_tolerance=1e-5),
+        _run("reducing_s2d2", "reducing", pipeline_stages=2, micro_batches=4),
     ],
 }
 LAYOUTS = [
-    (world, run) for world, runs in RUNS.items() if isinstance(world, int) for run in runs if run["case"] != "cnn_bn"
+    (world, run)
+    for world, runs in RUNS.items()
+    if isinstance(world, int)
+    for run in runs
+    if run["case"] not in ("cnn_bn", "reducing")
 ]
 
 
@@ -153,6 +160,25 @@ def test_logged_values_equal_on_every_rank_and_match_reference(pipelined, refere
         assert ours.keys() == theirs.keys()
         for key in theirs:
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("world", "label"), [(2, "reducing_s2d1"), (4, "reducing_s2d2")])
+def test_logged_sums_maxima_and_minima_reduce_over_replicas_as_ddp_with_sync_dist(
+    pipelined, reference, world: int, label: str
+) -> None:
+    """Each replica combines its micro-batches by the value's reduction; `sync_dist` then reduces
+    the replicas' values with `reduce_fx`, so every rank logs the whole global batch's value."""
+    records = [load_record(pipelined(world), label, rank) for rank in range(world)]
+    assert all(r["metrics"] == records[0]["metrics"] for r in records)
+    replicas = _replicas(pipelined(world), {"label": label})
+    ref = load_record(reference("reducing", replicas), "reducing", 0)
+    assert len(records[0]["metrics"]) == len(ref["metrics"]) == 6
+    for ours, theirs in zip(records[0]["metrics"], ref["metrics"], strict=True):
+        assert ours.keys() == theirs.keys() >= {"worst_step", "best_step", "total_step", "mean_max_step", "wrong_step"}
+        for key in theirs:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+    if replicas == 1:  # a summed loss is each replica's own sum, as with DDP: one replica's is the batch's
+        torch.testing.assert_close(torch.tensor(records[0]["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("layout", [x for x in LAYOUTS if x[1]["case"] in ("gpt_full", "logging")], ids=_ids)
@@ -297,9 +323,11 @@ def test_batchnorm_statistics_are_equal_on_all_replicas(pipelined) -> None:
         assert buffers[rank] == buffers[rank + 2]
 
 
-def test_fp16_overflows_skip_the_same_steps_on_every_rank_as_on_one_device(pipelined, reference) -> None:
-    records = [load_record(pipelined("2-dropout"), "fp16", rank) for rank in range(2)]
-    ref = load_record(reference("gpt_fp16", 1), "gpt_fp16", 0)
+@pytest.mark.parametrize(("label", "case"), [("fp16", "gpt_fp16"), ("fp16_fused", "gpt_fp16_fused")])
+def test_fp16_overflows_skip_the_same_steps_on_every_rank_as_on_one_device(pipelined, reference, label, case) -> None:
+    """A fused AdamW unscales in its own step, so Lightning never calls `unscale_` for it."""
+    records = [load_record(pipelined("2-dropout"), label, rank) for rank in range(2)]
+    ref = load_record(reference(case, 1), case, 0)
     assert records[0]["loss_scales"] == records[1]["loss_scales"] == ref["loss_scales"]
     assert ref["loss_scales"][0] < 2.0**16  # the first step overflowed (on the last stage only) and was skipped
     torch.testing.assert_close(torch.tensor(records[0]["losses"]), torch.tensor(ref["losses"]), rtol=2e-2, atol=0)

@@ -22,9 +22,11 @@ from helpers.models import (
     GPT,
     BatchNormCNN,
     ColumnMajor,
+    FusedLoudHeadGPT,
     LoggingMLP,
     LoudHeadGPT,
     MetaGPT,
+    ReducingMLP,
     ResCNN,
     ScheduledGPT,
     SteppingGPT,
@@ -96,6 +98,8 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
     "cnn_bn": (BatchNormCNN, lambda b: ShardedData(image_data(64), b), {}),
     # Validation every 3 steps: the module is gathered for it, then released, and training goes on.
     "logging": (LoggingMLP, lambda b: ShardedData(table_data(64), b, val=table_data(16)), {"val_check_interval": 3}),
+    # A loss summed over samples; values logged with reduce_fx max, min and sum, and sync_dist.
+    "reducing": (ReducingMLP, lambda b: ShardedData(table_data(64), b), {}),
     # Every training knob at once: tied embedding, LR scheduler, norm clipping, accumulation.
     "gpt_full": (
         lambda: ScheduledGPT(layers=4, dim=32, seq_len=16),
@@ -126,6 +130,11 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
     # Loss scaling where the first step overflows in the last stage's weights only.
     "gpt_fp16": (
         lambda: LoudHeadGPT(layers=4, dim=32, seq_len=16),
+        lambda b: ShardedData(_gpt_tokens(64), b),
+        {"plugins": lambda: [_overflowing_fp16()]},
+    ),
+    "gpt_fp16_fused": (
+        lambda: FusedLoudHeadGPT(layers=4, dim=32, seq_len=16),
         lambda b: ShardedData(_gpt_tokens(64), b),
         {"plugins": lambda: [_overflowing_fp16()]},
     ),

@@ -83,6 +83,14 @@ class LoudHeadGPT(GPT):
         return self.out(self.ln_f(x) * 500)
 
 
+class FusedLoudHeadGPT(LoudHeadGPT):
+    """With a fused AdamW, which unscales inside its own step: Lightning then never calls the
+    scaler's ``unscale_``, where the ranks agree on overflows."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01, fused=True)
+
+
 class VaryingLength:
     """Collate that cuts each batch to a sequence length cycling through 16, 12, 8, 12."""
 
@@ -174,6 +182,24 @@ class LoggingMLP(L.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ReducingMLP(LoggingMLP):
+    """A loss summed over samples, and values logged with each ``reduce_fx``: a maximum, minimum
+    and sum over samples, a mean logged as the epoch's maximum, and a count whose last op (a
+    multiplication) hides its reduction, so only ``reduce_fx`` tells it is a sum."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        logits = self.net(x)
+        per_sample = F.cross_entropy(logits, y, reduction="none")
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        self.log("worst", per_sample.max(), reduce_fx="max", on_epoch=True, sync_dist=True)
+        self.log("best", per_sample.min(), reduce_fx=torch.min, on_epoch=True, sync_dist=True)
+        self.log("total", per_sample.sum(), reduce_fx="sum", on_epoch=True, sync_dist=True)
+        self.log("mean_max", per_sample.mean(), reduce_fx="max", on_epoch=True, sync_dist=True)
+        self.log("wrong", (logits.argmax(dim=-1) != y).sum() * 1.0, reduce_fx="sum", on_epoch=True, sync_dist=True)
+        return {"loss": loss, "worst": per_sample.max()}
 
 
 class _Images(Dataset):

@@ -233,3 +233,33 @@ def test_side_effects_inside_containers_are_seen_too() -> None:
     trainer = _fit(model)
     trainer.validate(model, table_loader(size=16))
     assert len(model.epoch_means) == 1 and _pipelined_steps(trainer) == []
+
+
+class BranchingValidation(LoggingMLP):
+    """A validation step that takes another path on its first batch, and logs the learning rate
+    and an epoch-dependent value."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        loss = F.cross_entropy(self.net(x), y)
+        if batch_idx == 0:
+            self.log("first_loss", loss * 3)
+        else:
+            self.log("later_loss", loss)
+        if self.trainer.state.fn == "fit" or self.trainer.optimizers:  # plain Lightning's validate has none
+            self.log("val_lr", self.optimizers().param_groups[0]["lr"] * 1000 + self.current_epoch)
+
+
+def test_validation_branches_on_batch_idx_through_the_pipeline_as_in_lightning() -> None:
+    model = BranchingValidation()
+    trainer = _fit(model)
+    ours = trainer.validate(model, table_loader(size=32), verbose=False)
+    assert _pipelined_steps(trainer) == ["validation_step"]
+    variants = [e for e in trainer.strategy.engine.pipeline.evaluation.runtimes.values()]
+    assert [len(v.variants) for v in variants] == [2]  # batch 0's path, then every other batch's
+    ref = _plain(model).validate(copy.deepcopy(model), table_loader(size=32), verbose=False)
+    assert set(ours[0]) == set(ref[0]) | {"val_lr"} == {"first_loss", "later_loss", "val_lr"}
+    for key in ("first_loss", "later_loss"):
+        assert ours[0][key] == pytest.approx(ref[0][key], rel=1e-6), key
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert ours[0]["val_lr"] == pytest.approx(lr * 1000 + trainer.current_epoch)

@@ -16,7 +16,7 @@ import lightning_rannc
 from lightning_rannc import CaptureError, RaNNCStrategy, RuntimeSetupError
 
 from helpers.cases import QUIET, Recorder, load_record, run_case
-from helpers.models import LoggingMLP, table_loader
+from helpers.models import LoggingMLP, ReducingMLP, table_loader
 
 _QUIET = QUIET
 
@@ -201,21 +201,70 @@ def test_resuming_a_meta_device_module_is_refused_rather_than_started_from_rando
         trainer.fit(model, table_loader(), ckpt_path=tmp_path / "last.ckpt")
 
 
-@pytest.mark.parametrize("counter", ["batch_idx", "current_epoch", "global_step"])
-def test_steps_that_read_per_step_counters_warn_that_they_are_fixed(counter: str) -> None:
-    class ReadsCounter(LoggingMLP):
-        def training_step(self, batch, batch_idx):
-            value = batch_idx if counter == "batch_idx" else getattr(self, counter)
-            out = super().training_step(batch, batch_idx)
-            return out["loss"] * (1.0 + 0.0 * (value % 7))
+class ReadsChangingNumbersMLP(LoggingMLP):
+    """Branches on batch_idx and on a number a hook changes, and logs the learning rate (StepLR
+    halves it every 2 steps), values computed from it and the trainer's counters."""
 
-    with pytest.warns(UserWarning, match=rf"reads {counter}\. RaNNCStrategy captures the step once"):
-        _fit(ReadsCounter(), table_loader())
+    def __init__(self) -> None:
+        super().__init__()
+        self.boost = 1
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.boost = 1 + (batch_idx // 3) % 2
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        loss = torch.nn.functional.cross_entropy(self.net(x), y)
+        if batch_idx % 2 == 0:
+            loss = loss * 10
+        if self.boost > 1:
+            loss = loss + 0.5 * loss
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.log("lr", lr)
+        self.log("lr_scaled", lr * 100 + self.global_step)
+        self.log("last_lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("epoch", self.current_epoch)
+        self.log("index", batch_idx)
+        return loss
 
 
-def test_steps_that_ignore_counters_do_not_warn(recwarn: pytest.WarningsRecorder) -> None:
-    _fit(LoggingMLP(), table_loader())
-    assert not [w for w in recwarn if "captures the step once" in str(w.message)]
+def test_numbers_that_change_between_steps_are_re_read_and_branches_follow_them_as_in_lightning() -> None:
+    steps, epoch, weights = _reduced_run(RaNNCStrategy(micro_batches=2), ReadsChangingNumbersMLP, max_epochs=2)
+    ref_steps, ref_epoch, ref_weights = _reduced_run("auto", ReadsChangingNumbersMLP, max_epochs=2)
+    assert len(steps) == len(ref_steps) == 16
+    assert len({s["lr"] for s in ref_steps}) > 4 and {s["epoch"] for s in ref_steps} == {0.0, 1.0}
+    for ours, theirs in zip(steps, ref_steps):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for key, value in ref_weights.items():  # the branches' losses trained the weights
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+class EpochInTensorMLP(LoggingMLP):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)["loss"]
+        return loss * (1 + self.current_epoch)
+
+
+def test_a_changing_number_used_in_a_tensor_operation_is_refused_with_the_line_named() -> None:
+    line = r"test_strategy\.py:\d+: `return loss \* \(1 \+ self\.current_epoch\)`"
+    stale = r"\(1\), which is now 2"
+    with pytest.raises(CaptureError, match=rf"uses self\.current_epoch in a tensor operation at .*{line}.*{stale}"):
+        _fit(EpochInTensorMLP(), table_loader(), max_steps=-1, max_epochs=2)
+
+
+class NamesLogsByIndexMLP(LoggingMLP):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)["loss"]
+        self.log(f"loss_{batch_idx}", loss)
+        return loss
+
+
+def test_a_step_that_takes_a_new_path_at_every_step_is_refused_after_a_few() -> None:
+    line = r"`self\.log\(f\"loss_\{batch_idx\}\", loss\)`"
+    with pytest.raises(CaptureError, match=rf"more than 8 different paths .*{line}"):
+        _fit(NamesLogsByIndexMLP(), table_loader(size=128), max_steps=-1, max_epochs=1)
 
 
 def test_deployment_is_saved_then_reused_without_profiling_and_refused_when_stale(
@@ -500,3 +549,52 @@ def test_a_returned_tensor_that_is_not_per_sample_is_refused_with_its_key_named(
     loader = torch.utils.data.DataLoader(_NamedRows().rows, batch_size=8)
     with pytest.raises(RuntimeSetupError, match=r"key 'class_weights', returns .* a tensor of shape \(4,\)"):
         _fit(ReturnsPerClassMLP(), loader, max_steps=1, strategy=RaNNCStrategy(micro_batches=4))  # 2 samples each
+
+
+class _StepMetrics(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        returned = {f"returned_{k}": float(v) for k, v in outputs.items()} if isinstance(outputs, dict) else {}
+        self.steps.append({**metrics, **returned})
+
+
+def _reduced_run(
+    strategy: Any, make_model: type[L.LightningModule] = ReducingMLP, max_epochs: int = 1
+) -> tuple[list[dict[str, float]], dict[str, float], dict[str, torch.Tensor]]:
+    L.seed_everything(0)
+    model, recorder = make_model(), _StepMetrics()
+    options = dict(callbacks=[recorder], use_distributed_sampler=False, max_steps=-1, max_epochs=max_epochs)
+    trainer = _trainer(**options, strategy=strategy)
+    trainer.fit(model, table_loader())
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    epoch = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return recorder.steps, epoch, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_logged_maxima_minima_and_sums_and_a_summed_loss_combine_over_micro_batches_as_in_lightning() -> None:
+    steps, epoch, weights = _reduced_run(RaNNCStrategy(micro_batches=4))
+    ref_steps, ref_epoch, ref_weights = _reduced_run("auto")
+    assert len(steps) == len(ref_steps) == 8
+    for ours, theirs in zip(steps, ref_steps):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert {"worst_epoch", "best_epoch", "total_epoch", "mean_max_epoch", "wrong_epoch"} <= set(ref_epoch)
+    assert epoch == pytest.approx(ref_epoch, rel=1e-5)
+    for key, value in ref_weights.items():  # the summed loss's gradients are not divided by 4
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+class MaxLossMLP(LoggingMLP):
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x, y = batch[:, : self.features], batch[:, self.features].long()
+        return torch.nn.functional.cross_entropy(self.net(x), y, reduction="none").max()
+
+
+def test_a_loss_that_is_a_maximum_over_samples_is_refused_with_what_to_do() -> None:
+    with pytest.raises(CaptureError, match=r"loss of `training_step` .* is a max over samples.*return a mean"):
+        _fit(MaxLossMLP(), table_loader(), max_steps=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import sys
@@ -168,3 +169,23 @@ def test_the_plan_table_says_what_grads_and_activations_share() -> None:
     text = format_plan(plan)
     assert "total counts once what grads and activ share (up to 1.00 MiB a stage)" in text
     assert "share" not in format_plan(_plan())  # nothing shared, no line
+
+
+def test_a_plan_with_a_large_bubble_says_why_more_micro_batches_were_not_chosen() -> None:
+    from lightning_rannc.plan.report import microbatch_choice
+    from lightning_rannc.plan.search import Candidate
+
+    plan = dataclasses.replace(_plan(), num_microbatches=1, microbatch_size=8, predicted_bubble=0.48)
+    candidates = [
+        Candidate(2, 2, 1, "gpipe", 6.6),
+        Candidate(2, 2, 2, "gpipe", 8.3),
+        Candidate(2, 2, 4, "gpipe", None),  # did not fit
+        Candidate(4, 1, 8, "1f1b", 5.0),  # another layout: not a micro-batch alternative
+    ]
+    line = microbatch_choice(plan, candidates)
+    assert line is not None
+    assert line.startswith("1 micro-batch(es) predicted fastest; other counts compared: 2 -> 8.3 ms")
+    assert "4 ->" not in line and "8 ->" not in line and "does not shrink with its size" in line
+    assert microbatch_choice(plan, candidates[:1]) is None  # nothing else compared (a forced count)
+    small_bubble = dataclasses.replace(plan, predicted_bubble=0.1)
+    assert "does not shrink" not in (microbatch_choice(small_bubble, candidates) or "")

@@ -1,0 +1,67 @@
+"""What would break first on CUDA + NCCL, shown on a CPU (issue 16): the module's device after
+``model_to_device``, tensors handed to collectives on the group's device, no host sync on the
+schedule's micro-batch indices."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_rannc import RaNNCStrategy
+from lightning_rannc.runtime.optim import clip_grad_norm
+from lightning_rannc.runtime.pipeline import microbatch_indices
+
+from helpers.cases import QUIET
+from helpers.models import LoggingMLP, table_loader
+
+
+def test_the_module_reports_the_strategys_device_after_model_to_device() -> None:
+    """On a GPU the module kept reporting the CPU it was built on, so `torch.arange(n,
+    device=self.device)` in a step mixed devices. The meta device stands in for a GPU here."""
+    strategy = RaNNCStrategy(parallel_devices=[torch.device("meta")])
+    model = LoggingMLP()
+    assert model.device.type == "cpu"
+    strategy.model = model
+    strategy.model_to_device()
+    assert model.device == torch.device("meta")
+    assert all(p.is_meta for p in model.parameters())
+
+
+def test_the_gradient_norm_sum_goes_to_the_collective_on_the_groups_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank holding no gradients built its sum on the CPU, which NCCL refuses."""
+    seen: list[torch.device] = []
+    record = lambda tensor, group=None: seen.append(tensor.device)  # noqa: E731
+    fake = SimpleNamespace(is_initialized=lambda: True, all_reduce=record)
+    monkeypatch.setattr("lightning_rannc.runtime.optim.dist", fake)
+    norm = clip_grad_norm([], [], 1.0, group=None, device=torch.device("meta"))
+    assert seen == [torch.device("meta")] and norm.device == torch.device("meta")
+
+
+def test_the_schedules_micro_batch_indices_are_read_without_waiting_for_the_device() -> None:
+    indices = microbatch_indices(4)
+    assert indices.device.type == "cpu" and indices.tolist() == [0, 1, 2, 3]
+
+
+class TinyLossMLP(LoggingMLP):
+    """A loss so small that its gradients underflow in fp16 unless scaled."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx)["loss"] * 1e-6
+
+
+def test_verify_under_fp16_loss_scaling_scales_the_unpartitioned_step_too() -> None:
+    """Without the scale, the reference's fp16 gradients underflowed to zero and verify called
+    that a partitioning error."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    strategy = RaNNCStrategy(micro_batches=2, verify=True, verify_tolerance=5e-2)
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler)
+    trainer = L.Trainer(**{**QUIET, "max_steps": 1}, strategy=strategy, plugins=[fp16])
+    trainer.fit(TinyLossMLP(), table_loader())  # raises RuntimeSetupError if the gradients differ
+    if dist.is_initialized():
+        dist.destroy_process_group()
