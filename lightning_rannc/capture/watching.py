@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from lightning_rannc._compat import attached_trainer, scheduler_last_values, set_scheduler_last_values
-from lightning_rannc.capture.guards import GuardBook, Source, WatchedFloat, WatchedInt, plain, watched
+from lightning_rannc.capture.guards import Guard, GuardBook, Source, WatchedFloat, WatchedInt, plain, watched
 
 __all__ = ["watching_numbers", "current_numbers", "python_state", "warn_side_effects"]
 
@@ -89,8 +89,13 @@ def _watching_schedulers(trainer: Any, book: GuardBook) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _watching_attributes(module: nn.Module, book: GuardBook) -> Iterator[None]:
-    """The module's own public ``int``/``float`` attributes (``self.temperature``); bools cannot
-    be watched (``bool`` cannot be subclassed)."""
+    """The module's own public ``int``/``float`` attributes (``self.temperature``). A ``bool``
+    cannot be watched (it cannot be subclassed), so each public one is a guard whether or not
+    the step reads it: a step after it changes is captured again (two values, two graphs)."""
+    for name, value in vars(module).items():
+        if not name.startswith("_") and isinstance(value, bool):
+            where = f"`self.{name}` (a bool attribute of the module, checked at every step)"
+            book.guards.append(Guard(("source", ("attribute", name)), value, where))
     originals = {name: value for name, value in vars(module).items() if _is_public_number(name, value)}
     wrapped = {name: watched(value, ("attribute", name), book) for name, value in originals.items()}
     module.__dict__.update(wrapped)

@@ -208,9 +208,11 @@ class ReadsChangingNumbersMLP(LoggingMLP):
     def __init__(self) -> None:
         super().__init__()
         self.boost = 1
+        self.halve = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.boost = 1 + (batch_idx // 3) % 2
+        self.halve = batch_idx % 4 == 3
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x, y = batch[:, : self.features], batch[:, self.features].long()
@@ -219,6 +221,8 @@ class ReadsChangingNumbersMLP(LoggingMLP):
             loss = loss * 10
         if self.boost > 1:
             loss = loss + 0.5 * loss
+        if self.halve:  # a bool attribute: not watched, but a guard
+            loss = loss / 2
         lr = self.optimizers().param_groups[0]["lr"]
         self.log("lr", lr)
         self.log("lr_scaled", lr * 100 + self.global_step)
