@@ -34,10 +34,16 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_rannc import _rng
-from lightning_rannc._compat import SCHEDULE_STEP_TAKES_RETURN_OUTPUTS, PipelineStageClass, ddp_without_buffer_sync
+from lightning_rannc._compat import (
+    SCHEDULE_STEP_TAKES_RETURN_OUTPUTS,
+    TORCH_GREATER_EQUAL_2_13,
+    PipelineStageClass,
+    ddp_without_buffer_sync,
+)
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.reductions import MEAN, Reduction, combine_scalars
 from lightning_rannc.capture.split import build_range_module
+from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.trace import EventTrace
@@ -133,6 +139,7 @@ class PipelineRuntime:
             _build_stage(graph, submodule, stage_plan, plan.num_stages, device, groups.pp_group, no_grad, forward_only)
             for submodule, stage_plan in zip(submodules, plan.stages_of_rank(rank))
         ]
+        _check_stages_of_one_rank(plan, len(self.stages))
         self.schedule = _build_schedule(plan, self.stages, self._loss_fn, forward_only)
         if trace is not None:
             for stage in self.stages:
@@ -288,6 +295,19 @@ class PipelineRuntime:
                 continue
             grad = grad * scale if scale != 1.0 else grad
             param.grad = grad if param.grad is None else param.grad + grad
+
+
+def _check_stages_of_one_rank(plan: PartitionPlan, num_local_stages: int) -> None:
+    """torch < 2.13 sends values between two stages of one rank through the process group, to
+    itself, which gloo refuses with an error that names neither; only a single-rank pipeline
+    with virtual stages has such neighbours."""
+    gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+    if plan.pipeline_stages == 1 and num_local_stages > 1 and gloo and not TORCH_GREATER_EQUAL_2_13:
+        raise RuntimeSetupError(
+            f"pipeline_stages=1 with virtual_stages={num_local_stages} needs torch 2.13 or later on the gloo backend "
+            f"(torch {torch.__version__} exchanges between stages of one rank through gloo, which refuses it). "
+            "Use pipeline_stages > 1, or a newer torch."
+        )
 
 
 def microbatch_indices(num_microbatches: int) -> torch.Tensor:
