@@ -31,7 +31,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME as LIGHTNING_META
 from lightning.fabric.utilities.load import _load_distributed_checkpoint as load_distributed_checkpoint
 from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
 from lightning_utilities.core.imports import compare_version
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -67,6 +67,8 @@ __all__ = [
     "move_to_device",
     "attached_trainer",
     "autograd_sequence_number",
+    "is_fake",
+    "thread_frame",
     "build_launcher",
     "ddp_without_buffer_sync",
     "is_op_overload",
@@ -237,6 +239,19 @@ def overload_packet(target: Any) -> Any:
 def is_op_overload(target: Any) -> bool:
     """Whether an fx node's target is an ATen operator overload."""
     return isinstance(target, torch._ops.OpOverload)
+
+
+def thread_frame(thread: int) -> Any:
+    """The frame a thread (``threading.get_ident()``) runs now, or ``None`` once it ended;
+    ``sys._current_frames`` is CPython's documented way (what ``faulthandler`` shows)."""
+    import sys
+
+    return sys._current_frames().get(thread)
+
+
+def is_fake(tensor: Any) -> bool:
+    """Whether ``tensor`` is a fake tensor (shapes and dtypes, no memory)."""
+    return isinstance(tensor, FakeTensor)
 
 
 def storage_key(storage: Any) -> int:

@@ -142,6 +142,12 @@ class RaNNCConfig:
         "stops the others within about a second",
         shown="`60`",
     )
+    stall_timeout: float | None = _option(
+        None,
+        "seconds a training or evaluation step may run before every rank stops, naming the line where this rank "
+        "waits (a collective that never completes keeps its rank alive, so `fault_timeout` misses it)",
+        shown="20x the median step, at least 300 s, from the 4th step",
+    )
     process_group_backend: str | None = _option(None, '`"gloo"` or `"nccl"`', shown="device's default")
     timeout: float = _option(1800.0, "seconds a collective may wait before the process group fails", shown="`1800`")
     start_method: str = _option(
@@ -175,8 +181,9 @@ class RaNNCConfig:
             get_device(self.device_preset)
         _check_choice("state_dict_type", self.state_dict_type, ("full", "sharded"))
         _check_choice("start_method", self.start_method, START_METHODS)
-        if self.fault_timeout <= 0:
-            raise ValueError(f"RaNNCStrategy(fault_timeout={self.fault_timeout!r}): use positive seconds.")
+        for name in ("fault_timeout", "stall_timeout"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"RaNNCStrategy({name}={getattr(self, name)!r}): use positive seconds.")
         if self.timeout <= 0:
             raise ValueError(f"RaNNCStrategy(timeout={self.timeout!r}): timeout must be positive seconds.")
 

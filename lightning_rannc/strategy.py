@@ -35,7 +35,7 @@ from lightning_rannc.runtime import mesh
 from lightning_rannc.runtime.engine import PipelineEngine
 from lightning_rannc.runtime.planning import Layout
 from lightning_rannc.runtime.trace import EventTrace
-from lightning_rannc.runtime.watchdog import Watchdog
+from lightning_rannc.runtime.watchdog import Watchdog, watched_step
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -88,6 +88,7 @@ class RaNNCStrategyMixin(_MixinBase):
         terminate_on_nan: bool = False,
         pipelined_evaluation: bool = True,
         fault_timeout: float = 60.0,
+        stall_timeout: float | None = None,
         process_group_backend: str | None = None,
         timeout: float = 1800.0,
         start_method: str = "popen",
@@ -105,7 +106,7 @@ class RaNNCStrategyMixin(_MixinBase):
         self.block_costs = ProfileCache(self.config.profile_cache)
         self.engine: PipelineEngine | None = None  # the pipelined training step, made at setup
         self._chosen_stages: int | None = None
-        self._watchdog: Watchdog | None = None
+        self.watchdog: Watchdog | None = None
         self._trace: EventTrace | None = None
         self._closure_end = 0.0
         self._num_nodes = 1
@@ -181,19 +182,18 @@ class RaNNCStrategyMixin(_MixinBase):
         assert self.cluster_environment is not None
         _compat.start_process_group(self.cluster_environment, backend, config.timeout, self.root_device)
         atexit.register(mesh.destroy_process_group_at_exit)
-        if self.world_size > 1 and self._watchdog is None:
-            self._watchdog = Watchdog(
-                _compat.rendezvous_store(), self.global_rank, self.world_size, config.fault_timeout
-            )
-            self._watchdog.start()
+        if self.world_size > 1 and self.watchdog is None:
+            rank, size, store = self.global_rank, self.world_size, _compat.rendezvous_store()
+            self.watchdog = Watchdog(store, rank, size, config.fault_timeout, config.stall_timeout)
+            self.watchdog.start()
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         # Lightning calls this on the rank that raised; the others may be waiting for it in a
         # collective: the watchdog tells them to stop, and this rank's NCCL groups are aborted.
         mesh.note_failure()
-        if self._watchdog is not None:
-            self._watchdog.report_failure(exception)
+        if self.watchdog is not None:
+            self.watchdog.report_failure(exception)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -255,13 +255,13 @@ class RaNNCStrategyMixin(_MixinBase):
         batch, batch_idx = batch_and_index(args, kwargs)
         engine = self.engine
         assert engine is not None, "training_step before setup"
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler else 1.0
+        scale = precision.loss_scale(self)
         # Capture, profile, run under the precision's context: the graph knows its run-time dtypes.
         with self.precision_plugin.train_step_context():
             flat = FlatBatch.of(self.precision_plugin.convert_input(batch), engine.where)  # the one flattening
             pipeline = engine.pipeline or engine.build(flat, self.optimizers, batch_idx, scale)
-            values = pipeline.run(flat, batch_idx, loss_scale=scale)
+            with watched_step(self.watchdog, f"training step {batch_idx}"):
+                values = pipeline.run(flat, batch_idx, loss_scale=scale)
         if self.config.terminate_on_nan and not torch.isfinite(values[0]):
             module = self.lightning_module
             step = module.trainer.global_step if module is not None else "?"
@@ -403,9 +403,9 @@ class RaNNCStrategyMixin(_MixinBase):
     def teardown(self) -> None:
         if self.engine is not None:
             self.engine.restore_metric_groups()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         # Lightning's teardown moves the module to the CPU; released tensors are meta and stay so.
         if self._groups is not None:
             self._groups.destroy()

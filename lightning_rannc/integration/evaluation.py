@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.runtime.evaluation import NotPipelined
+from lightning_rannc.runtime.watchdog import watched_step
 
 if TYPE_CHECKING:
     from lightning_rannc.strategy import RaNNCStrategyMixin as RaNNCStrategy
@@ -50,7 +51,7 @@ class EvaluationLoops:
             return run_whole(*args, **kwargs)
         batch, batch_idx = batch_and_index(args, kwargs)
         extra = tuple(args[2:]) + tuple(v for k, v in kwargs.items() if k not in ("batch", "batch_idx"))
-        with context():
+        with context(), watched_step(strategy.watchdog, f"{name} {batch_idx}"):
             result = pipeline.evaluation.run(name, strategy.precision_plugin.convert_input(batch), batch_idx, extra)
         if not isinstance(result, NotPipelined):
             return result

@@ -93,12 +93,31 @@ def build_engine(
     )
 
 
+NCCL_P2P_BYTES_PER_PEER = 64 * 2**20
+"""Device memory NCCL takes for point-to-point transfers with one peer, an estimate: its
+buffers (``NCCL_BUFFSIZE``, 4 MiB by default) over several channels, allocated at the first send
+to that peer, after the limit is read. ``benchmarks/gpu_check.py`` measures the whole."""
+
+
 def _memory_limit(strategy: RaNNCStrategy) -> int | None:
     if strategy.config.memory_limit is not None:
         return parse_bytes(strategy.config.memory_limit)
     if strategy.root_device.type == "cuda":
-        return torch.cuda.get_device_properties(strategy.root_device).total_memory
+        return usable_cuda_memory(strategy.root_device, strategy.layout.pipeline_stages > 1)
     return None
+
+
+def usable_cuda_memory(device: torch.device, pipelined: bool) -> int:
+    """Bytes the plan may fill on ``device``: what the caching allocator holds or can still get.
+
+    Not the device's total: the CUDA context, NCCL's communicators (the process groups are
+    created and warmed up before the engine reads this) and other processes already hold part
+    of it, outside PyTorch's allocator. Point-to-point buffers come later: ``pipelined`` stages
+    keep some for each neighbour. Fragmentation is left to the margin (``memory_margin``).
+    """
+    free, _ = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    return usable - (2 * NCCL_P2P_BYTES_PER_PEER if pipelined else 0)
 
 
 def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device: DeviceSpec | None) -> int | None:

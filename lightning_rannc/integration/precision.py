@@ -20,7 +20,7 @@ from lightning_rannc._compat import optimizer_unscales_itself, scaler_found_inf,
 if TYPE_CHECKING:
     from lightning_rannc.strategy import RaNNCStrategyMixin as RaNNCStrategy
 
-__all__ = ["install"]
+__all__ = ["install", "loss_scale"]
 
 
 def install(strategy: RaNNCStrategy) -> None:
@@ -34,6 +34,19 @@ def install(strategy: RaNNCStrategy) -> None:
         scaler.unscale_ = functools.partial(_unscale_agreed, strategy, scaler, unscale)
         step = functools.partial(type(scaler).step, scaler)
         scaler.step = functools.partial(_step_agreed, scaler, step)
+
+
+def loss_scale(strategy: RaNNCStrategy) -> float | torch.Tensor:
+    """16-mixed's loss scale as a tensor on the device, without reading it: ``get_scale()`` is
+    a ``.item()``, a wait for the device at every step. 1 without a scaler."""
+    scaler = getattr(strategy.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return _scale_tensor(scaler, strategy.root_device)
+
+
+def _scale_tensor(scaler: Any, device: torch.device) -> torch.Tensor:
+    return scaler.scale(torch.ones((), device=device))
 
 
 def _clip_grad_by_norm(strategy: RaNNCStrategy, optimizer: Optimizer, clip_val: int | float) -> None:
@@ -55,9 +68,9 @@ def _unscale_agreed(strategy: RaNNCStrategy, scaler: Any, unscale: Any, optimize
     """GradScaler.unscale_, then an overflow found on any rank counts on every rank."""
     unscale(optimizer)
     assert strategy.engine is not None and strategy.engine.pipeline is not None
-    strategy.engine.pipeline.unscale_updated_elsewhere(1.0 / float(scaler.get_scale()))
-    found = scaler_found_inf(scaler, optimizer)
     device = strategy.root_device
+    strategy.engine.pipeline.unscale_updated_elsewhere(_scale_tensor(scaler, device).reciprocal())
+    found = scaler_found_inf(scaler, optimizer)
     total = torch.stack([f.to(device) for f in found.values()]).amax() if found else torch.zeros((), device=device)
     if dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.MAX)

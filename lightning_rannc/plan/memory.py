@@ -65,7 +65,8 @@ class StageMemory:
     activations: int
     """Saved activations of the micro-batches in flight, plus one running micro-batch's workspace."""
     buffers: int
-    """Point-to-point send/receive buffers."""
+    """Point-to-point receive buffers and outputs waiting for their gradient, and the replicas'
+    gradient buckets."""
     shared: int = 0
     """Bytes counted in both ``grads`` and ``activations`` that never live at once: gradients
     made while backward frees activations (one micro-batch), or the optimizer step's, made after
@@ -152,6 +153,30 @@ def stage_memory(
         grads=grads,
         optimizer=int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
-        buffers=2 * (input_bytes + output_bytes),
+        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, num_replicas, trainable_bytes),
         shared=activations + grads - live,
     )
+
+
+def _buffer_bytes(
+    input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int, num_replicas: int, trainable_bytes: int
+) -> int:
+    """Bytes the pipeline and the replicas' exchange hold beside activations and gradients.
+
+    - ``torch.distributed.pipelining`` allocates a receive buffer per micro-batch for the
+      stage's inputs and another for its outputs' gradients, when the schedule is first run,
+      and keeps them across steps (``_prepare_forward_infra``/``_create_grad_recv_info``).
+    - A stage keeps each forward output until its backward (the schedule's ``fwd_cache``); a
+      value only the next stage's operators save is not in this stage's activations.
+    - With replicas, DDP's reducer keeps a flat bucket copy of the trainable gradients for the
+      whole run. (``gradient_as_bucket_view`` stays off: the runtime takes each step's gradients
+      out of the parameters until Lightning's backward, and views into the buckets would be
+      overwritten by the next step.) Zero bubble's own exchange concatenates them the same way.
+
+    The stage's first operators may save the received inputs too, so up to ``in_flight`` x
+    ``input_bytes`` count twice: a small over-estimate, kept on the safe side.
+    """
+    receive = num_microbatches * (input_bytes + output_bytes)
+    waiting = in_flight * output_bytes
+    buckets = trainable_bytes if num_replicas > 1 else 0
+    return receive + waiting + buckets

@@ -26,8 +26,6 @@ over a large vocabulary holds two gradients of the logits).
 from __future__ import annotations
 
 import bisect
-import itertools
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +44,7 @@ from lightning_rannc._compat import (
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec, get_device
+from lightning_rannc.profile.storages import AllocationLog, most_live, tensors_in
 
 __all__ = ["estimate_blocks", "KERNEL_MS", "BACKWARD_KERNEL_MS"]
 
@@ -123,19 +122,12 @@ class _Recorder(TorchDispatchMode):
         self.trace, self.device = trace, device
         self.parameters = {storage_key(t.untyped_storage()) for t in tensors}
         """Parameters, buffers and constants: not activations."""
-        self.existing = self.parameters | {storage_key(t.untyped_storage()) for t in leaves}
-        """Storages that were there before the step: not allocated by it."""
+        self.allocations = AllocationLog([*tensors, *leaves])
         self.node = 0
         """The forward node now running; in backward, the node of the last operator."""
         self.backward = False
         self.sequence_starts: list[int] = []
         """First autograd sequence number of each graph node (nondecreasing)."""
-        self.serial: dict[int, int] = {}
-        """Live storage (``storage_key``) -> serial number (addresses are reused, serials are not)."""
-        self.serials = itertools.count()
-        self.events: list[tuple[int, int, int]] = []
-        """(serial, +bytes allocated or -bytes released, node); serial -1: an operator ended."""
-        self.finalizers: list[weakref.finalize] = []
         self.saved_keys: set[int] = set()
         self.saved_serials: set[int] = set()
 
@@ -144,12 +136,12 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.namespace != "aten":  # prim.device and other metadata queries
             return out
-        node = self._owner()
+        node = self.allocations.where = self._owner()
         if _launches(func, out):
             self._time(func, args, kwargs, out, node)
-        for tensor in _tensors(out):
-            self._allocated(tensor, node)
-        self.events.append((-1, 0, node))
+        for tensor in tensors_in(out):
+            self.allocations.allocated(tensor, node)
+        self.allocations.ended(node)
         return out
 
     def _owner(self) -> int:
@@ -161,8 +153,8 @@ class _Recorder(TorchDispatchMode):
         return self.node
 
     def _time(self, func: Any, args: Any, kwargs: Any, out: Any, node: int) -> None:
-        inputs = [*_tensors(args), *_tensors(kwargs)]
-        moved = sum(_read_bytes(t) for t in inputs) + sum(_nbytes(t) for t in _tensors(out))
+        inputs = [*tensors_in(args), *tensors_in(kwargs)]
+        moved = sum(_read_bytes(t) for t in inputs) + sum(_nbytes(t) for t in tensors_in(out))
         ms = moved / self.device.memory_bandwidth * 1e3
         counter = _FLOPS.get(overload_packet(func))
         if counter is not None:
@@ -176,28 +168,13 @@ class _Recorder(TorchDispatchMode):
             self.trace.fwd_ms[node] += ms
             self.trace.fwd_kernels[node] += 1
 
-    def _allocated(self, tensor: torch.Tensor, node: int) -> None:
-        storage = tensor.untyped_storage()
-        key = storage_key(storage)
-        if key in self.existing or key in self.serial:
-            return
-        serial = self.serial[key] = next(self.serials)
-        size = storage.nbytes()
-        self.events.append((serial, size, node))
-        # Storages of fake tensors keep their Python object while alive: this runs when it dies.
-        self.finalizers.append(weakref.finalize(storage, self._released, key, serial, size))
-
-    def _released(self, key: int, serial: int, size: int) -> None:
-        self.serial.pop(key, None)
-        self.events.append((serial, -size, self.node))
-
     def saved(self, tensor: torch.Tensor) -> torch.Tensor:
         """``saved_tensors_hooks`` pack hook: a storage counts as an activation of the first node
         that saves it (a stage holds it once, however many of its nodes save it)."""
         storage = tensor.untyped_storage()
         if storage_key(storage) not in self.parameters and storage_key(storage) not in self.saved_keys:
             self.saved_keys.add(storage_key(storage))
-            self.saved_serials.add(self.serial.get(storage_key(storage), -1))
+            self.saved_serials.add(self.allocations.serial_of(tensor))
             self.trace.saved_bytes[self.node] += storage.nbytes()
         return tensor
 
@@ -206,19 +183,8 @@ def _launches(func: Any, out: Any) -> bool:
     """Whether the operator runs a kernel: not for views, allocations or empty outputs."""
     if func.is_view or func in _NO_KERNEL:
         return False
-    outputs = list(_tensors(out))
+    outputs = list(tensors_in(out))
     return not outputs or any(t.numel() for t in outputs)
-
-
-def _tensors(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -287,26 +253,16 @@ def _trace(graph: StepGraph, fake_leaves: Sequence[torch.Tensor], device: Device
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 torch.autograd.backward(loss)
             del loss
-        grads = [storage_key(t.grad.untyped_storage()) for t in tensors if t.grad is not None]
-        grad_serials = {recorder.serial[k] for k in grads if k in recorder.serial}
+        grad_serials = {recorder.allocations.serial_of(t.grad) for t in tensors if t.grad is not None}
     finally:
         for tensor, grad in zip(tensors, grads_before):
             tensor.grad = grad
-        for finalizer in recorder.finalizers:
-            finalizer.detach()
-    _workspace(trace, recorder.events, recorder.saved_serials | grad_serials)
+        recorder.allocations.close()
+    # The most bytes live at once per node, saved storages and parameter gradients aside (the
+    # memory model counts those on their own).
+    excluded = recorder.saved_serials | grad_serials
+    trace.workspace = most_live(recorder.allocations.events, excluded, trace.size)
     return trace
-
-
-def _workspace(trace: _Trace, events: list[tuple[int, int, int]], excluded: set[int]) -> None:
-    """Replay the allocations: the most bytes live at once per node, saved storages and
-    parameter gradients aside (the memory model counts those on their own)."""
-    live = 0
-    for serial, change, node in events:
-        if serial < 0:
-            trace.workspace[node] = max(trace.workspace[node], live)
-        elif serial not in excluded:
-            live += change
 
 
 def estimate_blocks(

@@ -107,7 +107,7 @@ class BuiltPipeline:
 
     # --- training steps -----------------------------------------------------------------------
 
-    def run(self, batch: FlatBatch, batch_idx: int, loss_scale: float = 1.0) -> torch.Tensor:
+    def run(self, batch: FlatBatch, batch_idx: int, loss_scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         """One training step; the loss and logged values, the same on every rank. Collective."""
         variant = self._variant_for(batch, batch_idx)
         runtime = self.last_runtime = variant.entry
@@ -119,7 +119,8 @@ class BuiltPipeline:
         if self.reference is not None:
             grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}
             reference, self.reference = self.reference, None
-            check_against_reference(reference, float(values[0]), grads, self.groups, self._verify_tolerance, loss_scale)
+            scale = float(loss_scale)  # once, at the first step
+            check_against_reference(reference, float(values[0]), grads, self.groups, self._verify_tolerance, scale)
         self._share_written_buffers()
         return values
 
@@ -227,7 +228,7 @@ class BuiltPipeline:
         counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank]
         return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group, self.device)
 
-    def unscale_updated_elsewhere(self, inv_scale: float) -> None:
+    def unscale_updated_elsewhere(self, inv_scale: float | torch.Tensor) -> None:
         """Unscale the gradients the optimizer does not hold (it unscales its own): they enter
         the gradient norm."""
         for name in self.ownership.updated_elsewhere:

@@ -98,7 +98,11 @@ class PipelineEngine:
     # --- the build, at the first batch ------------------------------------------------------------
 
     def build(
-        self, batch: FlatBatch, optimizers: list[Optimizer], batch_idx: int = 0, loss_scale: float = 1.0
+        self,
+        batch: FlatBatch,
+        optimizers: list[Optimizer],
+        batch_idx: int = 0,
+        loss_scale: float | torch.Tensor = 1.0,
     ) -> BuiltPipeline:
         """Capture, plan and build this rank's stages from the first batch (number ``batch_idx``,
         under 16-bit ``loss_scale``); keep in ``optimizers`` only what this rank updates. Collective."""
@@ -141,7 +145,8 @@ class PipelineEngine:
         if self.options.config.verify:
             names = ownership.local & trainable
             sum_loss = captured.output_reductions.get(0) == SUM
-            reference = self._reference_step(graph, batch, runtime.plan, names, seed, sum_loss, loss_scale)
+            scale = float(loss_scale)  # read once, at the first step
+            reference = self._reference_step(graph, batch, runtime.plan, names, seed, sum_loss, scale)
             pipeline.reference = reference
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
         captured.forget_tensors_except(ownership.local | ownership.owned)

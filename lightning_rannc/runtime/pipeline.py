@@ -147,7 +147,7 @@ class PipelineRuntime:
             trace.watch_schedule(self.schedule)
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
-        self._loss_scale = 1.0
+        self._loss_scale: float | torch.Tensor = 1.0
         self._params = list({id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}.values())
         by_name = {n: p for m in self.modules for n, p in m.named_parameters() if p.requires_grad}
         # In the group's order (the same on every rank), not this rank's parameter order: the
@@ -171,11 +171,14 @@ class PipelineRuntime:
         # would, not M times sooner.
         return output[0] * (self._loss_scale / self._loss_divisor)
 
-    def run(self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float = 1.0) -> torch.Tensor:
+    def run(
+        self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float | torch.Tensor = 1.0
+    ) -> torch.Tensor:
         """Run one step; return the mean over micro-batches and replicas of every graph output.
 
         ``loss_scale`` multiplies the loss before backward (16-bit loss scaling): the gradients
         come out scaled, as Lightning's scaler expects after its own ``scale(loss).backward()``.
+        A tensor on the device (the scaler's own) costs no wait for the device.
         """
         held = self._take_grads()
         args, kwargs = self._start(leaves, seed, step, loss_scale)
@@ -209,7 +212,7 @@ class PipelineRuntime:
             return self._broadcast_outputs()
 
     def _start(
-        self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float
+        self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float | torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
         """Prepare a step; return the schedule's arguments. The target of each micro-batch is its
         index (see ``_loss_fn``)."""

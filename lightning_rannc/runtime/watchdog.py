@@ -12,21 +12,32 @@ that talks to the process group's store (the rendezvous ``TCPStore``):
   moved for ``fault_timeout`` seconds means a killed or frozen process, and its watcher reports
   it as failed (one watcher per rank keeps the store traffic flat at any scale);
 - the store lives in rank 0's process: losing it means rank 0 is gone, unless this rank is
-  finishing anyway.
+  finishing anyway;
+- a rank stuck in a collective (ranks that disagree on the collectives, a peer whose device
+  froze) keeps heartbeating: the watcher also times each training and evaluation step
+  (``step``), and a step running past ``stall_limit`` stops every rank, naming the line this
+  rank waits at. Without it the process group's ``timeout`` (30 minutes) would end the run, and
+  under NCCL's asynchronous error handling without Lightning's ``on_exception``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import logging
 import os
+import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Watchdog"]
+from lightning_rannc._compat import thread_frame
+
+__all__ = ["Watchdog", "watched_step", "STALL_FLOOR_S", "STALL_FACTOR"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -34,6 +45,13 @@ _PREFIX = "lightning_rannc/watchdog"
 _GENERATIONS = itertools.count()
 """Each fit in a process starts a new generation of keys, the same on every rank (they run the
 same sequence of fits), so a finished run's keys never look like a failure of the next."""
+STALL_FLOOR_S = 300.0
+"""The shortest automatic stall limit: a step may always run this long."""
+STALL_FACTOR = 20.0
+"""The automatic stall limit is this many times the median of the recent steps: room for a step
+that captures a new batch shape, without waiting half an hour for a stuck one."""
+_TIMED_STEPS = 3
+"""Steps timed before the automatic limit applies (the first one plans, and may take minutes)."""
 
 
 class Watchdog:
@@ -45,6 +63,7 @@ class Watchdog:
         rank: int,
         world_size: int,
         fault_timeout: float,
+        stall_timeout: float | None = None,
         poll_s: float = 0.5,
         exit_process: Callable[[int], Any] = os._exit,
         grace_s: float = 10.0,
@@ -60,6 +79,10 @@ class Watchdog:
         self._keys = f"{_PREFIX}/{next(_GENERATIONS) if generation is None else generation}"
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lightning_rannc-watchdog", daemon=True)
+        self._stall_timeout = stall_timeout
+        self._step: tuple[str, float, int] | None = None
+        """The running step: what it is, when it started, the thread running it."""
+        self._step_times: collections.deque[float] = collections.deque(maxlen=50)
 
     def start(self) -> None:
         self._thread.start()
@@ -99,6 +122,26 @@ class Watchdog:
         rank_zero = self._await_rank_zero()
         if rank_zero is not None and _same_error(rank_zero, summary):
             self._stop_process(rank_zero, also=summary)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Time one step (``what``: "training step 12"): past ``stall_limit``, every rank stops."""
+        started = time.monotonic()
+        self._step = (what, started, threading.get_ident())
+        try:
+            yield
+        finally:
+            self._step = None
+            self._step_times.append(time.monotonic() - started)
+
+    def stall_limit(self) -> float | None:
+        """Seconds a step may run: ``stall_timeout``, or ``STALL_FACTOR`` x the median of the
+        recent steps and at least ``STALL_FLOOR_S`` once a few have run; ``None``: no limit yet."""
+        if self._stall_timeout is not None:
+            return self._stall_timeout
+        if len(self._step_times) < _TIMED_STEPS:
+            return None
+        return max(STALL_FLOOR_S, STALL_FACTOR * statistics.median(self._step_times))
 
     def _await_others(self, summary: str) -> None:
         """Rank 0 (whose process holds the store) waits until each other rank has stopped or
@@ -159,6 +202,23 @@ class Watchdog:
                 last_beat, last_change = beat, now
             elif now - last_change > self._fault_timeout:
                 return self._silent(neighbour)
+            step, limit = self._step, self.stall_limit()
+            if step is not None and limit is not None and now - step[1] > limit:
+                return self._stalled(step, now - step[1], limit)
+
+    def _stalled(self, step: tuple[str, float, int], seconds: float, limit: float) -> None:
+        what, _, thread = step
+        summary = (
+            f"{self._rank}\t{what} has run for {seconds:.0f} s, over the stall limit of {limit:.0f} s "
+            f"(stall_timeout), waiting {_waiting_at(thread)}: a collective that never completes (ranks "
+            "that run different collectives, or a peer whose device hangs)"
+        )
+        try:
+            if not self._store.check([f"{self._keys}/failed"]):
+                self._store.set(f"{self._keys}/failed", summary)
+        except Exception:
+            pass
+        self._stop_process(summary)
 
     def _silent(self, neighbour: int) -> None:
         summary = f"{neighbour}\tno sign of life for {self._fault_timeout:.0f} s (killed, crashed or frozen)"
@@ -194,6 +254,26 @@ class Watchdog:
             # error: give rank 0 a moment to show the error it raised.
             time.sleep(4 * self._poll_s)
         self._exit_process(1)
+
+
+def watched_step(watchdog: Watchdog | None, what: str) -> contextlib.AbstractContextManager[None]:
+    """``watchdog.step(what)``, or nothing to watch (one process)."""
+    return watchdog.step(what) if watchdog is not None else contextlib.nullcontext()
+
+
+def _waiting_at(thread: int) -> str:
+    """Where ``thread`` is now: its innermost frame, and the innermost in this package (the
+    collective's caller) when that is another."""
+    frame = thread_frame(thread)
+    if frame is None:
+        return "at an unknown line"
+    frames = traceback.extract_stack(frame)
+    innermost = frames[-1]
+    ours = next((f for f in reversed(frames) if f"{os.sep}lightning_rannc{os.sep}" in f.filename), None)
+    where = f"in {innermost.name} ({innermost.filename}:{innermost.lineno})"
+    if ours is not None and ours is not innermost:
+        where += f", called from {ours.name} ({ours.filename}:{ours.lineno})"
+    return where
 
 
 def _same_error(one: str, other: str) -> bool:

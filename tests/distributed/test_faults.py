@@ -48,6 +48,14 @@ def test_a_killed_rank_stops_the_others_within_the_fault_timeout() -> None:
     assert elapsed < 60, out[-3000:]  # fault_timeout is 15 s; the collectives would wait 600 s
 
 
+def test_a_rank_stuck_in_a_collective_stops_every_rank_within_the_stall_limit() -> None:
+    """A rank waiting in a collective is alive: only the step's own clock shows it is stuck."""
+    out, elapsed = _fail("stuck")
+    assert elapsed < 60, out[-3000:]  # stall_timeout is 5 s; the collectives would wait 600 s
+    assert "because rank 0 failed: training step 3 has run for" in out, out[-3000:]
+    assert "over the stall limit of 5 s (stall_timeout), waiting in " in out, out[-3000:]
+
+
 def test_after_a_sigkill_resuming_from_last_continues_as_if_nothing_happened(tmp_path: Path) -> None:
     run_script("killed_and_resumed.py", str(tmp_path / "straight"), "straight", timeout=180)
     killed = tmp_path / "killed"

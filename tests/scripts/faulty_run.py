@@ -3,12 +3,15 @@
 MODE ``raise_step``: a callback raises on rank 1 before its 4th batch (rank 0 is then waiting
 in the pipeline); ``raise_setup``: rank 1 raises in ``setup`` (rank 0 is then in the strategy's
 setup collectives); ``kill``: rank 1 is SIGKILLed before its 4th batch; ``too_big``: a memory
-limit nothing fits, an error rank 0 finds and every rank raises.
+limit nothing fits, an error rank 0 finds and every rank raises; ``stuck``: rank 1 stops
+before its 4th batch but stays alive (its watchdog heartbeats), so rank 0 waits in the
+pipeline's collectives until its stall limit (5 s).
 """
 
 import os
 import signal
 import sys
+import time
 
 import lightning as L
 
@@ -32,6 +35,8 @@ class Fault(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.mode == "raise_step":
             raise ValueError("injected failure on rank 1")
+        if self.mode == "stuck":
+            time.sleep(600)
 
 
 def main() -> None:
@@ -45,6 +50,7 @@ def main() -> None:
             fault_timeout=15,
             timeout=600,
             memory_limit=1000 if mode == "too_big" else None,
+            stall_timeout=5 if mode == "stuck" else None,
         ),
         max_steps=40,
         logger=False,

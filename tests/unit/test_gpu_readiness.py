@@ -65,3 +65,37 @@ def test_verify_under_fp16_loss_scaling_scales_the_unpartitioned_step_too() -> N
     trainer.fit(TinyLossMLP(), table_loader())  # raises RuntimeSetupError if the gradients differ
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def test_the_cuda_limit_is_what_the_allocator_holds_or_can_get(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit was the device's total memory, so the CUDA context, NCCL's communicators and
+    other processes were planned as free."""
+    from lightning_rannc.integration.layout import NCCL_P2P_BYTES_PER_PEER, usable_cuda_memory
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * gib)
+    device = torch.device("cuda", 0)
+    assert usable_cuda_memory(device, pipelined=False) == 65 * gib
+    assert usable_cuda_memory(device, pipelined=True) == 65 * gib - 2 * NCCL_P2P_BYTES_PER_PEER
+
+
+def test_the_memory_model_counts_receive_buffers_per_micro_batch_and_the_replicas_buckets() -> None:
+    """torch's stages allocate a receive buffer per micro-batch in each direction and keep them;
+    DDP keeps a bucket copy of the gradients. The model counted two buffers and no buckets."""
+    from lightning_rannc.plan.memory import stage_memory
+
+    common = dict(
+        param_bytes=1000,
+        trainable_bytes=1000,
+        activation_bytes=500,
+        input_bytes=10,
+        output_bytes=20,
+        in_flight=2,
+        checkpoint=False,
+        optimizer_factor=2.0,
+    )
+    one = stage_memory(**common, num_microbatches=8)  # type: ignore[arg-type]
+    assert one.buffers == 8 * (10 + 20) + 2 * 20
+    replicated = stage_memory(**common, num_microbatches=8, num_replicas=4)  # type: ignore[arg-type]
+    assert replicated.buffers == one.buffers + 1000

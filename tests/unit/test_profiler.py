@@ -96,6 +96,53 @@ def test_analytic_activations_are_what_the_profiler_measures() -> None:
     assert estimated == measured
 
 
+def test_measured_workspace_is_what_the_analytic_estimate_follows() -> None:
+    # The loss's backward holds the logits' gradient twice, beyond saved activations and
+    # parameter gradients: measured on the real run as the analytic estimate does on fakes.
+    model, graph, leaves = _gpt_graph()
+    measured = profile_blocks(graph, leaves, [(0, len(graph))], repeats=1)[0].workspace_bytes
+    estimated = _analytic_gpt_costs(copy.deepcopy(model).to("meta"), leaves[0], max_blocks=1)[0].workspace_bytes
+    logits_bytes = 2 * 16 * 256 * 4
+    assert measured >= 2 * logits_bytes
+    assert 0.8 * estimated <= measured <= 1.25 * estimated
+
+
+def test_profiling_keeps_only_the_values_blocks_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_rannc.profile import profiler
+
+    model, graph, leaves = _gpt_graph()
+    spans = group_nodes(graph, max_blocks=4)
+    kept: list[int] = []
+    original = profiler.run_graph
+
+    def counting(*args, **kwargs):
+        values = original(*args, **kwargs)
+        kept.append(len(values))
+        return values
+
+    monkeypatch.setattr(profiler, "run_graph", counting)
+    profile_blocks(graph, leaves, spans, repeats=1)
+    needed = {v for a, _ in spans for v in graph.stage_inputs(a)}
+    assert kept == [len(needed)] and len(needed) < len(graph) / 4
+
+
+def test_values_without_gradient_are_found_without_running_the_step() -> None:
+    # Found on fake tensors: the real parameters get no gradient and nothing runs for real.
+    model, graph, leaves = _gpt_graph()
+    boundaries = [b for b, ok in enumerate(graph.cut_allowed()) if ok][1:3]
+    with torch.autograd.graph.saved_tensors_hooks(_refuse_real, lambda t: t):
+        no_grad = find_no_grad_values(graph, leaves, boundaries)
+    assert isinstance(no_grad, list)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _refuse_real(tensor: torch.Tensor) -> torch.Tensor:
+    from lightning_rannc._compat import is_fake
+
+    assert is_fake(tensor), "a real tensor was saved for backward"
+    return tensor
+
+
 def _cost(fwd_ms: float, bwd_ms: float) -> BlockCost:
     return BlockCost(start=0, end=1, fwd_ms=fwd_ms, bwd_ms=bwd_ms, activation_bytes=800, cut_bytes=80)
 

@@ -108,3 +108,37 @@ def test_an_error_every_rank_raises_is_shown_by_rank_zero(capfd: pytest.CaptureF
     first.join()
     assert exit0.codes == [] and exit1.codes == [1]
     assert "stopping rank 1 because rank 0 failed: ValueError: does not fit\n" in capfd.readouterr().err
+
+
+def test_a_step_past_the_stall_limit_stops_every_rank_naming_where_it_waits(capfd: pytest.CaptureFixture[str]) -> None:
+    """A rank blocked in a collective heartbeats; the step's clock finds it."""
+    store, exits = dist.HashStore(), (_Exits(), _Exits())
+    dogs = [
+        Watchdog(store, r, 2, 30.0, stall_timeout=0.5, poll_s=0.05, exit_process=exits[r], grace_s=0.3, generation=0)
+        for r in (0, 1)
+    ]
+    for dog in dogs:
+        dog.start()
+    started = time.monotonic()
+    with dogs[1].step("training step 7"):
+        assert exits[1].called.wait(3.0)  # stands for a collective that never returns
+    assert exits[0].called.wait(2.0)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    err = capfd.readouterr().err
+    assert "because rank 1 failed: training step 7 has run for 1 s, over the stall limit of 0 s" in err
+    assert "waiting in wait (" in err  # the Event.wait above
+    for dog in dogs:
+        dog.stop()
+
+
+def test_the_automatic_stall_limit_follows_the_steps_after_the_first_few() -> None:
+    from lightning_rannc.runtime.watchdog import STALL_FACTOR, STALL_FLOOR_S
+
+    dog = Watchdog(dist.HashStore(), 0, 2, 30.0, exit_process=_Exits(), generation=0)
+    for _ in range(3):
+        assert dog.stall_limit() is None  # the first steps capture and plan: no limit yet
+        with dog.step("training step"):
+            pass
+    assert dog.stall_limit() == STALL_FLOOR_S
+    dog._step_times.extend([100.0] * 10)
+    assert dog.stall_limit() == STALL_FACTOR * 100.0
