@@ -7,15 +7,18 @@ reads (cut sizes, fingerprint, tensor names) computed. Nothing runs and nothing 
 
 Targets (the planner issue's): a BERT-style model of ~77B parameters (96 layers, hidden 8192,
 64 heads, sequence 512) on 256 devices of 80 GB in under 60 s end to end, and a GPT-3-shaped
-model of ~175B (96 layers, hidden 12288, 96 heads, sequence 2048) on 1024 devices in under 120 s.
+model of ~175B (96 layers, hidden 12288, 96 heads, sequence 2048) on 1024 devices in under 60 s,
+in fp32 and in bf16-mixed.
 
     python benchmarks/plan_scale.py                      # both targets
     python benchmarks/plan_scale.py --only bert-77b --layers 12   # a shallower variant
     python benchmarks/plan_scale.py --repeat 3           # median of 3 runs per phase (shared CPUs are noisy)
     python benchmarks/plan_scale.py --profile gpt-175b   # cProfile of the phases, top 30
+    python benchmarks/plan_scale.py --only gpt-175b --precision 32-true --precision bf16-mixed
 
 The search plans for the target's devices (8 per node, 80 GB, AdamW) and a global batch of
-2048 (BERT) or 1536 (GPT-3's) sequences.
+2048 (BERT) or 1536 (GPT-3's) sequences, with the strategy's default options (micro-batch count
+chosen by the planner; ``--precision``: the Trainer's precision, fp32 by default).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from lightning_rannc.capture.batch import flatten_batch  # noqa: E402
 from lightning_rannc.capture.export import capture_training_step  # noqa: E402
 from lightning_rannc.capture.graph import StepGraph, group_nodes  # noqa: E402
 from lightning_rannc.capture.module_state import fake_module_state  # noqa: E402
+from lightning_rannc.dry_run import PRECISIONS  # noqa: E402
+from lightning_rannc.errors import PlanError  # noqa: E402
 from lightning_rannc.plan.devices import get_device  # noqa: E402
 from lightning_rannc.plan.report import format_plan  # noqa: E402
 from lightning_rannc.plan.search import SearchSettings, search_plan  # noqa: E402
@@ -74,7 +79,7 @@ TARGETS = {
         dict(layers=96, hidden=12288, heads=96, seq_len=2048, vocab=50257),
         1024,
         80 * GB,
-        120.0,
+        60.0,
         1536,
     ),
     # Small shapes for quick checks (not run by default).
@@ -121,12 +126,14 @@ class Timings:
 
 
 def plan(
-    target: Target, max_blocks: int = 64, device: str | None = "h100", **overrides: Any
+    target: Target, max_blocks: int = 64, device: str | None = "h100", precision: str = "32-true", **overrides: Any
 ) -> tuple[Timings, dict[str, Any]]:
     """Plan ``target`` (its model kwargs updated with the non-None ``overrides``), timing each phase.
 
-    ``device`` names the preset the costs are estimated for, when ``estimate_blocks`` takes one.
+    ``device`` names the preset the costs are estimated for, when ``estimate_blocks`` takes one;
+    ``precision`` the Trainer's (mixed: captured and costed under autocast; true: converted).
     """
+    autocast, dtype = PRECISIONS[precision]
     kwargs = dict(target.kwargs, **{k: v for k, v in overrides.items() if v is not None})
     device_spec = get_device(device or "h100")
     t = Timings()
@@ -134,9 +141,13 @@ def plan(
         with torch.device("meta"):
             model = target.model(**kwargs)
         model.log = lambda *a, **k: None  # no Trainer: `self.log` would complain
+        if dtype is not None:
+            model = model.to(dtype)
         batch = next(iter(model.train_dataloader()))
         one = {k: v[:1] for k, v in batch.items()}  # a micro-batch of one sample
     with ExitStack() as stack:  # the module's tensors are fake until the costs are estimated
+        if autocast is not None:
+            stack.enter_context(torch.autocast("cpu", dtype=autocast))
         with t.phase("capture (export)"):
             mode = stack.enter_context(fake_module_state(model, torch.device("cpu")))
             leaves, spec = flatten_batch(one, "benchmark")
@@ -154,7 +165,10 @@ def plan(
         names = [graph.tensor_names(a, b) for a, b in spans]
         graph.node_keys()
     with t.phase("search"):
-        result = search(graph, costs, target=target, device_spec=device_spec, microbatch_size=1)
+        try:
+            result: Any = search(graph, costs, target=target, device_spec=device_spec, microbatch_size=1)
+        except PlanError as refusal:  # an answer too: it names what would fit
+            result = refusal
     info = dict(
         params=count_parameters(model),
         nodes=len(graph),
@@ -179,12 +193,12 @@ def _median(runs: list[Timings]) -> Timings:
 def _table(rows: list[tuple[str, Timings, dict[str, Any], Target]]) -> None:
     phases = list(rows[0][1].phases)
     width = max(len(p) for p in [*phases, "est. fwd+bwd / sample"]) + 2
-    header = "".join(f"{name:>16s}" for name, *_ in rows)
+    header = "".join(f"{name:>22s}" for name, *_ in rows)
     print(f"\n{'phase':<{width}}{header}")
     for p in phases:
-        print(f"{p:<{width}}" + "".join(f"{t.phases[p]:>15.2f}s" for _, t, _, _ in rows))
-    print(f"{'total':<{width}}" + "".join(f"{t.total:>15.2f}s" for _, t, _, _ in rows))
-    print(f"{'budget':<{width}}" + "".join(f"{tg.budget_s:>15.0f}s" for *_, tg in rows))
+        print(f"{p:<{width}}" + "".join(f"{t.phases[p]:>21.2f}s" for _, t, _, _ in rows))
+    print(f"{'total':<{width}}" + "".join(f"{t.total:>21.2f}s" for _, t, _, _ in rows))
+    print(f"{'budget':<{width}}" + "".join(f"{tg.budget_s:>21.0f}s" for *_, tg in rows))
     print()
     facts = {
         "parameters": lambda i, tg: f"{i['params'] / 1e9:.1f}B",
@@ -195,7 +209,7 @@ def _table(rows: list[tuple[str, Timings, dict[str, Any], Target]]) -> None:
         "activations / sample": lambda i, tg: f"{i['activation_gb']:.1f}GB",
     }
     for label, fact in facts.items():
-        print(f"{label:<{width}}" + "".join(f"{fact(info, tg):>16s}" for _, _, info, tg in rows))
+        print(f"{label:<{width}}" + "".join(f"{fact(info, tg):>22s}" for _, _, info, tg in rows))
 
 
 def main() -> None:
@@ -207,6 +221,9 @@ def main() -> None:
     parser.add_argument("--device", default="h100", help="device preset for the cost model (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per target; phases report the median")
     parser.add_argument("--profile", choices=sorted(TARGETS), help="cProfile one target, print the top 30")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), action="append", help="the Trainer's precision (repeatable; 32-true)"
+    )
     args = parser.parse_args()
     options = dict(layers=args.layers, attention=args.attention)
 
@@ -220,18 +237,24 @@ def main() -> None:
         return
 
     rows = []
+    precisions = args.precision or ["32-true"]
     for name in args.only or DEFAULT_TARGETS:
         target = TARGETS[name]
-        runs, info = [], {}
-        for _ in range(max(1, args.repeat)):
-            timings, info = plan(target, args.max_blocks, args.device, **options)
-            runs.append(timings)
-        label = name if not args.layers else f"{name}/{args.layers}L"
-        rows.append((label, _median(runs), info, target))
+        for precision in precisions:
+            runs, info = [], {}
+            for _ in range(max(1, args.repeat)):
+                timings, info = plan(target, args.max_blocks, args.device, precision, **options)
+                runs.append(timings)
+            label = name if not args.layers else f"{name}/{args.layers}L"
+            label += f" {precision}" if len(precisions) > 1 else ""
+            rows.append((label, _median(runs), info, target))
     _table(rows)
     for label, timings, info, target in rows:
         verdict = "within" if timings.total <= target.budget_s else "OVER"
         print(f"{label}: {timings.total:.1f}s end to end, {verdict} the {target.budget_s:.0f}s budget")
+        if isinstance(info["plan"], PlanError):
+            print(f"  refused: {info['plan']}")
+            continue
         text = format_plan(info["plan"].plan).splitlines()
         print("\n".join(["  " + line for line in [text[0], *text[-2:]]]))
 

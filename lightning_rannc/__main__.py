@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lightning_rannc.config import RaNNCConfig
+from lightning_rannc.dry_run import PRECISIONS
 from lightning_rannc.errors import PlanError, RaNNCError
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
 from lightning_rannc.plan.plan import SCHEDULES, PartitionPlan
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--batch-size", type=int, default=None, help="global batch (default: the sample batch's)")
     plan.add_argument("--optimizer", default=None, help="adamw, sgd, sgd_momentum, ... (default: from the module)")
+    plan.add_argument(
+        "--precision", default="32-true", choices=list(PRECISIONS), help="the Trainer's precision (default: 32-true)"
+    )
     plan.add_argument("--stages", type=int, default=None, help="force the pipeline stage count")
     plan.add_argument("--replicas", type=int, default=None, help="force the data-parallel degree")
     plan.add_argument("--micro-batches", type=int, default=None, help="force the micro-batch count")
@@ -127,7 +131,7 @@ def _plan(args: argparse.Namespace) -> int:
         virtual_stages=args.virtual_stages,
         activation_checkpointing=_CHECKPOINTING[args.activation_checkpointing],
     )
-    result = plan_module(module, batch, settings, max_blocks=args.max_blocks)
+    result = plan_module(module, batch, settings, max_blocks=args.max_blocks, precision=args.precision)
     _print_plan(result.plan, args.rich)
     choice = microbatch_choice(result.plan, result.candidates)
     if choice is not None:

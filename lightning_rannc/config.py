@@ -48,11 +48,16 @@ class RaNNCConfig:
         "training batch; `None`: one pipeline over all devices",
     )
     micro_batches: int | str = _option(
-        4,
-        "micro-batches per batch; a batch it does not divide runs with the nearest count that does "
-        '(10 samples: 5 x 2). `"auto"`: the planner\'s choice (a divisor of the batch)',
+        "auto",
+        '`"auto"`: the planner\'s choice, a divisor of the batch (the fewest that fit for one stage, the fastest '
+        "predicted for a pipeline); a number: micro-batches per batch, and a batch it does not divide runs with "
+        "the nearest count that does (10 samples: 5 x 2)",
     )
-    max_micro_batches: int = _option(64, 'with `micro_batches="auto"`: the most micro-batches the planner may pick')
+    max_micro_batches: int = _option(
+        64,
+        'with `micro_batches="auto"`: the most micro-batches the planner tries first; when no plan fits, it tries '
+        "every count down to `min_micro_batch_size` samples before it refuses",
+    )
     min_micro_batch_size: int = _option(1, 'with `micro_batches="auto"`: the fewest samples per micro-batch')
     schedule: str = _option(
         "auto",

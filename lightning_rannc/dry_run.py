@@ -5,13 +5,16 @@ device works (that is how ``python -m lightning_rannc plan`` builds it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_rannc._compat import tree_map
 from lightning_rannc._utils import optimizer_kind as _optimizer_kind
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
@@ -24,19 +27,38 @@ from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.profiler import find_no_grad_values
 from lightning_rannc.profile.tensors import tensor_table
 
-__all__ = ["plan_module", "sample_batch", "optimizer_kind"]
+__all__ = ["plan_module", "sample_batch", "optimizer_kind", "PRECISIONS"]
 
 log = logging.getLogger("lightning_rannc")
 
+PRECISIONS = {
+    "32-true": (None, None),
+    "bf16-mixed": (torch.bfloat16, None),
+    "16-mixed": (torch.float16, None),
+    "bf16-true": (None, torch.bfloat16),
+    "16-true": (None, torch.float16),
+}
+"""Lightning's precision names: (the autocast dtype, the dtype parameters and inputs take)."""
 
-def plan_module(module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int = 64) -> SearchResult:
+
+def plan_module(
+    module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int = 64, precision: str = "32-true"
+) -> SearchResult:
     """Search the best plan for ``module``'s training step on ``settings.num_devices`` devices.
 
     The step is captured for one sample of ``batch`` and costs scale linearly to larger
-    micro-batches; ``settings.global_batch_size`` is the batch the plan splits.
+    micro-batches; ``settings.global_batch_size`` is the batch the plan splits. ``precision`` is
+    the Trainer's: mixed precision captures and costs the step under autocast (the half-precision
+    activations and FLOP rate follow from the graph), and a ``-true`` precision converts the
+    module's floating-point tensors and the batch's, as Lightning does (then parameters,
+    gradients and optimizer state are half as large too).
     """
+    autocast, dtype = _precision(precision)
+    if dtype is not None:
+        module = module.to(dtype)
+        batch = _converted(batch, dtype)
     flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
-    with fake_module_state(module, torch.device("cpu")) as mode:
+    with fake_module_state(module, torch.device("cpu")) as mode, _autocast(autocast):
         sample = [mode.from_tensor(leaf) for leaf in flat.first_leaves(1)]
         captured = capture_training_step(module, flat.with_leaves(sample))
         graph = StepGraph.from_captured(captured)
@@ -52,6 +74,25 @@ def plan_module(module: nn.Module, batch: Any, settings: SearchSettings, max_blo
         plan = result.plan
         plan.no_grad_values = find_no_grad_values(graph, sample, [s.node_start for s in plan.stages[1:]])
     return result
+
+
+def _precision(precision: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.") from None
+
+
+@contextlib.contextmanager
+def _autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    # The fake tensors live on the CPU; the analytic costs follow CUDA's autocast policy for a
+    # GPU preset (``profile/analytic.py``).
+    with torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        yield
+
+
+def _converted(batch: Any, dtype: torch.dtype) -> Any:
+    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch)
 
 
 def sample_batch(module: nn.Module) -> Any:

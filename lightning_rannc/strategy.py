@@ -65,7 +65,7 @@ class RaNNCStrategyMixin(_MixinBase):
     def __init__(
         self,
         pipeline_stages: int | str | None = "auto",
-        micro_batches: int | str = 4,
+        micro_batches: int | str = "auto",
         max_micro_batches: int = 64,
         min_micro_batch_size: int = 1,
         schedule: str = "auto",

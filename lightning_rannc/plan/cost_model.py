@@ -40,7 +40,12 @@ class BlockCost:
     """Most bytes one micro-batch holds while the block runs beyond ``activation_bytes`` and
     parameter gradients: gradients in flight and temporaries (the loss's gradient over a large
     vocabulary). Only one micro-batch runs at a time, so a stage needs the largest of its
-    blocks' once, not once per micro-batch in flight. 0: unknown (the profiler does not measure it)."""
+    blocks' once, not once per micro-batch in flight. 0: unknown."""
+    weight_copy_bytes: int = 0
+    """Parameters cast to half precision by autocast and saved for backward. Autocast casts each
+    parameter once per region and the whole step runs in one, so the micro-batches share the
+    copies: a fixed cost of the stage, not an activation of each micro-batch (the analytic
+    estimate tells them apart; measured profiles count them in ``activation_bytes``)."""
 
     def scaled(self, factor: float) -> BlockCost:
         """The block's cost for micro-batches ``factor`` times as large: time beyond the fixed

@@ -65,8 +65,7 @@ class StageMemory:
     activations: int
     """Saved activations of the micro-batches in flight, plus one running micro-batch's workspace."""
     buffers: int
-    """Point-to-point receive buffers and outputs waiting for their gradient, and the replicas'
-    gradient buckets."""
+    """Point-to-point receive buffers and outputs waiting for their gradient."""
     shared: int = 0
     """Bytes counted in both ``grads`` and ``activations`` that never live at once: gradients
     made while backward frees activations (one micro-batch), or the optimizer step's, made after
@@ -115,7 +114,7 @@ def stage_memory(
     """Peak memory of a stage on one device.
 
     Args:
-        param_bytes: parameters and buffers the stage holds.
+        param_bytes: parameters and buffers the stage holds (and autocast's half-precision copies).
         trainable_bytes: the part of them that gets gradients and optimizer state.
         activation_bytes: bytes autograd saves for backward in one micro-batch.
         input_bytes: bytes the stage receives per micro-batch (kept when checkpointing).
@@ -131,8 +130,9 @@ def stage_memory(
             stage); only one micro-batch runs at a time, so it counts once.
     """
     if checkpoint:
-        # Inputs of every in-flight micro-batch, plus one micro-batch being recomputed.
-        activations = in_flight * input_bytes + activation_bytes + workspace_bytes
+        # One micro-batch being recomputed; the inputs kept for the others are the receive
+        # buffers (``buffers``), which hold every micro-batch's input anyway.
+        activations = activation_bytes + workspace_bytes
     else:
         activations = in_flight * activation_bytes + workspace_bytes
     shards = num_replicas if shard_optimizer else 1
@@ -153,30 +153,27 @@ def stage_memory(
         grads=grads,
         optimizer=int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
-        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, num_replicas, trainable_bytes),
+        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches),
         shared=activations + grads - live,
     )
 
 
-def _buffer_bytes(
-    input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int, num_replicas: int, trainable_bytes: int
-) -> int:
-    """Bytes the pipeline and the replicas' exchange hold beside activations and gradients.
+def _buffer_bytes(input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int) -> int:
+    """Bytes the pipeline holds beside activations and gradients.
 
     - ``torch.distributed.pipelining`` allocates a receive buffer per micro-batch for the
       stage's inputs and another for its outputs' gradients, when the schedule is first run,
       and keeps them across steps (``_prepare_forward_infra``/``_create_grad_recv_info``).
     - A stage keeps each forward output until its backward (the schedule's ``fwd_cache``); a
       value only the next stage's operators save is not in this stage's activations.
-    - With replicas, DDP's reducer keeps a flat bucket copy of the trainable gradients for the
-      whole run. (``gradient_as_bucket_view`` stays off: the runtime takes each step's gradients
-      out of the parameters until Lightning's backward, and views into the buckets would be
-      overwritten by the next step.) Zero bubble's own exchange concatenates them the same way.
+    - DDP's buckets cost nothing more: the gradients are views into them
+      (``gradient_as_bucket_view``, ``runtime/pipeline.py``). Zero bubble's own exchange
+      concatenates the gradients after the schedule, when the activations are gone: within the
+      optimizer step's temporaries (``stepping``) for the same stage.
 
-    The stage's first operators may save the received inputs too, so up to ``in_flight`` x
-    ``input_bytes`` count twice: a small over-estimate, kept on the safe side.
+    Without checkpointing, the stage's first operators may save the received inputs too, so up
+    to ``in_flight`` x ``input_bytes`` count twice: an over-estimate, kept on the safe side.
     """
     receive = num_microbatches * (input_bytes + output_bytes)
     waiting = in_flight * output_bytes
-    buckets = trainable_bytes if num_replicas > 1 else 0
-    return receive + waiting + buckets
+    return receive + waiting

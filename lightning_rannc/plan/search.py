@@ -8,7 +8,11 @@ the smallest bottleneck among the splits whose every stage fits in memory; a sta
 fit turns on activation checkpointing if allowed. Each candidate's step time is then simulated
 (``simulate.simulate_schedule``) with the data-parallel gradient exchange added, and the fastest
 wins. Schedule: 1F1B when ``M >= S`` (same time as GPipe, fewer activations in flight), else
-GPipe; a schedule can be forced. Candidates are compared by throughput: with a fixed global
+GPipe; a schedule can be forced. A data-parallel layout (one stage) takes the fewest
+micro-batches that fit: more only split the same work into smaller, slower pieces. When nothing
+fits with at most ``max_micro_batches``, the search widens to every count that splits the batch
+(micro-batches down to ``min_micro_batch_size``) before it refuses: a default never turns a
+feasible problem into a refusal. Candidates are compared by throughput: with a fixed global
 batch that is the step time; with a fixed batch per replica (``replica_batch_size``, what a
 Lightning data loader gives each replica) more replicas also mean more samples per step.
 
@@ -106,24 +110,51 @@ def search_plan(
     """The plan with the lowest predicted step time; ``PlanError`` naming what would fit if none does."""
     ranges = _RangeTables(blocks, tensors)
     candidates: list[Candidate] = []
+    best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
+    if best is None and _widened(settings) is not None:
+        best = _best_plan(blocks, ranges, _widened(settings) or settings, reference_microbatch_size, candidates)
+    if best is None:
+        raise PlanError(_infeasible_message(blocks, ranges, settings, reference_microbatch_size, candidates))
+    plan, times = best
+    plan.graph_fingerprint = graph_fingerprint
+    plan.validate()
+    return SearchResult(plan=plan, times=times, candidates=candidates)
+
+
+def _best_plan(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    reference: int,
+    candidates: list[Candidate],
+) -> tuple[PartitionPlan, ScheduleTimes] | None:
+    """The fastest plan per sample over every layout and pipeline shape; each shape tried is
+    added to ``candidates``."""
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
+    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages) for c in candidates}
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
-            layout = _make_layout(
-                blocks, ranges, settings, (stages, replicas, microbatches, virtual), reference_microbatch_size
-            )
+            if (stages, replicas, microbatches, virtual) in tried:
+                continue
+            layout = _make_layout(blocks, ranges, settings, (stages, replicas, microbatches, virtual), reference)
             found = _plan_layout(layout)
             step = found[0].predicted_step_ms if found else None
             candidates.append(Candidate(stages, replicas, microbatches, layout.schedule, step, virtual))
             per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
             if found and per_sample is not None and (best is None or per_sample < best[0]):
                 best = (per_sample, *found)
-    if best is None:
-        raise PlanError(_infeasible_message(blocks, ranges, settings, reference_microbatch_size, candidates))
-    _, plan, times = best
-    plan.graph_fingerprint = graph_fingerprint
-    plan.validate()
-    return SearchResult(plan=plan, times=times, candidates=candidates)
+            if found and stages == 1 and settings.micro_batches is None:
+                break  # one stage: the fewest micro-batches that fit (the counts ascend)
+    return None if best is None else best[1:]
+
+
+def _widened(settings: SearchSettings) -> SearchSettings | None:
+    """``settings`` with every micro-batch count that splits the batch allowed, or ``None`` when
+    the count is forced or ``max_micro_batches`` already allows them all."""
+    largest = settings.replica_batch_size or settings.global_batch_size
+    if settings.micro_batches is not None or settings.max_micro_batches >= largest:
+        return None
+    return _replace(settings, max_micro_batches=largest)
 
 
 def _layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int]]:
@@ -210,6 +241,8 @@ class _RangeTables:
         self.trainable_bytes = [[0] * (count + 1) for _ in range(count)]
         self.workspace_bytes = [[0] * (count + 1) for _ in range(count)]
         """The largest ``workspace_bytes`` of the range's blocks (at the reference size)."""
+        self.weight_copies = _prefix([b.weight_copy_bytes for b in blocks])
+        """Prefix sums of the blocks' half-precision parameter copies (shared by micro-batches)."""
         for i in range(count):
             seen: set[str] = set()
             total = trainable = workspace = 0
@@ -276,8 +309,9 @@ class _Layout:
         return traffic / self.settings.device.memory_bandwidth * 1e3
 
     def memory(self, stage: int, i: int, j: int, checkpoint: bool) -> StageMemory:
+        copies = int(self.ranges.weight_copies[j] - self.ranges.weight_copies[i])
         return stage_memory(
-            param_bytes=self.ranges.param_bytes[i][j],
+            param_bytes=self.ranges.param_bytes[i][j] + copies,
             trainable_bytes=self.ranges.trainable_bytes[i][j],
             activation_bytes=int(self.act[j] - self.act[i]),
             input_bytes=self.cut_bytes(i),
@@ -526,15 +560,59 @@ def _infeasible_message(
             f"No micro-batch count splits {batch} (micro-batches of at least {settings.min_micro_batch_size}, "
             f"at most {settings.max_micro_batches}): change the batch size or the device count."
         )
-    needed = _memory_needed(blocks, ranges, settings, reference)
-    devices = _devices_needed(blocks, ranges, settings, reference)
     limit = settings.usable_memory / (1 - settings.memory_margin)
-    advice = f"at least {devices} devices" if devices else "more devices than 1024x the current count"
+    remedies = _remedies(blocks, ranges, settings, reference)
     return (
-        f"The model does not fit on {settings.num_devices} device(s) of {_gib(limit)}: "
-        f"use {advice}, or devices with at least {_gib(needed)} each "
-        f"(with a {settings.memory_margin:.0%} margin), or a smaller batch."
+        f"The model does not fit on {settings.num_devices} device(s) of {_gib(limit)}"
+        f"{_forced(settings)}. What would fit: " + "; ".join([*remedies, "or a smaller batch"]) + "."
     )
+
+
+def _forced(settings: SearchSettings) -> str:
+    """The choices the user fixed, as they would read them in their options."""
+    fixed = {
+        "pipeline_stages": settings.pipeline_stages,
+        "replicas": settings.replicas,
+        "micro_batches": settings.micro_batches,
+        "activation_checkpointing": settings.activation_checkpointing,
+    }
+    named = [f"{name}={value}" for name, value in fixed.items() if value is not None]
+    return f" with {', '.join(named)}" if named else ""
+
+
+def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: SearchSettings, reference: int) -> list[str]:
+    """Each change that makes some plan fit, with its numbers (each one checked by a search)."""
+    remedies = []
+    devices = _devices_needed(blocks, ranges, settings, reference)
+    if devices is not None:
+        remedies.append(f"at least {devices} devices")
+    needed = _memory_needed(blocks, ranges, settings, reference)
+    if math.isfinite(needed):
+        remedies.append(f"devices with at least {_gib(needed)} each (with a {settings.memory_margin:.0%} margin)")
+    largest = settings.replica_batch_size or settings.global_batch_size
+    relaxed: dict[str, dict[str, object]] = {
+        "micro_batches": dict(micro_batches=None, max_micro_batches=largest),
+        "activation_checkpointing": dict(activation_checkpointing=None),
+        "pipeline_stages": dict(pipeline_stages=None),
+        "replicas": dict(replicas=None),
+    }
+    for name, changes in relaxed.items():
+        if getattr(settings, name) in (None, True):
+            continue  # not forced (or checkpointing already on): nothing to relax
+        found = _best_plan(blocks, ranges, _replace(settings, **changes), reference, [])
+        if found is not None:
+            remedies.append(f"{name}={_auto(name)!r} (it finds {_shape(found[0])})")
+    return remedies
+
+
+def _auto(name: str) -> str | None:
+    return {"activation_checkpointing": "auto", "replicas": None}.get(name, "auto")
+
+
+def _shape(plan: PartitionPlan) -> str:
+    checkpointed = sum(s.checkpoint for s in plan.stages)
+    shape = f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), {plan.num_microbatches} micro-batches"
+    return shape + (f", {checkpointed} stage(s) checkpointed" if checkpointed else "")
 
 
 def _gib(num_bytes: float) -> str:
@@ -546,6 +624,7 @@ def _memory_needed(
     blocks: Sequence[BlockCost], ranges: _RangeTables, settings: SearchSettings, reference: int
 ) -> float:
     """Smallest per-device memory (limit before the margin) with which some layout fits."""
+    settings = _widened(settings) or settings
     best = math.inf
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches in _microbatch_counts(settings, replicas):
@@ -559,10 +638,12 @@ def _memory_needed(
 def _devices_needed(
     blocks: Sequence[BlockCost], ranges: _RangeTables, settings: SearchSettings, reference: int
 ) -> int | None:
+    """The fewest devices (the count times a power of two, up to 1024x) with which a plan fits;
+    with the stage count forced, more devices are more replicas (which share optimizer state)."""
+    settings = _widened(settings) or settings
     for scale in (2**k for k in range(1, 11)):
         larger = _replace(settings, num_devices=settings.num_devices * scale, replicas=None)
-        layouts = _layouts(larger, len(blocks)) if larger.pipeline_stages is None else []
-        for stages, replicas in layouts:
+        for stages, replicas in _layouts(larger, len(blocks)):
             for microbatches in _microbatch_counts(larger, replicas):
                 shape = (stages, replicas, microbatches, 1)
                 if _plan_layout(_make_layout(blocks, ranges, larger, shape, reference)):

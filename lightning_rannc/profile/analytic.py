@@ -105,11 +105,14 @@ class _Trace:
     """Bytes of the storages the node saved for backward first (each storage counts once)."""
     workspace: list[int] = field(init=False)
     """Most bytes live beyond saved storages and parameter gradients while the node ran."""
+    copy_bytes: list[int] = field(init=False)
+    """Bytes of the parameters' half-precision copies the node saved first."""
 
     def __post_init__(self) -> None:
         self.fwd_ms, self.bwd_ms = [0.0] * self.size, [0.0] * self.size
         self.fwd_kernels, self.bwd_kernels = [0] * self.size, [0] * self.size
         self.saved_bytes, self.workspace = [0] * self.size, [0] * self.size
+        self.copy_bytes = [0] * self.size
 
 
 class _Recorder(TorchDispatchMode):
@@ -128,6 +131,8 @@ class _Recorder(TorchDispatchMode):
         self.backward = False
         self.sequence_starts: list[int] = []
         """First autograd sequence number of each graph node (nondecreasing)."""
+        self.copies: set[int] = set()
+        """Storages of parameters cast by autocast (``_to_copy`` of a parameter)."""
         self.saved_keys: set[int] = set()
         self.saved_serials: set[int] = set()
 
@@ -141,6 +146,8 @@ class _Recorder(TorchDispatchMode):
             self._time(func, args, kwargs, out, node)
         for tensor in tensors_in(out):
             self.allocations.allocated(tensor, node)
+        if func is _aten._to_copy.default and storage_key(args[0].untyped_storage()) in self.parameters:
+            self.copies.add(storage_key(out.untyped_storage()))
         self.allocations.ended(node)
         return out
 
@@ -175,7 +182,10 @@ class _Recorder(TorchDispatchMode):
         if storage_key(storage) not in self.parameters and storage_key(storage) not in self.saved_keys:
             self.saved_keys.add(storage_key(storage))
             self.saved_serials.add(self.allocations.serial_of(tensor))
-            self.trace.saved_bytes[self.node] += storage.nbytes()
+            if storage_key(storage) in self.copies:
+                self.trace.copy_bytes[self.node] += storage.nbytes()
+            else:
+                self.trace.saved_bytes[self.node] += storage.nbytes()
         return tensor
 
 
@@ -324,4 +334,5 @@ def _block(
         fwd_fixed_ms=fwd_fixed_ms,
         bwd_fixed_ms=bwd_fixed_ms,
         workspace_bytes=max(trace.workspace[start:end], default=0),
+        weight_copy_bytes=sum(trace.copy_bytes[start:end]),
     )

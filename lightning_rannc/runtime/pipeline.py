@@ -180,7 +180,9 @@ class PipelineRuntime:
         come out scaled, as Lightning's scaler expects after its own ``scale(loss).backward()``.
         A tensor on the device (the scaler's own) costs no wait for the device.
         """
-        held = self._take_grads()
+        # Gradients of earlier batches of an accumulation window: DDP's last backward rewrites its
+        # buckets, and with bucket views a gradient still viewing one must be copied out first.
+        held = {p: g.clone() if g is not None and self._ddp else g for p, g in self._take_grads().items()}
         args, kwargs = self._start(leaves, seed, step, loss_scale)
         self.schedule.step(*args, **kwargs)
         pending = self._take_grads()
@@ -347,10 +349,17 @@ def _trains(module: torch.nn.Module) -> bool:
 def _replicated(module: torch.nn.Module, groups: ProcessGroups, device: torch.device) -> DistributedDataParallel:
     """``module`` in DDP over its replicas. No collective at construction (runtimes are built per
     batch shape, when replicas may be at other batches) and none in forward: replicas already
-    hold equal parameters, and the strategy shares written buffers itself."""
+    hold equal parameters, and the strategy shares written buffers itself. The gradients are
+    views into DDP's buckets, which saves a copy of every gradient of the stage; each step's are
+    taken out before the next backward rewrites the buckets (``run``)."""
     device_ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(
-        module, device_ids=device_ids, process_group=groups.dp_group, init_sync=False, **ddp_without_buffer_sync()
+        module,
+        device_ids=device_ids,
+        process_group=groups.dp_group,
+        init_sync=False,
+        gradient_as_bucket_view=True,
+        **ddp_without_buffer_sync(),
     )
 
 

@@ -43,6 +43,21 @@ def test_forced_layout_and_a_memory_limit_that_cannot_fit(capsys: pytest.Capture
     assert "does not fit on 2 device(s)" in error and "GiB each" in error
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_the_precision_the_trainer_runs_in_is_planned(tmp_path: Path, precision: str) -> None:
+    """Half-precision activations (mixed), and parameters too (true): each stage needs less."""
+    base = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "64", "--stages", "2"]
+    plans = {}
+    for name in ("32-true", precision):
+        output = tmp_path / f"{name}.json"
+        assert main([*base, "--micro-batches", "2", "--precision", name, "--output", str(output)]) == 0
+        plans[name] = PartitionPlan.load(output)
+    full, half = plans["32-true"], plans[precision]
+    assert sum(s.activation_bytes for s in half.stages) < 0.8 * sum(s.activation_bytes for s in full.stages)
+    params = [sum(s.param_bytes for s in p.stages) for p in (full, half)]
+    assert params[1] == (params[0] // 2 if precision == "bf16-true" else params[0])
+
+
 def test_bad_targets_get_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "no_such_file.py:Model", "--devices", "2"]) == 2
     assert "No such file: no_such_file.py" in capsys.readouterr().err

@@ -239,14 +239,48 @@ def test_infeasible_plan_names_the_devices_and_memory_that_would_work() -> None:
     with pytest.raises(PlanError, match="does not fit") as error:
         _search(blocks, tensors, memory_limit=4 * 10**9, optimizer="adamw")
     message = str(error.value)
-    devices = int(message.split("use at least ")[1].split(" devices")[0])
-    needed = float(message.split("at least ")[2].split(" GiB")[0])
+    devices = int(message.split("What would fit: at least ")[1].split(" devices")[0])
+    needed = float(message.split("devices with at least ")[1].split(" GiB")[0])
     options = SearchSettings(num_devices=devices, global_batch_size=64, device=DEVICE, memory_limit=4 * 10**9)
     assert search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
     roomy = _search(blocks, tensors, memory_limit=int(needed * 1.01 * 2**30), optimizer="adamw").plan
     assert max(s.memory["total"] for s in roomy.stages) <= 0.9 * needed * 1.01 * 2**30
     with pytest.raises(PlanError, match="does not fit"):
         _search(blocks, tensors, memory_limit=int(needed * 0.97 * 2**30), optimizer="adamw")
+
+
+def test_the_default_micro_batch_cap_never_turns_a_feasible_problem_into_a_refusal() -> None:
+    """Only micro-batches of 1 fit: the search widens past max_micro_batches instead of refusing."""
+    blocks, tensors = _uniform_model(8, 10**6, 10**8)  # 0.8 GB of activations per sample
+    forced = dict(pipeline_stages=1, activation_checkpointing=False, optimizer="adamw", memory_limit=int(1.3e9))
+    result = _search(blocks, tensors, max_micro_batches=4, **forced)  # 8 samples per replica
+    assert result.plan.num_microbatches == 8 and result.plan.microbatch_size == 1
+    with pytest.raises(PlanError, match="What would fit"):
+        _search(blocks, tensors, micro_batches=4, **forced)  # a count the user forces is not widened
+
+
+def test_one_stage_takes_the_fewest_micro_batches_that_fit() -> None:
+    """Micro-batching a data-parallel layout only splits the same work into slower pieces."""
+    blocks, tensors = _uniform_model(8, 10**6, 10**5)
+    roomy = _search(blocks, tensors, pipeline_stages=1, memory_limit=10**12, optimizer="adamw").plan
+    assert roomy.num_microbatches == 1
+    forced = _search(blocks, tensors, pipeline_stages=1, micro_batches=4, memory_limit=10**12, optimizer="adamw")
+    assert forced.plan.num_microbatches == 4  # a count the user gives is obeyed
+
+
+def test_a_refusal_with_forced_choices_names_each_remedy_that_works() -> None:
+    blocks, tensors = _uniform_model(16, 10**6, 10**7)
+    forced = dict(pipeline_stages=2, micro_batches=2, activation_checkpointing=False, optimizer="adamw")
+    with pytest.raises(PlanError, match="does not fit") as error:
+        _search(blocks, tensors, memory_limit=int(0.9e9), **forced)
+    message = str(error.value)
+    assert "with pipeline_stages=2, micro_batches=2, activation_checkpointing=False" in message
+    assert "x the current count" not in message
+    for remedy in ("micro_batches='auto' (it finds", "activation_checkpointing='auto' (it finds", "GiB each"):
+        assert remedy in message, message
+    # each remedy named works
+    assert _search(blocks, tensors, memory_limit=int(0.9e9), **{**forced, "micro_batches": None})
+    assert _search(blocks, tensors, memory_limit=int(0.9e9), **{**forced, "activation_checkpointing": None})
 
 
 def test_every_divisor_of_the_replica_batch_is_a_micro_batch_count() -> None:
