@@ -27,7 +27,7 @@ from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.dry_run import PRECISIONS
 from lightning_rannc.errors import PlanError, RaNNCError
 from lightning_rannc.plan.devices import DEVICES, get_device, parse_bytes
-from lightning_rannc.plan.plan import SCHEDULES, PartitionPlan
+from lightning_rannc.plan.plan import SCHEDULES, ZERO_STAGES, PartitionPlan
 from lightning_rannc.plan.report import format_plan, microbatch_choice, print_rich_plan
 from lightning_rannc.plan.search import SearchSettings
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--schedule", default=_DEFAULTS["schedule"], choices=["auto", *SCHEDULES])
     plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
     plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
+    plan.add_argument(
+        "--zero-stage", default="auto", choices=["auto", *map(str, ZERO_STAGES)], help="optimizer state over replicas"
+    )
     plan.add_argument(
         "--max-blocks", type=int, default=_DEFAULTS["max_blocks"], help="blocks the graph is coarsened into"
     )
@@ -130,6 +133,7 @@ def _plan(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         virtual_stages=args.virtual_stages,
         activation_checkpointing=_CHECKPOINTING[args.activation_checkpointing],
+        zero_stage=None if args.zero_stage == "auto" else int(args.zero_stage),
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks, precision=args.precision)
     _print_plan(result.plan, args.rich)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_rannc.plan.devices import get_device, parse_bytes
-from lightning_rannc.plan.plan import SCHEDULES
+from lightning_rannc.plan.plan import SCHEDULES, ZERO_STAGES
 
 __all__ = ["RaNNCConfig", "option_docs", "options_table", "strategy_docstring"]
 
@@ -69,6 +69,12 @@ class RaNNCConfig:
         "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
         "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
         "where the pipeline would idle; costed as the 1F1B schedule it refines (same peak activation memory)",
+    )
+    zero_stage: int | str = _option(
+        "auto",
+        "optimizer state of the replicas of a stage: `1` split over them (ZeRO-1: each updates its share, then "
+        'broadcasts it), `0` whole on each (as `ddp`: no broadcast, more memory); `"auto"`: per plan, the faster '
+        "that fits",
     )
     activation_checkpointing: bool | str = _option(
         False,
@@ -169,6 +175,7 @@ class RaNNCConfig:
         if self.micro_batches != "auto":
             _check_positive("micro_batches", self.micro_batches, "or 'auto'")
         _check_choice("schedule", self.schedule, ("auto", *SCHEDULES))
+        _check_choice("zero_stage", self.zero_stage, ("auto", *ZERO_STAGES))
         if self.zero_bubble and self.schedule == "gpipe":
             raise ValueError(
                 "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "
@@ -247,7 +254,7 @@ def _check_positive(option: str, value: Any, alternatives: str = "") -> None:
         raise ValueError(f"RaNNCStrategy({option}={value!r}): {option} must be a positive integer{also}.")
 
 
-def _check_choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(option: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"RaNNCStrategy({option}={value!r}): valid values are {list(choices)}.")
 

@@ -71,6 +71,7 @@ class RaNNCStrategyMixin(_MixinBase):
         schedule: str = "auto",
         virtual_stages: int = 1,
         zero_bubble: bool = False,
+        zero_stage: int | str = "auto",
         activation_checkpointing: bool | str = False,
         memory_limit: int | str | None = None,
         memory_margin: float = 0.1,

@@ -13,10 +13,21 @@ from typing import Any
 
 from lightning_rannc.errors import PlanError
 
-__all__ = ["StagePlan", "PartitionPlan", "Plan", "SCHEDULES", "stage_ranks", "choose_microbatches", "rounds_fit"]
+__all__ = [
+    "StagePlan",
+    "PartitionPlan",
+    "Plan",
+    "SCHEDULES",
+    "ZERO_STAGES",
+    "stage_ranks",
+    "choose_microbatches",
+    "rounds_fit",
+]
 
 _FORMAT_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+ZERO_STAGES = (0, 1)
+"""Optimizer-state layouts the runtime runs (``PartitionPlan.zero_stage``)."""
 
 
 @dataclass(kw_only=True)
@@ -80,6 +91,9 @@ class PartitionPlan:
     """Run the 1F1B schedule (plain or interleaved) as zero bubble (ZB1P): each backward is split
     into the gradient of the inputs, sent on at once, and that of the weights, run in the bubble.
     Costed as the 1F1B schedule it refines (its peak activation memory is 1F1B's)."""
+    zero_stage: int = 1
+    """How replicas keep optimizer state: 1 split over them (ZeRO-1: each updates its share and
+    broadcasts it), 0 each keeps all of its stages' (as DDP: no broadcast, more memory)."""
     predicted_step_ms: float = 0.0
     """Simulated schedule plus gradient exchange (searched plans), or the bottleneck formula."""
     predicted_bubble: float = 0.0
@@ -135,6 +149,8 @@ class PartitionPlan:
             raise PlanError(f"Unknown schedule {self.schedule!r}; valid: {list(SCHEDULES)}.")
         if self.num_microbatches < 1:
             raise PlanError(f"num_microbatches must be >= 1, got {self.num_microbatches}.")
+        if self.zero_stage not in ZERO_STAGES:
+            raise PlanError(f"zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}.")
         if self.virtual_stages < 1 or self.num_stages % self.virtual_stages:
             raise PlanError(f"{self.num_stages} stages cannot be run as {self.virtual_stages} virtual stages per rank.")
         if self.zero_bubble and self.schedule == "gpipe":
@@ -205,7 +221,7 @@ class PartitionPlan:
         schedule = self.schedule + (" (zero bubble)" if self.zero_bubble else "")
         head = (
             f"plan: {self.num_stages} stage(s) x {self.num_replicas} replica(s), {self.num_microbatches} "
-            f"micro-batch(es) of {self.microbatch_size}, schedule={schedule}, "
+            f"micro-batch(es) of {self.microbatch_size}, schedule={schedule}, ZeRO-{self.zero_stage}, "
             f"predicted step {self.predicted_step_ms:.2f} ms"
         )
         lines = [head]

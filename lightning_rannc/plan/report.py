@@ -109,6 +109,7 @@ def _summary(plan: PartitionPlan) -> str:
         f"{plan.world_size} device(s): {plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), "
         f"{plan.num_microbatches} micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
         + (" (zero bubble)" if plan.zero_bubble else "")
+        + (f", optimizer state ZeRO-{plan.zero_stage}" if plan.num_replicas > 1 else "")
     )
 
 

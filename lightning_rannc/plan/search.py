@@ -56,8 +56,9 @@ class SearchSettings:
     memory_margin: float = 0.1
     """Share of the limit kept free (allocator fragmentation, temporary buffers)."""
     optimizer: str = "adamw"
-    shard_optimizer: bool = True
-    """Optimizer state split over replicas (ZeRO-1), as the runtime does."""
+    zero_stage: int | None = None
+    """Optimizer state over replicas: 1 split (ZeRO-1), 0 whole on each (as DDP); ``None``: per
+    layout, the faster that fits (0 saves the broadcast of the updated shares, 1 memory)."""
     pipeline_stages: int | None = None
     replicas: int | None = None
     micro_batches: int | None = None
@@ -89,6 +90,7 @@ class Candidate:
     step_ms: float | None
     """Predicted step time; None if no split fits in memory."""
     virtual_stages: int = 1
+    zero_stage: int = 1
 
 
 @dataclass
@@ -131,21 +133,32 @@ def _best_plan(
     """The fastest plan per sample over every layout and pipeline shape; each shape tried is
     added to ``candidates``."""
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
-    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages) for c in candidates}
+    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage) for c in candidates}
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
-            if (stages, replicas, microbatches, virtual) in tried:
-                continue
-            layout = _make_layout(blocks, ranges, settings, (stages, replicas, microbatches, virtual), reference)
-            found = _plan_layout(layout)
-            step = found[0].predicted_step_ms if found else None
-            candidates.append(Candidate(stages, replicas, microbatches, layout.schedule, step, virtual))
-            per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
-            if found and per_sample is not None and (best is None or per_sample < best[0]):
-                best = (per_sample, *found)
-            if found and stages == 1 and settings.micro_batches is None:
+            fits = False
+            for zero in _zero_stages(settings, replicas):
+                if (stages, replicas, microbatches, virtual, zero) in tried:
+                    continue
+                shape = (stages, replicas, microbatches, virtual)
+                layout = _make_layout(blocks, ranges, settings, shape, reference, zero)
+                found = _plan_layout(layout)
+                step = found[0].predicted_step_ms if found else None
+                candidates.append(Candidate(stages, replicas, microbatches, layout.schedule, step, virtual, zero))
+                per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
+                if found and per_sample is not None and (best is None or per_sample < best[0]):
+                    best = (per_sample, *found)
+                fits = fits or found is not None
+            if fits and stages == 1 and settings.micro_batches is None:
                 break  # one stage: the fewest micro-batches that fit (the counts ascend)
     return None if best is None else best[1:]
+
+
+def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
+    """Optimizer-state layouts to try: one replica has nothing to split."""
+    if settings.zero_stage is not None:
+        return [settings.zero_stage]
+    return [0, 1] if replicas > 1 else [1]
 
 
 def _widened(settings: SearchSettings) -> SearchSettings | None:
@@ -267,8 +280,12 @@ class _Layout:
         settings: SearchSettings,
         shape: tuple[int, int, int, int],
         factor: float,
+        zero_stage: int = 1,
     ) -> None:
         self.blocks = [b.scaled(factor) for b in blocks]
+        self.zero_stage = zero_stage
+        self.shards = shape[1] if zero_stage == 1 else 1
+        """Replicas the optimizer state is split over."""
         self.factor = factor
         self.ranges, self.settings = ranges, settings
         self.stages, self.replicas, self.microbatches, self.virtual = shape
@@ -304,7 +321,7 @@ class _Layout:
         """The optimizer step over the stage's share of parameters: memory-bound, it reads the
         parameters, gradients and state and writes the parameters and state once."""
         passes = 3 + 2 * self.optimizer_factor
-        share = self.replicas if self.settings.shard_optimizer else 1
+        share = self.shards
         traffic = passes * self.ranges.trainable_bytes[i][j] / share
         return traffic / self.settings.device.memory_bandwidth * 1e3
 
@@ -321,7 +338,7 @@ class _Layout:
             checkpoint=checkpoint,
             optimizer_factor=self.optimizer_factor,
             num_replicas=self.replicas,
-            shard_optimizer=self.settings.shard_optimizer,
+            shard_optimizer=self.zero_stage == 1,
             workspace_bytes=int(self.ranges.workspace_bytes[i][j] * self.factor),
         )
 
@@ -414,11 +431,15 @@ def _make_layout(
     settings: SearchSettings,
     shape: tuple[int, int, int, int],
     reference: int,
+    zero_stage: int | None = None,
 ) -> _Layout:
-    """``shape``: (stages, replicas, micro-batches, stages per rank)."""
+    """``shape``: (stages, replicas, micro-batches, stages per rank); ``zero_stage``: the
+    settings' (1 when the search chooses: the least memory)."""
     stages, replicas, microbatches, _ = shape
     microbatch_size = _replica_batch(settings, replicas) // microbatches
-    return _Layout(blocks, ranges, settings, shape, microbatch_size / reference)
+    if zero_stage is None:
+        zero_stage = 1 if settings.zero_stage is None else settings.zero_stage
+    return _Layout(blocks, ranges, settings, shape, microbatch_size / reference, zero_stage)
 
 
 def evaluate_split(
@@ -464,6 +485,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         schedule=layout.schedule,
         num_replicas=layout.replicas,
         virtual_stages=layout.virtual,
+        zero_stage=layout.zero_stage,
         zero_bubble=layout.settings.zero_bubble,
         predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
@@ -520,7 +542,7 @@ def _exchange_ms(layout: _Layout, i: int, j: int) -> float:
         total = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
     else:
         total = device.link_latency_ms + 2 * share * grads / bandwidth
-    if layout.settings.shard_optimizer:
+    if layout.zero_stage == 1:
         total += device.link_latency_ms + share * grads / bandwidth
     return total
 
@@ -575,6 +597,7 @@ def _forced(settings: SearchSettings) -> str:
         "replicas": settings.replicas,
         "micro_batches": settings.micro_batches,
         "activation_checkpointing": settings.activation_checkpointing,
+        "zero_stage": settings.zero_stage,
     }
     named = [f"{name}={value}" for name, value in fixed.items() if value is not None]
     return f" with {', '.join(named)}" if named else ""
@@ -593,6 +616,7 @@ def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: Searc
     relaxed: dict[str, dict[str, object]] = {
         "micro_batches": dict(micro_batches=None, max_micro_batches=largest),
         "activation_checkpointing": dict(activation_checkpointing=None),
+        "zero_stage": dict(zero_stage=None),
         "pipeline_stages": dict(pipeline_stages=None),
         "replicas": dict(replicas=None),
     }

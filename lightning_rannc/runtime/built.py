@@ -301,10 +301,18 @@ class BuiltPipeline:
         return {key: tensors[aliases[key]] for key in self.captured.state_dict_keys if aliases[key] in tensors}
 
     def full_optimizer_state(self, optimizer: Optimizer, index: int, dst: int) -> dict[str, Any]:
-        return gather_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names, dst)
+        names = self._optimizer_state_names()
+        return gather_optimizer_state(optimizer, self.ownership.layouts[index], names, dst)
 
     def local_optimizer_state(self, optimizer: Optimizer, index: int) -> dict[str, Any]:
-        return local_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names)
+        return local_optimizer_state(optimizer, self.ownership.layouts[index], self._optimizer_state_names())
+
+    def _optimizer_state_names(self) -> dict[int, str]:
+        """The parameters whose optimizer state this rank contributes to a checkpoint: with
+        ZeRO-0 every replica holds the same state, so only the first replica's counts."""
+        if self.plan.zero_stage == 0 and self.groups.dp_rank != 0:
+            return {}
+        return self.ownership.names
 
 
 def warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:

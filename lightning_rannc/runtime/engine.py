@@ -205,10 +205,12 @@ class PipelineEngine:
         if self.rank == 0:
             owned |= canonical - {n for s in plan.stages for n in s.tensor_names}
         sizes = {n: captured.tensors[n].numel() for n in sorted(local & trainable)}
+        # ZeRO-0: every replica updates all of its stages' parameters, as DDP (nothing to share).
+        sharded = plan.zero_stage == 1
         return Ownership(
             local=local,
             owned=owned,
-            optimizer_owner=shard_over_replicas(sizes, plan.num_replicas),
+            optimizer_owner=shard_over_replicas(sizes, plan.num_replicas) if sharded else {},
             names={id(t): n for n, t in captured.tensors.items()},
         )
 

@@ -123,8 +123,9 @@ def _state_by_name(optimizer: Optimizer, local: dict[str, Any], names: Mapping[i
     index = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if index in local["state"]:
-                by_name[names[id(param)]] = _to_cpu(local["state"][index])
+            name = names.get(id(param))  # none: state this rank does not contribute
+            if index in local["state"] and name is not None:
+                by_name[name] = _to_cpu(local["state"][index])
             index += 1
     return by_name
 

@@ -84,6 +84,12 @@ class EngineOptions:
         return None if requested == "auto" else int(requested)
 
     @property
+    def zero_stage(self) -> int | None:
+        """The optimizer-state layout asked for, or ``None``: the search's choice."""
+        wanted = self.config.zero_stage
+        return None if wanted == "auto" else int(wanted)
+
+    @property
     def checkpointing(self) -> bool | None:
         """Activation checkpointing for every stage, none, or (``None``) where memory needs it."""
         wanted = self.config.activation_checkpointing
@@ -210,6 +216,7 @@ def search_settings(
         virtual_stages=options.search_virtual_stages,
         activation_checkpointing=options.checkpointing,
         zero_bubble=config.zero_bubble,
+        zero_stage=options.zero_stage,
     )
 
 

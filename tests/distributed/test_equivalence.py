@@ -37,8 +37,18 @@ RUNS: dict[int | str, list[dict]] = {
         _run("gpt", "gpt", pipeline_stages=2),
         _run("cnn", "cnn", pipeline_stages=2),
         _run("logging", "logging", pipeline_stages=2),
-        _run("s1d2_gpipe", "gpt_full", pipeline_stages=1, schedule="gpipe"),
-        _run("s1d2_1f1b", "gpt_full", pipeline_stages=1, schedule="1f1b", trace="s1d2.trace.json", trace_steps=4),
+        _run("s1d2_gpipe", "gpt_full", pipeline_stages=1, schedule="gpipe", zero_stage=1),
+        _run(
+            "s1d2_1f1b",
+            "gpt_full",
+            pipeline_stages=1,
+            schedule="1f1b",
+            zero_stage=1,
+            trace="s1d2.trace.json",
+            trace_steps=4,
+        ),
+        # every replica keeps the whole optimizer state (as DDP), no broadcast after the step
+        _run("s1d2_zero0", "gpt_full", pipeline_stages=1, zero_stage=0),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
@@ -57,12 +67,20 @@ RUNS: dict[int | str, list[dict]] = {
     ],
     # Dropout: compared among themselves (the streams are not a single process's).
     "2-dropout": [
-        _run("drop_gpipe", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
-        _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, schedule="1f1b"),
-        _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, schedule="gpipe"),
-        _run("drop_interleaved", "gpt_dropout", pipeline_stages=2, virtual_stages=2),
-        _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, activation_checkpointing=True),
-        _run("drop_verified", "gpt_dropout", pipeline_stages=2, schedule="gpipe", verify=True, verify_tolerance=1e-5),
+        _run("drop_gpipe", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="gpipe"),
+        _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="1f1b"),
+        _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="gpipe"),
+        _run("drop_interleaved", "gpt_dropout", pipeline_stages=2, micro_batches=4, virtual_stages=2),
+        _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, micro_batches=4, activation_checkpointing=True),
+        _run(
+            "drop_verified",
+            "gpt_dropout",
+            pipeline_stages=2,
+            micro_batches=4,
+            schedule="gpipe",
+            verify=True,
+            verify_tolerance=1e-5,
+        ),
         _run("bf16_mixed", "gpt_bf16_mixed", pipeline_stages=2),
         _run("bf16_true", "gpt_bf16_true", pipeline_stages=2),
         _run("fp16", "gpt_fp16", pipeline_stages=2),
@@ -73,6 +91,7 @@ RUNS: dict[int | str, list[dict]] = {
     4: [
         _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
+        _run("s2d2_zero0", "gpt_full", pipeline_stages=2, zero_stage=0),
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2),
@@ -218,6 +237,14 @@ def test_replicas_each_hold_about_half_of_the_optimizer_state(pipelined, referen
     full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
     assert sum(ours) == full
     assert all(0.4 * full < part < 0.6 * full for part in ours)
+
+
+def test_with_zero_stage_0_every_replica_holds_the_whole_optimizer_state(pipelined, reference) -> None:
+    ours = [load_record(pipelined(2), "s1d2_zero0", rank)["optimizer_state_numel"] for rank in range(2)]
+    full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
+    assert ours == [full, full]
+    assert PartitionPlan.from_json(load_record(pipelined(2), "s1d2_zero0", 0)["plan"]).zero_stage == 0
+    assert PartitionPlan.from_json(load_record(pipelined(2), "s1d2_1f1b", 0)["plan"]).zero_stage == 1
 
 
 def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> None:

@@ -425,3 +425,22 @@ def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None
         assert sum(s.memory["total"] for s in held) <= 0.9 * 4 * 10**9
     chosen = _search(blocks, tensors, **common).plan  # "auto" compares them
     assert chosen.predicted_step_ms == pytest.approx(min(plain.predicted_step_ms, interleaved.predicted_step_ms))
+
+
+def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() -> None:
+    """ZeRO-0 saves the broadcast of the updated shares; ZeRO-1 the memory of the state."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 1.6 GB of parameters, AdamW
+    roomy = _search(blocks, tensors, pipeline_stages=1, memory_limit=10**12, optimizer="adamw")
+    times = {c.zero_stage: c.step_ms for c in roomy.candidates if c.step_ms is not None}
+    assert set(times) == {0, 1} and roomy.plan.zero_stage == min(times, key=times.__getitem__)
+    assert roomy.plan.predicted_step_ms == pytest.approx(min(times.values()))
+    tight = _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw").plan
+    assert tight.zero_stage == 1  # the whole state (3.2 GB of moments) does not fit beside the rest
+    with pytest.raises(PlanError, match="zero_stage='auto'"):
+        _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw", zero_stage=0)
+    slow_links = dataclasses.replace(DEVICE, intra_node_bandwidth=1e9, inter_node_bandwidth=1e9)
+    options = SearchSettings(
+        num_devices=8, global_batch_size=64, device=slow_links, pipeline_stages=1, memory_limit=10**12
+    )
+    plan = search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+    assert plan.plan.zero_stage == 0  # the broadcast over slow links costs more than the whole update
