@@ -62,7 +62,7 @@ RUNS: dict[int | str, list[dict]] = {
         # configure_optimizers reads estimated_stepping_batches: the loaders are sharded during
         # setup, so the layout must be chosen before the optimizers are made
         _run("auto_stepping", "gpt_stepping", pipeline_stages="auto"),
-        _run("cnn_bn", "cnn_bn", pipeline_stages=2),
+        _run("cnn_bn", "cnn_bn", pipeline_stages=2, micro_batches=4),
         _run("reducing_s2d1", "reducing", pipeline_stages=2, micro_batches=4),
     ],
     # Dropout: compared among themselves (the streams are not a single process's).
@@ -94,7 +94,7 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s2d2_zero0", "gpt_full", pipeline_stages=2, zero_stage=0),
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
-        _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2),
+        _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2, micro_batches=4),
         # the first step also run unpartitioned on each replica and compared (it raises if not equal)
         _run("s2d2_verified", "gpt_full", pipeline_stages=2, verify=True, verify_tolerance=1e-5),
         _run("reducing_s2d2", "reducing", pipeline_stages=2, micro_batches=4),

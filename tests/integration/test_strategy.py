@@ -31,7 +31,7 @@ def test_importing_registers_rannc_in_lightning() -> None:
     assert "rannc" in L.pytorch.strategies.StrategyRegistry
     trainer = L.Trainer(strategy="rannc", accelerator="cpu", devices=1, logger=False)
     assert isinstance(trainer.strategy, lightning_rannc.RaNNCStrategy)
-    assert trainer.strategy.micro_batches == 4 and trainer.strategy.pipeline_stages == "auto"
+    assert trainer.strategy.micro_batches == "auto" and trainer.strategy.pipeline_stages == "auto"
 
 
 def test_pytorch_lightning_gets_a_strategy_of_its_own_namespace(tmp_path: Path) -> None:
