@@ -86,7 +86,8 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
     # down ("terminate called without an active exception", exit code 134).
     _emit("MEMORY ", {"rank": trainer.global_rank, "memory": _memory(trainer, model)})
     if trainer.is_global_zero:
-        replicas = devices if strategy == "ddp" else getattr(trainer.strategy, "num_replicas", 1)
+        layout = getattr(trainer.strategy, "layout", None)  # RaNNCStrategy's stages x replicas
+        replicas = devices if strategy == "ddp" else (layout.num_replicas if layout is not None else 1)
         samples = steps * batch_size * replicas
         result = {"run": name, "samples_per_s": samples / elapsed, "ms": elapsed / steps * 1e3}
         plan = getattr(trainer.strategy, "plan", None)
