@@ -283,15 +283,20 @@ class BuiltPipeline:
 
     def materialize(self) -> None:
         """Give every rank the whole module again (for evaluation and after fit). Collective."""
-        values = gather_tensors(local_tensors(self.captured.tensors, sorted(self.ownership.owned)), None)
+        values = self._gathered(None)
         install_tensors(self.module, self.captured.aliases, values, self.device)
 
     def full_state_dict(self, dst: int | None) -> dict[str, torch.Tensor]:
         """The unpartitioned module's state dict on ``dst`` (``None``: every rank). Collective."""
-        values = gather_tensors(local_tensors(self.captured.tensors, sorted(self.ownership.owned)), dst)
+        values = self._gathered(dst)
         if dst is not None and self.rank != dst:
             return {}
         return {key: values[self.captured.aliases[key]] for key in self.captured.state_dict_keys}
+
+    def _gathered(self, dst: int | None) -> dict[str, torch.Tensor]:
+        """Every rank's owned tensors on ``dst`` (``None``: every rank), in bounded pieces."""
+        local = local_tensors(self.captured.tensors, sorted(self.ownership.owned))
+        return gather_tensors(local, dst, self.groups.cpu_group)
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's share of the module's state dict, under the module's keys: the tensors it
@@ -302,7 +307,7 @@ class BuiltPipeline:
 
     def full_optimizer_state(self, optimizer: Optimizer, index: int, dst: int) -> dict[str, Any]:
         names = self._optimizer_state_names()
-        return gather_optimizer_state(optimizer, self.ownership.layouts[index], names, dst)
+        return gather_optimizer_state(optimizer, self.ownership.layouts[index], names, dst, self.groups.cpu_group)
 
     def local_optimizer_state(self, optimizer: Optimizer, index: int) -> dict[str, Any]:
         return local_optimizer_state(optimizer, self.ownership.layouts[index], self._optimizer_state_names())

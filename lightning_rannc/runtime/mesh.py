@@ -48,6 +48,9 @@ class ProcessGroups:
     num_replicas: int
     tied: list[tuple[dist.ProcessGroup, list[str]]] = field(default_factory=list)
     """Groups of this rank's pipeline that share parameters, with the shared parameter names."""
+    cpu_group: dist.ProcessGroup | None = None
+    """Every rank over gloo, for host-side transfers (full checkpoints): NCCL would carry them
+    through GPU buffers. ``None``: the default group, which is gloo already."""
 
     def destroy(self) -> None:
         """Destroy the groups made for this mesh (abort them after a failure, see ``_end``). Left
@@ -57,11 +60,11 @@ class ProcessGroups:
             return
         for group in self._groups():
             _end(group)
-        self.tied, self.pp_group, self.dp_group, self.mesh = [], None, None, None
+        self.tied, self.pp_group, self.dp_group, self.mesh, self.cpu_group = [], None, None, None, None
 
     def _groups(self) -> list[dist.ProcessGroup]:
         """This rank's groups of the mesh, the world excluded, each once, in creation order."""
-        groups = [self.pp_group, self.dp_group] + [g for g, _ in self.tied]
+        groups = [self.pp_group, self.dp_group, self.cpu_group] + [g for g, _ in self.tied]
         return list({id(g): g for g in groups if g is not None and g is not dist.GroupMember.WORLD}.values())
 
     def replica_rank(self, dp_rank: int) -> int:
@@ -72,12 +75,14 @@ class ProcessGroups:
 def build_process_groups(pipeline_stages: int, num_replicas: int, rank: int, device: torch.device) -> ProcessGroups:
     """The ``dp`` x ``pp`` mesh of ``num_replicas`` pipelines of ``pipeline_stages`` ranks.
     Collective: call on every rank."""
-    mesh = pp_group = dp_group = None
+    mesh = pp_group = dp_group = cpu_group = None
     if dist.is_initialized():
         names = (MeshAxis.DP.value, MeshAxis.PP.value)
         mesh = init_device_mesh(device.type, (num_replicas, pipeline_stages), mesh_dim_names=names)
         pp_group, dp_group = mesh.get_group(MeshAxis.PP.value), mesh.get_group(MeshAxis.DP.value)
         _warm_up([pp_group, dp_group], device)
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo")
     return ProcessGroups(
         mesh=mesh,
         pp_group=pp_group,
@@ -86,6 +91,7 @@ def build_process_groups(pipeline_stages: int, num_replicas: int, rank: int, dev
         dp_rank=rank // pipeline_stages,
         pipeline_stages=pipeline_stages,
         num_replicas=num_replicas,
+        cpu_group=cpu_group,
     )
 
 

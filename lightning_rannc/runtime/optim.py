@@ -94,7 +94,7 @@ def keep_local_params(optimizer: Optimizer, names: Mapping[int, str], local: set
 
 
 def gather_optimizer_state(
-    optimizer: Optimizer, layout: list[list[str]], names: Mapping[int, str], dst: int
+    optimizer: Optimizer, layout: list[list[str]], names: Mapping[int, str], dst: int, group: Any = None
 ) -> dict[str, Any]:
     """The optimizer's full state dict on rank ``dst`` (empty elsewhere). Collective.
 
@@ -103,9 +103,10 @@ def gather_optimizer_state(
         layout: what ``keep_local_params`` returned: each group's parameter names before filtering.
         names: ``id(parameter)`` -> canonical name.
         dst: the rank that receives the full state.
+        group: the CPU group to gather over (``ProcessGroups.cpu_group``).
     """
     local = optimizer.state_dict()
-    merged = gather_tensors(_state_by_name(optimizer, local, names), dst)  # type: ignore[arg-type]
+    merged = gather_tensors(_state_by_name(optimizer, local, names), dst, group)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != dst:
         return {}
     return _full_state(local["param_groups"], layout, merged)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lightning_rannc._rng import device_generator
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.runtime.gather import gather_state
 
 __all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors", "initialize_tensors"]
 
@@ -94,22 +95,12 @@ def initialize_tensors(module: nn.Module, names: Iterable[str], seed: int, devic
 
 
 def local_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """CPU copies of this rank's tensors, by canonical name, ready to be sent as objects."""
-    return {n: tensors[n].detach().cpu() for n in names}
+    """This rank's tensors by canonical name, where they are (``gather_tensors`` copies each
+    bucket to the CPU as it sends it, not the whole share at once)."""
+    return {n: tensors[n].detach() for n in names}
 
 
-def gather_tensors(local: dict[str, torch.Tensor], dst: int | None) -> dict[str, torch.Tensor]:
-    """Merge every rank's ``local`` dict on rank ``dst`` (``None``: on every rank). Collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(local)
-    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
-    if dst is None:
-        dist.all_gather_object(parts, local)
-    else:
-        dist.gather_object(local, parts if dist.get_rank() == dst else None, dst=dst)
-        if dist.get_rank() != dst:
-            return {}
-    merged: dict[str, torch.Tensor] = {}
-    for part in parts:
-        merged.update(part)
-    return merged
+def gather_tensors(local: Mapping[str, Any], dst: int | None, group: Any = None) -> dict[str, Any]:
+    """Merge every rank's ``local`` dict on rank ``dst`` (``None``: on every rank), as CPU
+    tensors, in bounded pieces over the CPU ``group`` (``runtime/gather.py``). Collective."""
+    return gather_state(local, dst, group)
