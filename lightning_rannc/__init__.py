@@ -17,11 +17,13 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.errors import CaptureError, PlanError, RaNNCError, RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, Plan, StagePlan
+from lightning_rannc.runtime.weights import load_pretrained
 from lightning_rannc.strategy import RaNNCStrategy
 
 __all__ = [
     "RaNNCStrategy",
     "RaNNCConfig",
+    "load_pretrained",
     "PartitionPlan",
     "Plan",
     "StagePlan",

@@ -360,6 +360,27 @@ def training_data_source(trainer: Any) -> Any:
     return trainer.fit_loop._data_source
 
 
+def accumulate_grad_batches(module: Any) -> int:
+    """The Trainer's ``accumulate_grad_batches`` for ``module`` (1 without a Trainer: the public
+    ``trainer`` property raises then)."""
+    trainer = getattr(module, "_trainer", None)
+    return int(trainer.accumulate_grad_batches) if trainer is not None else 1
+
+
+def pretrained_init(model: Any) -> Any:
+    """transformers' initialisation of one module of ``model`` (a ``PreTrainedModel``), as a call
+    taking the module: ``_init_weights`` is the only per-module entry point (``initialize_weights``
+    walks the whole model, which exists only in part on a rank)."""
+    return model._init_weights
+
+
+def evaluation_data_source(trainer: Any) -> Any:
+    """The running evaluation loop's source of data loaders (``validate``, ``test`` or ``predict``
+    on a Trainer that did not ``fit``), before Lightning sets them up."""
+    loops = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}
+    return loops[trainer.state.fn.value if hasattr(trainer.state.fn, "value") else trainer.state.fn]._data_source
+
+
 def start_process_group(environment: Any, backend: str, timeout_s: float, device: torch.device) -> None:
     """Lightning's process-group start (it reads the cluster environment), bound to ``device``
     on a GPU as Lightning's DDPStrategy does: NCCL then creates communicators on the right GPU

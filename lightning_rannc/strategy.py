@@ -190,8 +190,7 @@ class RaNNCStrategyMixin(_MixinBase):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
-        # Lightning calls this on the rank that raised; the others may be waiting for it in a
-        # collective: the watchdog tells them to stop, and this rank's NCCL groups are aborted.
+        # On the rank that raised: the watchdog stops the others, this rank's NCCL groups are aborted.
         mesh.note_failure()
         if self.watchdog is not None:
             self.watchdog.report_failure(exception)
@@ -239,14 +238,18 @@ class RaNNCStrategyMixin(_MixinBase):
     @contextmanager
     @override
     def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
-        """``trainer.init_module(empty_init=True)`` builds the module on the meta device: no rank
-        allocates it; at the first batch each rank allocates and initialises (with the modules'
-        ``reset_parameters``) only the tensors of its own stages."""
+        """``init_module(empty_init=True)`` builds on the meta device (``runtime/initialize.py``)."""
         if not empty_init:
             with super().tensor_init_context(empty_init):  # type: ignore[misc]
                 yield
             return
         with torch.device("meta"), self.precision_plugin.tensor_init_context():
+            yield
+
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        with torch.device("meta"):  # `configure_model()` too builds on the meta device
             yield
 
     # --- the training step ----------------------------------------------------------------
@@ -263,14 +266,8 @@ class RaNNCStrategyMixin(_MixinBase):
             pipeline = engine.pipeline or engine.build(flat, self.optimizers, batch_idx, scale)
             with watched_step(self.watchdog, f"training step {batch_idx}"):
                 values = pipeline.run(flat, batch_idx, loss_scale=scale)
-        if self.config.terminate_on_nan and not torch.isfinite(values[0]):
-            module = self.lightning_module
-            step = module.trainer.global_step if module is not None else "?"
-            # The loss is shared: every rank raises here, at the same step.
-            raise ValueError(
-                f"`training_step` ({engine.where}) returned a loss of {float(values[0])} at batch {batch_idx} "
-                f"(step {step}); stopping because RaNNCStrategy(terminate_on_nan=True)."
-            )
+        if self.config.terminate_on_nan:
+            pipeline.check_finite(values[0], batch_idx)
         pipeline.replay_logs(values)
         return pipeline.step_output(values)
 
@@ -354,13 +351,18 @@ class RaNNCStrategyMixin(_MixinBase):
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        checkpoints.check_loadable(self.lightning_module)
-        super().load_model_state_dict(checkpoint, strict)  # type: ignore[misc]
+        if not checkpoints.load_module_state(self, checkpoint, strict):
+            super().load_model_state_dict(checkpoint, strict)  # type: ignore[misc]
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if not checkpoints.load_optimizer_states(self, checkpoint):
+            super().load_optimizer_state_dict(checkpoint)  # type: ignore[misc]
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        full = super().load_checkpoint  # type: ignore[misc]
-        return dict(checkpoints.load(checkpoint_path, lambda path: full(path, weights_only)))
+        full, module = super().load_checkpoint, self.lightning_module  # type: ignore[misc]
+        return dict(checkpoints.load(checkpoint_path, lambda path: full(path, weights_only), module, weights_only))
 
     # --- collectives --------------------------------------------------------------------
 
@@ -379,8 +381,7 @@ class RaNNCStrategyMixin(_MixinBase):
 
     @override
     def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        # Every rank of a pipeline holds the same values; Lightning's `sync_dist` means a reduction
-        # over data-parallel replicas, as with DDP.
+        # A pipeline's ranks hold the same values: `sync_dist` reduces over replicas, as with DDP.
         if not isinstance(tensor, Tensor) or not _compat.distributed_is_initialized():
             return tensor
         if group is None:
@@ -407,7 +408,6 @@ class RaNNCStrategyMixin(_MixinBase):
         if self.watchdog is not None:
             self.watchdog.stop()
             self.watchdog = None
-        # Lightning's teardown moves the module to the CPU; released tensors are meta and stay so.
         if self._groups is not None:
             self._groups.destroy()
             self._groups = None

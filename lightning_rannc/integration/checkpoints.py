@@ -11,17 +11,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.optim import Optimizer
 
 from lightning_rannc._compat import optimizer_of
-from lightning_rannc.errors import RuntimeSetupError
-from lightning_rannc.runtime.checkpoint import integer_state_keys, is_sharded, load_sharded, save_sharded
+from lightning_rannc.runtime.checkpoint import (
+    integer_state_keys,
+    is_sharded,
+    load_sharded,
+    load_sharded_lazily,
+    save_sharded,
+)
+from lightning_rannc.runtime.weights import load_checkpoint_later
 
 if TYPE_CHECKING:
     from lightning_rannc.runtime.built import BuiltPipeline
     from lightning_rannc.strategy import RaNNCStrategyMixin as RaNNCStrategy
 
-__all__ = ["module_state", "optimizer_state", "save", "check_loadable", "load"]
+__all__ = ["module_state", "optimizer_state", "save", "load_module_state", "load_optimizer_states", "load"]
 
 
 def _pipeline(strategy: RaNNCStrategy) -> BuiltPipeline | None:
@@ -56,23 +63,46 @@ def save(strategy: RaNNCStrategy, checkpoint: dict[str, Any], filepath: Any) -> 
     return True
 
 
-def check_loadable(module: Any) -> None:
-    """Refuse to load a checkpoint into meta tensors: torch only warns, and each rank would
-    then initialise its stage afresh, resuming from random weights."""
-    if module is not None and any(t.is_meta for t in module.state_dict().values()):
-        raise RuntimeSetupError(
-            f"{type(module).__name__} was created on the meta device (`trainer.init_module(empty_init=True)`); "
-            "resuming it from a checkpoint is not supported yet. Create it normally to resume, or load the "
-            "weights yourself after the first step."
-        )
+def load_module_state(strategy: RaNNCStrategy, checkpoint: Mapping[str, Any], strict: bool) -> bool:
+    """Resume a module that has meta tensors (created on the meta device, or partitioned by a
+    ``fit``): each rank takes from the checkpoint only the tensors it holds, when it holds them
+    (at the first batch, or now if the pipeline exists). ``False``: a whole module, which
+    Lightning loads itself."""
+    module = strategy.lightning_module
+    if module is None or not _has_meta_tensors(module):
+        return False
+    load_checkpoint_later(module, checkpoint["state_dict"], strict)
+    engine = strategy.engine
+    if engine is not None and engine.pipeline is not None and engine.module is module:
+        engine.pipeline.apply_pending_loads()
+    return True
 
 
-def load(path: Any, load_full: Any) -> Mapping[str, Any]:
+def load_optimizer_states(strategy: RaNNCStrategy, checkpoint: Mapping[str, Any]) -> bool:
+    """The optimizer states of a module created on the meta device, before its first batch:
+    kept until each rank's stages exist, then each rank loads its share. ``False``: Lightning's."""
+    engine = strategy.engine
+    if engine is None or engine.pipeline is not None or not engine.from_meta:
+        return False
+    engine.pending_optimizer_states = list(checkpoint.get("optimizer_states", []))
+    return True
+
+
+def load(path: Any, load_full: Any, module: Any = None, weights_only: bool | None = None) -> Mapping[str, Any]:
     """Read a checkpoint: a sharded directory, or through ``load_full`` (Lightning's) a file.
-    The module is whole on every rank until the first batch: each rank reads every tensor."""
+    A whole module (every rank holds it until the first batch) reads every tensor; for a
+    ``module`` with meta tensors a local file is memory-mapped, so each rank reads only the
+    pages of the tensors it takes."""
+    partial = module is not None and _has_meta_tensors(module)
     if is_sharded(path):
-        return load_sharded(path)
+        return load_sharded_lazily(path) if partial else load_sharded(path)
+    if partial and Path(path).is_file():
+        return integer_state_keys(torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only))
     return integer_state_keys(load_full(path))
+
+
+def _has_meta_tensors(module: Any) -> bool:
+    return any(t.is_meta for t in module.state_dict(keep_vars=True).values())
 
 
 def _sharded(strategy: RaNNCStrategy) -> bool:

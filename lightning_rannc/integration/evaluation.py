@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.integration import layout
 from lightning_rannc.runtime.evaluation import NotPipelined
 from lightning_rannc.runtime.watchdog import watched_step
 
@@ -78,11 +79,9 @@ class EvaluationLoops:
         if engine is None:
             return
         if engine.pipeline is None and engine.from_meta:
-            raise RuntimeSetupError(
-                f"{type(strategy).__name__} evaluates a module created on the meta device only through the plan "
-                "of a `fit` with this Trainer (no rank holds the whole module): set `num_sanity_val_steps=0`, "
-                "and call validate/test/predict after `fit`."
-            )
+            module = strategy.lightning_module
+            assert module is not None
+            layout.build_for_evaluation(strategy, module.trainer)
         if engine.pipeline is not None and not strategy.config.pipelined_evaluation and not engine.from_meta:
             self.gathered = True
             engine.pipeline.materialize()

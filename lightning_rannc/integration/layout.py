@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_rannc._compat import optimizer_of, training_data_source
+from lightning_rannc._compat import evaluation_data_source, optimizer_of, training_data_source
 from lightning_rannc._utils import optimizer_kind
-from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.capture.batch import FlatBatch
+from lightning_rannc.errors import CaptureError, RuntimeSetupError
+from lightning_rannc.integration import precision
 from lightning_rannc.plan.devices import DeviceSpec, get_device, parse_bytes
 from lightning_rannc.runtime.agreement import decided_on_rank_zero
 from lightning_rannc.runtime.engine import PipelineEngine
@@ -129,9 +131,11 @@ def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device:
         return None
     if trainer.state.fn != "fit":
         # After a fit its choice stands. Before any (a fresh Trainer), every rank holds the whole
-        # module and runs evaluation steps as Lightning does: shard the data over every rank, as ddp.
+        # module and runs evaluation steps as Lightning does: shard the data over every rank, as ddp;
+        # a module created on the meta device is planned, as for fit, from an evaluation batch.
         trained = strategy.engine is not None and strategy.engine.pipeline is not None
-        return None if trained else 1
+        if trained or not _has_meta_tensors(strategy.lightning_module):
+            return None if trained else 1
     options = engine_options(strategy, device, optimizer="adamw")
     layout = decided_on_rank_zero(lambda: _best_layout(strategy, trainer, options), strategy.global_rank)
     if strategy.is_global_zero:
@@ -150,11 +154,45 @@ def _best_layout(strategy: RaNNCStrategy, trainer: pl.Trainer, options: EngineOp
         return choose_layout(module, batch, options, world, strategy.root_device, strategy.block_costs)
 
 
+def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
+    """Build the pipeline of a module created on the meta device before its first evaluation
+    (the sanity check, or ``validate``/``test``/``predict`` on a fresh Trainer): it cannot run
+    whole. It is planned from ``training_step``, as for ``fit``, on the first training batch, or
+    without ``fit`` on the first batch of the evaluation data. Collective."""
+    engine = strategy.engine
+    assert engine is not None
+    fit = trainer.state.fn == "fit"
+    batch = _sample_batch(strategy, trainer)
+    data = "training" if fit else "evaluation"
+    if batch is None:
+        raise RuntimeSetupError(
+            f"{type(engine.module).__name__} was created on the meta device: it is evaluated through a pipeline "
+            f"planned from `training_step` ({engine.where}) on the first {data} batch, but there is none."
+        )
+    with strategy.precision_plugin.train_step_context():
+        flat = FlatBatch.of(batch, engine.where)
+        try:
+            engine.build(flat, strategy.optimizers if fit else [], 0, precision.loss_scale(strategy))
+        except CaptureError as error:
+            if fit:
+                raise
+            raise CaptureError(
+                f"{type(engine.module).__name__} was created on the meta device: `{trainer.state.fn}` on a Trainer "
+                f"that did not fit plans its pipeline from `training_step` on the first evaluation batch, which "
+                f"`training_step` does not take ({error}). Give evaluation batches that `training_step` takes, or "
+                "evaluate with the Trainer that ran `fit`."
+            ) from error
+
+
+def _has_meta_tensors(module: Any) -> bool:
+    return module is not None and any(t.is_meta for t in module.state_dict(keep_vars=True).values())
+
+
 def _sample_batch(strategy: RaNNCStrategy, trainer: pl.Trainer) -> Any:
-    """The first training batch as the step will get it, without disturbing the training run
-    (the shuffling sampler draws from the global RNG)."""
-    source = training_data_source(trainer)
-    if trainer.limit_train_batches == 0 or not source.is_defined():
+    """The first training batch (without ``fit``, evaluation batch) as the step will get it,
+    without disturbing the run (the shuffling sampler draws from the global RNG)."""
+    source = training_data_source(trainer) if trainer.state.fn == "fit" else evaluation_data_source(trainer)
+    if (trainer.state.fn == "fit" and trainer.limit_train_batches == 0) or not source.is_defined():
         return None
     combined_loader = importlib.import_module(f"{strategy.lightning_package}.utilities").CombinedLoader
     with torch.random.fork_rng(devices=[]):  # the user's transfer hooks may draw random numbers too

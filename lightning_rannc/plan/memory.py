@@ -110,6 +110,8 @@ def stage_memory(
     num_replicas: int = 1,
     shard_optimizer: bool = True,
     workspace_bytes: int = 0,
+    ddp: bool = False,
+    largest_trainable_bytes: int | None = None,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -128,6 +130,9 @@ def stage_memory(
         workspace_bytes: bytes one running micro-batch holds beyond its saved activations
             (gradients in flight, temporaries: the largest ``BlockCost.workspace_bytes`` of the
             stage); only one micro-batch runs at a time, so it counts once.
+        ddp: the replicas exchange gradients through DDP's buckets (``runtime/pipeline.py``).
+        largest_trainable_bytes: the optimizer steps tensor by tensor (torch's default on the
+            CPU), and this is its largest tensor; ``None``: it steps every tensor at once (foreach).
     """
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
@@ -139,12 +144,19 @@ def stage_memory(
     # With one micro-batch, backward frees activations while it makes the gradients; with more,
     # the gradients of finished micro-batches live next to the activations of the others.
     backward = activations + trainable_bytes if num_microbatches > 1 else max(activations, trainable_bytes)
+    if ddp and num_microbatches > 1:
+        # The micro-batches before the last run under `no_sync` and accumulate into fresh
+        # gradients (not bucket views: the runtime takes the gradients out between steps), which
+        # the last backward copies into DDP's buckets: both copies live at its end.
+        backward += trainable_bytes
     # The optimizer step runs after the activations are gone, next to the gradients. PyTorch's
     # default (foreach) Adam/AdamW, RMSprop and Adagrad make one temporary as large as the state
     # they update (the square root of the second moment): measured on an H100, BERT-base at
     # batch 1 peaks there at 5.0x its parameter bytes (params, grads, 2 moments, temporary).
     # Counted for every stateful optimizer (for SGD with momentum it is an over-estimate).
     temporary = trainable_bytes / shards if optimizer_factor > 0 else 0
+    if largest_trainable_bytes is not None:  # the loop's square root and its quotient, one tensor at a time
+        temporary = min(temporary, 2 * largest_trainable_bytes)
     stepping = int(trainable_bytes + temporary)
     live = max(backward, stepping)
     grads = stepping if stepping >= backward else trainable_bytes
@@ -166,8 +178,9 @@ def _buffer_bytes(input_bytes: int, output_bytes: int, in_flight: int, num_micro
       and keeps them across steps (``_prepare_forward_infra``/``_create_grad_recv_info``).
     - A stage keeps each forward output until its backward (the schedule's ``fwd_cache``); a
       value only the next stage's operators save is not in this stage's activations.
-    - DDP's buckets cost nothing more: the gradients are views into them
-      (``gradient_as_bucket_view``, ``runtime/pipeline.py``). Zero bubble's own exchange
+    - DDP's buckets: with one micro-batch the gradients are views into them
+      (``gradient_as_bucket_view``, ``runtime/pipeline.py``); with more, a second copy of the
+      gradients, counted in ``stage_memory``'s backward. Zero bubble's own exchange
       concatenates the gradients after the schedule, when the activations are gone: within the
       optimizer step's temporaries (``stepping``) for the same stage.
 

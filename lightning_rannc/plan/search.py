@@ -254,11 +254,13 @@ class _RangeTables:
         self.trainable_bytes = [[0] * (count + 1) for _ in range(count)]
         self.workspace_bytes = [[0] * (count + 1) for _ in range(count)]
         """The largest ``workspace_bytes`` of the range's blocks (at the reference size)."""
+        self.largest_trainable = [[0] * (count + 1) for _ in range(count)]
+        """The largest trainable tensor's bytes (a per-tensor optimizer's temporaries)."""
         self.weight_copies = _prefix([b.weight_copy_bytes for b in blocks])
         """Prefix sums of the blocks' half-precision parameter copies (shared by micro-batches)."""
         for i in range(count):
             seen: set[str] = set()
-            total = trainable = workspace = 0
+            total = trainable = workspace = largest = 0
             for j in range(i, count):
                 workspace = max(workspace, blocks[j].workspace_bytes)
                 self.workspace_bytes[i][j + 1] = workspace
@@ -266,8 +268,11 @@ class _RangeTables:
                     if name not in seen:
                         seen.add(name)
                         total += tensors.nbytes[name]
-                        trainable += tensors.nbytes[name] if name in tensors.trainable else 0
+                        if name in tensors.trainable:
+                            trainable += tensors.nbytes[name]
+                            largest = max(largest, tensors.nbytes[name])
                 self.param_bytes[i][j + 1], self.trainable_bytes[i][j + 1] = total, trainable
+                self.largest_trainable[i][j + 1] = largest
 
 
 class _Layout:
@@ -340,6 +345,10 @@ class _Layout:
             num_replicas=self.replicas,
             shard_optimizer=self.zero_stage == 1,
             workspace_bytes=int(self.ranges.workspace_bytes[i][j] * self.factor),
+            ddp=self.replicas > 1 and not self.settings.zero_bubble,
+            # torch's optimizers default to foreach (one temporary as large as the state) on GPUs,
+            # to a loop over the tensors on the CPU
+            largest_trainable_bytes=None if self.settings.device.name != "cpu" else self.ranges.largest_trainable[i][j],
         )
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> bool | None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_rannc._compat import accumulate_grad_batches
 from lightning_rannc.capture.batch import FlatBatch, ShapeKey
 from lightning_rannc.capture.export import CapturedStep
 from lightning_rannc.capture.graph import StepGraph, align_nodes
@@ -35,6 +36,7 @@ from lightning_rannc.runtime.optim import (
     clip_grad_norm,
     gather_optimizer_state,
     keep_local_params,
+    load_full_optimizer_state,
     local_optimizer_state,
 )
 from lightning_rannc.runtime.pipeline import PipelineRuntime
@@ -43,6 +45,7 @@ from lightning_rannc.runtime.state import gather_tensors, install_tensors, local
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.variants import Variant, Variants, numbers_read
 from lightning_rannc.runtime.verify import Reference, check_against_reference
+from lightning_rannc.runtime.weights import apply_pending_loads
 
 __all__ = ["BuiltPipeline", "Ownership", "warn_if_adjusted"]
 
@@ -115,7 +118,9 @@ class BuiltPipeline:
         self.steps += 1
         if self.trace is not None:
             self.trace.start_step()
-        values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale)
+        # Lightning zeroes the gradients after the first step of each accumulation window.
+        window_starts = batch_idx % accumulate_grad_batches(self.module) == 0
+        values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale, keep_grads=not window_starts)
         if self.reference is not None:
             grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}
             reference, self.reference = self.reference, None
@@ -123,6 +128,16 @@ class BuiltPipeline:
             check_against_reference(reference, float(values[0]), grads, self.groups, self._verify_tolerance, scale)
         self._share_written_buffers()
         return values
+
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """``terminate_on_nan``: the loss is shared, so every rank raises here, at the same step."""
+        if torch.isfinite(loss):
+            return
+        step = self.module.trainer.global_step  # type: ignore[union-attr]
+        raise ValueError(
+            f"`training_step` ({self.where}) returned a loss of {float(loss)} at batch {batch_idx} "
+            f"(step {step}); stopping because RaNNCStrategy(terminate_on_nan=True)."
+        )
 
     def replay_logs(self, values: torch.Tensor) -> None:
         """Replay the training step's ``self.log`` and metric calls with the last step's values."""
@@ -263,7 +278,25 @@ class BuiltPipeline:
         owner.names = {i: n for i, n in owner.names.items() if n in owner.local | owner.owned}
         self.release()
 
+    def load_optimizer_states(self, optimizers: list[Optimizer], states: list[dict[str, Any]]) -> None:
+        """Load each optimizer's share of a checkpoint's full states (a module created on the meta
+        device, resumed: the states waited for the parameters to exist)."""
+        if len(states) != len(optimizers):
+            raise RuntimeSetupError(
+                f"The checkpoint holds {len(states)} optimizer state(s), but `configure_optimizers` of "
+                f"{type(self.module).__name__} made {len(optimizers)}: resume with the optimizers it was saved with."
+            )
+        for index, (optimizer, state) in enumerate(zip(optimizers, states)):
+            load_full_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names, state)
+
     # --- where the tensors are ------------------------------------------------------------------
+
+    def apply_pending_loads(self) -> None:
+        """Load what ``load_pretrained`` (or a checkpoint) noted into the tensors this rank holds."""
+        held = self.ownership.local | self.ownership.owned
+        current = module_tensors(self.module)
+        targets = {n: t for n, t in current.items() if n in held and not t.is_meta}
+        apply_pending_loads(self.module, self.captured.aliases, targets)
 
     def rebind(self, groups: ProcessGroups) -> None:
         """Use new process groups (a later ``validate``/``test``/``predict``): the stages made

@@ -16,17 +16,20 @@ mix the new weights with the old loop state).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lightning_rannc._compat import LIGHTNING_METADATA_FILENAME, load_distributed_checkpoint
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.runtime.sources import SourceMapping, open_source
 
-__all__ = ["save_sharded", "load_sharded", "consolidate", "is_sharded", "integer_state_keys"]
+__all__ = ["save_sharded", "load_sharded", "load_sharded_lazily", "consolidate", "is_sharded", "integer_state_keys"]
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -70,18 +73,89 @@ def _replace_directory(new: Path, path: Path) -> None:
 
 def load_sharded(path: str | Path) -> dict[str, Any]:
     """A sharded checkpoint as one ordinary checkpoint dict (full tensors, in memory)."""
-    path = Path(path)
-    if not is_sharded(path):
-        raise RuntimeSetupError(
-            f"{str(path)!r} is not a complete sharded checkpoint (no .metadata or meta.pt): was its writing "
-            "interrupted?"
-        )
-    checkpoint = load_distributed_checkpoint(path)
+    checkpoint = load_distributed_checkpoint(_complete(Path(path)))
     checkpoint["state_dict"] = checkpoint.pop("model")
     count = sum(1 for key in checkpoint if key.startswith("optimizer_") and key[len("optimizer_") :].isdigit())
     if count:
         checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{i}") for i in range(count)]
     return integer_state_keys(checkpoint)
+
+
+def load_sharded_lazily(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint for a module that exists only in part on each rank: ``meta.pt`` is
+    read, tensors only when asked for. ``"state_dict"`` reads key by key (``SourceMapping``), and
+    each optimizer state's ``"state"`` one parameter's state at a time, so that each rank reads
+    only the tensors it holds."""
+    path = _complete(Path(path))
+    checkpoint = torch.load(path / LIGHTNING_METADATA_FILENAME, map_location="cpu")  # as Lightning reads it
+    checkpoint["state_dict"] = SourceMapping(open_source(path))
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    entries = metadata.planner_data
+    names = sorted({fqn[0] for fqn in entries.values() if str(fqn[0]).startswith("optimizer_")})
+    checkpoint["optimizer_states"] = [
+        {"state": _LazyStates(path, name, metadata), "param_groups": _param_groups(path, name, entries)}
+        for name in sorted(names, key=lambda n: int(n[len("optimizer_") :]))
+    ]
+    return checkpoint
+
+
+class _LazyStates(Mapping[int, dict[str, Any]]):
+    """An optimizer's ``state`` in a sharded checkpoint: parameter index -> its state, read when asked for."""
+
+    def __init__(self, path: Path, name: str, metadata: Any) -> None:
+        self.path, self.name, self.entries = path, name, metadata.state_dict_metadata
+        self.fields: dict[int, dict[str, str]] = {}  # index -> field -> flattened key
+        for key, fqn in metadata.planner_data.items():
+            if fqn[0] == name and fqn[1] == "state":
+                self.fields.setdefault(int(fqn[2]), {})[str(fqn[3])] = key
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        state = {field: _placeholder(self.entries[key]) for field, key in self.fields[index].items()}
+        _read(self.path, {self.name: {"state": {str(index): state}}})
+        return state
+
+    def __contains__(self, index: object) -> bool:
+        return index in self.fields
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+def _param_groups(path: Path, name: str, entries: Mapping[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    for fqn in entries.values():
+        if fqn[0] == name and fqn[1] == "param_groups":
+            while len(groups) <= int(fqn[2]):
+                groups.append({})
+            groups[int(fqn[2])][str(fqn[3])] = None  # a value DCP replaces
+    _read(path, {name: {"param_groups": groups}})
+    return groups
+
+
+def _placeholder(entry: Any) -> Any:
+    if isinstance(entry, TensorStorageMetadata):
+        return torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+    return None
+
+
+def _read(path: Path, state: dict[str, Any]) -> None:
+    """Fill ``state``'s entries from the checkpoint, reading only those; no collectives (each
+    rank asks for other keys)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+
+
+def _complete(path: Path) -> Path:
+    if not is_sharded(path):
+        raise RuntimeSetupError(
+            f"{str(path)!r} is not a complete sharded checkpoint (no .metadata or meta.pt): was its writing "
+            "interrupted?"
+        )
+    return path
 
 
 def integer_state_keys(checkpoint: dict[str, Any]) -> dict[str, Any]:

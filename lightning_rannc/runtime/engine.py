@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_rannc._compat import is_fake
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import CapturedStep
@@ -31,6 +32,7 @@ from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.runtime.agreement import decided_on_rank_zero
 from lightning_rannc.runtime.built import BuiltPipeline, Ownership, warn_if_adjusted
 from lightning_rannc.runtime.captures import capture_micro, fake_capture, smaller_sample
+from lightning_rannc.runtime.initialize import initialize_tensors
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
 from lightning_rannc.runtime.optim import shard_over_replicas
 from lightning_rannc.runtime.planning import (
@@ -40,9 +42,10 @@ from lightning_rannc.runtime.planning import (
     deployed_or_new_plan,
     reference_microbatches,
 )
-from lightning_rannc.runtime.state import initialize_tensors, install_tensors
+from lightning_rannc.runtime.state import install_tensors
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.verify import Reference, reference_step
+from lightning_rannc.runtime.weights import apply_pending_loads
 
 __all__ = ["PipelineEngine"]
 
@@ -70,6 +73,8 @@ class PipelineEngine:
         self.pipeline: BuiltPipeline | None = None
         """The built pipeline, from the first training batch on."""
         self._from_meta: bool | None = None
+        self.pending_optimizer_states: list[dict[str, Any]] | None = None
+        """A checkpoint's full optimizer states, for a module created on the meta device until it is built."""
         self._metric_groups: dict[nn.Module, Any] = {}
         self._sync_metrics_over_replicas()
 
@@ -153,6 +158,9 @@ class PipelineEngine:
         _log_plan(plan, self.rank)
         self.pipeline = pipeline
         pipeline.restrict_optimizers(optimizers)
+        if self.pending_optimizer_states is not None:
+            pipeline.load_optimizer_states(optimizers, self.pending_optimizer_states)
+            self.pending_optimizer_states = None
         return pipeline
 
     def _request(
@@ -186,15 +194,24 @@ class PipelineEngine:
         capture = fake_capture(self.module, batch, num_microbatches, self.device, batch_idx=batch_idx)
         with capture as (captured, graph, micro):
             plan, seed = self._agreed_plan(self._request(graph, micro, num_microbatches, True, None), graph)
-        real = module_tensors(self.module)
-        constants = sorted(set(captured.tensors) - set(real))
-        if constants:
-            raise RuntimeSetupError(
-                f"`training_step` ({self.where}) uses tensors created outside the module ({constants}); a module "
-                "created on the meta device cannot provide them. Register them as buffers."
-            )
-        captured.tensors = graph.tensors = real
+        captured.tensors = graph.tensors = {**module_tensors(self.module), **self._constants(captured)}
         return captured, graph, plan, seed
+
+    def _constants(self, captured: CapturedStep) -> dict[str, torch.Tensor]:
+        """The tensors the step creates from values known when it runs (``torch.tensor(0)``,
+        empty masks: transformers makes several), which export lifts out of the graph. They are
+        real even in a capture on fake tensors; only a tensor kept outside the module's
+        parameters and buffers (a plain attribute) has no value on the meta device."""
+        own = set(module_tensors(self.module))
+        constants = {n: t for n, t in captured.tensors.items() if n not in own}
+        unknown = sorted(n for n, t in constants.items() if t.is_meta or is_fake(t))
+        if unknown:
+            raise RuntimeSetupError(
+                f"`training_step` ({self.where}) uses tensors that are neither parameters nor buffers of the module "
+                f"and were created on the meta device with it ({unknown}): they have no values. Register them as "
+                "buffers (`self.register_buffer(name, tensor, persistent=False)`) so that they are initialised."
+            )
+        return constants
 
     def _ownership(self, plan: PartitionPlan, captured: CapturedStep, trainable: set[str]) -> Ownership:
         local = {n for s in plan.stages_of_rank(self.rank) for n in s.tensor_names}
@@ -218,12 +235,15 @@ class PipelineEngine:
         self, captured: CapturedStep, graph: StepGraph, ownership: Ownership, seed: int
     ) -> None:
         """Allocate and initialise only the tensors this rank holds (RaNNC's DistributeModelParams)."""
-        tensors = captured.tensors
-        names = sorted(n for n in ownership.local | ownership.owned if n in tensors)
+        tensors, own = captured.tensors, module_tensors(self.module)
+        names = sorted(n for n in ownership.local | ownership.owned if n in own)
         empty = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=self.device) for n in names}
         install_tensors(self.module, captured.aliases, empty, self.device)
-        initialize_tensors(self.module, names, seed, self.device)
-        captured.tensors = graph.tensors = module_tensors(self.module)
+        initialize_tensors(self.module, captured.aliases, names, seed, self.device)
+        materialised = module_tensors(self.module)
+        apply_pending_loads(self.module, captured.aliases, {n: materialised[n] for n in names})
+        constants = {n: t for n, t in tensors.items() if n not in own}
+        captured.tensors = graph.tensors = {**module_tensors(self.module), **constants}
         # The optimizers still hold the meta parameters: both objects map to the name.
         ownership.names.update({id(t): n for n, t in captured.tensors.items()})
 

@@ -119,6 +119,30 @@ def local_optimizer_state(optimizer: Optimizer, layout: list[list[str]], names: 
     return _full_state(local["param_groups"], layout, _state_by_name(optimizer, local, names))
 
 
+def load_full_optimizer_state(
+    optimizer: Optimizer, layout: list[list[str]], names: Mapping[int, str], full: Mapping[str, Any]
+) -> None:
+    """Load into the filtered ``optimizer`` its parameters' part of ``full``, a full (unsharded)
+    optimizer state dict whose indices follow ``layout`` (each group's names before filtering).
+    ``Optimizer.load_state_dict`` copies each state tensor to its parameter's device: only this
+    rank's share is read (from a memory-mapped checkpoint, only its pages)."""
+    index_of = {name: i for i, name in enumerate(n for group in layout for n in group)}
+    saved_state = full.get("state", {})
+    state: dict[int, Any] = {}
+    groups = []
+    local = 0
+    for group, saved in zip(optimizer.param_groups, full["param_groups"]):
+        ids = []
+        for param in group["params"]:
+            index = index_of[names[id(param)]]
+            if index in saved_state:
+                state[local] = saved_state[index]
+            ids.append(local)
+            local += 1
+        groups.append({**saved, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def _state_by_name(optimizer: Optimizer, local: dict[str, Any], names: Mapping[int, str]) -> dict[str, Any]:
     by_name: dict[str, Any] = {}
     index = 0

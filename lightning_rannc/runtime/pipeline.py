@@ -172,17 +172,27 @@ class PipelineRuntime:
         return output[0] * (self._loss_scale / self._loss_divisor)
 
     def run(
-        self, leaves: Sequence[torch.Tensor], seed: int, step: int, loss_scale: float | torch.Tensor = 1.0
+        self,
+        leaves: Sequence[torch.Tensor],
+        seed: int,
+        step: int,
+        loss_scale: float | torch.Tensor = 1.0,
+        keep_grads: bool = True,
     ) -> torch.Tensor:
         """Run one step; return the mean over micro-batches and replicas of every graph output.
 
         ``loss_scale`` multiplies the loss before backward (16-bit loss scaling): the gradients
         come out scaled, as Lightning's scaler expects after its own ``scale(loss).backward()``.
-        A tensor on the device (the scaler's own) costs no wait for the device.
+        A tensor on the device (the scaler's own) costs no wait for the device. ``keep_grads``:
+        the parameters' gradients belong to earlier batches of an accumulation window; if not,
+        they are the last step's, which Lightning zeroes after this step: freed now, not kept
+        beside the new ones through the schedule.
         """
         # Gradients of earlier batches of an accumulation window: DDP's last backward rewrites its
         # buckets, and with bucket views a gradient still viewing one must be copied out first.
-        held = {p: g.clone() if g is not None and self._ddp else g for p, g in self._take_grads().items()}
+        taken = self._take_grads()
+        held = {p: g.clone() if g is not None and self._ddp else g for p, g in taken.items()} if keep_grads else {}
+        del taken
         args, kwargs = self._start(leaves, seed, step, loss_scale)
         self.schedule.step(*args, **kwargs)
         pending = self._take_grads()

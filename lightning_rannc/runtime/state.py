@@ -7,18 +7,15 @@ state is gathered only when asked: a checkpoint, or at the end of ``fit``.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_rannc._rng import device_generator
-from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.runtime.gather import gather_state
 
-__all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors", "initialize_tensors"]
+__all__ = ["release_tensors", "install_tensors", "gather_tensors", "local_tensors"]
 
 
 def _set_tensor(module: nn.Module, path: str, tensor: torch.Tensor) -> None:
@@ -40,14 +37,15 @@ def _get_tensor(module: nn.Module, path: str) -> torch.Tensor:
 def release_tensors(module: nn.Module, aliases: Mapping[str, str], keep: Iterable[str]) -> None:
     """Replace every parameter/buffer whose canonical name is not in ``keep`` by a meta tensor."""
     kept = set(keep)
+    made: dict[str, torch.Tensor] = {}  # tied names stay tied: one meta tensor per canonical name
     for path, canonical in aliases.items():
         if canonical in kept:
             continue
-        tensor = _get_tensor(module, path)
-        meta = torch.empty_like(tensor, device="meta")
-        if isinstance(tensor, nn.Parameter):
-            meta = nn.Parameter(meta, requires_grad=tensor.requires_grad)
-        _set_tensor(module, path, meta)
+        if canonical not in made:
+            tensor = _get_tensor(module, path)
+            meta = torch.empty_like(tensor, device="meta")
+            made[canonical] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        _set_tensor(module, path, made[canonical])
 
 
 def install_tensors(
@@ -65,33 +63,6 @@ def install_tensors(
                 nn.Parameter(value, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else value
             )
         _set_tensor(module, path, made[canonical])
-
-
-def initialize_tensors(module: nn.Module, names: Iterable[str], seed: int, device: torch.device) -> None:
-    """Initialise freshly materialised tensors with their modules' ``reset_parameters``.
-
-    Each module draws from a stream seeded by (seed, module path): a tensor gets the same values
-    on every rank that holds it and whatever the stage split. ``reset_parameters`` must
-    initialise only the module's own tensors, as PyTorch's layers do.
-    """
-    owners = sorted({name.rpartition(".")[0] for name in names})
-    missing = [
-        path or "<the LightningModule>"
-        for path in owners
-        if not hasattr(module.get_submodule(path), "reset_parameters")
-    ]
-    if missing:
-        raise RuntimeSetupError(
-            f"The module was created on the meta device, but {missing} define no `reset_parameters()` "
-            "to initialise their own parameters and buffers on the rank that holds them. Add one "
-            "(it must set only that module's direct tensors), or create the module normally."
-        )
-    generator = device_generator(device)
-    for path in owners:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            # zlib.crc32, not hash(): str hashes differ between processes (PYTHONHASHSEED).
-            generator.manual_seed(hash((seed, zlib.crc32(path.encode()))) & (2**63 - 1))
-            module.get_submodule(path).reset_parameters()  # type: ignore[operator]
 
 
 def local_tensors(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:

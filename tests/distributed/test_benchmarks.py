@@ -30,6 +30,19 @@ def test_memory_shows_a_stage_holding_less_than_the_whole_model() -> None:
     assert max(held[1:]) <= held[0] and min(held[1:]) < held[0] and sum(held[1:]) > held[0]  # the tied embedding twice
 
 
+def test_memory_measures_each_rank_against_its_prediction_and_the_limit() -> None:
+    args = ["--dim", "64", "--layers", "2", "--heads", "4", "--vocab", "256", "--seq", "32", "--batch-size", "8"]
+    args += ["--steps", "2", "--devices", "2", "--pipeline-stages", "2", "--limit", "64MB"]  # about 20 s
+    out = run_script(BENCHMARKS / "memory.py", *args, timeout=120).stdout
+    row = r"^\| (\d) \| [^|]+ \| [^|]+ \| ([\d.]+) MiB \| ([\d.]+) MiB \| ([\d.]+) \| ([\d.]+) MiB \| ([\d.]+) \|$"
+    rows = re.findall(row, out, re.MULTILINE)
+    assert [int(rank) for rank, *_ in rows] == [0, 1], out[-4000:]
+    for _, _, measured, ratio, limit, _ in rows:
+        assert 0 < float(measured) <= float(limit)  # no rank above L
+        assert 0.5 < float(ratio) < 2  # the profiler saw the stage's tensors
+    assert "one process with plain Lightning, measured peak" in out
+
+
 def test_plan_scale_plans_a_gpt3_shape_on_1024_devices() -> None:
     out = run_script(BENCHMARKS / "plan_scale.py", "--only", "gpt-175b", "--layers", "12", timeout=300).stdout
     assert "1024 device(s):" in out and "within the" in out and "predicted step" in out

@@ -171,13 +171,20 @@ def test_meta_device_module_without_reset_parameters_is_refused_with_the_module_
         trainer.fit(model, table_loader())
 
 
-def test_sanity_checking_a_meta_device_module_is_refused_with_advice() -> None:
-    # Before the first training batch there is no plan, and no rank holds the whole module.
-    trainer = _trainer(limit_val_batches=1, num_sanity_val_steps=1)
+def test_a_meta_device_module_is_sanity_checked_through_its_pipeline() -> None:
+    # No rank holds the whole module: the pipeline is planned and built before the sanity check.
+    planned: list[bool] = []
+
+    class Sees(L.Callback):
+        def on_sanity_check_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            planned.append(trainer.strategy.plan is not None and trainer.global_step == 0)
+
+    trainer = _trainer(limit_val_batches=1, num_sanity_val_steps=1, callbacks=[Sees()])
     with trainer.init_module(empty_init=True):
         model = LoggingMLP()
-    with pytest.raises(RuntimeSetupError, match="meta device only through the plan.*num_sanity_val_steps=0"):
-        trainer.fit(model, table_loader(), table_loader(size=16))
+    trainer.fit(model, table_loader(), table_loader(size=16))
+    assert planned == [True]
+    assert trainer.strategy.engine.pipeline.evaluation.pipelined_steps == ["validation_step"]
 
 
 def test_a_meta_device_module_validates_through_the_plan_inside_fit() -> None:
@@ -189,16 +196,22 @@ def test_a_meta_device_module_validates_through_the_plan_inside_fit() -> None:
     assert trainer.strategy.engine.pipeline.evaluation.pipelined_steps == ["validation_step"]
 
 
-def test_resuming_a_meta_device_module_is_refused_rather_than_started_from_random_weights(tmp_path: Path) -> None:
+def test_a_meta_device_module_resumes_as_the_same_module_built_whole(tmp_path: Path) -> None:
     trainer = _trainer()
     trainer.fit(LoggingMLP(), table_loader())
     trainer.save_checkpoint(tmp_path / "last.ckpt")
-    torch.distributed.destroy_process_group()
-    trainer = _trainer(max_steps=4)
-    with trainer.init_module(empty_init=True):
-        model = LoggingMLP()
-    with pytest.raises(RuntimeSetupError, match="created on the meta device.*resuming it from a checkpoint"):
+    runs = {}
+    for meta in (False, True):
+        torch.distributed.destroy_process_group()
+        trainer = _trainer(max_steps=4)
+        with trainer.init_module(empty_init=meta):
+            model = LoggingMLP()
+        assert all(p.is_meta for p in model.parameters()) == meta
         trainer.fit(model, table_loader(), ckpt_path=tmp_path / "last.ckpt")
+        runs[meta] = (float(trainer.callback_metrics["train_loss"]), model.state_dict())
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, msg=key)
 
 
 class ReadsChangingNumbersMLP(LoggingMLP):
