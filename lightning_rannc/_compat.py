@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import importlib
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,14 @@ from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+
+# Lightning warns on `trainer.init_module()` with any strategy that overrides
+# `model_sharded_context` that it "cannot fully support proper instantiation" there; this one
+# overrides it to build `configure_model` on the meta device, and supports both.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`trainer.init_module` cannot fully support proper instantiation of your model with the `RaNNCStrategy`",
+)
 
 # Re-exported under public names:
 # - Lightning's process-group helpers, as its own DDP strategy uses them;
@@ -358,13 +367,6 @@ def training_data_source(trainer: Any) -> Any:
     """The fit loop's source of training data loaders, before Lightning sets them up (no public
     accessor exists at ``setup`` time)."""
     return trainer.fit_loop._data_source
-
-
-def accumulate_grad_batches(module: Any) -> int:
-    """The Trainer's ``accumulate_grad_batches`` for ``module`` (1 without a Trainer: the public
-    ``trainer`` property raises then)."""
-    trainer = getattr(module, "_trainer", None)
-    return int(trainer.accumulate_grad_batches) if trainer is not None else 1
 
 
 def pretrained_init(model: Any) -> Any:

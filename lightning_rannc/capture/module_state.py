@@ -38,6 +38,12 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return canonical_names(module)[2]
 
 
+def has_meta_tensors(module: nn.Module | None) -> bool:
+    """Whether some parameter or buffer of ``module`` is on the meta device (created there, or
+    another stage's, released)."""
+    return module is not None and any(t.is_meta for t in module_tensors(module).values())
+
+
 @contextlib.contextmanager
 def fake_module_state(module: nn.Module, device: torch.device) -> Iterator[Any]:
     """Swap every parameter and buffer of ``module`` for a fake tensor on ``device`` (no memory).

@@ -15,6 +15,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_rannc._compat import optimizer_of
+from lightning_rannc.capture.module_state import has_meta_tensors
 from lightning_rannc.runtime.checkpoint import (
     integer_state_keys,
     is_sharded,
@@ -69,7 +70,7 @@ def load_module_state(strategy: RaNNCStrategy, checkpoint: Mapping[str, Any], st
     (at the first batch, or now if the pipeline exists). ``False``: a whole module, which
     Lightning loads itself."""
     module = strategy.lightning_module
-    if module is None or not _has_meta_tensors(module):
+    if module is None or not has_meta_tensors(module):
         return False
     load_checkpoint_later(module, checkpoint["state_dict"], strict)
     engine = strategy.engine
@@ -93,16 +94,12 @@ def load(path: Any, load_full: Any, module: Any = None, weights_only: bool | Non
     A whole module (every rank holds it until the first batch) reads every tensor; for a
     ``module`` with meta tensors a local file is memory-mapped, so each rank reads only the
     pages of the tensors it takes."""
-    partial = module is not None and _has_meta_tensors(module)
+    partial = has_meta_tensors(module)
     if is_sharded(path):
         return load_sharded_lazily(path) if partial else load_sharded(path)
     if partial and Path(path).is_file():
         return integer_state_keys(torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only))
     return integer_state_keys(load_full(path))
-
-
-def _has_meta_tensors(module: Any) -> bool:
-    return any(t.is_meta for t in module.state_dict(keep_vars=True).values())
 
 
 def _sharded(strategy: RaNNCStrategy) -> bool:

@@ -19,6 +19,7 @@ import torch
 from lightning_rannc._compat import evaluation_data_source, optimizer_of, training_data_source
 from lightning_rannc._utils import optimizer_kind
 from lightning_rannc.capture.batch import FlatBatch
+from lightning_rannc.capture.module_state import has_meta_tensors
 from lightning_rannc.errors import CaptureError, RuntimeSetupError
 from lightning_rannc.integration import precision
 from lightning_rannc.plan.devices import DeviceSpec, get_device, parse_bytes
@@ -134,7 +135,7 @@ def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device:
         # module and runs evaluation steps as Lightning does: shard the data over every rank, as ddp;
         # a module created on the meta device is planned, as for fit, from an evaluation batch.
         trained = strategy.engine is not None and strategy.engine.pipeline is not None
-        if trained or not _has_meta_tensors(strategy.lightning_module):
+        if trained or not has_meta_tensors(strategy.lightning_module):
             return None if trained else 1
     options = engine_options(strategy, device, optimizer="adamw")
     layout = decided_on_rank_zero(lambda: _best_layout(strategy, trainer, options), strategy.global_rank)
@@ -182,10 +183,6 @@ def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
                 f"`training_step` does not take ({error}). Give evaluation batches that `training_step` takes, or "
                 "evaluate with the Trainer that ran `fit`."
             ) from error
-
-
-def _has_meta_tensors(module: Any) -> bool:
-    return module is not None and any(t.is_meta for t in module.state_dict(keep_vars=True).values())
 
 
 def _sample_batch(strategy: RaNNCStrategy, trainer: pl.Trainer) -> Any:

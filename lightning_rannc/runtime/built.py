@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_rannc._compat import accumulate_grad_batches
+from lightning_rannc._compat import attached_trainer
 from lightning_rannc.capture.batch import FlatBatch, ShapeKey
 from lightning_rannc.capture.export import CapturedStep
 from lightning_rannc.capture.graph import StepGraph, align_nodes
@@ -119,7 +119,8 @@ class BuiltPipeline:
         if self.trace is not None:
             self.trace.start_step()
         # Lightning zeroes the gradients after the first step of each accumulation window.
-        window_starts = batch_idx % accumulate_grad_batches(self.module) == 0
+        trainer = attached_trainer(self.module)
+        window_starts = trainer is None or batch_idx % trainer.accumulate_grad_batches == 0
         values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale, keep_grads=not window_starts)
         if self.reference is not None:
             grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}

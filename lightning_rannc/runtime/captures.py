@@ -21,7 +21,7 @@ from torch import nn
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import CapturedStep, capture_step, capture_training_step
 from lightning_rannc.capture.graph import StepGraph
-from lightning_rannc.capture.module_state import fake_module_state, module_tensors
+from lightning_rannc.capture.module_state import fake_module_state, has_meta_tensors
 
 if TYPE_CHECKING:
     from lightning_rannc.runtime.planning import EngineOptions
@@ -100,7 +100,7 @@ def captured_for_costs(
 ) -> Iterator[tuple[StepGraph, list[torch.Tensor], bool]]:
     """The graph and micro-batch to cost, and whether they are fake (a module on the meta device)."""
     started = time.perf_counter()
-    if any(t.is_meta for t in module_tensors(module).values()):
+    if has_meta_tensors(module):
         with fake_capture(module, batch, num_microbatches, device) as (_, graph, micro):
             log.info("captured the step on fake tensors in %.1f s", time.perf_counter() - started)
             yield graph, micro, True

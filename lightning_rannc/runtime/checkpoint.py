@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ from lightning_rannc._compat import LIGHTNING_METADATA_FILENAME, load_distribute
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.runtime.sources import SourceMapping, open_source
 
-__all__ = ["save_sharded", "load_sharded", "load_sharded_lazily", "consolidate", "is_sharded", "integer_state_keys"]
+__all__ = [
+    "save_sharded",
+    "load_sharded",
+    "load_sharded_lazily",
+    "LazyStates",
+    "consolidate",
+    "is_sharded",
+    "integer_state_keys",
+]
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -93,13 +101,13 @@ def load_sharded_lazily(path: str | Path) -> dict[str, Any]:
     entries = metadata.planner_data
     names = sorted({fqn[0] for fqn in entries.values() if str(fqn[0]).startswith("optimizer_")})
     checkpoint["optimizer_states"] = [
-        {"state": _LazyStates(path, name, metadata), "param_groups": _param_groups(path, name, entries)}
+        {"state": LazyStates(path, name, metadata), "param_groups": _param_groups(path, name, entries)}
         for name in sorted(names, key=lambda n: int(n[len("optimizer_") :]))
     ]
     return checkpoint
 
 
-class _LazyStates(Mapping[int, dict[str, Any]]):
+class LazyStates(Mapping[int, dict[str, Any]]):
     """An optimizer's ``state`` in a sharded checkpoint: parameter index -> its state, read when asked for."""
 
     def __init__(self, path: Path, name: str, metadata: Any) -> None:
@@ -110,9 +118,17 @@ class _LazyStates(Mapping[int, dict[str, Any]]):
                 self.fields.setdefault(int(fqn[2]), {})[str(fqn[3])] = key
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        state = {field: _placeholder(self.entries[key]) for field, key in self.fields[index].items()}
-        _read(self.path, {self.name: {"state": {str(index): state}}})
-        return state
+        return self.read([index])[index]
+
+    def read(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The states of the parameters ``indices`` (those the checkpoint has), in one read."""
+        states = {
+            index: {field: _placeholder(self.entries[key]) for field, key in self.fields[index].items()}
+            for index in indices
+            if index in self.fields
+        }
+        _read(self.path, {self.name: {"state": {str(index): state for index, state in states.items()}}})
+        return states
 
     def __contains__(self, index: object) -> bool:
         return index in self.fields

@@ -23,7 +23,7 @@ from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import CapturedStep
 from lightning_rannc.capture.graph import StepGraph
-from lightning_rannc.capture.module_state import module_tensors
+from lightning_rannc.capture.module_state import has_meta_tensors, module_tensors
 from lightning_rannc.capture.reductions import SUM
 from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan
@@ -83,7 +83,7 @@ class PipelineEngine:
         """Whether the module was created on the meta device (then it is never gathered whole).
         After the build other stages' tensors are meta on every rank: the answer is kept."""
         if self._from_meta is None:
-            return any(t.is_meta for t in module_tensors(self.module).values())
+            return has_meta_tensors(self.module)
         return self._from_meta
 
     def serves(self, module: Any, layout: Layout) -> bool:

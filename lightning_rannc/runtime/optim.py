@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from lightning_rannc.runtime.checkpoint import LazyStates
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.state import gather_tensors
 
@@ -127,19 +128,15 @@ def load_full_optimizer_state(
     ``Optimizer.load_state_dict`` copies each state tensor to its parameter's device: only this
     rank's share is read (from a memory-mapped checkpoint, only its pages)."""
     index_of = {name: i for i, name in enumerate(n for group in layout for n in group)}
+    wanted = [index_of[names[id(param)]] for group in optimizer.param_groups for param in group["params"]]
     saved_state = full.get("state", {})
-    state: dict[int, Any] = {}
-    groups = []
-    local = 0
+    if isinstance(saved_state, LazyStates):  # a sharded checkpoint: only these, in one read
+        saved_state = saved_state.read(wanted)
+    state = {local: saved_state[index] for local, index in enumerate(wanted) if index in saved_state}
+    groups, start = [], 0
     for group, saved in zip(optimizer.param_groups, full["param_groups"]):
-        ids = []
-        for param in group["params"]:
-            index = index_of[names[id(param)]]
-            if index in saved_state:
-                state[local] = saved_state[index]
-            ids.append(local)
-            local += 1
-        groups.append({**saved, "params": ids})
+        groups.append({**saved, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

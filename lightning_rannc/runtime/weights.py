@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_rannc.capture.module_state import canonical_names
+from lightning_rannc.capture.module_state import canonical_names, has_meta_tensors
 from lightning_rannc.runtime.sources import TensorSource, match_keys, open_source
 
 __all__ = ["load_pretrained", "load_checkpoint_later", "apply_pending_loads"]
@@ -52,7 +52,7 @@ def load_pretrained(
     holds the whole model. Returns ``module``.
     """
     pending = PendingLoad(source, strict)
-    if any(t.is_meta for t in module.state_dict(keep_vars=True).values()):
+    if has_meta_tensors(module):
         _check(module, pending)  # a wrong file or prefix fails now, not at the first batch
         setattr(module, _PENDING, pending)
         return module

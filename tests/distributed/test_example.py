@@ -39,6 +39,20 @@ def test_bert_and_resnet_examples_train_and_print_their_plan(script: str, plan: 
     assert 0 < loss < 10
 
 
+def test_hf_finetune_example_fine_tunes_a_meta_built_transformers_model_with_a_checkpoint_and_a_resume(
+    tmp_path: Path,
+) -> None:
+    pretrained, checkpoints = tmp_path / "gpt2", tmp_path / "checkpoints"
+    options = [f"model.pretrained={pretrained}", f"checkpoint_dir={checkpoints}", "trainer.max_steps=4"]
+    result = run_script(EXAMPLE.parent / "hf_finetune.py", *options, "trainer.val_check_interval=2", timeout=300)
+    out = result.stdout
+    assert (pretrained / "model.safetensors.index.json").is_file()  # made by the example: sharded safetensors
+    assert (checkpoints / "last.ckpt").is_file()
+    assert "after 2 steps; checkpoint" in out and "after 4 steps" in out
+    assert "plan: 2 stage(s) x 1 replica(s)" in out
+    assert 0 < float(out.split("val_loss ")[1].split()[0]) < 10
+
+
 CLI = EXAMPLE.parent / "gpt_cli.py"
 CONFIGS = EXAMPLE.parents[1] / "configs"
 

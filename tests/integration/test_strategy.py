@@ -214,6 +214,23 @@ def test_a_meta_device_module_resumes_as_the_same_module_built_whole(tmp_path: P
         torch.testing.assert_close(runs[True][1][key], value, msg=key)
 
 
+def test_a_meta_device_module_reloads_a_checkpoint_into_its_stages_after_fit(tmp_path: Path) -> None:
+    trainer = _trainer(limit_val_batches=2, num_sanity_val_steps=0)
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    trainer.fit(model, table_loader(), table_loader(size=16))
+    trainer.save_checkpoint(tmp_path / "fit.ckpt")
+    before = trainer.validate(model, table_loader(size=16), verbose=False)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    after = trainer.validate(model, table_loader(size=16), ckpt_path=tmp_path / "fit.ckpt", verbose=False)
+    assert after == before
+    for key, value in saved.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
 class ReadsChangingNumbersMLP(LoggingMLP):
     """Branches on batch_idx and on a number a hook changes, and logs the learning rate (StepLR
     halves it every 2 steps), values computed from it and the trainer's counters."""

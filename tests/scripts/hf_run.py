@@ -19,8 +19,9 @@ import lightning as L
 import torch
 
 import lightning_rannc
-from helpers.hf_models import HFModule, Recorder, data
 from lightning_rannc.runtime import checkpoint, weights
+
+from helpers.hf_models import HFModule, Recorder, data
 
 READ: list[str] = []
 
@@ -42,13 +43,14 @@ def _record_reads() -> None:
         return opened_source
 
     weights.open_source = open_source
-    states = checkpoint._LazyStates.__getitem__
+    states = checkpoint.LazyStates.read
 
-    def state(self: Any, index: int) -> Any:
-        READ.append(f"{self.name}.state.{index}")
-        return states(self, index)
+    def state(self: Any, indices: Any) -> Any:
+        indices = list(indices)
+        READ.extend(f"{self.name}.state.{index}" for index in indices)
+        return states(self, indices)
 
-    checkpoint._LazyStates.__getitem__ = state
+    checkpoint.LazyStates.read = state
 
 
 def run_one(out_dir: Path, devices: int, run: dict[str, Any]) -> None:
