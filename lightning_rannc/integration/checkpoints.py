@@ -74,7 +74,8 @@ def load_module_state(strategy: RaNNCStrategy, checkpoint: Mapping[str, Any], st
         return False
     load_checkpoint_later(module, checkpoint["state_dict"], strict)
     engine = strategy.engine
-    if engine is not None and engine.pipeline is not None and engine.module is module:
+    evaluating = module.trainer.state.fn != "fit"  # a fit plans again, and loads at its build
+    if evaluating and engine is not None and engine.pipeline is not None and engine.module is module:
         engine.pipeline.apply_pending_loads()
     return True
 

@@ -173,7 +173,7 @@ def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
     with strategy.precision_plugin.train_step_context():
         flat = FlatBatch.of(batch, engine.where)
         try:
-            engine.build(flat, strategy.optimizers if fit else [], 0, precision.loss_scale(strategy))
+            engine.build(flat, strategy.optimizers if fit else [], 0, precision.loss_scale(strategy), fit=fit)
         except CaptureError as error:
             if fit:
                 raise

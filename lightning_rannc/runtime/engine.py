@@ -45,9 +45,12 @@ from lightning_rannc.runtime.planning import (
 from lightning_rannc.runtime.state import install_tensors
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.verify import Reference, reference_step
-from lightning_rannc.runtime.weights import apply_pending_loads
+from lightning_rannc.runtime.weights import apply_pending_loads, has_pending_loads
 
 __all__ = ["PipelineEngine"]
+
+_PARTITIONED = "_rannc_partitioned"
+"""Set on a module created on the meta device once a plan has materialised its stages."""
 
 log = logging.getLogger("lightning_rannc")
 
@@ -108,9 +111,12 @@ class PipelineEngine:
         optimizers: list[Optimizer],
         batch_idx: int = 0,
         loss_scale: float | torch.Tensor = 1.0,
+        fit: bool = True,
     ) -> BuiltPipeline:
         """Capture, plan and build this rank's stages from the first batch (number ``batch_idx``,
-        under 16-bit ``loss_scale``); keep in ``optimizers`` only what this rank updates. Collective."""
+        under 16-bit ``loss_scale``); keep in ``optimizers`` only what this rank updates. ``fit``:
+        for training (else for ``validate``/``test``/``predict`` on a Trainer that did not fit,
+        after which a ``fit`` plans again and reads the pretrained weights again). Collective."""
         requested = self.options.num_microbatches
         num_microbatches = reference_microbatches(batch.size, requested, self.options.min_microbatches)
         if requested is not None:
@@ -128,7 +134,7 @@ class PipelineEngine:
         add_tied_groups(self.groups, plan, self.rank, trainable, self.device)
         ownership = self._ownership(plan, captured, trainable)
         if on_meta:
-            self._materialize_own_tensors(captured, graph, ownership, seed)
+            self._materialize_own_tensors(captured, graph, ownership, seed, keep_sources=not fit)
         pipeline = BuiltPipeline(
             module=self.module,
             plan=plan,
@@ -232,20 +238,36 @@ class PipelineEngine:
         )
 
     def _materialize_own_tensors(
-        self, captured: CapturedStep, graph: StepGraph, ownership: Ownership, seed: int
+        self, captured: CapturedStep, graph: StepGraph, ownership: Ownership, seed: int, keep_sources: bool
     ) -> None:
-        """Allocate and initialise only the tensors this rank holds (RaNNC's DistributeModelParams)."""
+        """Allocate and initialise only the tensors this rank holds (RaNNC's DistributeModelParams),
+        then load what ``load_pretrained`` or a checkpoint noted for them."""
         tensors, own = captured.tensors, module_tensors(self.module)
+        self._check_not_partitioned_before(own)
         names = sorted(n for n in ownership.local | ownership.owned if n in own)
         empty = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=self.device) for n in names}
         install_tensors(self.module, captured.aliases, empty, self.device)
         initialize_tensors(self.module, captured.aliases, names, seed, self.device)
         materialised = module_tensors(self.module)
-        apply_pending_loads(self.module, captured.aliases, {n: materialised[n] for n in names})
+        apply_pending_loads(self.module, captured.aliases, {n: materialised[n] for n in names}, keep=keep_sources)
+        setattr(self.module, _PARTITIONED, True)
         constants = {n: t for n, t in tensors.items() if n not in own}
         captured.tensors = graph.tensors = {**module_tensors(self.module), **constants}
         # The optimizers still hold the meta parameters: both objects map to the name.
         ownership.names.update({id(t): n for n, t in captured.tensors.items()})
+
+    def _check_not_partitioned_before(self, own: dict[str, torch.Tensor]) -> None:
+        """A module an earlier run partitioned holds its trained tensors on other ranks: a new
+        plan would start the tensors it moves afresh. A checkpoint (or pretrained weights)
+        gives every rank its tensors again."""
+        if getattr(self.module, _PARTITIONED, False) and not has_pending_loads(self.module):
+            raise RuntimeSetupError(
+                f"{type(self.module).__name__} was created on the meta device and is partitioned by an earlier `fit` "
+                "(each rank holds only its stages' tensors): a new `fit`, or a Trainer that did not fit it, plans it "
+                "again and cannot move the trained tensors between ranks. Save a checkpoint after the first run "
+                "(`trainer.save_checkpoint`) and pass it as `ckpt_path` to `fit`/`validate`/`test`/`predict`, or "
+                "evaluate with the Trainer that ran `fit`."
+            )
 
     def _reference_step(
         self,

@@ -23,7 +23,7 @@ from torch import nn
 from lightning_rannc.capture.module_state import canonical_names, has_meta_tensors
 from lightning_rannc.runtime.sources import TensorSource, match_keys, open_source
 
-__all__ = ["load_pretrained", "load_checkpoint_later", "apply_pending_loads"]
+__all__ = ["load_pretrained", "load_checkpoint_later", "apply_pending_loads", "has_pending_loads"]
 
 _PENDING = "_rannc_pending_load"
 """The attribute of a module that holds its ``PendingLoad`` until its tensors exist."""
@@ -70,16 +70,23 @@ def load_checkpoint_later(root: nn.Module, state_dict: Mapping[str, torch.Tensor
     load_pretrained(root, state_dict, strict=strict)
 
 
-def apply_pending_loads(root: nn.Module, aliases: Mapping[str, str], targets: Mapping[str, torch.Tensor]) -> None:
+def has_pending_loads(root: nn.Module) -> bool:
+    return any(hasattr(child, _PENDING) for child in root.modules())
+
+
+def apply_pending_loads(
+    root: nn.Module, aliases: Mapping[str, str], targets: Mapping[str, torch.Tensor], keep: bool = False
+) -> None:
     """Copy into ``targets`` (canonical name -> a materialised tensor of ``root``) the values
     noted by ``load_pretrained`` on ``root`` or its submodules, outer modules first (a
-    submodule's own source wins); the notes are then removed. Every rank checks every key."""
+    submodule's own source wins); the notes are then removed, unless ``keep`` (a later plan
+    will read them again). Every rank checks every key."""
     loads = [
         (path, child, getattr(child, _PENDING)) for path, child in root.named_modules() if hasattr(child, _PENDING)
     ]
     for path, child, pending in loads:
         _load(child, f"{path}." if path else "", pending, aliases, targets)
-    for _, child, _ in loads:
+    for _, child, _ in [] if keep else loads:
         delattr(child, _PENDING)
 
 

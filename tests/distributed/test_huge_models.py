@@ -33,7 +33,8 @@ def _runs(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The 2-process runs and the 1-process runs (references, and a resume on one process)."""
     gpt2 = {"kind": "gpt2", "pretrained": str(folder / "gpt2")}
     two = [
-        {"label": "pp_gpt2", **gpt2, "strategy": {"pipeline_stages": 2}},
+        # validated first by a Trainer that does not fit (its own plan), then trained by another
+        {"label": "pp_gpt2", **gpt2, "strategy": {"pipeline_stages": 2}, "validate_first": True},
         *(
             {
                 "label": f"pp_{kind}",
@@ -74,7 +75,13 @@ def _runs(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ]
     one = [
         *(
-            {"label": f"ref_{kind}", "kind": kind, "pretrained": str(folder / kind), "build": "from_pretrained"}
+            {
+                "label": f"ref_{kind}",
+                "kind": kind,
+                "pretrained": str(folder / kind),
+                "build": "from_pretrained",
+                "validate_first": kind == "gpt2",
+            }
             for kind in KINDS
         ),  # fmt: skip
         {
@@ -140,6 +147,25 @@ def test_a_transformers_model_built_on_the_meta_device_trains_from_pretrained_we
         assert {f"model.{key}" for key in record["read"]} <= set(record["held"]) | _tied(ref, record)
     _assert_partitioned(records, ref)
     assert len(set(ref["losses"])) == 6  # the reference trained: every step's loss differs
+
+
+def test_a_meta_device_module_validated_before_fit_is_planned_again_from_its_pretrained_weights(runs: Path) -> None:
+    ref = _record(runs, "ref_gpt2")
+    for rank in range(2):
+        record = _record(runs, "pp_gpt2", rank)
+        assert record["validated_first"][0]["val_loss"] == pytest.approx(
+            ref["validated_first"][0]["val_loss"], rel=1e-5
+        )
+        _assert_same_training(record, ref)  # the fit after it started from the pretrained weights again
+
+
+def test_a_new_fit_of_a_partitioned_meta_device_module_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    pretrained = save_pretrained("gpt2", tmp_path / "gpt2")
+    run = {"label": "again", "kind": "gpt2", "pretrained": str(pretrained), "max_steps": 3, "fit_again": True}
+    run["strategy"] = {"pipeline_stages": 2, "measure_links": False}
+    result = run_script("hf_run.py", str(tmp_path), "2", json.dumps([run]), timeout=300, check=False)
+    assert result.returncode != 0
+    assert "partitioned by an earlier `fit`" in result.stdout and "pass it as `ckpt_path`" in result.stdout
 
 
 def _tied(ref: dict[str, Any], record: dict[str, Any]) -> set[str]:

@@ -53,12 +53,10 @@ def _record_reads() -> None:
     checkpoint.LazyStates.read = state
 
 
-def run_one(out_dir: Path, devices: int, run: dict[str, Any]) -> None:
-    READ.clear()
-    recorder = Recorder()
+def _trainer(devices: int, run: dict[str, Any], callbacks: list[Any]) -> L.Trainer:
     options = run.get("strategy")
     strategy = lightning_rannc.RaNNCStrategy(timeout=120, **options) if options is not None else "auto"
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
@@ -67,10 +65,17 @@ def run_one(out_dir: Path, devices: int, run: dict[str, Any]) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[recorder],
+        callbacks=callbacks,
         num_sanity_val_steps=2,
         use_distributed_sampler=False,  # in order on every rank: one pipeline reads every batch, as one process
     )
+
+
+def run_one(out_dir: Path, devices: int, run: dict[str, Any]) -> None:
+    READ.clear()
+    recorder = Recorder()
+    options = run.get("strategy")
+    trainer = _trainer(devices, run, [recorder])
     L.seed_everything(0, verbose=False)
     build = run.get("build", "init")
     if build == "init" and options is not None:
@@ -84,10 +89,14 @@ def run_one(out_dir: Path, devices: int, run: dict[str, Any]) -> None:
         extra["test"] = trainer.test(model, data(16), verbose=False)
         extra["predict"] = [p.tolist() for p in trainer.predict(model, data(16))]
     else:
+        if run.get("validate_first"):  # another Trainer evaluates the module first (its own plan)
+            extra["validated_first"] = _trainer(devices, run, []).validate(model, data(16), verbose=False)
         trainer.fit(model, data(24), data(16), ckpt_path=run.get("resume"))  # epochs of 3 steps
         extra["val_loss"] = float(trainer.callback_metrics["val_loss"])
         if run.get("save"):
             trainer.save_checkpoint(run["save"])
+        if run.get("fit_again"):  # a new Trainer on the trained, partitioned module: refused
+            _trainer(devices, run, []).fit(model, data(24))
     plan = getattr(trainer.strategy, "plan", None)
     extra["stages"] = plan.pipeline_stages if plan is not None else None
     extra["read"] = sorted(set(READ))
