@@ -170,18 +170,22 @@ def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
             f"{type(engine.module).__name__} was created on the meta device: it is evaluated through a pipeline "
             f"planned from `training_step` ({engine.where}) on the first {data} batch, but there is none."
         )
-    with strategy.precision_plugin.train_step_context():
+    # `validate`/`test`/`predict` run under inference mode (except on gloo): the stages' tensors
+    # made here must be ordinary ones, which training can use later.
+    with torch.inference_mode(False), torch.enable_grad(), strategy.precision_plugin.train_step_context():
         flat = FlatBatch.of(batch, engine.where)
+        flat = flat.with_leaves([leaf.clone() if leaf.is_inference() else leaf for leaf in flat.leaves])
         try:
             engine.build(flat, strategy.optimizers if fit else [], 0, precision.loss_scale(strategy), fit=fit)
         except CaptureError as error:
             if fit:
                 raise
+            called = getattr(trainer.state.fn, "value", trainer.state.fn)  # "validate", "test", "predict"
             raise CaptureError(
-                f"{type(engine.module).__name__} was created on the meta device: `{trainer.state.fn}` on a Trainer "
-                f"that did not fit plans its pipeline from `training_step` on the first evaluation batch, which "
-                f"`training_step` does not take ({error}). Give evaluation batches that `training_step` takes, or "
-                "evaluate with the Trainer that ran `fit`."
+                f"{type(engine.module).__name__} was created on the meta device: `{called}` on a "
+                "Trainer that did not fit plans its pipeline from `training_step` on the first evaluation batch, "
+                f"which `training_step` does not take ({error}). Give evaluation batches that `training_step` "
+                "takes, or evaluate with the Trainer that ran `fit`."
             ) from error
 
 

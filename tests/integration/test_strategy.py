@@ -187,6 +187,31 @@ def test_a_meta_device_module_is_sanity_checked_through_its_pipeline() -> None:
     assert trainer.strategy.engine.pipeline.evaluation.pipelined_steps == ["validation_step"]
 
 
+def test_a_meta_device_module_built_by_validate_under_inference_mode_can_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `validate`/`test`/`predict` run under inference mode, except on gloo (no grad there): stand
+    # in for NCCL, where the stages built there would otherwise hold inference tensors.
+    import lightning.pytorch.loops.utilities as loops
+
+    monkeypatch.setattr(loops, "_distributed_is_initialized", lambda: False)
+    trainer = _trainer(limit_val_batches=1)
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    trainer.validate(model, table_loader(size=16), verbose=False)
+    assert trainer.strategy.plan is not None
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    trainer.fit(model, table_loader())
+    assert trainer.global_step == 2
+
+
+def test_a_fresh_trainer_names_an_evaluation_batch_training_step_cannot_plan_a_meta_module_from() -> None:
+    features_only = torch.utils.data.DataLoader(torch.randn(16, 12), batch_size=8)  # no label column
+    trainer = _trainer()
+    with trainer.init_module(empty_init=True):
+        model = LoggingMLP()
+    with pytest.raises(CaptureError, match=r"meta device: `validate` on a Trainer that did not fit.*`training_step`"):
+        trainer.validate(model, features_only)
+
+
 def test_a_meta_device_module_validates_through_the_plan_inside_fit() -> None:
     trainer = _trainer(limit_val_batches=2, num_sanity_val_steps=0, val_check_interval=2)
     with trainer.init_module(empty_init=True):
