@@ -220,6 +220,48 @@ class GPTLM(_TokenLM):
         return self.head(self.ln_f(x))
 
 
+class HFGPT2LM(_TokenLM):
+    """transformers' ``GPT2LMHeadModel`` (a model nobody here wrote) in the shape asked for, with
+    ``GPTLM``'s data and loss. Built from a config: nothing is downloaded. Its attention is
+    transformers' default (``sdpa``); dropout is GPT-2's (0.1) but on the attention
+    probabilities, which is 0 as in ``GPTLM`` (see the top of this file: with it, SDPA on the CPU
+    captures unfused attention, a 2048 x 2048 score matrix per head and its dropout mask kept
+    for backward, which a GPU's flash attention does not keep).
+
+    Batches are ``{"tokens": (B, seq_len) int64, "targets": (B, seq_len) int64}``.
+    """
+
+    batch_keys = ("tokens", "targets")
+
+    def __init__(
+        self,
+        layers: int = 12,
+        hidden: int = 768,
+        heads: int = 12,
+        seq_len: int = 1024,
+        vocab: int = 50257,
+        batch_size: int = 8,
+        dropout: float = 0.1,
+        lr: float = 1e-4,
+        num_batches: int = 16,
+        attention: str = "sdpa",
+        attention_dropout: float = 0.0,
+    ) -> None:
+        import transformers  # the dev extras have it; only this model needs it
+
+        super().__init__()
+        self.save_hyperparameters()
+        config = transformers.GPT2Config(
+            n_layer=layers, n_embd=hidden, n_head=heads, n_positions=seq_len, vocab_size=vocab,
+            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=attention_dropout, bos_token_id=0, eos_token_id=0,
+            attn_implementation="eager" if attention == "matmul" else attention,
+        )  # fmt: skip
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters of ``model``, tied ones counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -8,9 +8,10 @@ reads (cut sizes, fingerprint, tensor names) computed. Nothing runs and nothing 
 Targets (the planner issue's): a BERT-style model of ~77B parameters (96 layers, hidden 8192,
 64 heads, sequence 512) on 256 devices of 80 GB in under 60 s end to end, and a GPT-3-shaped
 model of ~175B (96 layers, hidden 12288, 96 heads, sequence 2048) on 1024 devices in under 60 s,
-in fp32 and in bf16-mixed.
+in fp32 and in bf16-mixed, twice: the project's own GPT (``gpt-175b``) and transformers'
+``GPT2LMHeadModel`` in that shape (``hf-gpt-175b``, a model nobody here wrote).
 
-    python benchmarks/plan_scale.py                      # both targets
+    python benchmarks/plan_scale.py                      # the three targets
     python benchmarks/plan_scale.py --only bert-77b --layers 12   # a shallower variant
     python benchmarks/plan_scale.py --repeat 3           # median of 3 runs per phase (shared CPUs are noisy)
     python benchmarks/plan_scale.py --profile gpt-175b   # cProfile of the phases, top 30
@@ -52,7 +53,7 @@ from lightning_rannc.plan.search import SearchSettings, search_plan  # noqa: E40
 from lightning_rannc.profile.analytic import estimate_blocks  # noqa: E402
 from lightning_rannc.profile.tensors import tensor_table  # noqa: E402
 
-from models import GPTLM, BertLM, count_parameters  # noqa: E402
+from models import GPTLM, HFGPT2LM, BertLM, count_parameters  # noqa: E402
 
 GB = 10**9
 
@@ -82,11 +83,21 @@ TARGETS = {
         60.0,
         1536,
     ),
+    # GPT-3's shape in transformers' GPT2LMHeadModel: a model nobody here wrote.
+    "hf-gpt-175b": Target(
+        "hf-gpt-175b",
+        HFGPT2LM,
+        dict(layers=96, hidden=12288, heads=96, seq_len=2048, vocab=50257),
+        1024,
+        80 * GB,
+        60.0,
+        1536,
+    ),
     # Small shapes for quick checks (not run by default).
     "bert-base": Target("bert-base", BertLM, {}, 8, 80 * GB, 60.0, 256),
     "gpt2-small": Target("gpt2-small", GPTLM, {}, 8, 80 * GB, 60.0, 256),
 }
-DEFAULT_TARGETS = ("bert-77b", "gpt-175b")
+DEFAULT_TARGETS = ("bert-77b", "gpt-175b", "hf-gpt-175b")
 
 
 def search(graph: StepGraph, costs: list, *, target: Target, device_spec: Any, microbatch_size: int) -> Any:
@@ -126,7 +137,7 @@ class Timings:
 
 
 def plan(
-    target: Target, max_blocks: int = 64, device: str | None = "h100", precision: str = "32-true", **overrides: Any
+    target: Target, max_blocks: int = 128, device: str | None = "h100", precision: str = "32-true", **overrides: Any
 ) -> tuple[Timings, dict[str, Any]]:
     """Plan ``target`` (its model kwargs updated with the non-None ``overrides``), timing each phase.
 
@@ -217,7 +228,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(TARGETS), action="append", help="run this target (repeatable)")
     parser.add_argument("--layers", type=int, help="override the number of layers (e.g. 12 to compare)")
     parser.add_argument("--attention", choices=("matmul", "sdpa"), help="attention implementation of the models")
-    parser.add_argument("--max-blocks", type=int, default=64)
+    parser.add_argument("--max-blocks", type=int, default=128)
     parser.add_argument("--device", default="h100", help="device preset for the cost model (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per target; phases report the median")
     parser.add_argument("--profile", choices=sorted(TARGETS), help="cProfile one target, print the top 30")

@@ -115,7 +115,9 @@ class RaNNCConfig:
         "plan with the measured latency and bandwidths instead of the preset's",
     )
     max_blocks: int = _option(
-        64, "the graph is grouped into at most this many blocks; stages are cut only between blocks"
+        128,
+        "the graph is grouped into at most this many blocks; stages are cut only between blocks (finer than "
+        "layers, so that a GPT-3-shaped model of 96 layers on 64 stages or more is cut between layers)",
     )
     profile_repeats: int = _option(3, "timed runs per block when profiling")
     trace: str | None = _option(

@@ -42,7 +42,7 @@ PRECISIONS = {
 
 
 def plan_module(
-    module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int = 64, precision: str = "32-true"
+    module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int = 128, precision: str = "32-true"
 ) -> SearchResult:
     """Search the best plan for ``module``'s training step on ``settings.num_devices`` devices.
 

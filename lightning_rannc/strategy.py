@@ -80,7 +80,7 @@ class RaNNCStrategyMixin(_MixinBase):
         state_dict_type: str = "full",
         profile_cache: str | None = None,
         measure_links: bool = True,
-        max_blocks: int = 64,
+        max_blocks: int = 128,
         profile_repeats: int = 3,
         trace: str | None = None,
         trace_steps: int = 5,

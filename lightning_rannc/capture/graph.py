@@ -157,42 +157,74 @@ def group_nodes(graph: StepGraph, max_blocks: int) -> list[tuple[int, int]]:
     """Group consecutive nodes into at most ``max_blocks`` blocks ``(start, end)``.
 
     A block starts where the module path changes (so blocks follow module boundaries) and the
-    graph may be cut; then the adjacent pair with the fewest nodes is merged until few enough
+    graph may be cut; then the adjacent pair with the least weight is merged until few enough
     remain. Profiling measures blocks, and the planner only cuts between blocks.
+
+    A span's weight is its share of the graph's nodes plus its share of the parameters (each
+    counted at its first use). By nodes alone, a transformers layer's many small spans (views,
+    the attention's reshapes) merged into one block per layer while the parameter-free spans
+    between layers stayed blocks of their own, so a 96-layer model on 128 blocks could only be
+    cut between whole layers; the parameters' share keeps the blocks even in compute and memory.
     """
     allowed = graph.cut_allowed()
     paths = [graph.module_path(i) for i in range(len(graph))]
     starts = [0] + [i for i in range(1, len(graph)) if allowed[i] and paths[i] != paths[i - 1]]
-    return _merge_smallest_pairs(starts, len(graph), max(1, max_blocks))
+    return _merge_smallest_pairs(starts, len(graph), max(1, max_blocks), _weights(graph))
 
 
-def _merge_smallest_pairs(starts: list[int], end: int, count: int) -> list[tuple[int, int]]:
-    """Merge the adjacent pair of spans with the fewest nodes (the first such pair on ties)
-    until ``count`` spans remain; spans are given by their ``starts`` and the overall ``end``.
+def _weights(graph: StepGraph) -> list[float]:
+    """Prefix sums of each node's weight: ``1 / nodes`` plus its new parameters' share."""
+    numel = [0] * len(graph)
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        for value in node.all_input_nodes:
+            name = graph.tensor_of.get(value)
+            tensor = graph.tensors.get(name) if name is not None else None
+            if name not in seen and isinstance(tensor, torch.nn.Parameter):
+                seen.add(name)  # type: ignore[arg-type]
+                numel[index] += tensor.numel()
+    total = max(1, sum(numel))
+    prefix, running = [0.0], 0.0
+    for count in numel:
+        running += 1 / len(graph) + count / total
+        prefix.append(running)
+    return prefix
 
-    A heap of candidate pairs keyed by (nodes, start of the left span) makes this
+
+def _merge_smallest_pairs(
+    starts: list[int], end: int, count: int, weights: list[float] | None = None
+) -> list[tuple[int, int]]:
+    """Merge the adjacent pair of spans with the least weight (the first such pair on ties)
+    until ``count`` spans remain; spans are given by their ``starts`` and the overall ``end``,
+    weights by prefix sums over the nodes (``None``: one per node).
+
+    A heap of candidate pairs keyed by (weight, start of the left span) makes this
     O(n log n) rather than rescanning every pair after each merge. A span is named by its
-    start, which a merge keeps; a heap entry is stale once its pair's size changed (merging
+    start, which a merge keeps; a heap entry is stale once its pair's weight changed (merging
     only grows spans, so a stale entry can never match again).
     """
+    prefix = weights if weights is not None else list(range(end + 1))
     following = dict(zip(starts, [*starts[1:], end]))
     preceding = dict(zip(starts[1:], starts))
-    heap = [(following[following[a]] - a, a) for a in starts[:-1]]
+
+    def pair(a: int) -> tuple[float, int]:
+        return (prefix[following[following[a]]] - prefix[a], a)
+
+    heap = [pair(a) for a in starts[:-1]]
     heapq.heapify(heap)
     remaining = len(starts)
     while remaining > count:
         size, a = heapq.heappop(heap)
         b = following.get(a)
-        if b is None or b == end or following[b] - a != size:
+        if b is None or b == end or prefix[following[b]] - prefix[a] != size:
             continue  # stale: `a` was merged away, lost its right neighbour, or grew
         following[a] = following.pop(b)
         preceding.pop(b)
         if following[a] != end:
             preceding[following[a]] = a
-            heapq.heappush(heap, (following[following[a]] - a, a))
+            heapq.heappush(heap, pair(a))
         if a in preceding:
-            left = preceding[a]
-            heapq.heappush(heap, (following[a] - left, left))
+            heapq.heappush(heap, pair(preceding[a]))
         remaining -= 1
     return sorted(following.items())
 

@@ -112,6 +112,7 @@ def stage_memory(
     workspace_bytes: int = 0,
     ddp: bool = False,
     largest_trainable_bytes: int | None = None,
+    zero_bubble: bool = False,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -133,10 +134,12 @@ def stage_memory(
         ddp: the replicas exchange gradients through DDP's buckets (``runtime/pipeline.py``).
         largest_trainable_bytes: the optimizer steps tensor by tensor (torch's default on the
             CPU), and this is its largest tensor; ``None``: it steps every tensor at once (foreach).
+        zero_bubble: backward is split in two, and a micro-batch's received values live until its
+            weight pass.
     """
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
-        # buffers (``buffers``), which hold every micro-batch's input anyway.
+        # buffers (``buffers``), which hold the input of every micro-batch in flight.
         activations = activation_bytes + workspace_bytes
     else:
         activations = in_flight * activation_bytes + workspace_bytes
@@ -165,17 +168,22 @@ def stage_memory(
         grads=grads,
         optimizer=int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
-        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches),
+        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, zero_bubble),
         shared=activations + grads - live,
     )
 
 
-def _buffer_bytes(input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int) -> int:
+def _buffer_bytes(
+    input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int, zero_bubble: bool = False
+) -> int:
     """Bytes the pipeline holds beside activations and gradients.
 
-    - ``torch.distributed.pipelining`` allocates a receive buffer per micro-batch for the
-      stage's inputs and another for its outputs' gradients, when the schedule is first run,
-      and keeps them across steps (``_prepare_forward_infra``/``_create_grad_recv_info``).
+    - Receive buffers (``_compat._ReceiveBuffersOnDemand``): a micro-batch's input buffer holds
+      memory from its receive, posted up to one micro-batch ahead, to its backward; its
+      output-gradient buffer from its receive to its backward (two at most: the next one may be
+      posted before the backward runs), or with zero bubble to its weight pass, as many as are
+      in flight. torch's own buffers, one per micro-batch in each direction for the whole run,
+      are emptied.
     - A stage keeps each forward output until its backward (the schedule's ``fwd_cache``); a
       value only the next stage's operators save is not in this stage's activations.
     - DDP's buckets: with one micro-batch the gradients are views into them
@@ -187,6 +195,7 @@ def _buffer_bytes(input_bytes: int, output_bytes: int, in_flight: int, num_micro
     Without checkpointing, the stage's first operators may save the received inputs too, so up
     to ``in_flight`` x ``input_bytes`` count twice: an over-estimate, kept on the safe side.
     """
-    receive = num_microbatches * (input_bytes + output_bytes)
+    inputs = min(num_microbatches, in_flight + 1)
+    gradients = min(num_microbatches, in_flight if zero_bubble else 2)
     waiting = in_flight * output_bytes
-    return receive + waiting
+    return inputs * input_bytes + gradients * output_bytes + waiting

@@ -31,7 +31,7 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import StageMemory, TensorTable, optimizer_state_factor, stage_memory
-from lightning_rannc.plan.modules import describe_span
+from lightning_rannc.plan.modules import describe_span, layer_of
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, rounds_fit, stage_ranks
 from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule
 from lightning_rannc.plan.solver import min_max_partition
@@ -349,6 +349,7 @@ class _Layout:
             # torch's optimizers default to foreach (one temporary as large as the state) on GPUs,
             # to a loop over the tensors on the CPU
             largest_trainable_bytes=None if self.settings.device.name != "cpu" else self.ranges.largest_trainable[i][j],
+            zero_bubble=self.settings.zero_bubble,
         )
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> bool | None:
@@ -428,9 +429,9 @@ def _snap_to_layers(layout: _Layout, bounds: list[int], bottleneck: float) -> li
 
 
 def _layer_starts(blocks: Sequence[BlockCost]) -> list[bool]:
-    """Whether block ``b`` starts another top-level module than block ``b - 1`` ends in
-    (``blocks.3`` after ``blocks.2.mlp``); the first two parts of a module path name a layer."""
-    heads = [[".".join(p.split(".")[:2]) for p in (b.module_paths or ("",))] for b in blocks]
+    """Whether block ``b`` starts another layer than block ``b - 1`` ends in (``blocks.3`` after
+    ``blocks.2.mlp``; ``modules.layer_of``)."""
+    heads = [[layer_of(p) for p in (b.module_paths or ("",))] for b in blocks]
     return [True] + [heads[b][0] != heads[b - 1][-1] for b in range(1, len(blocks))]
 
 

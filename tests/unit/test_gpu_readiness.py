@@ -80,9 +80,11 @@ def test_the_cuda_limit_is_what_the_allocator_holds_or_can_get(monkeypatch: pyte
     assert usable_cuda_memory(device, pipelined=True) == 65 * gib - 2 * NCCL_P2P_BYTES_PER_PEER
 
 
-def test_the_memory_model_counts_receive_buffers_per_micro_batch() -> None:
-    """torch's stages allocate a receive buffer per micro-batch in each direction and keep them
-    (the model counted two); DDP's buckets are the gradients themselves (bucket views)."""
+def test_the_memory_model_counts_receive_buffers_of_the_micro_batches_in_flight() -> None:
+    """Receive buffers hold memory from their receive to their backward (``_compat``'s
+    ``_ReceiveBuffersOnDemand``): inputs of the micro-batches in flight and one ahead, two
+    output gradients (zero bubble: as many as are in flight); DDP's buckets are the gradients
+    themselves (bucket views)."""
     from lightning_rannc.plan.memory import stage_memory
 
     common = dict(
@@ -96,7 +98,13 @@ def test_the_memory_model_counts_receive_buffers_per_micro_batch() -> None:
         optimizer_factor=2.0,
     )
     one = stage_memory(**common, num_microbatches=8)  # type: ignore[arg-type]
-    assert one.buffers == 8 * (10 + 20) + 2 * 20
+    assert one.buffers == 3 * 10 + 2 * 20 + 2 * 20
+    assert stage_memory(**common, num_microbatches=8, zero_bubble=True).buffers == one.buffers  # type: ignore[arg-type]
+    gpipe = stage_memory(**{**common, "in_flight": 8}, num_microbatches=8)  # type: ignore[arg-type]
+    assert gpipe.buffers == 8 * 10 + 2 * 20 + 8 * 20
+    assert stage_memory(**{**common, "in_flight": 8}, num_microbatches=8, zero_bubble=True).buffers == 8 * (
+        10 + 20 + 20
+    )  # type: ignore[arg-type]
     replicated = stage_memory(**common, num_microbatches=8, num_replicas=4)  # type: ignore[arg-type]
     assert replicated.buffers == one.buffers
     checkpointed = stage_memory(**{**common, "checkpoint": True}, num_microbatches=8)  # type: ignore[arg-type]

@@ -132,6 +132,11 @@ def test_stage_of_rank_names_unknown_ranks() -> None:
         (["emb", "blocks.0.attn", "blocks.0.mlp", "blocks.1", "blocks.2.ln"], "emb, blocks.0-2"),
         (["blocks.3", "ln_f", "head", ""], "blocks.3, ln_f, head, <top>"),
         (["a.0", "a.2", "b.1"], "a.0, a.2, b.1"),
+        # transformers nests its layers deeper: the layer is the path up to its index
+        (
+            ["model.transformer.wte", "model.transformer.h.0.attn", "model.transformer.h.1.mlp.c_fc"],
+            "model.transformer, model.transformer.h.0-1",
+        ),
     ],
 )
 def test_describe_span_compresses_numbered_modules(paths: list[str], expected: str) -> None:

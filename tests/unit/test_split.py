@@ -109,3 +109,25 @@ def test_cuts_never_split_a_tuple_from_its_items() -> None:
     spans = group_nodes(graph, max_blocks=3)
     assert len(spans) == 3 and spans[0][0] == 0 and spans[-1][1] == len(graph)
     assert all(a < b == c for (a, b), (c, _) in zip(spans, spans[1:]))
+
+
+def test_blocks_of_a_transformers_model_split_its_layers_by_parameters() -> None:
+    """With two blocks per layer, each block of transformers' GPT-2 holds part of a layer's
+    parameters. Merging by node count alone made whole-layer blocks and parameter-free ones (the
+    attention's many reshapes outweighed the linears), so stages could only be whole layers."""
+    import transformers  # in the dev extras
+
+    from helpers.hf_models import HFModule
+
+    config = transformers.GPT2Config(
+        n_layer=4, n_embd=64, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    module = HFModule("gpt2")
+    module.model = transformers.GPT2LMHeadModel(config)
+    module.log = lambda *args, **kwargs: None  # no Trainer
+    graph = StepGraph.from_captured(capture_training_step(module, torch.randint(1, 128, (2, 16))))
+    layer = sum(p.numel() for p in module.model.transformer.h[0].parameters())
+    spans = group_nodes(graph, max_blocks=8)
+    held = [sum(graph.tensors[n].numel() for n in graph.tensor_names(a, b) if n.endswith(".weight")) for a, b in spans]
+    assert len(spans) == 8
+    assert all(0 < count < layer for count in held), held
