@@ -66,7 +66,7 @@ class SearchSettings:
     min_micro_batch_size: int = 1
     schedule: str = "auto"
     virtual_stages: int | None = None
-    """Stages per rank (interleaved 1F1B); ``None``: 1, and 2 where the schedule may be interleaved."""
+    """Stages per rank (interleaved 1F1B); ``None``: 1, and 2, 3 or 4 where the schedule may be interleaved."""
     activation_checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
     zero_bubble: bool = False
@@ -220,6 +220,12 @@ def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_b
     return shapes
 
 
+_VIRTUAL_CHOICES = (2, 3, 4)
+"""Stages per rank the search tries when interleaving is allowed and the count is not forced:
+more shrink the bubble (about ``1 / V`` of 1F1B's) but send ``V`` times as often and hold
+more micro-batches in flight."""
+
+
 def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, num_blocks: int) -> list[int]:
     # One rank gains nothing from virtual stages (no bubble), but may be asked for them
     # (multi-stage code without point-to-point, e.g. on a single GPU).
@@ -228,7 +234,7 @@ def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, nu
     if settings.virtual_stages is not None:
         wanted = [settings.virtual_stages]
     else:
-        wanted = [1, 2] if may_interleave else [1]
+        wanted = [1, *_VIRTUAL_CHOICES] if may_interleave else [1]
     if settings.schedule == "interleaved_1f1b":
         wanted = [v for v in wanted if v > 1]
     fits = microbatches >= stages and microbatches % stages == 0

@@ -484,7 +484,10 @@ def test_sharded_checkpoints_are_written_without_a_gather_and_consolidate_to_one
     shards = sorted(directory.glob("*.distcp"))
     assert directory.is_dir() and len(shards) == 4 and (directory / "meta.pt").is_file()
     total = sum(s.stat().st_size for s in shards)
-    assert all(0 < s.stat().st_size < 0.75 * total for s in shards)  # every rank wrote a share, none the whole
+    # Every rank wrote a share, none the whole. How even the shares are follows the split, which
+    # follows block times measured on a shared CPU: 62/35% of the bytes in one run, more uneven
+    # under load.
+    assert all(0 < s.stat().st_size < 0.95 * total for s in shards), [s.stat().st_size for s in shards]
     assert main_cli(["consolidate", str(directory), str(tmp_path / "merged.ckpt")]) == 0
     merged, plain = _checkpoint(tmp_path, "merged"), _checkpoint(tmp_path, "plain_half")
     assert sorted(merged["state_dict"]) == sorted(plain["state_dict"])  # the same keys (in its own order)

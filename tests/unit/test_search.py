@@ -423,8 +423,12 @@ def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None
         held = interleaved.stages_of_rank(rank)
         assert [s.stage_index for s in held] == [rank, rank + 4]
         assert sum(s.memory["total"] for s in held) <= 0.9 * 4 * 10**9
-    chosen = _search(blocks, tensors, **common).plan  # "auto" compares them
-    assert chosen.predicted_step_ms == pytest.approx(min(plain.predicted_step_ms, interleaved.predicted_step_ms))
+    auto = _search(blocks, tensors, **common)  # "auto" compares them, with 2, 3 or 4 stages per rank
+    assert {c.virtual_stages for c in auto.candidates} == {1, 2, 3, 4}
+    chosen = auto.plan
+    assert chosen.predicted_step_ms == pytest.approx(min(c.step_ms for c in auto.candidates if c.step_ms is not None))
+    assert chosen.predicted_step_ms <= min(plain.predicted_step_ms, interleaved.predicted_step_ms)
+    assert chosen.virtual_stages == 4 and chosen.predicted_bubble < interleaved.predicted_bubble  # 16 blocks, 4 x 4
 
 
 def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() -> None:
