@@ -238,8 +238,10 @@ class _ReceiveBuffersOnDemand:
     (after the weight pass with zero bubble, which keeps the output gradients until then).
 
     Only the buffers torch made are touched: a value handed over between two stages of one
-    rank replaces the buffer with the sender's tensor (``set_local_fwd_input``). An input the
-    last stage returns as an output is kept: torch merges the outputs after the schedule. The
+    rank replaces the buffer with the sender's tensor (``set_local_fwd_input``). A buffer a
+    stage returns, or a view of it, is never emptied again: whoever holds the output reads it
+    after the backward (torch's output merge; the runtime's logged values and metric
+    arguments, such as ``batch["targets"][:, -1]`` received by the last stage). The
     storages are freed on the compute stream after the receive was waited on, and NCCL
     records its streams on the tensors it receives into, so the allocator does not reuse them
     early. Forward-only pipelines (evaluation) keep torch's buffers as they are.
@@ -263,6 +265,15 @@ class _ReceiveBuffersOnDemand:
     def get_bwd_recv_ops(self, bwd_chunk_id: int) -> list[Any]:
         self._hold(self.grad_recv_info.get(bwd_chunk_id, ()))  # type: ignore[attr-defined]
         return super().get_bwd_recv_ops(bwd_chunk_id)  # type: ignore[misc]
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        output = super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)  # type: ignore[misc]
+        returned = {t.untyped_storage().data_ptr() for t in _tensors(output)} - {0}
+        pinned = self.__dict__.setdefault("_rannc_pinned_buffers", set())
+        for buffer in _buffers(self.args_recv_info.get(fwd_chunk_id, ())):  # type: ignore[attr-defined]
+            if buffer.untyped_storage().data_ptr() in returned:
+                pinned.add(id(buffer))
+        return output
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True, **kw: Any) -> Any:
         result = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, **kw)  # type: ignore[misc]
@@ -291,11 +302,11 @@ class _ReceiveBuffersOnDemand:
 
     def _release_chunk(self, chunk: int) -> None:
         owned = self.__dict__.get("_rannc_owned_buffers", {})
-        returned = {t.untyped_storage().data_ptr() for t in _tensors(getattr(self, "output_chunks", []))}
+        pinned = self.__dict__.get("_rannc_pinned_buffers", set())
         infos = (*self.args_recv_info.get(chunk, ()), *self.grad_recv_info.get(chunk, ()))  # type: ignore[attr-defined]
         for buffer in _buffers(infos):
             mine = owned.get(id(buffer))
-            if mine is not None and mine[0] is buffer and buffer.untyped_storage().data_ptr() not in returned:
+            if mine is not None and mine[0] is buffer and id(buffer) not in pinned:
                 buffer.untyped_storage().resize_(0)
 
 
