@@ -49,3 +49,12 @@ def optimizer_kind(optimizer: Any) -> str:
     if isinstance(optimizer, (torch.optim.RMSprop, torch.optim.Adagrad)):
         return type(optimizer).__name__.lower()
     return "adamw"
+
+
+def layer_of(path: str, depth: int = 2) -> str:
+    """The layer a module path is in: up to its first index (``model.transformer.h.3`` of
+    ``model.transformer.h.3.attn``: a transformers model nests its layers deeper than two
+    names), else its first ``depth`` names (``blocks.3``, ``emb``)."""
+    names = path.split(".")
+    index = next((k for k, name in enumerate(names) if name.isdigit()), None)
+    return ".".join(names[: index + 1] if index is not None else names[:depth])

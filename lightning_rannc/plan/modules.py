@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from lightning_rannc._utils import layer_of
+
 __all__ = ["describe_span", "layer_of"]
 
 
@@ -32,15 +34,6 @@ def describe_span(paths: Sequence[str], depth: int = 2) -> str:
     if run:
         parts.append(_range_text(run))
     return ", ".join(parts)
-
-
-def layer_of(path: str, depth: int = 2) -> str:
-    """The layer a module path is in: up to its first index (``model.transformer.h.3`` of
-    ``model.transformer.h.3.attn``: a transformers model nests its layers deeper than two
-    names), else its first ``depth`` names (``blocks.3``, ``emb``)."""
-    names = path.split(".")
-    index = next((k for k, name in enumerate(names) if name.isdigit()), None)
-    return ".".join(names[: index + 1] if index is not None else names[:depth])
 
 
 def _range_text(run: tuple[str, int, int]) -> str:
