@@ -53,11 +53,12 @@ def _build(dim: int, layers: int, vocab: int, seq: int, heads: int) -> Any:
     return MetaGPT(vocab_size=vocab, dim=dim, layers=layers, heads=heads, seq_len=seq)
 
 
-def _trainer(devices: int, strategy: Any, steps: int, callbacks: list[Any] | None = None) -> Any:
+def _trainer(devices: int, strategy: Any, steps: int, callbacks: list[Any] | None = None, accumulate: int = 1) -> Any:
     import lightning as L
 
     return L.Trainer(
         accelerator="cpu",
+        accumulate_grad_batches=accumulate,
         devices=devices,
         strategy=strategy,
         max_steps=steps,
@@ -166,10 +167,10 @@ def _train_measured(args: argparse.Namespace) -> None:
         activation_checkpointing="auto",
         measure_links=False,  # the preset's links: the same layout on every run
     )
-    trainer = _trainer(args.devices, strategy, args.steps, [callback])
+    trainer = _trainer(args.devices, strategy, args.steps, [callback], args.accumulate_grad_batches)
     with trainer.init_module(empty_init=True):
         model = _build(args.dim, args.layers, args.vocab, args.seq, args.heads)
-    size = args.batch_size * args.steps * args.devices
+    size = args.batch_size * args.steps * args.devices * args.accumulate_grad_batches
     trainer.fit(model, make_dataloader(args.batch_size, args.seq, args.vocab, size=size))
     plan, rank = trainer.strategy.plan, trainer.global_rank
     stages = plan.stages_of_rank(rank)
@@ -333,6 +334,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch (per replica)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accumulate-grad-batches", type=int, default=1, help="the Trainer's (the pipelined run only)")
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--limit", default="160MB", help="memory_limit of each process (L): bytes, or like 160MB")
     parser.add_argument("--pipeline-stages", type=_stages, default="auto", help='"auto" (default) or a number')

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_rannc._compat import evaluation_data_source, optimizer_of, training_data_source
+from lightning_rannc._compat import attached_trainer, evaluation_data_source, optimizer_of, training_data_source
 from lightning_rannc._utils import optimizer_kind
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.module_state import has_meta_tensors
@@ -73,6 +73,7 @@ def engine_options(strategy: RaNNCStrategy, device: DeviceSpec | None, optimizer
         optimizer = optimizer_kind(optimizer_of(optimizers[0])) if optimizers else "sgd"
     config = strategy.config
     preset = get_device(config.device_preset or device_preset(strategy.root_device))
+    trainer = attached_trainer(strategy.lightning_module)
     return EngineOptions(
         config=config,
         pipeline_stages=strategy.layout.pipeline_stages,
@@ -81,6 +82,7 @@ def engine_options(strategy: RaNNCStrategy, device: DeviceSpec | None, optimizer
         devices_per_node=strategy.num_processes,
         optimizer=optimizer,
         memory_limit=_memory_limit(strategy),
+        accumulating=trainer is not None and trainer.accumulate_grad_batches > 1,
     )
 
 

@@ -113,6 +113,7 @@ def stage_memory(
     ddp: bool = False,
     largest_trainable_bytes: int | None = None,
     zero_bubble: bool = False,
+    accumulating: bool = False,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -136,6 +137,9 @@ def stage_memory(
             CPU), and this is its largest tensor; ``None``: it steps every tensor at once (foreach).
         zero_bubble: backward is split in two, and a micro-batch's received values live until its
             weight pass.
+        accumulating: gradients are accumulated over several batches (Lightning's
+            ``accumulate_grad_batches``): the earlier batches' gradients live through the schedule
+            beside the new ones (``PipelineRuntime.run`` holds them aside).
     """
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
@@ -151,6 +155,8 @@ def stage_memory(
         # The micro-batches before the last run under `no_sync` and accumulate into fresh
         # gradients (not bucket views: the runtime takes the gradients out between steps), which
         # the last backward copies into DDP's buckets: both copies live at its end.
+        backward += trainable_bytes
+    if accumulating:
         backward += trainable_bytes
     # The optimizer step runs after the activations are gone, next to the gradients. PyTorch's
     # default (foreach) Adam/AdamW, RMSprop and Adagrad make one temporary as large as the state

@@ -69,6 +69,9 @@ class SearchSettings:
     """Stages per rank (interleaved 1F1B); ``None``: 1, and 2, 3 or 4 where the schedule may be interleaved."""
     activation_checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
+    accumulating: bool = False
+    """Gradients are accumulated over several batches (``accumulate_grad_batches`` > 1): the
+    earlier batches' gradients live through each schedule (``memory.stage_memory``)."""
     zero_bubble: bool = False
     """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
     must split into torch's whole rounds (``rounds_fit``). Costed as 1F1B."""
@@ -356,6 +359,7 @@ class _Layout:
             # to a loop over the tensors on the CPU
             largest_trainable_bytes=None if self.settings.device.name != "cpu" else self.ranges.largest_trainable[i][j],
             zero_bubble=self.settings.zero_bubble,
+            accumulating=self.settings.accumulating,
         )
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> bool | None:

@@ -72,6 +72,8 @@ class EngineOptions:
     """Optimizer state kind for the memory model (``memory.OPTIMIZER_STATE``)."""
     memory_limit: int | None = None
     """Bytes per device (``config.memory_limit`` read, or the CUDA device's); ``None``: unlimited."""
+    accumulating: bool = False
+    """The Trainer accumulates gradients over several batches (``accumulate_grad_batches`` > 1)."""
 
     @property
     def device_spec(self) -> DeviceSpec:
@@ -217,6 +219,7 @@ def search_settings(
         activation_checkpointing=options.checkpointing,
         zero_bubble=config.zero_bubble,
         zero_stage=options.zero_stage,
+        accumulating=options.accumulating,
     )
 
 

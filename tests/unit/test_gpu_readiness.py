@@ -80,6 +80,30 @@ def test_the_cuda_limit_is_what_the_allocator_holds_or_can_get(monkeypatch: pyte
     assert usable_cuda_memory(device, pipelined=True) == 65 * gib - 2 * NCCL_P2P_BYTES_PER_PEER
 
 
+def test_gradient_accumulation_keeps_the_earlier_batches_gradients_beside_the_schedule() -> None:
+    """With ``accumulate_grad_batches`` > 1 the runtime holds the window's gradients aside while
+    the schedule makes new ones: one more copy of the trainable bytes at the backward's peak,
+    none at the optimizer step (which sees the sum)."""
+    from lightning_rannc.integration.layout import engine_options
+    from lightning_rannc.plan.memory import stage_memory
+
+    common = dict(
+        param_bytes=1000, trainable_bytes=1000, activation_bytes=5000, input_bytes=0, output_bytes=0,
+        in_flight=1, num_microbatches=1, checkpoint=False, optimizer_factor=2.0,
+    )  # fmt: skip
+    plain = stage_memory(**common)  # type: ignore[arg-type]
+    accumulating = stage_memory(**common, accumulating=True)  # type: ignore[arg-type]
+    assert accumulating.total == plain.total + 1000
+    assert (accumulating.optimizer, accumulating.params) == (plain.optimizer, plain.params)
+    # The Trainer's setting reaches the plan's memory model.
+    for window, expected in ((1, False), (4, True)):
+        module = LoggingMLP()
+        trainer = L.Trainer(strategy=RaNNCStrategy(), accumulate_grad_batches=window, logger=False)
+        trainer.strategy.connect(module)
+        module.trainer = trainer
+        assert engine_options(trainer.strategy, None, optimizer="sgd").accumulating is expected
+
+
 def test_the_memory_model_counts_receive_buffers_of_the_micro_batches_in_flight() -> None:
     """Receive buffers hold memory from their receive to their backward (``_compat``'s
     ``_ReceiveBuffersOnDemand``): inputs of the micro-batches in flight and one ahead, two
