@@ -8,6 +8,8 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
     python benchmarks/throughput.py                 # all layouts, 2 repetitions
     python benchmarks/throughput.py --repeat 3 --steps 40
     python benchmarks/throughput.py --only rannc_s2_d1_m8,rannc_s2_d1_m8_zb   # a subset
+    # issue 17's large-head GPT: a 32k-word (tied) head, about 70% of the time
+    python benchmarks/throughput.py --layers 4 --dim 256 --seq 128 --vocab 32768 --only ddp_2proc,rannc_auto
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ RUNS = {
     "ddp_2proc": (2, "ddp"),
     # pure data parallelism needs no micro-batches; a 2-stage pipeline needs some to fill
     "rannc_s1_d2": (2, {"pipeline_stages": 1, "micro_batches": 1}),
+    # the same with each ZeRO stage forced: 0 is DDP's exchange, 2 reduces each gradient to its owner
+    "rannc_s1_d2_zero0": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 0}),
+    "rannc_s1_d2_zero1": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 1}),
+    "rannc_s1_d2_zero2": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 2}),
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
     "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
     "rannc_s2_d1_gpipe": (2, {"pipeline_stages": 2, "micro_batches": 2, "schedule": "gpipe"}),
@@ -42,7 +48,7 @@ RUNS = {
 }
 
 
-def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim: int) -> None:
+def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim: int, seq: int, vocab: int) -> None:
     """One run (inside Lightning's processes); rank 0 prints a JSON line of results."""
     import lightning as L
     import torch
@@ -65,7 +71,7 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
                 self.start = time.perf_counter()
 
     L.seed_everything(0, verbose=False)
-    model = GPT(layers=layers, dim=dim, seq_len=64)
+    model = GPT(layers=layers, dim=dim, seq_len=seq, vocab_size=vocab)
     timer = Timer()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -78,7 +84,7 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
         enable_model_summary=False,
         callbacks=[timer],
     )
-    loader = make_dataloader(batch_size, 64, model.hparams.vocab_size, size=batch_size * (warmup + steps) * 2)
+    loader = make_dataloader(batch_size, seq, vocab, size=batch_size * (warmup + steps) * 2)
     trainer.fit(model, loader)
     elapsed = time.perf_counter() - timer.start
     # Every rank prints its own memory: a collective just before the process exits races with
@@ -96,7 +102,7 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
             result["predicted_memory"] = [[s.memory["params"], s.memory["optimizer"]] for s in plan.stages]
             result["layout"] = (
                 f"S={plan.pipeline_stages} D={plan.num_replicas} V={plan.virtual_stages} M={plan.num_microbatches} "
-                f"{plan.schedule}{' zero bubble' if plan.zero_bubble else ''}"
+                f"{plan.schedule}{' zero bubble' if plan.zero_bubble else ''} ZeRO-{plan.zero_stage}"
             )
         _emit("RESULT ", result)
 
@@ -125,6 +131,7 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, __file__, "--run", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
+    command += ["--seq", str(args.seq), "--vocab", str(args.vocab)]
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         problem = f"exited with {done.returncode}"
@@ -164,12 +171,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary (the tied embedding and head)")
     parser.add_argument("--only", default="", help="comma-separated runs (lightning_1proc is always run)")
     args = parser.parse_args()
     if args.run:
-        _train(args.run, args.steps, args.warmup, args.batch_size, args.layers, args.dim)
+        _train(args.run, args.steps, args.warmup, args.batch_size, args.layers, args.dim, args.seq, args.vocab)
         return
-    print(f"GPT layers={args.layers} dim={args.dim} seq=64, batch {args.batch_size} per pipeline/process")
+    print(
+        f"GPT layers={args.layers} dim={args.dim} seq={args.seq} vocab={args.vocab}, "
+        f"batch {args.batch_size} per pipeline/process"
+    )
     for repetition in range(args.repeat):
         chosen = {"lightning_1proc", *filter(None, args.only.split(","))} if args.only else set(RUNS)
         if chosen - set(RUNS):

@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--min-micro-batch-size", type=int, default=_DEFAULTS["min_micro_batch_size"])
     plan.add_argument("--schedule", default=_DEFAULTS["schedule"], choices=["auto", *SCHEDULES])
     plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
+    plan.add_argument("--zero-bubble", action="store_true", help="run 1F1B as zero bubble (split backward)")
     plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
     plan.add_argument(
         "--zero-stage", default="auto", choices=["auto", *map(str, ZERO_STAGES)], help="optimizer state over replicas"
@@ -134,6 +135,7 @@ def _plan(args: argparse.Namespace) -> int:
         virtual_stages=args.virtual_stages,
         activation_checkpointing=_CHECKPOINTING[args.activation_checkpointing],
         zero_stage=None if args.zero_stage == "auto" else int(args.zero_stage),
+        zero_bubble=args.zero_bubble,
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks, precision=args.precision)
     _print_plan(result.plan, args.rich)

@@ -72,9 +72,10 @@ class RaNNCConfig:
     )
     zero_stage: int | str = _option(
         "auto",
-        "optimizer state of the replicas of a stage: `1` split over them (ZeRO-1: each updates its share, then "
-        'broadcasts it), `0` whole on each (as `ddp`: no broadcast, more memory); `"auto"`: per plan, the faster '
-        "that fits",
+        "optimizer state of the replicas of a stage: `1` split over them (ZeRO-1: gradients all-reduced, each "
+        "updates its share, then broadcasts it), `2` split with the gradients (ZeRO-2: each gradient is reduced "
+        "to the replica that updates it: two thirds of ZeRO-1's traffic), `0` whole on each (as `ddp`: no "
+        'broadcast, more memory); `"auto"`: per plan, the fastest that fits',
     )
     activation_checkpointing: bool | str = _option(
         False,

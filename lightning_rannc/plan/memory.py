@@ -114,6 +114,8 @@ def stage_memory(
     largest_trainable_bytes: int | None = None,
     zero_bubble: bool = False,
     accumulating: bool = False,
+    shard_gradients: bool = False,
+    recomputed_bytes: int = 0,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -128,7 +130,7 @@ def stage_memory(
         checkpoint: activations are recomputed in backward, so only the inputs stay.
         optimizer_factor: optimizer state bytes per trainable byte (``optimizer_state_factor``).
         num_replicas: data-parallel replicas of the stage.
-        shard_optimizer: optimizer state is split over the replicas (ZeRO-1).
+        shard_optimizer: optimizer state is split over the replicas (ZeRO-1 and 2).
         workspace_bytes: bytes one running micro-batch holds beyond its saved activations
             (gradients in flight, temporaries: the largest ``BlockCost.workspace_bytes`` of the
             stage); only one micro-batch runs at a time, so it counts once.
@@ -140,13 +142,19 @@ def stage_memory(
         accumulating: gradients are accumulated over several batches (Lightning's
             ``accumulate_grad_batches``): the earlier batches' gradients live through the schedule
             beside the new ones (``PipelineRuntime.run`` holds them aside).
+        shard_gradients: after the schedule each replica keeps only the gradients of its share
+            (ZeRO-2): they are reduced to it one share at a time (a flat copy of one share), the
+            rest freed, so the accumulation window and the optimizer step hold ``1 / D``.
+        recomputed_bytes: selective checkpointing: the activations of the stage's first layers,
+            recomputed in backward for one micro-batch at a time (``activation_bytes`` is then
+            what the other layers keep per micro-batch in flight).
     """
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
         # buffers (``buffers``), which hold the input of every micro-batch in flight.
         activations = activation_bytes + workspace_bytes
     else:
-        activations = in_flight * activation_bytes + workspace_bytes
+        activations = in_flight * activation_bytes + workspace_bytes + recomputed_bytes
     shards = num_replicas if shard_optimizer else 1
     # With one micro-batch, backward frees activations while it makes the gradients; with more,
     # the gradients of finished micro-batches live next to the activations of the others.
@@ -156,8 +164,9 @@ def stage_memory(
         # gradients (not bucket views: the runtime takes the gradients out between steps), which
         # the last backward copies into DDP's buckets: both copies live at its end.
         backward += trainable_bytes
+    kept_shards = num_replicas if shard_gradients else 1
     if accumulating:
-        backward += trainable_bytes
+        backward += trainable_bytes // kept_shards
     # The optimizer step runs after the activations are gone, next to the gradients. PyTorch's
     # default (foreach) Adam/AdamW, RMSprop and Adagrad make one temporary as large as the state
     # they update (the square root of the second moment): measured on an H100, BERT-base at
@@ -166,7 +175,10 @@ def stage_memory(
     temporary = trainable_bytes / shards if optimizer_factor > 0 else 0
     if largest_trainable_bytes is not None:  # the loop's square root and its quotient, one tensor at a time
         temporary = min(temporary, 2 * largest_trainable_bytes)
-    stepping = int(trainable_bytes + temporary)
+    stepping = int(trainable_bytes / kept_shards + temporary)
+    if shard_gradients:  # the reduction to the owners: every gradient and one share's flat copy
+        held = trainable_bytes // num_replicas if accumulating else 0
+        stepping = max(stepping, trainable_bytes + trainable_bytes // num_replicas + held)
     live = max(backward, stepping)
     grads = stepping if stepping >= backward else trainable_bytes
     return StageMemory(

@@ -26,7 +26,7 @@ __all__ = [
 
 _FORMAT_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-ZERO_STAGES = (0, 1)
+ZERO_STAGES = (0, 1, 2)
 """Optimizer-state layouts the runtime runs (``PartitionPlan.zero_stage``)."""
 
 
@@ -60,6 +60,12 @@ class StagePlan:
     back); 0 for the last stage and for plans made without a link model."""
     checkpoint: bool = False
     """Recompute the stage's activations in backward instead of keeping them (per micro-batch)."""
+    recompute_end: int | None = None
+    """Selective checkpointing: nodes ``node_start .. recompute_end - 1`` (the stage's first
+    layers) recompute their activations in backward, the rest keep theirs; ``None``: as
+    ``checkpoint`` says, for the whole stage."""
+    recompute_span: str = ""
+    """The module paths that recompute (the plan table's "ckpt" column)."""
     memory: dict[str, int] = field(default_factory=dict)
     """Predicted bytes per device by kind (params, grads, optimizer, activations, buffers, total);
     empty when the plan was made without a memory model."""
@@ -92,8 +98,10 @@ class PartitionPlan:
     into the gradient of the inputs, sent on at once, and that of the weights, run in the bubble.
     Costed as the 1F1B schedule it refines (its peak activation memory is 1F1B's)."""
     zero_stage: int = 1
-    """How replicas keep optimizer state: 1 split over them (ZeRO-1: each updates its share and
-    broadcasts it), 0 each keeps all of its stages' (as DDP: no broadcast, more memory)."""
+    """How replicas keep optimizer state: 1 split over them (ZeRO-1: gradients all-reduced, each
+    updates its share and broadcasts it), 2 split with the gradients too (ZeRO-2: each replica's
+    gradients are reduced to the replica that updates them, the others free theirs), 0 each
+    keeps all of its stages' (as DDP: no broadcast, more memory)."""
     predicted_step_ms: float = 0.0
     """Simulated schedule plus gradient exchange (searched plans), or the bottleneck formula."""
     predicted_bubble: float = 0.0
@@ -168,6 +176,12 @@ class PartitionPlan:
             expected = stage_ranks(stage.stage_index, self.pipeline_stages, self.num_replicas)
             if stage.ranks != expected:
                 raise PlanError(f"Stage {stage.stage_index} must run on ranks {expected}, not {stage.ranks}.")
+            inside = stage.recompute_end is None or stage.node_start < stage.recompute_end < stage.node_end
+            if not inside or (stage.recompute_end is not None and stage.checkpoint):
+                raise PlanError(
+                    f"Stage {stage.stage_index} recomputes up to node {stage.recompute_end}: that must lie inside its "
+                    f"nodes ({stage.node_start}-{stage.node_end}), and a stage checkpointed whole recomputes all."
+                )
         for before, after in zip(self.stages, self.stages[1:]):
             if before.node_end != after.node_start or after.node_start >= after.node_end:
                 raise PlanError(
@@ -232,6 +246,7 @@ class PartitionPlan:
                 f"act_mem/mb={_mib(s.activation_bytes)} send/mb={_mib(s.send_bytes)}"
                 + (f" predicted_mem={_mib(s.memory['total'])}" if s.memory else "")
                 + (" checkpointed" if s.checkpoint else "")
+                + (f" recomputed=[{s.recompute_span}]" if s.recompute_end is not None else "")
             )
         return lines
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO, Any
 
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.plan.search import Candidate
 
 __all__ = ["format_plan", "plan_lines", "print_rich_plan", "rich_plan_table"]
@@ -90,12 +90,19 @@ def _rows(plan: PartitionPlan) -> list[list[str]]:
             _count(stage.num_params),
             f"{stage.fwd_ms:.2f}",
             f"{stage.bwd_ms:.2f}",
-            "yes" if stage.checkpoint else "no",
+            _recomputed(stage),
         ]
         if has_memory:
             row += [f"{stage.memory.get(k, 0) / scale:.2f}" for k in _MEMORY_KINDS]
         rows.append(row)
     return rows
+
+
+def _recomputed(stage: StagePlan) -> str:
+    """The "ckpt" column: the whole stage, its first layers (selective checkpointing), or none."""
+    if stage.checkpoint:
+        return "yes"
+    return stage.recompute_span or "part" if stage.recompute_end is not None else "no"
 
 
 def _memory_unit(plan: PartitionPlan) -> tuple[str, int]:
@@ -119,7 +126,8 @@ def _footer(plan: PartitionPlan) -> list[str]:
     if plan.predicted_step_ms > 0:
         lines[0] += f" ({batch / plan.predicted_step_ms * 1e3:,.1f} samples/s for batches of {batch})"
     lines.append(
-        f"pipeline bubble {plan.predicted_bubble:.1%}; gradient exchange {plan.predicted_exchange_ms:.1f} ms per step"
+        f"pipeline bubble {plan.predicted_bubble:.1%}; gradient exchange {plan.predicted_exchange_ms:.1f} ms per step "
+        "after the schedule"
     )
     shared = max((s.memory.get("shared", 0) for s in plan.stages), default=0)
     if shared > 0:

@@ -161,7 +161,7 @@ def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
     """Optimizer-state layouts to try: one replica has nothing to split."""
     if settings.zero_stage is not None:
         return [settings.zero_stage]
-    return [0, 1] if replicas > 1 else [1]
+    return [0, 1, 2] if replicas > 1 else [1]
 
 
 def _widened(settings: SearchSettings) -> SearchSettings | None:
@@ -298,7 +298,7 @@ class _Layout:
     ) -> None:
         self.blocks = [b.scaled(factor) for b in blocks]
         self.zero_stage = zero_stage
-        self.shards = shape[1] if zero_stage == 1 else 1
+        self.shards = shape[1] if zero_stage in (1, 2) else 1
         """Replicas the optimizer state is split over."""
         self.factor = factor
         self.ranges, self.settings = ranges, settings
@@ -312,7 +312,8 @@ class _Layout:
         self.act = _prefix([b.activation_bytes for b in self.blocks])
         self.optimizer_factor = optimizer_state_factor(settings.optimizer)
         self.link = [_link_bandwidth(settings, self.stages, self.replicas, p) / 1e3 for p in range(self.stages)]
-        self.chosen_checkpoint: dict[tuple[int, int, int], bool] = {}
+        self.chosen_checkpoint: dict[tuple[int, int, int], int | None] = {}
+        self.starts = _layer_starts(blocks)
         self.spread_exchange = True
         """Count each stage's gradient exchange in its per-slot cost (see ``_plan_layout``)."""
 
@@ -325,11 +326,12 @@ class _Layout:
             return 0.0
         return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[stage % self.stages]
 
-    def compute_ms(self, i: int, j: int, checkpoint: bool) -> tuple[float, float]:
-        """Forward and backward of one micro-batch, with the runtime's overhead per action."""
+    def compute_ms(self, i: int, j: int, recompute: int) -> tuple[float, float]:
+        """Forward and backward of one micro-batch, with the runtime's overhead per action;
+        backward recomputes the forward of the stage's first ``recompute`` blocks."""
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
         overhead = self.settings.device.action_overhead_ms
-        return fwd + overhead, bwd + (fwd if checkpoint else 0.0) + overhead
+        return fwd + overhead, bwd + (self.fwd[i + recompute] - self.fwd[i]) + overhead
 
     def optimizer_ms(self, i: int, j: int) -> float:
         """The optimizer step over the stage's share of parameters: memory-bound, it reads the
@@ -339,60 +341,93 @@ class _Layout:
         traffic = passes * self.ranges.trainable_bytes[i][j] / share
         return traffic / self.settings.device.memory_bandwidth * 1e3
 
-    def memory(self, stage: int, i: int, j: int, checkpoint: bool) -> StageMemory:
+    def memory(self, stage: int, i: int, j: int, recompute: int) -> StageMemory:
+        """The stage's peak when its first ``recompute`` blocks recompute their activations
+        (all of them: the whole stage is checkpointed)."""
         copies = int(self.ranges.weight_copies[j] - self.ranges.weight_copies[i])
+        whole = recompute == j - i
+        kept, recomputed = int(self.act[j] - self.act[i + recompute]), int(self.act[i + recompute] - self.act[i])
+        if 0 < recompute < j - i:  # the values crossing into the kept blocks stay too (on the safe side)
+            kept += self.cut_bytes(i + recompute)
         return stage_memory(
             param_bytes=self.ranges.param_bytes[i][j] + copies,
             trainable_bytes=self.ranges.trainable_bytes[i][j],
-            activation_bytes=int(self.act[j] - self.act[i]),
+            activation_bytes=recomputed if whole else kept,
             input_bytes=self.cut_bytes(i),
             output_bytes=self.cut_bytes(j),
             in_flight=self.in_flight[stage],
             num_microbatches=self.microbatches,
-            checkpoint=checkpoint,
+            checkpoint=whole,
+            recomputed_bytes=0 if whole else recomputed,
             optimizer_factor=self.optimizer_factor,
             num_replicas=self.replicas,
-            shard_optimizer=self.zero_stage == 1,
+            shard_optimizer=self.zero_stage in (1, 2),
             workspace_bytes=int(self.ranges.workspace_bytes[i][j] * self.factor),
-            ddp=self.replicas > 1 and not self.settings.zero_bubble,
+            ddp=self.ddp,
             # torch's optimizers default to foreach (one temporary as large as the state) on GPUs,
             # to a loop over the tensors on the CPU
             largest_trainable_bytes=None if self.settings.device.name != "cpu" else self.ranges.largest_trainable[i][j],
             zero_bubble=self.settings.zero_bubble,
             accumulating=self.settings.accumulating,
+            shard_gradients=self.zero_stage == 2 and self.replicas > 1,
         )
 
-    def checkpoint_choice(self, stage: int, i: int, j: int) -> bool | None:
-        """Whether the stage runs checkpointed; None when it does not fit either way."""
+    @property
+    def ddp(self) -> bool:
+        """The replicas average gradients through DDP, during the last backward
+        (``runtime/pipeline.py``); zero bubble and ZeRO-2 exchange them after the schedule."""
+        return self.replicas > 1 and not self.settings.zero_bubble and self.zero_stage != 2
+
+    def checkpoint_choice(self, stage: int, i: int, j: int) -> int | None:
+        """How many of the stage's first blocks recompute their activations (``j - i``: the
+        whole stage is checkpointed); None when it does not fit even so."""
         key = (stage, i, j)
         if key not in self.chosen_checkpoint:
-            options = (
-                [self.settings.activation_checkpointing]
-                if self.settings.activation_checkpointing is not None
-                else [False, True]
-            )
-            usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
-            self.chosen_checkpoint[key] = next(  # type: ignore[assignment]
-                (c for c in options if self.memory(stage, i, j, c).total <= usable), None
-            )
+            self.chosen_checkpoint[key] = self._least_recompute(stage, i, j)
         return self.chosen_checkpoint[key]
+
+    def _fits(self, stage: int, i: int, j: int, recompute: int) -> bool:
+        usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
+        return self.memory(stage, i, j, recompute).total <= usable
+
+    def _least_recompute(self, stage: int, i: int, j: int) -> int | None:
+        """The fewest first blocks to recompute (the least time) that make the stage fit: none,
+        the whole stage, or with ``activation_checkpointing="auto"`` the first layers only
+        (selective checkpointing), ending at a layer boundary where one fits."""
+        forced = self.settings.activation_checkpointing
+        if forced is not None:
+            recompute = j - i if forced else 0
+            return recompute if self._fits(stage, i, j, recompute) else None
+        if self._fits(stage, i, j, 0):
+            return 0
+        if not self._fits(stage, i, j, j - i):
+            return None
+        low, high = 1, j - i  # memory falls as more blocks recompute: the first count that fits
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self._fits(stage, i, j, middle) else (middle + 1, high)
+        if not self._fits(stage, i, j, low):  # not monotone here (a wide cut): the whole stage
+            return j - i
+        layer_end = next((c for c in range(i + low, j) if self.starts[c] and self._fits(stage, i, j, c - i)), None)
+        return low if layer_end is None else layer_end - i
 
     def least_memory(self, stage: int, i: int, j: int) -> float:
         """The stage's memory with checkpointing if allowed (for "what would fit" advice)."""
-        return float(self.memory(stage, i, j, self.settings.activation_checkpointing is not False).total)
+        whole = self.settings.activation_checkpointing is not False
+        return float(self.memory(stage, i, j, j - i if whole else 0).total)
 
     def lower_bound(self, stage: int, i: int, j: int) -> float:
         """The stage's cost without checkpointing: grows with every block added."""
-        return sum(self.compute_ms(i, j, False)) + self._other_ms(stage, i, j)
+        return sum(self.compute_ms(i, j, 0)) + self._other_ms(stage, i, j)
 
     def stage_cost(self, stage: int, i: int, j: int) -> float:
         """Time per micro-batch slot: compute, the sends of activations and gradients, and the
         stage's share of the gradient exchange. A step is about ``M + S - 1`` slots of the slowest
         stage plus one exchange, so the exchange counts as ``1 / (M + S - 1)`` of it per slot."""
-        checkpoint = self.checkpoint_choice(stage, i, j)
-        if checkpoint is None:
+        recompute = self.checkpoint_choice(stage, i, j)
+        if recompute is None:
             return math.inf
-        return sum(self.compute_ms(i, j, checkpoint)) + self._other_ms(stage, i, j)
+        return sum(self.compute_ms(i, j, recompute)) + self._other_ms(stage, i, j)
 
     def _other_ms(self, stage: int, i: int, j: int) -> float:
         slots = self.virtual * self.microbatches + self.stages - 1
@@ -484,7 +519,7 @@ def evaluate_split(
 
 def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, ScheduleTimes]:
     spans = list(zip(bounds, bounds[1:]))
-    checkpoints = [bool(layout.checkpoint_choice(s, i, j)) for s, (i, j) in enumerate(spans)]
+    checkpoints = [layout.checkpoint_choice(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
     simulated = simulate_schedule(
         [f for f, _ in times],
@@ -494,7 +529,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         layout.schedule,
         layout.virtual,
     )
-    exchange = max(_per_rank(layout, spans, lambda i, j: _exchange_ms(layout, i, j)))
+    exchange = _visible_exchange(layout, spans, simulated)
     update = max(_per_rank(layout, spans, layout.optimizer_ms)) + layout.settings.device.step_overhead_ms
     plan = PartitionPlan(
         graph_fingerprint="",
@@ -521,11 +556,12 @@ def _per_rank(layout: _Layout, spans: Sequence[tuple[int, int]], cost: Callable[
     return [sum(cost(i, j) for i, j in spans[p :: layout.stages]) for p in range(layout.stages)]
 
 
-def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -> StagePlan:
+def _stage_plan(layout: _Layout, stage: int, i: int, j: int, recompute: int) -> StagePlan:
     blocks = layout.blocks[i:j]
     names = list(dict.fromkeys(n for b in blocks for n in b.tensor_names))
     overhead = layout.settings.device.action_overhead_ms  # the stage's own compute is reported
-    fwd, bwd = (t - overhead for t in layout.compute_ms(i, j, checkpoint))
+    fwd, bwd = (t - overhead for t in layout.compute_ms(i, j, recompute))
+    partial = 0 < recompute < j - i
     return StagePlan(
         stage_index=stage,
         ranks=stage_ranks(stage, layout.stages, layout.replicas),
@@ -540,31 +576,85 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, checkpoint: bool) -
         activation_bytes=int(layout.act[j] - layout.act[i]),
         send_bytes=layout.cut_bytes(j),
         send_ms=layout.send_ms(stage, j),
-        checkpoint=checkpoint,
-        memory=layout.memory(stage, i, j, checkpoint).as_dict(),
+        checkpoint=recompute == j - i,
+        recompute_end=blocks[recompute].start if partial else None,
+        recompute_span=describe_span([p for b in blocks[:recompute] for p in b.module_paths]) if partial else "",
+        memory=layout.memory(stage, i, j, recompute).as_dict(),
     )
 
 
 def _exchange_ms(layout: _Layout, i: int, j: int) -> float:
-    """Gradient all-reduce over the replicas, plus the broadcast of the updated shards when the
-    optimizer is sharded; not overlapped with compute (the runtime reduces after the schedule).
+    """The whole gradient exchange of a stage over its replicas (both parts of ``_exchange_parts``)."""
+    return sum(_exchange_parts(layout, i, j))
+
+
+def _exchange_parts(layout: _Layout, i: int, j: int) -> tuple[float, float]:
+    """The gradient exchange of the stage of blocks ``i .. j-1``: (what DDP runs during the last
+    backward, what runs after the schedule or the optimizer step).
+
+    - ZeRO-0: DDP's all-reduce.
+    - ZeRO-1: DDP's all-reduce, then each replica broadcasts the shard it updated.
+    - ZeRO-2: each replica's gradients reduced to their owner, after the schedule, then the
+      broadcast: a reduce-scatter and an all-gather, the traffic of one all-reduce.
+    - Zero bubble runs its all-reduce after the schedule too.
+
     The all-reduce is timed as measured at startup when it was, else as a ring over the links
-    (``2 (D-1)/D`` of the bytes)."""
+    (``2 (D-1)/D`` of the bytes); a broadcast of the shards as ``(D-1)/D`` of the bytes.
+    """
     replicas = layout.replicas
     if replicas == 1:
-        return 0.0
+        return 0.0, 0.0
     device = layout.settings.device
     across = layout.stages * replicas > layout.settings.devices_per_node
     bandwidth = device.link_bandwidth(across) / 1e3
     share = (replicas - 1) / replicas
     grads = layout.ranges.trainable_bytes[i][j]
     if device.allreduce_bandwidth is not None:
-        total = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
+        allreduce = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
     else:
-        total = device.link_latency_ms + 2 * share * grads / bandwidth
-    if layout.zero_stage == 1:
-        total += device.link_latency_ms + share * grads / bandwidth
-    return total
+        allreduce = device.link_latency_ms + 2 * share * grads / bandwidth
+    if layout.zero_stage == 2:
+        return 0.0, allreduce + device.link_latency_ms
+    broadcast = device.link_latency_ms + share * grads / bandwidth if layout.zero_stage == 1 else 0.0
+    if not layout.ddp:
+        return 0.0, allreduce + broadcast
+    return allreduce, broadcast
+
+
+_DDP_FIRST_BUCKET_BYTES = 2**20
+_DDP_BUCKET_BYTES = 25 * 2**20
+"""DDP's default bucket sizes (``bucket_cap_mb=25``, a first bucket of 1 MiB): a bucket is
+all-reduced once the backward has made all of its gradients."""
+
+
+def _visible_exchange(layout: _Layout, spans: Sequence[tuple[int, int]], times: ScheduleTimes) -> float:
+    """The time the gradient exchange adds after the schedule's last operation.
+
+    Each rank's exchange starts when its own schedule ends, so a later stage's overlaps the
+    earlier stages' drain. DDP all-reduces bucket by bucket during the last backward: only what
+    that backward cannot cover shows, and at least the last bucket (the first layers'
+    gradients, ready only at its end)."""
+    if layout.replicas == 1:
+        return 0.0
+    visible = 0.0
+    for position in range(layout.stages):
+        operations = times.operations[position]
+        end, last_backward = (operations[-1][3], operations[-1][3] - operations[-1][2]) if operations else (0.0, 0.0)
+        rank_spans = spans[position :: layout.stages]
+        during = sum(_exchange_parts(layout, i, j)[0] for i, j in rank_spans)
+        after = sum(_exchange_parts(layout, i, j)[1] for i, j in rank_spans)
+        grads = sum(layout.ranges.trainable_bytes[i][j] for i, j in rank_spans)
+        shown = max(during - last_backward, during * _last_bucket_share(grads))
+        visible = max(visible, end - times.makespan_ms + shown + after)
+    return max(visible, 0.0)
+
+
+def _last_bucket_share(grad_bytes: int) -> float:
+    """Share of the gradients in DDP's last bucket (the one that waits for the whole backward)."""
+    if grad_bytes <= _DDP_FIRST_BUCKET_BYTES:
+        return 1.0
+    rest = grad_bytes - _DDP_FIRST_BUCKET_BYTES
+    return ((rest - 1) % _DDP_BUCKET_BYTES + 1) / grad_bytes
 
 
 def _link_bandwidth(settings: SearchSettings, stages: int, replicas: int, position: int) -> float:
@@ -654,7 +744,7 @@ def _auto(name: str) -> str | None:
 
 
 def _shape(plan: PartitionPlan) -> str:
-    checkpointed = sum(s.checkpoint for s in plan.stages)
+    checkpointed = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)
     shape = f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), {plan.num_microbatches} micro-batches"
     return shape + (f", {checkpointed} stage(s) checkpointed" if checkpointed else "")
 

@@ -189,7 +189,9 @@ def _frame_axes(axes: Any, tick_labels: Sequence[str], end_ms: float, clock: str
 
 def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
     span = stage.module_span if len(stage.module_span) <= 36 else stage.module_span[:33] + "..."
-    extra = ", recomputed" if stage.checkpoint else ""
+    extra = (
+        ", recomputed" if stage.checkpoint else f", {stage.recompute_span} recomputed" if stage.recompute_end else ""
+    )
     others = [s.stage_index for s in plan.stages[stage.stage_index + plan.pipeline_stages :: plan.pipeline_stages]]
     name = f"stage {stage.stage_index}" + "".join(f"+{k}" for k in others)
     return f"{name} (ranks {ranks_text(stage.ranks)}{extra})\n{span}"

@@ -124,9 +124,14 @@ class BuiltPipeline:
         values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale, keep_grads=not window_starts)
         if self.reference is not None:
             grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}
+            if self.plan.zero_stage == 2:  # each replica compares the gradients it holds
+                grads = {n: g for n, g in grads.items() if self.ownership.optimizer_owner.get(n) == self.groups.dp_rank}
             reference, self.reference = self.reference, None
             scale = float(loss_scale)  # once, at the first step
-            check_against_reference(reference, float(values[0]), grads, self.groups, self._verify_tolerance, scale)
+            compared = set(grads) if self.plan.zero_stage == 2 else None
+            check_against_reference(
+                reference, float(values[0]), grads, self.groups, self._verify_tolerance, scale, compared
+            )
         self._share_written_buffers()
         return values
 
@@ -169,6 +174,7 @@ class BuiltPipeline:
             self.trace,
             num_scalar_outputs=first_tensor,
             reductions=captured.output_reductions,
+            owners=self.ownership.optimizer_owner,
         )
         variants = self.runtimes.setdefault(key, Variants(named))
         return variants.add(captured if captured is self.captured else _without_tensors(captured), runtime)
@@ -242,7 +248,13 @@ class BuiltPipeline:
         tensors = self.captured.tensors
         params = {n: tensors[n] for n in sorted(self.ownership.local) if n in tensors}
         counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank]
-        return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group, self.device)
+        if self.plan.zero_stage != 2:
+            return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group, self.device)
+        # ZeRO-2: each replica holds its share of the gradients only; the shares of all ranks
+        # make the model's norm.
+        own, owner = self.groups.dp_rank, self.ownership.optimizer_owner
+        counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank and owner.get(n) == own]
+        return clip_grad_norm(list(params.values()), counted, max_norm, None, self.device)
 
     def unscale_updated_elsewhere(self, inv_scale: float | torch.Tensor) -> None:
         """Unscale the gradients the optimizer does not hold (it unscales its own): they enter

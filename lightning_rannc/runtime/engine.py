@@ -229,7 +229,7 @@ class PipelineEngine:
             owned |= canonical - {n for s in plan.stages for n in s.tensor_names}
         sizes = {n: captured.tensors[n].numel() for n in sorted(local & trainable)}
         # ZeRO-0: every replica updates all of its stages' parameters, as DDP (nothing to share).
-        sharded = plan.zero_stage == 1
+        sharded = plan.zero_stage in (1, 2)
         return Ownership(
             local=local,
             owned=owned,

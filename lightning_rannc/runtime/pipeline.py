@@ -56,7 +56,9 @@ Grads = dict[torch.nn.Parameter, torch.Tensor | None]
 
 class SeededStage(torch.nn.Module):
     """Runs a stage module inside the random stream of the current micro-batch, optionally
-    recomputing its activations in backward (activation checkpointing).
+    recomputing its activations in backward (activation checkpointing): all of them, or with
+    ``recomputed`` (selective checkpointing) those of that module, the stage's first layers,
+    whose outputs are ``module``'s inputs.
 
     The stage's random ops seed themselves from (seed, step, replica, micro-batch, node): see
     ``lightning_rannc/_rng.py``. A stage runs its forwards in micro-batch order under every
@@ -64,9 +66,17 @@ class SeededStage(torch.nn.Module):
     so it draws the same dropout masks as the forward.
     """
 
-    def __init__(self, module: torch.nn.Module, replica: int, device: torch.device, checkpoint: bool = False) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        replica: int,
+        device: torch.device,
+        checkpoint: bool = False,
+        recomputed: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.module = module
+        self.recomputed = recomputed
         self.replica = replica
         self.device = device
         self.checkpoint = checkpoint
@@ -82,11 +92,19 @@ class SeededStage(torch.nn.Module):
         self.microbatch += 1
         if self.checkpoint:
             return torch.utils.checkpoint.checkpoint(self._run, key, *args, use_reentrant=False)
+        if self.recomputed is not None:
+            kept = torch.utils.checkpoint.checkpoint(self._run_first, key, *args, use_reentrant=False)
+            return self._run(key, *kept)
         return self._run(key, *args)
 
     def _run(self, key: tuple[int, ...], *args: Any) -> Any:
         with _rng.stream(key, self.device):
             return self.module(*args)
+
+    def _run_first(self, key: tuple[int, ...], *args: Any) -> Any:
+        assert self.recomputed is not None
+        with _rng.stream(key, self.device):
+            return self.recomputed(*args)
 
 
 class PipelineRuntime:
@@ -103,7 +121,10 @@ class PipelineRuntime:
         forward_only: bool = False,
         num_scalar_outputs: int | None = None,
         reductions: Mapping[int, Reduction] | None = None,
+        owners: Mapping[str, int] | None = None,
     ) -> None:
+        """``owners``: trainable tensor -> the replica whose optimizer updates it (with ZeRO-2,
+        where its gradient is reduced to)."""
         self.plan = plan
         self._trace = trace
         self.device = device
@@ -119,19 +140,31 @@ class PipelineRuntime:
         self._output_examples = [value.meta["val"] for value in graph.outputs]
         no_grad = set(plan.no_grad_values)
         fresh = plan.zero_bubble and not forward_only
+        # With selective checkpointing a stage is two modules: its first layers (recomputed in
+        # backward) and the rest, which takes the values crossing the cut between them.
+        own_stages = plan.stages_of_rank(rank)
+        kept_from = [s.node_start if s.recompute_end is None else s.recompute_end for s in own_stages]
         self.modules = [
-            build_range_module(graph, s.node_start, s.node_end, detach=no_grad, fresh_outputs=fresh)
-            for s in plan.stages_of_rank(rank)
+            build_range_module(graph, start, s.node_end, detach=no_grad, fresh_outputs=fresh)
+            for start, s in zip(kept_from, own_stages)
+        ]
+        recomputed = [
+            None
+            if s.recompute_end is None
+            else build_range_module(graph, s.node_start, s.recompute_end, detach=no_grad)
+            for s in own_stages
         ]
         self._seeded = [
-            SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint)
-            for module, s in zip(self.modules, plan.stages_of_rank(rank))
+            SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint, recomputed=first)
+            for module, first, s in zip(self.modules, recomputed, own_stages)
         ]
+        self.modules += [first for first in recomputed if first is not None]
         # Replicas average gradients through DDP, which torch's stages drive: no_sync for every
         # micro-batch but the last, whose backward then all-reduces finished buckets while it
-        # runs. Zero bubble splits that backward in two; there the exchange follows the schedule.
+        # runs. Zero bubble splits that backward in two, and ZeRO-2 reduces each gradient to one
+        # replica only: there the exchange follows the schedule.
         self._ddp = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
-        self._ddp = self._ddp and not plan.zero_bubble
+        self._ddp = self._ddp and not plan.zero_bubble and plan.zero_stage != 2
         submodules = [
             _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded for seeded in self._seeded
         ]
@@ -153,6 +186,14 @@ class PipelineRuntime:
         # In the group's order (the same on every rank), not this rank's parameter order: the
         # flat buffers of the ranks are summed element by element.
         self._tied = [(group, [by_name[n] for n in tied if n in by_name]) for group, tied in groups.tied]
+        # ZeRO-2: each replica's share of the gradients, by name (the same order on every replica).
+        sharded = plan.zero_stage == 2 and groups.num_replicas > 1 and dist.is_initialized()
+        self._shares: list[list[torch.nn.Parameter]] = []
+        if sharded and owners is not None:
+            self._shares = [
+                [by_name[n] for n in sorted(owners) if owners[n] == r and n in by_name]
+                for r in range(groups.num_replicas)
+            ]
 
     @property
     def is_first(self) -> bool:
@@ -198,11 +239,18 @@ class PipelineRuntime:
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad
-        if not self._ddp:
-            with self._span("gradient average over replicas"):
-                self._average_over_replicas(pending)
-        with self._span("tied-weight gradient sum"):
-            self._sum_tied(pending)
+        if self._shares:
+            # ZeRO-2: copies of a tied weight summed first (each stage's copy may have another owner).
+            with self._span("tied-weight gradient sum"):
+                self._sum_tied(pending)
+            with self._span("gradients reduced to their owners"):
+                self._reduce_to_owners(pending)
+        else:
+            if not self._ddp:
+                with self._span("gradient average over replicas"):
+                    self._average_over_replicas(pending)
+            with self._span("tied-weight gradient sum"):
+                self._sum_tied(pending)
         self._pending = pending
         with self._span("loss and logged values shared"):
             values = self._share_outputs()
@@ -297,6 +345,23 @@ class PipelineRuntime:
         params = [p for p, g in pending.items() if g is not None]  # the same set on every replica
         _reduce_flat(pending, params, self.groups.dp_group, scale=1.0 / self.groups.num_replicas)
 
+    def _reduce_to_owners(self, pending: Grads) -> None:
+        """ZeRO-2: each replica's share of the gradients averaged onto it (one flat reduce per
+        share); the others' shares are freed here, so only ``1 / D`` of the gradients stays."""
+        scale = 1.0 / self.groups.num_replicas
+        for replica, share in enumerate(self._shares):
+            params = [p for p in share if pending.get(p) is not None]  # the same on every replica
+            if not params:
+                continue
+            flat = _flat_grads(pending, params)
+            dst = self.groups.replica_rank(replica)
+            dist.reduce(flat, dst=dst, group=self.groups.dp_group)
+            mine = replica == self.groups.dp_rank
+            chunks = flat.mul_(scale).split([p.numel() for p in params]) if mine else [None] * len(params)
+            for param, chunk in zip(params, chunks):
+                pending[param] = chunk.view_as(param) if chunk is not None else None
+            del flat
+
     def _sum_tied(self, pending: Grads) -> None:
         """Sum the gradients of parameters held by several stages, so their copies stay equal."""
         for group, params in self._tied:
@@ -377,13 +442,18 @@ def _reduce_flat(pending: Grads, params: list[torch.nn.Parameter], group: Any, s
     """All-reduce (sum) the pending gradients of ``params`` as one flat buffer, times ``scale``."""
     if not params:
         return
-    grads = [pending.get(p) for p in params]
-    flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    flat = _flat_grads(pending, params)
     dist.all_reduce(flat, group=group)
     if scale != 1.0:
         flat.mul_(scale)
     for param, chunk in zip(params, flat.split([p.numel() for p in params])):
         pending[param] = chunk.view_as(param)
+
+
+def _flat_grads(pending: Grads, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The pending gradients of ``params`` in one flat buffer (zeros where one has none)."""
+    grads = [pending.get(p) for p in params]
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
 
 
 def _build_stage(

@@ -87,6 +87,7 @@ def check_against_reference(
     groups: ProcessGroups,
     tolerance: float,
     loss_scale: float = 1.0,
+    compared: Collection[str] | None = None,
 ) -> None:
     """Compare the pipelined step (``loss`` averaged over replicas, ``grads`` averaged over
     replicas and scaled by ``loss_scale``) with ``reference``. Collective.
@@ -96,6 +97,8 @@ def check_against_reference(
     before a normalisation) do not fail on rounding noise. A NaN difference fails; a first step
     that overflowed under loss scaling (the scaler skips it) is not compared."""
     ref_loss, ref_grads = _averaged_over_replicas(reference, groups)
+    if compared is not None:  # ZeRO-2: a replica holds the gradients of its share only
+        ref_grads = {n: g for n, g in ref_grads.items() if n in compared}
     ours = {n: _unscaled(grads.get(n), ref, loss_scale) for n, ref in ref_grads.items()}
     overflowed = loss_scale != 1.0 and not all(bool(torch.isfinite(g).all()) for g in ours.values())
     scale = max((float(g.float().abs().max()) for g in ref_grads.values() if g.numel()), default=1.0)

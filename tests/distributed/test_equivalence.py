@@ -49,6 +49,8 @@ RUNS: dict[int | str, list[dict]] = {
         ),
         # every replica keeps the whole optimizer state (as DDP), no broadcast after the step
         _run("s1d2_zero0", "gpt_full", pipeline_stages=1, zero_stage=0),
+        # gradients reduced to the replica that updates them, the other shares freed
+        _run("s1d2_zero2", "gpt_full", pipeline_stages=1, zero_stage=2),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
@@ -92,6 +94,8 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d2_zero0", "gpt_full", pipeline_stages=2, zero_stage=0),
+        # the tied embedding's copies on the first and last stage have owners of their own
+        _run("s2d2_zero2", "gpt_full", pipeline_stages=2, zero_stage=2, verify=True, verify_tolerance=1e-5),
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2, micro_batches=4),
@@ -231,7 +235,7 @@ def test_each_rank_holds_only_its_stages_parameters_while_training(pipelined, la
     assert set().union(*kept.values()) >= all_params - {"head.weight"}  # head.weight is tok_emb.weight
 
 
-@pytest.mark.parametrize("label", ["s1d2_gpipe", "s1d2_1f1b"])
+@pytest.mark.parametrize("label", ["s1d2_gpipe", "s1d2_1f1b", "s1d2_zero2"])
 def test_replicas_each_hold_about_half_of_the_optimizer_state(pipelined, reference, label: str) -> None:
     ours = [load_record(pipelined(2), label, rank)["optimizer_state_numel"] for rank in range(2)]
     full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
@@ -245,6 +249,17 @@ def test_with_zero_stage_0_every_replica_holds_the_whole_optimizer_state(pipelin
     assert ours == [full, full]
     assert PartitionPlan.from_json(load_record(pipelined(2), "s1d2_zero0", 0)["plan"]).zero_stage == 0
     assert PartitionPlan.from_json(load_record(pipelined(2), "s1d2_1f1b", 0)["plan"]).zero_stage == 1
+
+
+def test_with_zero_stage_2_each_replica_holds_only_the_gradients_it_updates(pipelined, reference) -> None:
+    full = load_record(reference("gpt_full", 2), "gpt_full", 0)["grad_numel"]
+    zero2 = [load_record(pipelined(2), "s1d2_zero2", rank)["grad_numel"] for rank in range(2)]
+    zero1 = [load_record(pipelined(2), "s1d2_1f1b", rank)["grad_numel"] for rank in range(2)]
+    assert sum(zero2) == full and all(0.4 * full < part < 0.6 * full for part in zero2)
+    assert zero1 == [full, full]  # ZeRO-1 keeps every gradient (the norm reads them)
+    for world, label in ((2, "s1d2_zero2"), (4, "s2d2_zero2")):
+        plan = PartitionPlan.from_json(load_record(pipelined(world), label, 0)["plan"])
+        assert plan.zero_stage == 2 and not load_record(pipelined(world), label, 0)["ddp_stages"]
 
 
 def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> None:

@@ -175,6 +175,7 @@ class Recorder(L.Callback):
         self.metrics: list[dict[str, float]] = []
         self.kept_params: list[str] = []
         self.optimizer_state_numel = 0
+        self.grad_numel = 0
         self.local_buffers: dict[str, Any] = {}
         self.loss_scales: list[float] = []
 
@@ -188,6 +189,10 @@ class Recorder(L.Callback):
         self.metrics.append({k: float(v) for k, v in sorted(trainer.callback_metrics.items())})
         if trainer.global_step == trainer.max_steps and not self.kept_params:
             self._last_step(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        # The gradients this rank holds at the step (ZeRO-2: its share only).
+        self.grad_numel = sum(p.grad.numel() for p in pl_module.parameters() if p.grad is not None)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.max_steps == -1:  # epoch-bounded runs: record at the end instead
@@ -249,6 +254,7 @@ def run_case(
         "local_buffers": recorder.local_buffers,
         "loss_scales": recorder.loss_scales,
         "optimizer_state_numel": recorder.optimizer_state_numel,
+        "grad_numel": recorder.grad_numel,
         "batch_shapes_built": len(_pipeline(trainer).runtimes) if _pipeline(trainer) is not None else 0,
         "schedule_class": _schedule_class(trainer),
         "ddp_stages": _ddp_stages(trainer),

@@ -69,3 +69,16 @@ def test_module_entry_point_runs() -> None:
     command = [sys.executable, "-m", "lightning_rannc", "--help"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "plan" in done.stdout and "show" in done.stdout
+
+
+def test_every_planned_technique_can_be_forced_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "plan.json"
+    base = ["plan", TARGET, "--init-args", SMALL, "--devices", "4", "--batch-size", "16", "--output", str(output)]
+    forced = ["--stages", "2", "--replicas", "2", "--micro-batches", "4", "--zero-stage", "2", "--zero-bubble"]
+    assert main([*base, *forced, "--activation-checkpointing", "on"]) == 0
+    plan = PartitionPlan.load(output)
+    assert (plan.pipeline_stages, plan.num_replicas, plan.num_microbatches) == (2, 2, 4)
+    assert plan.zero_stage == 2 and plan.zero_bubble and all(s.checkpoint for s in plan.stages)
+    assert "(zero bubble), optimizer state ZeRO-2" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, optimizer_state_factor, stage_memory
+from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
 from lightning_rannc.plan.simulate import operation_order, simulate_schedule
 
@@ -432,14 +433,16 @@ def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None
 
 
 def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() -> None:
-    """ZeRO-0 saves the broadcast of the updated shares; ZeRO-1 the memory of the state."""
+    """ZeRO-0 saves the broadcast of the updated shares (and DDP hides its all-reduce behind the
+    backward); ZeRO-1 and 2 the memory of the state, ZeRO-2 with a third less traffic."""
     blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 1.6 GB of parameters, AdamW
     roomy = _search(blocks, tensors, pipeline_stages=1, memory_limit=10**12, optimizer="adamw")
     times = {c.zero_stage: c.step_ms for c in roomy.candidates if c.step_ms is not None}
-    assert set(times) == {0, 1} and roomy.plan.zero_stage == min(times, key=times.__getitem__)
+    assert set(times) == {0, 1, 2} and roomy.plan.zero_stage == min(times, key=times.__getitem__)
     assert roomy.plan.predicted_step_ms == pytest.approx(min(times.values()))
+    assert times[2] < times[1]  # the same update and state, two thirds of the traffic
     tight = _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw").plan
-    assert tight.zero_stage == 1  # the whole state (3.2 GB of moments) does not fit beside the rest
+    assert tight.zero_stage == 2  # the whole state (3.2 GB of moments) does not fit beside the rest
     with pytest.raises(PlanError, match="zero_stage='auto'"):
         _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw", zero_stage=0)
     slow_links = dataclasses.replace(DEVICE, intra_node_bandwidth=1e9, inter_node_bandwidth=1e9)
@@ -448,3 +451,80 @@ def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() ->
     )
     plan = search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
     assert plan.plan.zero_stage == 0  # the broadcast over slow links costs more than the whole update
+
+
+def test_zero_2_keeps_one_share_of_the_gradients_after_the_schedule() -> None:
+    """With accumulation, ZeRO-2's window holds 1/D of the gradients; its reduction to the owners
+    holds every gradient and one share's flat copy at once."""
+    common = dict(
+        param_bytes=8 * 10**8,
+        trainable_bytes=8 * 10**8,
+        activation_bytes=10**6,
+        input_bytes=0,
+        output_bytes=0,
+        in_flight=1,
+        num_microbatches=4,
+        checkpoint=False,
+        optimizer_factor=2.0,
+        num_replicas=4,
+        accumulating=True,
+    )
+    zero1 = stage_memory(**common, shard_optimizer=True, ddp=True)  # type: ignore[arg-type]
+    zero2 = stage_memory(**common, shard_optimizer=True, shard_gradients=True)  # type: ignore[arg-type]
+    assert zero1.optimizer == zero2.optimizer == 4 * 10**8
+    # ZeRO-1's peak is its last backward: the activations, the new gradients, DDP's bucket copy
+    # and the window's gradients (3 x 0.8 GB); ZeRO-2's is its reduction, after the activations
+    # are gone: every new gradient, one share's flat copy and the window's share (1.5 x 0.8 GB)
+    assert zero1.total - zero2.total == 10**6 + 1.5 * 8 * 10**8
+
+
+def test_ddp_hides_its_all_reduce_behind_the_last_backward_and_zero_bubble_does_not() -> None:
+    """The predicted exchange is what shows after the schedule: DDP's all-reduce runs bucket by
+    bucket during the last backward; zero bubble and ZeRO-2 exchange after the schedule."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)
+    slow = dataclasses.replace(DEVICE, intra_node_bandwidth=1e10, inter_node_bandwidth=1e10)
+    base = dict(num_devices=4, global_batch_size=64, device=slow, pipeline_stages=2, micro_batches=4)
+    base |= dict(memory_limit=10**12, schedule="1f1b")
+    raw = 2 * (1 / 2) * 8 * 10**8 / 1e10 * 1e3  # the ring all-reduce of a stage's 0.8 GB, ms
+    ddp = search_plan(
+        blocks,
+        reference_microbatch_size=1,
+        settings=SearchSettings(**base, zero_stage=0),
+        tensors=tensors,
+        graph_fingerprint="g",
+    ).plan
+    assert ddp.predicted_exchange_ms < raw  # a backward of 8 blocks x 2 ms x 16 samples covers part of it
+    zb = search_plan(
+        blocks,
+        reference_microbatch_size=1,
+        settings=SearchSettings(**base, zero_stage=0, zero_bubble=True),
+        tensors=tensors,
+        graph_fingerprint="g",
+    ).plan
+    assert zb.predicted_exchange_ms == pytest.approx(raw, rel=0.01)
+    zero2 = search_plan(
+        blocks,
+        reference_microbatch_size=1,
+        settings=SearchSettings(**base, zero_stage=2),
+        tensors=tensors,
+        graph_fingerprint="g",
+    ).plan
+    assert zero2.zero_stage == 2 and zero2.predicted_exchange_ms == pytest.approx(raw, rel=0.01)
+
+
+def test_a_stage_that_needs_some_recomputation_recomputes_only_its_first_layers() -> None:
+    """Selective checkpointing: the fewest first layers that make the stage fit recompute, which
+    costs less than recomputing the whole stage."""
+    blocks, tensors = _uniform_model(16, 10**7, 10**7)
+    common = dict(pipeline_stages=2, micro_batches=8, memory_limit=5 * 10**8, optimizer="sgd", schedule="1f1b")
+    plan = _search(blocks, tensors, **common).plan
+    first = plan.stages[0]  # 1F1B keeps two micro-batches in flight there, one on the last stage
+    assert not first.checkpoint and first.recompute_end is not None and first.recompute_span == "layers.0-1"
+    assert plan.stages[1].recompute_end is None and not plan.stages[1].checkpoint
+    assert all(s.memory["total"] <= 0.9 * 5 * 10**8 for s in plan.stages)
+    tighter = _search(blocks, tensors, **{**common, "memory_limit": 4 * 10**8}).plan.stages[0]
+    assert tighter.recompute_span == "layers.0-6"  # less memory, more layers recompute
+    whole = _search(blocks, tensors, **{**common, "activation_checkpointing": True}).plan
+    assert plan.predicted_step_ms < whole.predicted_step_ms
+    assert first.bwd_ms == pytest.approx(8 * 2.0 * 2 + 2 * 1.0 * 2)  # 8 blocks' backward + 2 recomputed forwards
+    assert PartitionPlan.from_json(plan.to_json()).stages[0].recompute_end == first.recompute_end
