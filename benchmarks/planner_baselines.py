@@ -28,8 +28,14 @@ search looks at, each with that partitioner's split. A stage that does not fit i
 with activation checkpointing makes the split "OOM" (stages turn checkpointing on where memory
 demands it, for every partitioner alike).
 
+A last table, "where memory binds", caps each model's per-device memory at a fraction (40%) of
+its one-device footprint, where plain data parallelism cannot fit, and predicts (a) the joint
+search (ZeRO 0/1/2, interleaved 1F1B with V = 2..4, checkpointing per stage) against (b) the
+search restricted to the axes the planner had before: S x D x M with ZeRO-1 and GPipe / 1F1B.
+
     python benchmarks/planner_baselines.py                       # the four models, N = 2 4 8 16 64
     python benchmarks/planner_baselines.py --only gpt skewed --devices 8 64 --splits
+    python benchmarks/planner_baselines.py --no-memory-bound     # without the last table
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +77,9 @@ from lightning_rannc.profile.analytic import estimate_blocks  # noqa: E402
 from models import GPTLM, BertLM, count_parameters  # noqa: E402
 
 BASELINES = ("even-layers", "by-params", "by-time")
+DEVICES = [2, 4, 8, 16, 64]
+MEMORY_BOUND_DEVICES = [8, 64]
+"""Device counts of the memory-bound table unless ``--devices`` names others."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,10 +422,10 @@ def layouts(settings: SearchSettings, num_blocks: int) -> list[tuple[int, int, i
     return out
 
 
-def run_row(cap: Captured, base: Baselines, settings: SearchSettings) -> Row:
-    started = time.perf_counter()
+def search(cap: Captured, settings: SearchSettings) -> tuple[SearchResult | None, str]:
+    """``search_plan`` over the captured blocks; None and the planner's message if nothing fits."""
     try:
-        result: SearchResult | None = search_plan(
+        result = search_plan(
             cap.blocks,
             reference_microbatch_size=1,
             settings=settings,
@@ -424,7 +433,13 @@ def run_row(cap: Captured, base: Baselines, settings: SearchSettings) -> Row:
             graph_fingerprint=cap.fingerprint,
         )
     except PlanError as error:
-        result, why = None, str(error)
+        return None, str(error)
+    return result, ""
+
+
+def run_row(cap: Captured, base: Baselines, settings: SearchSettings) -> Row:
+    started = time.perf_counter()
+    result, why = search(cap, settings)
     if result is not None:
         plan = result.plan
         layout = (plan.pipeline_stages, plan.num_replicas, plan.num_microbatches)
@@ -504,7 +519,114 @@ def print_tables(cap: Captured, rows: list[Row], splits: bool) -> None:
                 )
 
 
-def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec) -> None:
+# --------------------------------------------------------------------------------------------
+# Where memory binds: the joint search against the axes the planner had before.
+# --------------------------------------------------------------------------------------------
+
+MEMORY_FRACTION = 0.4
+"""Per-device limit as a share of the one-device footprint. Plain data parallelism holds every
+parameter and every gradient on each device (at least 2 P bytes for P bytes of parameters, with
+any ZeRO stage: ZeRO-2 reduces the gradients after the backward made them all), while the
+footprint is 5 P with Adam (parameters, gradients, the step's temporary, two moments) and 4 P
+with SGD and momentum: 40% of it, less the 10% margin, is under 2 P, so one stage never fits
+whatever the replicas. At 25% the skewed model's 2.7B-parameter head (one block) fits on no
+layout of 8 or 64 devices."""
+
+JOINT = dict(zero_stage=None, virtual_stages=None, schedule="auto", activation_checkpointing=None)
+"""(a) Every axis left to the search: ZeRO 0, 1 or 2 per layout, interleaved 1F1B (V = 2, 3, 4)
+beside GPipe and 1F1B, checkpointing per stage where memory demands it."""
+RESTRICTED = dict(zero_stage=1, virtual_stages=1, schedule="auto", activation_checkpointing=None)
+"""(b) The axes the planner had before: S x D x M with ZeRO-1, GPipe or 1F1B (one stage per
+rank), checkpointing per stage. Its candidates are a subset of (a)'s, so (a) is never slower."""
+
+
+@dataclass
+class MemoryBoundRow:
+    model: str
+    devices: int
+    limit: int
+    data_parallel: PartitionPlan | None
+    """The best one-stage plan under the limit (None: it does not fit, as the limit intends)."""
+    joint: PartitionPlan | None
+    restricted: PartitionPlan | None
+    seconds: float
+
+
+def one_device_footprint(cap: Captured, settings: SearchSettings) -> int:
+    """Bytes the whole model takes on one device with no limit, micro-batches of one sample (the
+    least activations) and no checkpointing: the planner's own memory model, as it would plan."""
+    unlimited = replace(settings, num_devices=1, memory_limit=2**62, activation_checkpointing=False)
+    found = evaluate_split(
+        cap.blocks,
+        [0, len(cap.blocks)],
+        replicas=1,
+        microbatches=settings.global_batch_size,
+        reference_microbatch_size=1,
+        settings=unlimited,
+        tensors=cap.tensors,
+    )
+    assert found is not None  # nothing is out of memory without a limit
+    return found[0].stages[0].memory["total"]
+
+
+def memory_bound_rows(
+    key: str, cap: Captured, settings_for: Callable[[int], SearchSettings], devices: Sequence[int], fraction: float
+) -> list[MemoryBoundRow]:
+    """One row per device count, all under the model's limit; the settings are the other tables'
+    (``settings_for``) with only the limit and the axes of (a) or (b) changed."""
+    limit = int(fraction * one_device_footprint(cap, settings_for(devices[0])))
+    rows = []
+    for n in devices:
+        started = time.perf_counter()
+        capped = replace(settings_for(n), memory_limit=limit)
+        plans = [
+            search(cap, replace(capped, **axes))[0] for axes in (dict(JOINT, pipeline_stages=1), JOINT, RESTRICTED)
+        ]
+        dp, joint, restricted = (None if p is None else p.plan for p in plans)
+        rows.append(MemoryBoundRow(key, n, limit, dp, joint, restricted, time.perf_counter() - started))
+    return rows
+
+
+def _plan_text(plan: PartitionPlan | None) -> str:
+    """S x D x M, schedule (with V when interleaved), ZeRO stage, checkpointed / all stages, ms."""
+    if plan is None:
+        return "OOM"
+    schedule = {"gpipe": "GPipe", "1f1b": "1F1B"}.get(plan.schedule, f"interleaved V={plan.virtual_stages}")
+    layout = f"{plan.pipeline_stages}x{plan.num_replicas}x{plan.num_microbatches}"
+    recomputing = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)  # whole or first layers
+    checkpointed = f"{recomputing}/{plan.num_stages}"
+    return (
+        f"{layout:<8} {schedule:<15} ZeRO-{plan.zero_stage} ckpt {checkpointed:<5} {plan.predicted_step_ms:>9,.0f} ms"
+    )
+
+
+def print_memory_bound(rows: list[MemoryBoundRow], fraction: float) -> None:
+    print(
+        f"\n== where memory binds: per-device limit {fraction:.0%} of the model's one-device footprint "
+        f"(the planner's memory model, micro-batches of one sample, no checkpointing), 10% kept free; "
+        f"search {sum(r.seconds for r in rows):.1f} s"
+    )
+    print(
+        "   (a) joint: ZeRO 0/1/2, interleaved 1F1B V=2..4, GPipe/1F1B, checkpointing per stage; "
+        "(b) restricted: ZeRO-1, GPipe/1F1B (V=1), checkpointing per stage; DP: best one-stage plan"
+    )
+    print("   cells: S x D x M, schedule, ZeRO stage, checkpointed stages / stages, predicted step; OOM: nothing fits")
+    plan_w = 55
+    print(
+        f"  {'model':<7} {'N':>3} {'limit GiB':>9} {'DP':>4} | {'(a) joint':<{plan_w}} | "
+        f"{'(b) restricted':<{plan_w}} | (b)/(a)"
+    )
+    for r in rows:
+        dp = "OOM" if r.data_parallel is None else f"{r.data_parallel.predicted_step_ms:,.0f}"
+        both = r.joint is not None and r.restricted is not None
+        speedup = f"{r.restricted.predicted_step_ms / r.joint.predicted_step_ms:.2f}x" if both else "none"
+        print(
+            f"  {r.model:<7} {r.devices:>3} {r.limit / 2**30:>9.1f} {dp:>4} | {_plan_text(r.joint):<{plan_w}} | "
+            f"{_plan_text(r.restricted):<{plan_w}} | {speedup}"
+        )
+
+
+def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec) -> list[MemoryBoundRow]:
     started = time.perf_counter()
     with torch.device("meta"):
         module = case.model(**case.kwargs)
@@ -521,6 +643,8 @@ def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec)
             # one stage per rank: the baselines split into S stages; interleaving is a schedule
             # choice any of them could add, compared separately in README
             virtual_stages=1,
+            # the baselines are evaluated with ZeRO-1 (evaluate_split): the same for our split
+            zero_stage=1,
         )
 
     cap = capture(module, settings_for(args.devices[0]), args.max_blocks)
@@ -536,18 +660,37 @@ def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec)
         f"search + baselines {sum(r.seconds for r in rows):.1f} s"
     )
     print_tables(cap, rows, args.splits)
+    if not args.memory_bound:
+        return []
+    return memory_bound_rows(key, cap, settings_for, args.memory_devices, args.memory_fraction)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--devices", nargs="+", type=int, default=[2, 4, 8, 16, 64])
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        type=int,
+        help=f"device counts (default {DEVICES}; {MEMORY_BOUND_DEVICES} where memory binds)",
+    )
     parser.add_argument("--device", default="h100", help="device preset for the analytic costs")
     parser.add_argument("--devices-per-node", type=int, default=8)
     parser.add_argument("--max-blocks", type=int, default=64, help="blocks the graph is grouped into (as plan_module)")
     parser.add_argument("--max-microbatches", type=int, default=64)
     parser.add_argument("--splits", action="store_true", help="print every split's stages")
+    parser.add_argument(
+        "--no-memory-bound", dest="memory_bound", action="store_false", help="skip the table where memory binds"
+    )
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=MEMORY_FRACTION,
+        help="per-device limit of the memory-bound table, as a share of the one-device footprint",
+    )
     args = parser.parse_args(argv)
+    args.memory_devices = args.devices or MEMORY_BOUND_DEVICES
+    args.devices = args.devices or DEVICES
 
     started = time.perf_counter()
     device = get_device(args.device)
@@ -564,8 +707,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "and exchange models as the search); OOM = some stage does not fit even with checkpointing; "
         "lower bound = fwd+bwd of the global batch / N."
     )
-    for key in args.only:
-        run_case(key, CASES[key], args, device)
+    memory_rows = [row for key in args.only for row in run_case(key, CASES[key], args, device)]
+    if args.memory_bound:
+        print_memory_bound(memory_rows, args.memory_fraction)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

@@ -34,7 +34,7 @@ from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 from lightning_rannc.report.chart import require_matplotlib, write_chart, write_comparison_chart
 from lightning_rannc.report.chrome_trace import write_trace
 
-_CHECKPOINTING = {"auto": None, "on": True, "off": False}
+_ON_OFF = {"auto": None, "on": True, "off": False}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RaNNCConfig)}
 """The strategy's option defaults: the dry run plans as a run with the same options would."""
 
@@ -74,7 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--schedule", default=_DEFAULTS["schedule"], choices=["auto", *SCHEDULES])
     plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
     plan.add_argument("--zero-bubble", action="store_true", help="run 1F1B as zero bubble (split backward)")
-    plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_CHECKPOINTING))
+    plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_ON_OFF))
+    plan.add_argument(
+        "--offload-optimizer", default="auto", choices=sorted(_ON_OFF), help="optimizer state in host memory"
+    )
     plan.add_argument(
         "--zero-stage", default="auto", choices=["auto", *map(str, ZERO_STAGES)], help="optimizer state over replicas"
     )
@@ -133,9 +136,10 @@ def _plan(args: argparse.Namespace) -> int:
         min_micro_batch_size=args.min_micro_batch_size,
         schedule=args.schedule,
         virtual_stages=args.virtual_stages,
-        activation_checkpointing=_CHECKPOINTING[args.activation_checkpointing],
+        activation_checkpointing=_ON_OFF[args.activation_checkpointing],
         zero_stage=None if args.zero_stage == "auto" else int(args.zero_stage),
         zero_bubble=args.zero_bubble,
+        offload_optimizer=_ON_OFF[args.offload_optimizer],
     )
     result = plan_module(module, batch, settings, max_blocks=args.max_blocks, precision=args.precision)
     _print_plan(result.plan, args.rich)

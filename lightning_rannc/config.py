@@ -77,6 +77,12 @@ class RaNNCConfig:
         "to the replica that updates it: two thirds of ZeRO-1's traffic), `0` whole on each (as `ddp`: no "
         'broadcast, more memory); `"auto"`: per plan, the fastest that fits',
     )
+    offload_optimizer: bool | str = _option(
+        "auto",
+        "keep the optimizer state in host memory and step there (each step copies the parameters and gradients "
+        'a rank updates to the host and the new parameters back); `"auto"`: only for a layout whose state does '
+        "not fit on the devices otherwise (offloading only adds transfers); not with `16-mixed`",
+    )
     activation_checkpointing: bool | str = _option(
         False,
         'recompute each stage\'s activations in backward (`torch.utils.checkpoint`, non-reentrant); `"auto"`: '
@@ -179,6 +185,7 @@ class RaNNCConfig:
             _check_positive("micro_batches", self.micro_batches, "or 'auto'")
         _check_choice("schedule", self.schedule, ("auto", *SCHEDULES))
         _check_choice("zero_stage", self.zero_stage, ("auto", *ZERO_STAGES))
+        _check_choice("offload_optimizer", self.offload_optimizer, ("auto", True, False))
         if self.zero_bubble and self.schedule == "gpipe":
             raise ValueError(
                 "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "

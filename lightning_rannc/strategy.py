@@ -60,8 +60,7 @@ class RaNNCStrategyMixin(_MixinBase):
     lightning_package = "lightning.pytorch"
     """The Lightning package whose Trainer uses the strategy (``pytorch_lightning`` has its own)."""
 
-    # The options' names, types and defaults are RaNNCConfig's (a test keeps them equal); they are
-    # spelt out here because LightningCLI and type checkers read the signature.
+    # RaNNCConfig's options (a test keeps them equal), spelt out for LightningCLI and type checkers.
     def __init__(
         self,
         pipeline_stages: int | str | None = "auto",
@@ -72,6 +71,7 @@ class RaNNCStrategyMixin(_MixinBase):
         virtual_stages: int = 1,
         zero_bubble: bool = False,
         zero_stage: int | str = "auto",
+        offload_optimizer: bool | str = "auto",
         activation_checkpointing: bool | str = False,
         memory_limit: int | str | None = None,
         memory_margin: float = 0.1,

@@ -83,6 +83,7 @@ def engine_options(strategy: RaNNCStrategy, device: DeviceSpec | None, optimizer
         optimizer=optimizer,
         memory_limit=_memory_limit(strategy),
         accumulating=trainer is not None and trainer.accumulate_grad_batches > 1,
+        loss_scaling=getattr(strategy.precision_plugin, "scaler", None) is not None,
     )
 
 

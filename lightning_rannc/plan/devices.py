@@ -48,6 +48,12 @@ class DeviceSpec:
     step_overhead_ms: float = 0.0
     """Time a training step adds beyond the schedule, the gradient exchange and the optimizer
     (the training loop and its hooks, the step's small collectives)."""
+    host_bandwidth: float | None = None
+    """Bytes/s between the device and host memory (pinned, PCIe) for optimizer offload;
+    ``None``: ``memory_bandwidth`` (the device is the host: a copy)."""
+    host_step_bandwidth: float | None = None
+    """Bytes/s the host streams through an offloaded optimizer step, per device (a node's CPUs
+    are shared by its devices); ``None``: ``memory_bandwidth``."""
 
     def matmul_flops(self, dtype_name: str) -> float:
         return self.flops_per_s.get(dtype_name, self.flops_per_s["float32"])
@@ -65,6 +71,10 @@ DEVICES: dict[str, DeviceSpec] = {
         memory_bytes=85_017_493_504,
         intra_node_bandwidth=450 * _GB,
         inter_node_bandwidth=50 * _GB,
+        # Offload: PCIe 5 x16 pinned copies, and 8 devices sharing a host's memory bandwidth;
+        # estimates, not measured (nothing here has run offloaded on a GPU).
+        host_bandwidth=25 * _GB,
+        host_step_bandwidth=10 * _GB,
         # Fit to eager HF models at batch 1 (tests/unit/test_calibration.py): BERT-base is
         # launch-bound, 7.9 ms for 157 launching nodes (0.050 ms each); GPT-2 small is
         # device-bound at 10.0 ms, so its 238 launching nodes take less (under 0.042 ms each).
@@ -77,6 +87,8 @@ DEVICES: dict[str, DeviceSpec] = {
         memory_bytes=85_198_045_184,
         intra_node_bandwidth=300 * _GB,
         inter_node_bandwidth=25 * _GB,
+        host_bandwidth=20 * _GB,  # PCIe 4 x16, estimated as for the h100
+        host_step_bandwidth=10 * _GB,
         op_overhead_ms=0.025,
     ),
     "v100": DeviceSpec(
@@ -86,6 +98,8 @@ DEVICES: dict[str, DeviceSpec] = {
         memory_bytes=34_089_730_048,
         intra_node_bandwidth=150 * _GB,
         inter_node_bandwidth=12.5 * _GB,
+        host_bandwidth=10 * _GB,  # PCIe 3 x16, estimated as for the h100
+        host_step_bandwidth=10 * _GB,
         op_overhead_ms=0.03,
     ),
     "cpu": DeviceSpec(

@@ -116,6 +116,7 @@ def stage_memory(
     accumulating: bool = False,
     shard_gradients: bool = False,
     recomputed_bytes: int = 0,
+    offload_optimizer: bool = False,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -148,6 +149,8 @@ def stage_memory(
         recomputed_bytes: selective checkpointing: the activations of the stage's first layers,
             recomputed in backward for one micro-batch at a time (``activation_bytes`` is then
             what the other layers keep per micro-batch in flight).
+        offload_optimizer: the optimizer state and its step live in host memory: the device
+            holds neither the state nor the step's temporaries.
     """
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
@@ -172,7 +175,7 @@ def stage_memory(
     # they update (the square root of the second moment): measured on an H100, BERT-base at
     # batch 1 peaks there at 5.0x its parameter bytes (params, grads, 2 moments, temporary).
     # Counted for every stateful optimizer (for SGD with momentum it is an over-estimate).
-    temporary = trainable_bytes / shards if optimizer_factor > 0 else 0
+    temporary = trainable_bytes / shards if optimizer_factor > 0 and not offload_optimizer else 0
     if largest_trainable_bytes is not None:  # the loop's square root and its quotient, one tensor at a time
         temporary = min(temporary, 2 * largest_trainable_bytes)
     stepping = int(trainable_bytes / kept_shards + temporary)
@@ -184,7 +187,7 @@ def stage_memory(
     return StageMemory(
         params=param_bytes,
         grads=grads,
-        optimizer=int(optimizer_factor * trainable_bytes / shards),
+        optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
         buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, zero_bubble),
         shared=activations + grads - live,

@@ -102,6 +102,9 @@ class PartitionPlan:
     updates its share and broadcasts it), 2 split with the gradients too (ZeRO-2: each replica's
     gradients are reduced to the replica that updates them, the others free theirs), 0 each
     keeps all of its stages' (as DDP: no broadcast, more memory)."""
+    offload_optimizer: bool = False
+    """The optimizer state lives in host memory and the optimizer steps there: each step copies
+    the parameters and gradients it updates to the host and the new parameters back."""
     predicted_step_ms: float = 0.0
     """Simulated schedule plus gradient exchange (searched plans), or the bottleneck formula."""
     predicted_bubble: float = 0.0
@@ -236,7 +239,8 @@ class PartitionPlan:
         head = (
             f"plan: {self.num_stages} stage(s) x {self.num_replicas} replica(s), {self.num_microbatches} "
             f"micro-batch(es) of {self.microbatch_size}, schedule={schedule}, ZeRO-{self.zero_stage}, "
-            f"predicted step {self.predicted_step_ms:.2f} ms"
+            + ("optimizer offloaded, " if self.offload_optimizer else "")
+            + f"predicted step {self.predicted_step_ms:.2f} ms"
         )
         lines = [head]
         for s in self.stages:

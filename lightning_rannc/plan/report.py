@@ -117,6 +117,7 @@ def _summary(plan: PartitionPlan) -> str:
         f"{plan.num_microbatches} micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
         + (" (zero bubble)" if plan.zero_bubble else "")
         + (f", optimizer state ZeRO-{plan.zero_stage}" if plan.num_replicas > 1 else "")
+        + (", optimizer offloaded to the host" if plan.offload_optimizer else "")
     )
 
 

@@ -1,12 +1,15 @@
-"""The planner's search: stages x replicas x micro-batches x checkpointing x schedule.
+"""The planner's search: stages x replicas x micro-batches x checkpointing x schedule x ZeRO
+stage x optimizer offload.
 
-For every layout the device count allows (``S`` stages, ``D = N / S`` replicas) and every
+For every layout the device count allows (``S`` stages, ``D = N / S`` replicas), every
 micro-batch count ``M`` (each divisor of the replica's batch up to ``max_micro_batches``, each
-micro-batch at least ``min_micro_batch_size``), an
+micro-batch at least ``min_micro_batch_size``), every stage count per rank (interleaving) and
+every ZeRO stage (0, 1, 2; offloaded to the host only where the state does not fit), an
 exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
 the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
-fit turns on activation checkpointing if allowed. Each candidate's step time is then simulated
-(``simulate.simulate_schedule``) with the data-parallel gradient exchange added, and the fastest
+fit recomputes the activations of its fewest first layers that make it fit, or all of them, if
+allowed. Each candidate's step time is then simulated (``simulate.simulate_schedule``) with the
+part of the data-parallel gradient exchange the schedule does not hide added, and the fastest
 wins. Schedule: 1F1B when ``M >= S`` (same time as GPipe, fewer activations in flight), else
 GPipe; a schedule can be forced. A data-parallel layout (one stage) takes the fewest
 micro-batches that fit: more only split the same work into smaller, slower pieces. When nothing
@@ -69,6 +72,9 @@ class SearchSettings:
     """Stages per rank (interleaved 1F1B); ``None``: 1, and 2, 3 or 4 where the schedule may be interleaved."""
     activation_checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
+    offload_optimizer: bool | None = None
+    """Optimizer state and step in host memory: always, never, or (``None``) for a layout that does
+    not fit otherwise (offloading only adds transfers, so it never wins where the state fits)."""
     accumulating: bool = False
     """Gradients are accumulated over several batches (``accumulate_grad_batches`` > 1): the
     earlier batches' gradients live through each schedule (``memory.stage_memory``)."""
@@ -94,6 +100,7 @@ class Candidate:
     """Predicted step time; None if no split fits in memory."""
     virtual_stages: int = 1
     zero_stage: int = 1
+    offload: bool = False
 
 
 @dataclass
@@ -136,18 +143,24 @@ def _best_plan(
     """The fastest plan per sample over every layout and pipeline shape; each shape tried is
     added to ``candidates``."""
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
-    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage) for c in candidates}
+    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage, c.offload) for c in candidates}
     for stages, replicas in _layouts(settings, len(blocks)):
         for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
             fits = False
-            for zero in _zero_stages(settings, replicas):
-                if (stages, replicas, microbatches, virtual, zero) in tried:
+            on_devices: set[int] = set()  # ZeRO stages that fit this shape without offload
+            for zero, offload in _memory_choices(settings, replicas):
+                if (stages, replicas, microbatches, virtual, zero, offload) in tried:
                     continue
+                if offload and settings.offload_optimizer is None and zero in on_devices:
+                    continue  # offloading only adds transfers: tried where the state does not fit
                 shape = (stages, replicas, microbatches, virtual)
-                layout = _make_layout(blocks, ranges, settings, shape, reference, zero)
+                layout = _make_layout(blocks, ranges, settings, shape, reference, zero, offload)
                 found = _plan_layout(layout)
                 step = found[0].predicted_step_ms if found else None
-                candidates.append(Candidate(stages, replicas, microbatches, layout.schedule, step, virtual, zero))
+                candidate = Candidate(stages, replicas, microbatches, layout.schedule, step, virtual, zero, offload)
+                candidates.append(candidate)
+                if found and not offload:
+                    on_devices.add(zero)
                 per_sample = step / (_replica_batch(settings, replicas) * replicas) if step is not None else None
                 if found and per_sample is not None and (best is None or per_sample < best[0]):
                     best = (per_sample, *found)
@@ -162,6 +175,12 @@ def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
     if settings.zero_stage is not None:
         return [settings.zero_stage]
     return [0, 1, 2] if replicas > 1 else [1]
+
+
+def _memory_choices(settings: SearchSettings, replicas: int) -> list[tuple[int, bool]]:
+    """(ZeRO stage, optimizer offloaded) pairs to try, those without offload first."""
+    offloads = [False, True] if settings.offload_optimizer is None else [settings.offload_optimizer]
+    return [(zero, offload) for offload in offloads for zero in _zero_stages(settings, replicas)]
 
 
 def _widened(settings: SearchSettings) -> SearchSettings | None:
@@ -295,9 +314,11 @@ class _Layout:
         shape: tuple[int, int, int, int],
         factor: float,
         zero_stage: int = 1,
+        offload: bool = False,
     ) -> None:
         self.blocks = [b.scaled(factor) for b in blocks]
         self.zero_stage = zero_stage
+        self.offload = offload
         self.shards = shape[1] if zero_stage in (1, 2) else 1
         """Replicas the optimizer state is split over."""
         self.factor = factor
@@ -337,9 +358,15 @@ class _Layout:
         """The optimizer step over the stage's share of parameters: memory-bound, it reads the
         parameters, gradients and state and writes the parameters and state once."""
         passes = 3 + 2 * self.optimizer_factor
-        share = self.shards
-        traffic = passes * self.ranges.trainable_bytes[i][j] / share
-        return traffic / self.settings.device.memory_bandwidth * 1e3
+        share = self.ranges.trainable_bytes[i][j] / self.shards
+        device = self.settings.device
+        if not self.offload:
+            return passes * share / device.memory_bandwidth * 1e3
+        # Offloaded: the host steps, after the parameters and gradients were copied to it, then
+        # the new parameters are copied back (three copies of the share over the host link).
+        host_step = device.host_step_bandwidth or device.memory_bandwidth
+        host_link = device.host_bandwidth or device.memory_bandwidth
+        return (passes * share / host_step + 3 * share / host_link) * 1e3
 
     def memory(self, stage: int, i: int, j: int, recompute: int) -> StageMemory:
         """The stage's peak when its first ``recompute`` blocks recompute their activations
@@ -370,6 +397,7 @@ class _Layout:
             zero_bubble=self.settings.zero_bubble,
             accumulating=self.settings.accumulating,
             shard_gradients=self.zero_stage == 2 and self.replicas > 1,
+            offload_optimizer=self.offload,
         )
 
     @property
@@ -487,14 +515,18 @@ def _make_layout(
     shape: tuple[int, int, int, int],
     reference: int,
     zero_stage: int | None = None,
+    offload: bool | None = None,
 ) -> _Layout:
-    """``shape``: (stages, replicas, micro-batches, stages per rank); ``zero_stage``: the
-    settings' (1 when the search chooses: the least memory)."""
+    """``shape``: (stages, replicas, micro-batches, stages per rank); ``zero_stage`` and
+    ``offload``: the settings' (when the search chooses: ZeRO-1, and offload where allowed, for
+    the least memory)."""
     stages, replicas, microbatches, _ = shape
     microbatch_size = _replica_batch(settings, replicas) // microbatches
     if zero_stage is None:
         zero_stage = 1 if settings.zero_stage is None else settings.zero_stage
-    return _Layout(blocks, ranges, settings, shape, microbatch_size / reference, zero_stage)
+    if offload is None:
+        offload = settings.offload_optimizer is not False
+    return _Layout(blocks, ranges, settings, shape, microbatch_size / reference, zero_stage, offload)
 
 
 def evaluate_split(
@@ -511,7 +543,9 @@ def evaluate_split(
     compare other partitioners; None if a stage does not fit in memory."""
     ranges = _RangeTables(blocks, tensors)
     shape = (len(bounds) - 1, replicas, microbatches, 1)
-    layout = _make_layout(blocks, ranges, settings, shape, reference_microbatch_size)
+    layout = _make_layout(
+        blocks, ranges, settings, shape, reference_microbatch_size, offload=settings.offload_optimizer is True
+    )
     if any(layout.stage_cost(s, i, j) == math.inf for s, (i, j) in enumerate(zip(bounds, bounds[1:]))):
         return None
     return _layout_plan(layout, list(bounds))
@@ -541,6 +575,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         num_replicas=layout.replicas,
         virtual_stages=layout.virtual,
         zero_stage=layout.zero_stage,
+        offload_optimizer=layout.offload,
         zero_bubble=layout.settings.zero_bubble,
         predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
@@ -708,6 +743,7 @@ def _forced(settings: SearchSettings) -> str:
         "micro_batches": settings.micro_batches,
         "activation_checkpointing": settings.activation_checkpointing,
         "zero_stage": settings.zero_stage,
+        "offload_optimizer": settings.offload_optimizer,
     }
     named = [f"{name}={value}" for name, value in fixed.items() if value is not None]
     return f" with {', '.join(named)}" if named else ""
@@ -727,6 +763,7 @@ def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: Searc
         "micro_batches": dict(micro_batches=None, max_micro_batches=largest),
         "activation_checkpointing": dict(activation_checkpointing=None),
         "zero_stage": dict(zero_stage=None),
+        "offload_optimizer": dict(offload_optimizer=None),
         "pipeline_stages": dict(pipeline_stages=None),
         "replicas": dict(replicas=None),
     }
@@ -746,7 +783,8 @@ def _auto(name: str) -> str | None:
 def _shape(plan: PartitionPlan) -> str:
     checkpointed = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)
     shape = f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), {plan.num_microbatches} micro-batches"
-    return shape + (f", {checkpointed} stage(s) checkpointed" if checkpointed else "")
+    shape += f", {checkpointed} stage(s) checkpointed" if checkpointed else ""
+    return shape + (", optimizer offloaded" if plan.offload_optimizer else "")
 
 
 def _gib(num_bytes: float) -> str:

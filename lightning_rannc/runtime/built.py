@@ -31,6 +31,7 @@ from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.runtime.captures import fake_capture
 from lightning_rannc.runtime.evaluation import PipelinedEvaluation, check_combinable, moved_stages
 from lightning_rannc.runtime.mesh import ProcessGroups
+from lightning_rannc.runtime.offload import HostOptimizer
 from lightning_rannc.runtime.optim import (
     broadcast_from_owners,
     clip_grad_norm,
@@ -107,6 +108,10 @@ class BuiltPipeline:
         self.steps = 0
         self.evaluation = PipelinedEvaluation(self)
         self._verify_tolerance = verify_tolerance
+        self.offloaded: list[HostOptimizer] = []
+        """The optimizers stepping in host memory (``plan.offload_optimizer``)."""
+        self.host_names: dict[int, str] = {}
+        """``id`` -> canonical name of their parameters' host copies."""
 
     # --- training steps -----------------------------------------------------------------------
 
@@ -289,6 +294,10 @@ class BuiltPipeline:
                 group["params"] = [self.captured.tensors.get(owner.names[id(p)], p) for p in group["params"]]
             owner.layouts[index] = keep_local_params(optimizer, owner.names, keep)
         owner.names = {i: n for i, n in owner.names.items() if n in owner.local | owner.owned}
+        if self.plan.offload_optimizer:
+            names = dict(owner.names)
+            self.offloaded = [HostOptimizer(optimizer, names) for optimizer in optimizers]
+            self.host_names = {i: n for i, n in names.items() if i not in owner.names}
         self.release()
 
     def load_optimizer_states(self, optimizers: list[Optimizer], states: list[dict[str, Any]]) -> None:
@@ -300,7 +309,12 @@ class BuiltPipeline:
                 f"{type(self.module).__name__} made {len(optimizers)}: resume with the optimizers it was saved with."
             )
         for index, (optimizer, state) in enumerate(zip(optimizers, states)):
-            load_full_optimizer_state(optimizer, self.ownership.layouts[index], self.ownership.names, state)
+            load_full_optimizer_state(optimizer, self.ownership.layouts[index], self.optimizer_names, state)
+
+    @property
+    def optimizer_names(self) -> dict[int, str]:
+        """``id`` -> canonical name of the optimizers' parameters (host copies when offloaded)."""
+        return {**self.ownership.names, **self.host_names}
 
     # --- where the tensors are ------------------------------------------------------------------
 
@@ -363,7 +377,7 @@ class BuiltPipeline:
         ZeRO-0 every replica holds the same state, so only the first replica's counts."""
         if self.plan.zero_stage == 0 and self.groups.dp_rank != 0:
             return {}
-        return self.ownership.names
+        return self.optimizer_names
 
 
 def warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:

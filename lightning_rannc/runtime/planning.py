@@ -22,7 +22,7 @@ from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.config import RaNNCConfig
-from lightning_rannc.errors import PlanError
+from lightning_rannc.errors import PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
 from lightning_rannc.plan.devices import DeviceSpec, get_device
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
@@ -74,6 +74,9 @@ class EngineOptions:
     """Bytes per device (``config.memory_limit`` read, or the CUDA device's); ``None``: unlimited."""
     accumulating: bool = False
     """The Trainer accumulates gradients over several batches (``accumulate_grad_batches`` > 1)."""
+    loss_scaling: bool = False
+    """The Trainer scales the loss (``16-mixed``): its scaler unscales the optimizer's gradients
+    before the step, which an offloaded optimizer has not received yet."""
 
     @property
     def device_spec(self) -> DeviceSpec:
@@ -90,6 +93,18 @@ class EngineOptions:
         """The optimizer-state layout asked for, or ``None``: the search's choice."""
         wanted = self.config.zero_stage
         return None if wanted == "auto" else int(wanted)
+
+    @property
+    def offload_optimizer(self) -> bool | None:
+        """Optimizer offload asked for (``None``: where nothing fits otherwise); never with loss scaling."""
+        wanted = self.config.offload_optimizer
+        if self.loss_scaling and wanted is True:
+            raise RuntimeSetupError(
+                "RaNNCStrategy(offload_optimizer=True) does not run with precision='16-mixed' yet (the loss scaler "
+                "unscales the optimizer's gradients before they reach the host): use 'bf16-mixed', or "
+                "offload_optimizer='auto' or False."
+            )
+        return False if self.loss_scaling else None if wanted == "auto" else bool(wanted)
 
     @property
     def checkpointing(self) -> bool | None:
@@ -219,6 +234,7 @@ def search_settings(
         activation_checkpointing=options.checkpointing,
         zero_bubble=config.zero_bubble,
         zero_stage=options.zero_stage,
+        offload_optimizer=options.offload_optimizer,
         accumulating=options.accumulating,
     )
 

@@ -106,3 +106,21 @@ def test_gpu_check_runs_as_a_cpu_smoke_test(tmp_path: Path) -> None:
     assert verdicts["losses 16-mixed fused"] == "n/a on cpu"  # Lightning runs 16-mixed as bf16-mixed on CPU
     failed = sorted(name for name, verdict in verdicts.items() if verdict == "FAIL")
     assert failed == [] and done.returncode == 0, done.stdout[-4000:]
+
+
+def test_planner_baselines_joint_search_is_never_slower_where_memory_binds() -> None:
+    # (b)'s candidates are a subset of (a)'s: a joint plan slower than (b), or none where (b) has
+    # one, is a search that misses its own candidates.
+    args = ("--only", "gpt", "skewed", "--devices", "8")
+    out = run_script(BENCHMARKS / "planner_baselines.py", *args, timeout=300).stdout
+    table = out.split("== where memory binds:", 1)[-1]
+    assert table != out, out[-4000:]
+    rows = re.findall(r"^  (gpt|skewed) +(\d+) +[\d.]+ +(\S+) \| (.+?) \| (.+?) \| (\S+)$", table, re.MULTILINE)
+    assert [(model, int(n)) for model, n, *_ in rows] == [("gpt", 8), ("skewed", 8)], table
+    for *_, data_parallel, joint, restricted, speedup in rows:
+        assert data_parallel == "OOM", table  # the limit is one where plain data parallelism does not fit
+        found = [re.search(r"([\d,]+) ms$", plan.strip()) for plan in (joint, restricted)]
+        joint_ms, restricted_ms = (float(m.group(1).replace(",", "")) if m else None for m in found)
+        if restricted_ms is not None:
+            assert joint_ms is not None and joint_ms <= restricted_ms, table
+            assert float(speedup.rstrip("x")) >= 1.0, table

@@ -51,6 +51,9 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s1d2_zero0", "gpt_full", pipeline_stages=1, zero_stage=0),
         # gradients reduced to the replica that updates them, the other shares freed
         _run("s1d2_zero2", "gpt_full", pipeline_stages=1, zero_stage=2),
+        # the optimizer state and step in host memory (here the device is the host: copies)
+        _run("s1d2_offload", "gpt_full", pipeline_stages=1, zero_stage=1, offload_optimizer=True),
+        _run("s2d1_offload", "gpt_full", pipeline_stages=2, offload_optimizer=True),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
@@ -260,6 +263,17 @@ def test_with_zero_stage_2_each_replica_holds_only_the_gradients_it_updates(pipe
     for world, label in ((2, "s1d2_zero2"), (4, "s2d2_zero2")):
         plan = PartitionPlan.from_json(load_record(pipelined(world), label, 0)["plan"])
         assert plan.zero_stage == 2 and not load_record(pipelined(world), label, 0)["ddp_stages"]
+
+
+def test_an_offloaded_optimizer_steps_on_host_copies_of_its_share(pipelined, reference) -> None:
+    full = load_record(reference("gpt_full", 2), "gpt_full", 0)["optimizer_state_numel"]
+    shares = [load_record(pipelined(2), "s1d2_offload", rank)["optimizer_state_numel"] for rank in range(2)]
+    assert sum(shares) == full  # ZeRO-1's split, on the host
+    for label in ("s1d2_offload", "s2d1_offload"):
+        record = load_record(pipelined(2), label, 0)
+        assert PartitionPlan.from_json(record["plan"]).offload_optimizer
+        assert not record["optimizer_holds_module_params"]
+    assert load_record(pipelined(2), "s1d2_1f1b", 0)["optimizer_holds_module_params"]
 
 
 def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> None:

@@ -176,6 +176,7 @@ class Recorder(L.Callback):
         self.kept_params: list[str] = []
         self.optimizer_state_numel = 0
         self.grad_numel = 0
+        self.optimizer_holds_module_params = True
         self.local_buffers: dict[str, Any] = {}
         self.loss_scales: list[float] = []
 
@@ -202,6 +203,8 @@ class Recorder(L.Callback):
         # Parameters this rank still holds (others' are meta tensors while training).
         self.kept_params = [n for n, p in pl_module.named_parameters() if not p.is_meta]
         self.local_buffers = {n: b.tolist() for n, b in pl_module.named_buffers() if not b.is_meta}
+        held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.optimizer_holds_module_params = held <= {id(p) for p in pl_module.parameters()}  # not host copies
         state = trainer.optimizers[0].state.values()
         self.optimizer_state_numel = sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())
         if self.checkpoint is not None:
@@ -255,6 +258,7 @@ def run_case(
         "loss_scales": recorder.loss_scales,
         "optimizer_state_numel": recorder.optimizer_state_numel,
         "grad_numel": recorder.grad_numel,
+        "optimizer_holds_module_params": recorder.optimizer_holds_module_params,
         "batch_shapes_built": len(_pipeline(trainer).runtimes) if _pipeline(trainer) is not None else 0,
         "schedule_class": _schedule_class(trainer),
         "ddp_stages": _ddp_stages(trainer),

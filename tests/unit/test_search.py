@@ -56,6 +56,7 @@ def _settings(rng: random.Random, devices: int, stages: int, microbatches: int) 
         micro_batches=microbatches,
         activation_checkpointing=rng.choice([None, False, True]),
         schedule=rng.choice(["gpipe", "1f1b"]) if microbatches >= stages else "gpipe",
+        offload_optimizer=False,  # the brute force keeps the optimizer state on the devices
     )
 
 
@@ -441,10 +442,20 @@ def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() ->
     assert set(times) == {0, 1, 2} and roomy.plan.zero_stage == min(times, key=times.__getitem__)
     assert roomy.plan.predicted_step_ms == pytest.approx(min(times.values()))
     assert times[2] < times[1]  # the same update and state, two thirds of the traffic
-    tight = _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw").plan
-    assert tight.zero_stage == 2  # the whole state (3.2 GB of moments) does not fit beside the rest
+    tight = _search(
+        blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw", offload_optimizer=False
+    )
+    assert tight.plan.zero_stage == 2  # the whole state (3.2 GB of moments) does not fit beside the rest
     with pytest.raises(PlanError, match="zero_stage='auto'"):
-        _search(blocks, tensors, pipeline_stages=1, memory_limit=6 * 10**9, optimizer="adamw", zero_stage=0)
+        _search(
+            blocks,
+            tensors,
+            pipeline_stages=1,
+            memory_limit=6 * 10**9,
+            optimizer="adamw",
+            zero_stage=0,
+            offload_optimizer=False,
+        )
     slow_links = dataclasses.replace(DEVICE, intra_node_bandwidth=1e9, inter_node_bandwidth=1e9)
     options = SearchSettings(
         num_devices=8, global_batch_size=64, device=slow_links, pipeline_stages=1, memory_limit=10**12
@@ -528,3 +539,21 @@ def test_a_stage_that_needs_some_recomputation_recomputes_only_its_first_layers(
     assert plan.predicted_step_ms < whole.predicted_step_ms
     assert first.bwd_ms == pytest.approx(8 * 2.0 * 2 + 2 * 1.0 * 2)  # 8 blocks' backward + 2 recomputed forwards
     assert PartitionPlan.from_json(plan.to_json()).stages[0].recompute_end == first.recompute_end
+
+
+def test_the_optimizer_state_goes_to_the_host_only_where_nothing_fits_without() -> None:
+    """Offloading adds transfers and a host step: tried, and chosen, only for a layout whose
+    optimizer state does not fit on the devices."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 1.6 GB of parameters, 3.2 GB of AdamW moments
+    common = dict(pipeline_stages=1, optimizer="adamw", zero_stage=0)
+    roomy = _search(blocks, tensors, **common, memory_limit=10**12)
+    assert not roomy.plan.offload_optimizer and not any(c.offload for c in roomy.candidates)
+    tight = _search(blocks, tensors, **common, memory_limit=5 * 10**9)
+    plan = tight.plan
+    assert plan.offload_optimizer and plan.stages[0].memory["optimizer"] == 0
+    assert plan.stages[0].memory["total"] <= 0.9 * 5 * 10**9
+    assert all(c.step_ms is None for c in tight.candidates if not c.offload)  # it did not fit on the devices
+    # the host step reads and writes the share over the link three times more than on the device
+    assert plan.predicted_update_ms > roomy.plan.predicted_update_ms
+    with pytest.raises(PlanError, match="offload_optimizer='auto'"):
+        _search(blocks, tensors, **common, memory_limit=5 * 10**9, offload_optimizer=False)
