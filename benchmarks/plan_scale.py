@@ -267,7 +267,8 @@ def main() -> None:
             print(f"  refused: {info['plan']}")
             continue
         text = format_plan(info["plan"].plan).splitlines()
-        print("\n".join(["  " + line for line in [text[0], *text[-2:]]]))
+        wanted = ("predicted step", "pipeline bubble", "techniques")
+        print("\n".join(["  " + line for line in [text[0], *(t for t in text if t.startswith(wanted))]]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import IO, Any
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.plan.search import Candidate
 
-__all__ = ["format_plan", "plan_lines", "print_rich_plan", "rich_plan_table"]
+__all__ = ["format_plan", "plan_lines", "print_rich_plan", "rich_plan_table", "techniques"]
 
 _MEMORY_KINDS = {"params": "param", "grads": "grads", "optimizer": "optim", "activations": "activ", "buffers": "comm"}
 _MEMORY_KINDS["total"] = "total"
@@ -130,6 +130,7 @@ def _footer(plan: PartitionPlan) -> list[str]:
         f"pipeline bubble {plan.predicted_bubble:.1%}; gradient exchange {plan.predicted_exchange_ms:.1f} ms per step "
         "after the schedule"
     )
+    lines.append("techniques: " + techniques(plan))
     shared = max((s.memory.get("shared", 0) for s in plan.stages), default=0)
     if shared > 0:
         unit, scale = _memory_unit(plan)
@@ -138,6 +139,22 @@ def _footer(plan: PartitionPlan) -> list[str]:
             "gradients made while backward frees activations, or after them (the optimizer step)"
         )
     return lines
+
+
+def techniques(plan: PartitionPlan) -> str:
+    """The memory and schedule techniques the plan uses, in one line."""
+    interleaved = f"interleaved 1F1B, {plan.virtual_stages} stages a rank"
+    schedule = {"gpipe": "GPipe", "1f1b": "1F1B"}.get(plan.schedule, interleaved)
+    parts = [schedule + (" as zero bubble" if plan.zero_bubble else "")]
+    if plan.num_replicas > 1:
+        parts.append(f"ZeRO-{plan.zero_stage}")
+    whole = sum(s.checkpoint for s in plan.stages)
+    first_layers = sum(s.recompute_end is not None for s in plan.stages)
+    if whole or first_layers:
+        parts.append(f"activation checkpointing: {whole} stage(s) whole, {first_layers} their first layers only")
+    if plan.offload_optimizer:
+        parts.append("optimizer state and step on the host")
+    return ", ".join(parts)
 
 
 def microbatch_choice(plan: PartitionPlan, candidates: Sequence[Candidate]) -> str | None:

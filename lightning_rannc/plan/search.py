@@ -72,6 +72,9 @@ class SearchSettings:
     """Stages per rank (interleaved 1F1B); ``None``: 1, and 2, 3 or 4 where the schedule may be interleaved."""
     activation_checkpointing: bool | None = None
     """``None``: per stage, only where memory demands it."""
+    selective_checkpointing: bool = True
+    """With ``activation_checkpointing=None``: a stage that needs checkpointing recomputes only its
+    fewest first layers that make it fit; ``False``: all of them (to compare with the old search)."""
     offload_optimizer: bool | None = None
     """Optimizer state and step in host memory: always, never, or (``None``) for a layout that does
     not fit otherwise (offloading only adds transfers, so it never wins where the state fits)."""
@@ -151,11 +154,11 @@ def _best_plan(
             for zero, offload in _memory_choices(settings, replicas):
                 if (stages, replicas, microbatches, virtual, zero, offload) in tried:
                     continue
-                if offload and settings.offload_optimizer is None and zero in on_devices:
+                if offload and settings.offload_optimizer is None and on_devices:
                     continue  # offloading only adds transfers: tried where the state does not fit
                 shape = (stages, replicas, microbatches, virtual)
                 layout = _make_layout(blocks, ranges, settings, shape, reference, zero, offload)
-                found = _plan_layout(layout)
+                found = None if _state_exceeds_devices(layout) else _plan_layout(layout)
                 step = found[0].predicted_step_ms if found else None
                 candidate = Candidate(stages, replicas, microbatches, layout.schedule, step, virtual, zero, offload)
                 candidates.append(candidate)
@@ -178,9 +181,13 @@ def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
 
 
 def _memory_choices(settings: SearchSettings, replicas: int) -> list[tuple[int, bool]]:
-    """(ZeRO stage, optimizer offloaded) pairs to try, those without offload first."""
-    offloads = [False, True] if settings.offload_optimizer is None else [settings.offload_optimizer]
-    return [(zero, offload) for offload in offloads for zero in _zero_stages(settings, replicas)]
+    """(ZeRO stage, optimizer offloaded) pairs to try, those without offload first. Where the
+    search chooses, offload is tried with the ZeRO stage that needs the least device memory
+    (ZeRO-2 with replicas: the host then holds and steps 1/D of the state), as ZeRO-Offload does."""
+    zeros = _zero_stages(settings, replicas)
+    if settings.offload_optimizer is not None:
+        return [(zero, settings.offload_optimizer) for zero in zeros]
+    return [(zero, False) for zero in zeros] + [(max(zeros), True)]
 
 
 def _widened(settings: SearchSettings) -> SearchSettings | None:
@@ -407,29 +414,29 @@ class _Layout:
         return self.replicas > 1 and not self.settings.zero_bubble and self.zero_stage != 2
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> int | None:
-        """How many of the stage's first blocks recompute their activations (``j - i``: the
-        whole stage is checkpointed); None when it does not fit even so."""
+        """For the DP: none of the stage's blocks recompute (0) or all of them (``j - i``: the
+        whole stage is checkpointed); None when it does not fit even so. The split found is
+        refined afterwards (``least_recompute``): bisecting every range of the DP would make
+        the search several times slower."""
         key = (stage, i, j)
         if key not in self.chosen_checkpoint:
-            self.chosen_checkpoint[key] = self._least_recompute(stage, i, j)
+            forced = self.settings.activation_checkpointing
+            options = [0, j - i] if forced is None else [j - i if forced else 0]
+            self.chosen_checkpoint[key] = next((k for k in options if self._fits(stage, i, j, k)), None)
         return self.chosen_checkpoint[key]
 
     def _fits(self, stage: int, i: int, j: int, recompute: int) -> bool:
         usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
         return self.memory(stage, i, j, recompute).total <= usable
 
-    def _least_recompute(self, stage: int, i: int, j: int) -> int | None:
+    def least_recompute(self, stage: int, i: int, j: int) -> int | None:
         """The fewest first blocks to recompute (the least time) that make the stage fit: none,
         the whole stage, or with ``activation_checkpointing="auto"`` the first layers only
         (selective checkpointing), ending at a layer boundary where one fits."""
-        forced = self.settings.activation_checkpointing
-        if forced is not None:
-            recompute = j - i if forced else 0
-            return recompute if self._fits(stage, i, j, recompute) else None
-        if self._fits(stage, i, j, 0):
-            return 0
-        if not self._fits(stage, i, j, j - i):
-            return None
+        choice = self.checkpoint_choice(stage, i, j)
+        selective = self.settings.activation_checkpointing is None and self.settings.selective_checkpointing
+        if choice != j - i or not selective or j - i == 1:
+            return choice
         low, high = 1, j - i  # memory falls as more blocks recompute: the first count that fits
         while low < high:
             middle = (low + high) // 2
@@ -461,6 +468,16 @@ class _Layout:
         slots = self.virtual * self.microbatches + self.stages - 1
         exchange = _exchange_ms(self, i, j) / slots if self.spread_exchange else 0.0
         return 2 * self.send_ms(stage, j) + exchange
+
+
+def _state_exceeds_devices(layout: _Layout) -> bool:
+    """Whether the parameters, their gradients and the optimizer state alone exceed the memory
+    of a pipeline's ranks, whatever the split: every stage holds at least these, so the DP (the
+    search's cost) need not run. Most layouts of a huge model end here."""
+    ranges, count = layout.ranges, len(layout.blocks)
+    state = 0.0 if layout.offload else layout.optimizer_factor / layout.shards
+    least = ranges.param_bytes[0][count] + ranges.trainable_bytes[0][count] * (1 + state)
+    return least > layout.stages * layout.settings.usable_memory
 
 
 def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
@@ -553,7 +570,7 @@ def evaluate_split(
 
 def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, ScheduleTimes]:
     spans = list(zip(bounds, bounds[1:]))
-    checkpoints = [layout.checkpoint_choice(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
+    checkpoints = [layout.least_recompute(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
     simulated = simulate_schedule(
         [f for f, _ in times],

@@ -92,7 +92,7 @@ def test_selective_checkpointing_recomputes_a_stages_first_layers_and_trains_as_
     from lightning_rannc.plan import search
     from lightning_rannc.runtime.pipeline import SeededStage
 
-    monkeypatch.setattr(search._Layout, "_least_recompute", lambda self, stage, i, j: (j - i) // 2)
+    monkeypatch.setattr(search._Layout, "least_recompute", lambda self, stage, i, j: (j - i) // 2)
     runs: list[tuple[int, ...]] = []
     first_layers = SeededStage._run_first
     monkeypatch.setattr(
