@@ -200,7 +200,19 @@ def moved_stages(plan: PartitionPlan, matched: dict[int, int], num_nodes: int) -
     """The plan's stages on another graph of ``num_nodes`` nodes: each starts at the first node
     matching one at or after its old start (the first stage at 0, whatever comes before)."""
     starts = [0] + [_next_matched(matched, s.node_start, num_nodes) for s in plan.stages[1:]] + [num_nodes]
-    return [dataclasses.replace(s, node_start=a, node_end=b) for s, a, b in zip(plan.stages, starts, starts[1:])]
+    return [
+        dataclasses.replace(s, node_start=a, node_end=b, **_moved_recompute(s, matched, a, b, num_nodes))
+        for s, a, b in zip(plan.stages, starts, starts[1:])
+    ]
+
+
+def _moved_recompute(stage: StagePlan, matched: dict[int, int], start: int, end: int, num_nodes: int) -> dict:
+    """Selective checkpointing's cut on the other graph; where it falls outside the moved stage,
+    the whole stage recomputes (never more memory than planned)."""
+    if stage.recompute_end is None:
+        return {}
+    cut = _next_matched(matched, stage.recompute_end, num_nodes)
+    return {"recompute_end": cut} if start < cut < end else {"recompute_end": None, "checkpoint": True}
 
 
 def _next_matched(matched: dict[int, int], index: int, default: int) -> int:

@@ -214,3 +214,21 @@ def test_counts_for_interleaved_and_zero_bubble_schedules_split_into_whole_round
     assert [m for m in range(1, 11) if rounds_fit(m, 2)] == [1, 2, 3, 4, 6, 8, 10]  # 5: 2 rounds of 2.5
     assert choose_microbatches(10, 4, minimum=2) == 5
     assert choose_microbatches(10, 4, minimum=2, rounds_of=2) == 2  # 5 would not split into rounds
+
+
+def test_a_selective_cut_moves_with_its_stage_onto_another_capture() -> None:
+    """A batch of another shape is captured again; the stages' node ranges, and the node up to
+    which a stage recomputes, move to the matching nodes. A cut that no longer falls inside its
+    stage makes the whole stage recompute (never more memory than planned)."""
+    import dataclasses
+
+    from lightning_rannc.runtime.evaluation import moved_stages
+
+    plan = _plan()  # stages (0, 20) and (20, 50)
+    plan.stages[1] = dataclasses.replace(plan.stages[1], recompute_end=30, recompute_span="layers.2")
+    shifted = {i: i + 5 for i in range(50)}  # five nodes more before every node
+    moved = moved_stages(plan, shifted, 55)
+    assert [(s.node_start, s.node_end, s.recompute_end) for s in moved] == [(0, 25, None), (25, 55, 35)]
+    collapsed = {i: (i if i < 20 else 40) for i in range(50)}  # nodes 20-49 all match node 40 on
+    moved = moved_stages(plan, collapsed, 55)
+    assert moved[1].recompute_end is None and moved[1].checkpoint
