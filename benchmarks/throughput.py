@@ -10,6 +10,10 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
     python benchmarks/throughput.py --only rannc_s2_d1_m8,rannc_s2_d1_m8_zb   # a subset
     # issue 17's large-head GPT: a 32k-word (tied) head, about 70% of the time
     python benchmarks/throughput.py --layers 4 --dim 256 --seq 128 --vocab 32768 --only ddp_2proc,rannc_auto
+    # memory-bound: every rannc run under a memory limit that DDP's whole state exceeds; the
+    # automatic plan against the best hand-forced layout that fits (a forced one that does not
+    # fit says so)
+    python benchmarks/throughput.py --memory-limit 40MB
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +39,9 @@ RUNS = {
     "rannc_s1_d2_zero0": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 0}),
     "rannc_s1_d2_zero1": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 1}),
     "rannc_s1_d2_zero2": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 2}),
+    # what a user forces where memory binds: recompute activations, or smaller micro-batches
+    "rannc_s1_d2_ckpt": (2, {"pipeline_stages": 1, "micro_batches": 1, "activation_checkpointing": True}),
+    "rannc_s1_d2_m8_zero2": (2, {"pipeline_stages": 1, "micro_batches": 8, "zero_stage": 2}),
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
     "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
     "rannc_s2_d1_gpipe": (2, {"pipeline_stages": 2, "micro_batches": 2, "schedule": "gpipe"}),
@@ -48,7 +56,7 @@ RUNS = {
 }
 
 
-def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim: int, seq: int, vocab: int) -> None:
+def _train(args: argparse.Namespace) -> None:
     """One run (inside Lightning's processes); rank 0 prints a JSON line of results."""
     import lightning as L
     import torch
@@ -58,10 +66,12 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
 
     from gpt import GPT, make_dataloader
 
+    name, steps, warmup, batch_size = args.run, args.steps, args.warmup, args.batch_size
     torch.set_num_threads(1)
     devices, strategy = RUNS[name]
     if isinstance(strategy, dict):
-        strategy = lightning_rannc.RaNNCStrategy(**strategy)
+        limit = {"memory_limit": args.memory_limit} if args.memory_limit else {}
+        strategy = lightning_rannc.RaNNCStrategy(**strategy, **limit)
 
     class Timer(L.Callback):
         start = 0.0
@@ -71,7 +81,8 @@ def _train(name: str, steps: int, warmup: int, batch_size: int, layers: int, dim
                 self.start = time.perf_counter()
 
     L.seed_everything(0, verbose=False)
-    model = GPT(layers=layers, dim=dim, seq_len=seq, vocab_size=vocab)
+    seq, vocab = args.seq, args.vocab
+    model = GPT(layers=args.layers, dim=args.dim, seq_len=seq, vocab_size=vocab)
     timer = Timer()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -132,9 +143,13 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--run", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
     command += ["--seq", str(args.seq), "--vocab", str(args.vocab)]
+    command += ["--memory-limit", args.memory_limit] if args.memory_limit else []
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         problem = f"exited with {done.returncode}"
+        refusal = re.search(r"PlanError: (The model does not fit[^\n]*)", done.stderr)
+        if done.returncode != 0 and refusal:  # a forced layout over the memory limit: a result too
+            return {"run": name, "does_not_fit": refusal.group(1)}
         if done.returncode == 0:
             try:
                 return _result(done.stdout, RUNS[name][0])
@@ -174,34 +189,87 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=256, help="vocabulary (the tied embedding and head)")
     parser.add_argument("--only", default="", help="comma-separated runs (lightning_1proc is always run)")
+    parser.add_argument(
+        "--memory-limit",
+        default="",
+        help="memory_limit of every rannc run (e.g. 40MB); prints the automatic plan against the best forced one",
+    )
     args = parser.parse_args()
     if args.run:
-        _train(args.run, args.steps, args.warmup, args.batch_size, args.layers, args.dim, args.seq, args.vocab)
+        _train(args)
         return
     print(
         f"GPT layers={args.layers} dim={args.dim} seq={args.seq} vocab={args.vocab}, "
         f"batch {args.batch_size} per pipeline/process"
     )
+    repetitions: list[dict[str, dict]] = []
     for repetition in range(args.repeat):
         chosen = {"lightning_1proc", *filter(None, args.only.split(","))} if args.only else set(RUNS)
         if chosen - set(RUNS):
             parser.error(f"unknown run(s) {sorted(chosen - set(RUNS))}; valid: {list(RUNS)}")
         results = {name: _launch(name, args) for name in RUNS if name in chosen}
-        base = results["lightning_1proc"]["samples_per_s"]
         print(f"repetition {repetition + 1}:")
-        for name, result in results.items():
-            ratio = result["samples_per_s"] / base
-            memory = ", ".join(
-                f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"]
+        _print_results(results)
+        if args.memory_limit:
+            _print_memory_bound(results, args.memory_limit)
+        repetitions.append(results)
+    if len(repetitions) > 1:
+        _print_medians(repetitions)
+
+
+def _print_results(results: dict[str, dict]) -> None:
+    base = results["lightning_1proc"]["samples_per_s"]
+    for name, result in results.items():
+        if "does_not_fit" in result:
+            print(f"  {name:18s} does not fit: {result['does_not_fit']}")
+            continue
+        ratio = result["samples_per_s"] / base
+        memory = ", ".join(f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"])
+        print(f"  {name:18s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
+        if "predicted_ms" in result:
+            predicted = ", ".join(f"{(p + o) / 2**20:.2f} MiB" for p, o in result["predicted_memory"])
+            print(
+                f"  {'':18s} {result['layout']}: step {result['ms']:.1f} ms measured, "
+                f"{result['predicted_ms']:.1f} ms predicted ({result['predicted_ms'] / result['ms']:.2f}x); "
+                "predicted params + optimizer per stage: " + predicted
             )
-            print(f"  {name:18s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
-            if "predicted_ms" in result:
-                predicted = ", ".join(f"{(p + o) / 2**20:.2f} MiB" for p, o in result["predicted_memory"])
-                print(
-                    f"  {'':18s} {result['layout']}: step {result['ms']:.1f} ms measured, "
-                    f"{result['predicted_ms']:.1f} ms predicted ({result['predicted_ms'] / result['ms']:.2f}x); "
-                    "predicted params + optimizer per stage: " + predicted
-                )
+
+
+def _print_medians(repetitions: list[dict[str, dict]]) -> None:
+    """Each run's median ratio over the repetitions: to one process and to DDP of the same
+    repetition (the machine's load drifts between repetitions more than within one)."""
+    print(f"median over {len(repetitions)} repetitions:")
+    for name in repetitions[0]:
+        ran = [results for results in repetitions if "samples_per_s" in results[name]]
+        if not ran:
+            continue  # a forced layout over the memory limit
+        line = f"  {name:18s} {_median_ratio(ran, name, 'lightning_1proc'):4.2f}x of one process"
+        if name not in ("ddp_2proc", "lightning_1proc") and all("ddp_2proc" in results for results in ran):
+            line += f", {_median_ratio(ran, name, 'ddp_2proc'):4.2f}x of DDP"
+        print(line)
+
+
+def _median_ratio(repetitions: list[dict[str, dict]], name: str, base: str) -> float:
+    return statistics.median(r[name]["samples_per_s"] / r[base]["samples_per_s"] for r in repetitions)
+
+
+def _print_memory_bound(results: dict[str, dict], limit: str) -> None:
+    """The automatic plan against the fastest hand-forced layout that fits the same limit."""
+    ddp_like = results.get("rannc_s1_d2_zero0")  # DDP's layout, under the planner's memory model
+    if ddp_like is not None:  # plain DDP has no limit to obey; the same layout forced does
+        verdict = "does not fit" if "does_not_fit" in ddp_like else "fits"
+        print(f"  DDP's layout (1 stage x 2 replicas, whole optimizer state each, 1 micro-batch) {verdict} {limit}")
+    forced = {
+        name: result["samples_per_s"]
+        for name, result in results.items()
+        if name.startswith("rannc_") and name != "rannc_auto" and "does_not_fit" not in result
+    }
+    if "rannc_auto" not in results or "does_not_fit" in results["rannc_auto"] or not forced:
+        print("  no comparison: the automatic plan or every forced layout did not run")
+        return
+    best = max(forced, key=forced.__getitem__)
+    auto = results["rannc_auto"]["samples_per_s"]
+    print(f"  automatic plan: {auto / forced[best]:.2f}x of the best forced layout that fits ({best})")
 
 
 if __name__ == "__main__":

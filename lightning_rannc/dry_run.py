@@ -21,8 +21,8 @@ from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.capture.module_state import fake_module_state
-from lightning_rannc.errors import CaptureError
-from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
+from lightning_rannc.errors import CaptureError, PlanError
+from lightning_rannc.plan.search import SearchResult, SearchSettings, plan_shape, search_plan
 from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.profiler import find_no_grad_values
 from lightning_rannc.profile.tensors import tensor_table
@@ -51,14 +51,40 @@ def plan_module(
     the Trainer's: mixed precision captures and costs the step under autocast (the half-precision
     activations and FLOP rate follow from the graph), and a ``-true`` precision converts the
     module's floating-point tensors and the batch's, as Lightning does (then parameters,
-    gradients and optimizer state are half as large too).
+    gradients and optimizer state are half as large too); the module itself is left as it was.
+    Where nothing fits, the ``PlanError`` also names each lower precision in which a plan fits.
     """
+    try:
+        return _search(module, batch, settings, max_blocks, precision)
+    except PlanError as error:
+        raise error.with_remedies(_precision_remedies(module, batch, settings, max_blocks, precision)) from None
+
+
+LOWER_PRECISIONS = {"32-true": ("bf16-mixed", "bf16-true"), "bf16-mixed": ("bf16-true",), "16-mixed": ("16-true",)}
+"""Precisions that hold less, to try when the model does not fit in the Trainer's."""
+
+
+def _precision_remedies(
+    module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int, precision: str
+) -> list[str]:
+    """Each lower precision in which some plan fits, as a remedy (a search each: the step is
+    captured again, since its activations' dtypes and its FLOP rate change)."""
+    remedies = []
+    for lower in LOWER_PRECISIONS.get(precision, ()):
+        try:
+            found = _search(module, batch, settings, max_blocks, lower).plan
+        except PlanError:
+            continue
+        remedies.append(f"Trainer(precision={lower!r}) (it finds {plan_shape(found)})")
+    return remedies
+
+
+def _search(module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int, precision: str) -> SearchResult:
     autocast, dtype = _precision(precision)
     if dtype is not None:
-        module = module.to(dtype)
-        batch = _converted(batch, dtype)
+        batch = _converted(batch, dtype)  # the module's tensors are converted as fakes below
     flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
-    with fake_module_state(module, torch.device("cpu")) as mode, _autocast(autocast):
+    with fake_module_state(module, torch.device("cpu"), dtype) as mode, _autocast(autocast):
         sample = [mode.from_tensor(leaf) for leaf in flat.first_leaves(1)]
         captured = capture_training_step(module, flat.with_leaves(sample))
         graph = StepGraph.from_captured(captured)

@@ -45,12 +45,14 @@ def has_meta_tensors(module: nn.Module | None) -> bool:
 
 
 @contextlib.contextmanager
-def fake_module_state(module: nn.Module, device: torch.device) -> Iterator[Any]:
+def fake_module_state(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[Any]:
     """Swap every parameter and buffer of ``module`` for a fake tensor on ``device`` (no memory).
 
     Lets the step be captured again (another batch shape) after other stages' tensors were
     freed: export needs every tensor on one device, and fake tensors cost nothing. Tied tensors
     stay tied. Yields the fake mode; batches must be made fake with ``mode.from_tensor``.
+    ``dtype``: the floating-point tensors' fakes take it, as ``module.to(dtype)`` would (a
+    ``-true`` precision), while the module itself is left as it was.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes: dict[int, torch.Tensor] = {}
@@ -62,8 +64,9 @@ def fake_module_state(module: nn.Module, device: torch.device) -> Iterator[Any]:
         ]
         for key, tensor in named:
             if id(tensor) not in fakes:
+                kind = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 with mode:
-                    fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+                    fake = torch.empty_strided(tensor.shape, tensor.stride(), dtype=kind, device=device)
                 is_param = isinstance(tensor, nn.Parameter)
                 fakes[id(tensor)] = nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_param else fake
             saved.append((owner, key, tensor))

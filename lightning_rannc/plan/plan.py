@@ -66,6 +66,9 @@ class StagePlan:
     ``checkpoint`` says, for the whole stage."""
     recompute_span: str = ""
     """The module paths that recompute (the plan table's "ckpt" column)."""
+    recompute_ms: float = 0.0
+    """The forward time that ``bwd_ms`` includes for recomputation (a zero-bubble backward runs
+    it in its input pass)."""
     memory: dict[str, int] = field(default_factory=dict)
     """Predicted bytes per device by kind (params, grads, optimizer, activations, buffers, total);
     empty when the plan was made without a memory model."""

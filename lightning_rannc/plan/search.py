@@ -36,10 +36,10 @@ from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import StageMemory, TensorTable, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.modules import describe_span, layer_of
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan, rounds_fit, stage_ranks
-from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule
+from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule, split_backward
 from lightning_rannc.plan.solver import min_max_partition
 
-__all__ = ["SearchSettings", "Candidate", "SearchResult", "search_plan", "evaluate_split"]
+__all__ = ["SearchSettings", "Candidate", "SearchResult", "search_plan", "evaluate_split", "plan_shape"]
 
 
 @dataclass(kw_only=True)
@@ -83,7 +83,8 @@ class SearchSettings:
     earlier batches' gradients live through each schedule (``memory.stage_memory``)."""
     zero_bubble: bool = False
     """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
-    must split into torch's whole rounds (``rounds_fit``). Costed as 1F1B."""
+    must split into torch's whole rounds (``rounds_fit``). Simulated in torch's zero-bubble order, each
+    backward as an input and a weight pass (``simulate.split_backward``)."""
 
     @property
     def usable_memory(self) -> float:
@@ -129,7 +130,7 @@ def search_plan(
     if best is None and _widened(settings) is not None:
         best = _best_plan(blocks, ranges, _widened(settings) or settings, reference_microbatch_size, candidates)
     if best is None:
-        raise PlanError(_infeasible_message(blocks, ranges, settings, reference_microbatch_size, candidates))
+        raise _infeasible(blocks, ranges, settings, reference_microbatch_size, candidates)
     plan, times = best
     plan.graph_fingerprint = graph_fingerprint
     plan.validate()
@@ -334,7 +335,7 @@ class _Layout:
         self.pieces = self.stages * self.virtual
         """Stages of the split: ``stages`` ranks per pipeline, ``virtual`` stages per rank."""
         self.schedule = _schedule(settings, self.stages, self.microbatches, self.virtual)
-        self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual)
+        self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual, settings.zero_bubble)
         self.fwd = _prefix([b.fwd_ms for b in self.blocks])
         self.bwd = _prefix([b.bwd_ms for b in self.blocks])
         self.act = _prefix([b.activation_bytes for b in self.blocks])
@@ -359,7 +360,11 @@ class _Layout:
         backward recomputes the forward of the stage's first ``recompute`` blocks."""
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
         overhead = self.settings.device.action_overhead_ms
-        return fwd + overhead, bwd + (self.fwd[i + recompute] - self.fwd[i]) + overhead
+        return fwd + overhead, bwd + self.recompute_ms(i, recompute) + overhead
+
+    def recompute_ms(self, i: int, recompute: int) -> float:
+        """Forward time of the first ``recompute`` blocks from block ``i``, run again in backward."""
+        return self.fwd[i + recompute] - self.fwd[i]
 
     def optimizer_ms(self, i: int, j: int) -> float:
         """The optimizer step over the stage's share of parameters: memory-bound, it reads the
@@ -572,13 +577,20 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
     spans = list(zip(bounds, bounds[1:]))
     checkpoints = [layout.least_recompute(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
+    backwards, weights = [b for _, b in times], None
+    if layout.settings.zero_bubble:
+        overhead = layout.settings.device.action_overhead_ms
+        recomputed = [layout.recompute_ms(i, c) for (i, _), c in zip(spans, checkpoints)]
+        halves = [split_backward(b, r, overhead) for b, r in zip(backwards, recomputed)]
+        backwards, weights = [i for i, _ in halves], [w for _, w in halves]
     simulated = simulate_schedule(
         [f for f, _ in times],
-        [b for _, b in times],
+        backwards,
         [layout.send_ms(s, j) for s, (_, j) in enumerate(spans)],
         layout.microbatches,
         layout.schedule,
         layout.virtual,
+        weights,
     )
     exchange = _visible_exchange(layout, spans, simulated)
     update = max(_per_rank(layout, spans, layout.optimizer_ms)) + layout.settings.device.step_overhead_ms
@@ -631,6 +643,7 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, recompute: int) -> 
         checkpoint=recompute == j - i,
         recompute_end=blocks[recompute].start if partial else None,
         recompute_span=describe_span([p for b in blocks[:recompute] for p in b.module_paths]) if partial else "",
+        recompute_ms=layout.recompute_ms(i, recompute),
         memory=layout.memory(stage, i, j, recompute).as_dict(),
     )
 
@@ -727,29 +740,26 @@ def _prefix(values: Sequence[float]) -> list[float]:
     return out
 
 
-def _infeasible_message(
+def _infeasible(
     blocks: Sequence[BlockCost],
     ranges: _RangeTables,
     settings: SearchSettings,
     reference: int,
     candidates: list[Candidate],
-) -> str:
+) -> PlanError:
     if not candidates:
         batch = (
             f"the batch of {settings.replica_batch_size} per replica"
             if settings.replica_batch_size is not None
             else f"the global batch of {settings.global_batch_size} over the layouts of {settings.num_devices} devices"
         )
-        return (
+        return PlanError(
             f"No micro-batch count splits {batch} (micro-batches of at least {settings.min_micro_batch_size}, "
             f"at most {settings.max_micro_batches}): change the batch size or the device count."
         )
     limit = settings.usable_memory / (1 - settings.memory_margin)
-    remedies = _remedies(blocks, ranges, settings, reference)
-    return (
-        f"The model does not fit on {settings.num_devices} device(s) of {_gib(limit)}"
-        f"{_forced(settings)}. What would fit: " + "; ".join([*remedies, "or a smaller batch"]) + "."
-    )
+    problem = f"The model does not fit on {settings.num_devices} device(s) of {_gib(limit)}{_forced(settings)}"
+    return PlanError.does_not_fit(problem, _remedies(blocks, ranges, settings, reference))
 
 
 def _forced(settings: SearchSettings) -> str:
@@ -789,7 +799,7 @@ def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: Searc
             continue  # not forced (or checkpointing already on): nothing to relax
         found = _best_plan(blocks, ranges, _replace(settings, **changes), reference, [])
         if found is not None:
-            remedies.append(f"{name}={_auto(name)!r} (it finds {_shape(found[0])})")
+            remedies.append(f"{name}={_auto(name)!r} (it finds {plan_shape(found[0])})")
     return remedies
 
 
@@ -797,7 +807,8 @@ def _auto(name: str) -> str | None:
     return {"activation_checkpointing": "auto", "replicas": None}.get(name, "auto")
 
 
-def _shape(plan: PartitionPlan) -> str:
+def plan_shape(plan: PartitionPlan) -> str:
+    """The layout in words, for an error's remedy: "2 stage(s) x 4 replica(s), 8 micro-batches"."""
     checkpointed = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)
     shape = f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), {plan.num_microbatches} micro-batches"
     shape += f", {checkpointed} stage(s) checkpointed" if checkpointed else ""

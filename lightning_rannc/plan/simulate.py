@@ -4,8 +4,9 @@ The bottleneck stage alone misjudges a pipeline: the fill and drain (the bubble)
 ``S - 1`` slots, and uneven stages or slow links stretch them. Here every rank runs its
 forwards and backwards in the order the schedule gives them; an operation starts when its
 rank is free and its input has arrived from the neighbouring stage. Same orders as
-``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B`` and
-``ScheduleInterleaved1F1B``.
+``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B``,
+``ScheduleInterleaved1F1B`` and ``ScheduleInterleavedZeroBubble`` (whose backward is two
+operations: "I", the input gradients sent upstream, and "W", the weight gradients run later).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from dataclasses import dataclass
 
 from lightning_rannc.plan.plan import PartitionPlan
 
-__all__ = ["ScheduleTimes", "simulate_schedule", "simulate_plan", "operation_order", "in_flight"]
+__all__ = ["ScheduleTimes", "simulate_schedule", "simulate_plan", "operation_order", "in_flight", "split_backward"]
+
+INPUT_GRADIENT_SHARE = 0.5
+"""Share of a backward's compute that the input gradients take under zero bubble (the rest is
+the weight gradients): a matrix product's two gradients cost the same FLOPs."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,9 @@ class ScheduleTimes:
     busy_ms: list[float]
     """Compute time of each stage."""
     operations: list[list[tuple[str, int, float, float]]]
-    """Per rank of a pipeline: ``(kind, microbatch, start_ms, end_ms)`` with kind ``"F"`` or
-    ``"B"`` (for charts); one rank runs several stages with interleaved schedules."""
+    """Per rank of a pipeline: ``(kind, microbatch, start_ms, end_ms)`` with kind ``"F"``,
+    ``"B"``, or with zero bubble ``"I"`` and ``"W"`` (for charts); one rank runs several stages
+    with interleaved schedules."""
 
     @property
     def bubble(self) -> float:
@@ -35,12 +41,20 @@ class ScheduleTimes:
 
 
 def operation_order(
-    schedule: str, position: int, num_stages: int, num_microbatches: int, virtual_stages: int = 1
+    schedule: str,
+    position: int,
+    num_stages: int,
+    num_microbatches: int,
+    virtual_stages: int = 1,
+    zero_bubble: bool = False,
 ) -> list[tuple[str, int, int]]:
     """The ``(kind, stage, microbatch)`` operations the rank at ``position`` runs, in order.
 
     ``num_stages`` counts ranks per pipeline (S); with ``virtual_stages`` V the rank runs stages
-    ``position, position + S, ...`` (interleaved 1F1B)."""
+    ``position, position + S, ...`` (interleaved 1F1B). ``zero_bubble``: the 1F1B ``schedule``
+    run as torch's ``ScheduleInterleavedZeroBubble`` (any V)."""
+    if zero_bubble:
+        return _zero_bubble_order(position, num_stages, virtual_stages, num_microbatches)
     if schedule == "interleaved_1f1b":
         return _interleaved_order(position, num_stages, virtual_stages, num_microbatches)
     forwards = [("F", position, m) for m in range(num_microbatches)]
@@ -87,15 +101,64 @@ def _interleaved_order(
     return order
 
 
-def in_flight(schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[int]:
-    """Per stage, the most micro-batches whose activations it holds at once under ``schedule``."""
+def _zero_bubble_order(
+    position: int, num_ranks: int, virtual: int, num_microbatches: int
+) -> list[tuple[str, int, int]]:
+    """``ScheduleInterleavedZeroBubble``'s order (ZB1P): interleaved 1F1B's rounds with a warm-up
+    of one forward per hop to the last rank (not two), each backward's input pass "I" where the
+    backward would be, and its weight pass "W" ``position`` passes later, so that the ranks
+    nearer the start fill the drain with weight passes. ``tests/unit/test_search.py`` checks it
+    against torch's own order."""
+    rounds = max(1, num_microbatches // num_ranks)
+    per_round = num_microbatches // rounds
+    total = virtual * num_microbatches
+    warmup = min((virtual - 1) * per_round + num_ranks - 1 - position, total)
+    counts: dict[tuple[str, int], int] = {}
+    order: list[tuple[str, int, int]] = []
+    waiting: list[int] = []  # stages of input passes whose weight pass is still to run
+
+    def add(kind: str, stage: int) -> None:
+        microbatch = counts.get((kind, stage), 0)
+        counts[(kind, stage)] = microbatch + 1
+        order.append((kind, stage, microbatch))
+
+    for step in range(total + warmup):
+        if step < total:
+            add("F", (step // per_round) % virtual * num_ranks + position)
+        if step >= warmup:
+            stage = (virtual - 1 - (step - warmup) // per_round % virtual) * num_ranks + position
+            add("I", stage)
+            waiting.append(stage)
+            if step - warmup >= position:
+                add("W", waiting.pop(0))
+    for stage in waiting:
+        add("W", stage)
+    return order
+
+
+def in_flight(
+    schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1, zero_bubble: bool = False
+) -> list[int]:
+    """Per stage, the most micro-batches whose activations it holds at once under ``schedule``
+    (with zero bubble, until their weight pass: its inputs are the activations)."""
     peak = [0] * (num_ranks * virtual_stages)
     for position in range(num_ranks):
         held: dict[int, int] = {}
-        for kind, stage, _ in operation_order(schedule, position, num_ranks, num_microbatches, virtual_stages):
+        order = operation_order(schedule, position, num_ranks, num_microbatches, virtual_stages, zero_bubble)
+        for kind, stage, _ in order:
+            if kind == "I":
+                continue
             held[stage] = held.get(stage, 0) + (1 if kind == "F" else -1)
             peak[stage] = max(peak[stage], held[stage])
     return peak
+
+
+def split_backward(bwd_ms: float, recompute_ms: float, overhead_ms: float) -> tuple[float, float]:
+    """A zero-bubble backward's input and weight passes: each pays the runtime's overhead per
+    action, and a checkpointed stage's recomputation runs in the input pass (its first)."""
+    compute = bwd_ms - recompute_ms - overhead_ms
+    weight = compute * (1 - INPUT_GRADIENT_SHARE)
+    return compute - weight + recompute_ms + overhead_ms, weight + overhead_ms
 
 
 def simulate_schedule(
@@ -105,17 +168,24 @@ def simulate_schedule(
     num_microbatches: int,
     schedule: str,
     virtual_stages: int = 1,
+    weight_ms: Sequence[float] | None = None,
 ) -> ScheduleTimes:
     """Replay ``schedule`` on stages with the given per-micro-batch times.
 
     ``send_ms[s]`` is the time to move one micro-batch's activations from stage ``s`` to
     ``s + 1`` (and its gradients back); the last entry is unused. With ``virtual_stages`` V the
     ``len(fwd_ms)`` stages run on ``len(fwd_ms) / V`` ranks, stage ``s`` on rank ``s % S``; the
-    result has one row of operations per rank.
+    result has one row of operations per rank. ``weight_ms``: the schedule runs as zero bubble,
+    ``bwd_ms`` being each backward's input pass and ``weight_ms`` its weight pass
+    (``split_backward``).
     """
     num_stages = len(fwd_ms)
     num_ranks = num_stages // virtual_stages
-    orders = [operation_order(schedule, p, num_ranks, num_microbatches, virtual_stages) for p in range(num_ranks)]
+    zero_bubble = weight_ms is not None
+    durations = {"F": fwd_ms, "B": bwd_ms, "I": bwd_ms, "W": weight_ms or bwd_ms}
+    orders = [
+        operation_order(schedule, p, num_ranks, num_microbatches, virtual_stages, zero_bubble) for p in range(num_ranks)
+    ]
     done: dict[tuple[str, int, int], float] = {}
     free = [0.0] * num_ranks
     next_op = [0] * num_ranks
@@ -130,7 +200,7 @@ def simulate_schedule(
                 if ready is None:
                     break
                 start = max(free[rank], ready)
-                free[rank] = start + (fwd_ms[stage] if kind == "F" else bwd_ms[stage])
+                free[rank] = start + durations[kind][stage]
                 done[(kind, stage, mb)] = free[rank]
                 timeline[rank].append((kind, mb, start, free[rank]))
                 next_op[rank] += 1
@@ -138,9 +208,8 @@ def simulate_schedule(
                 progressed = True
         if not progressed:  # cannot happen with the orders above; guards against an endless loop
             raise RuntimeError(f"Schedule {schedule!r} deadlocks in simulation.")
-    busy = [
-        num_microbatches * sum(fwd_ms[s] + bwd_ms[s] for s in range(p, num_stages, num_ranks)) for p in range(num_ranks)
-    ]
+    per_microbatch = [fwd_ms[s] + bwd_ms[s] + (weight_ms[s] if weight_ms else 0.0) for s in range(num_stages)]
+    busy = [num_microbatches * sum(per_microbatch[p::num_ranks]) for p in range(num_ranks)]
     return ScheduleTimes(makespan_ms=max(free), busy_ms=busy, operations=timeline)
 
 
@@ -150,13 +219,19 @@ def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
     action, so this gives the times the search predicted with; older plans replay without them.
     """
     overhead = plan.predicted_action_overhead_ms
+    backwards = [stage.bwd_ms + overhead for stage in plan.stages]
+    weights = None
+    if plan.zero_bubble:  # the reported backward includes the recomputation: split it as the search did
+        halves = [split_backward(b, stage.recompute_ms, overhead) for b, stage in zip(backwards, plan.stages)]
+        backwards, weights = [i for i, _ in halves], [w for _, w in halves]
     return simulate_schedule(
         [stage.fwd_ms + overhead for stage in plan.stages],
-        [stage.bwd_ms + overhead for stage in plan.stages],
+        backwards,
         [stage.send_ms for stage in plan.stages],
         plan.num_microbatches,
         plan.schedule,
         plan.virtual_stages,
+        weights,
     )
 
 
@@ -169,7 +244,9 @@ def _ready_at(
             return 0.0
         produced = done.get(("F", stage - 1, mb))
         return None if produced is None else produced + send_ms[stage - 1]
+    if kind == "W":  # after its input pass, on the same rank
+        return done.get(("I", stage, mb))
     if stage == num_stages - 1:
         return done.get(("F", stage, mb))
-    produced = done.get(("B", stage + 1, mb))
+    produced = done.get((kind, stage + 1, mb))
     return None if produced is None else produced + send_ms[stage]

@@ -198,8 +198,9 @@ def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
 
 
 def _draw_row(axes: Any, row: int, operations: Sequence[Operation]) -> None:
-    for kind in ("F", "B"):
-        _draw_spans(axes, row, [(start, end - start) for k, _, start, end in operations if k == kind], kind)
+    for kind in ("F", "B"):  # a zero-bubble backward's input ("I") and weight ("W") passes as backward
+        spans = [(start, end - start) for k, _, start, end in operations if ("B" if k in "IW" else k) == kind]
+        _draw_spans(axes, row, spans, kind)
 
 
 def _draw_spans(axes: Any, row: int, spans: Sequence[tuple[float, float]], kind: str) -> None:

@@ -31,7 +31,7 @@ __all__ = [
     "write_trace",
 ]
 
-_KIND_NAMES = {"F": "forward", "B": "backward"}
+_KIND_NAMES = {"F": "forward", "B": "backward", "I": "backward (input gradients)", "W": "backward (weight gradients)"}
 
 
 def complete_event(

@@ -23,6 +23,16 @@ def test_throughput_prints_samples_per_second_ratios_and_predictions() -> None:
     assert "ms measured" in out and "ms predicted" in out
 
 
+def test_throughput_under_a_memory_limit_compares_the_automatic_plan_with_the_forced_layouts_that_fit() -> None:
+    args = ["--repeat", "1", "--steps", "2", "--warmup", "1", "--layers", "1", "--dim", "32", "--memory-limit", "3MB"]
+    out = run_script(BENCHMARKS / "throughput.py", *args, "--only", "rannc_auto,rannc_s1_d2_zero0,rannc_s2_d1").stdout
+    # DDP's layout needs more than 3 MB here (batches of 16 in one micro-batch): refused, not run
+    assert re.search(r"rannc_s1_d2_zero0\s+does not fit: The model does not fit on 2 device", out), out
+    assert "DDP's layout (1 stage x 2 replicas, whole optimizer state each, 1 micro-batch) does not fit 3MB" in out
+    assert re.search(r"rannc_s2_d1\s+[\d.]+ samples/s", out) and re.search(r"rannc_auto\s+[\d.]+ samples/s", out)
+    assert re.search(r"automatic plan: [\d.]+x of the best forced layout that fits \(rannc_s2_d1\)", out), out
+
+
 def test_memory_shows_a_stage_holding_less_than_the_whole_model() -> None:
     out = run_script(BENCHMARKS / "memory.py", "--stages", "1", "2", "--dim", "64", "--layers", "2", timeout=300).stdout
     held = [float(x) for x in re.findall(r"holds\s+([\d.]+) MiB", out)]

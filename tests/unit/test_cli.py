@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_rannc.__main__ import main
+from lightning_rannc.dry_run import plan_module
 from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.search import SearchSettings
+
+from gpt import GPT, make_dataloader
+from helpers.devices import test_device
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = f"{ROOT / 'benchmarks' / 'models.py'}:GPTLM"
@@ -88,3 +94,26 @@ def test_every_planned_technique_can_be_forced_from_the_command_line(
     assert PartitionPlan.load(output).offload_optimizer
     printed = capsys.readouterr().out
     assert "optimizer offloaded to the host" in printed and "optimizer state and step on the host" in printed
+
+
+def test_a_lower_precision_that_fits_is_named_as_a_remedy(capsys: pytest.CaptureFixture[str]) -> None:
+    """16 MB per device holds the step only with half-precision parameters (the search says so)."""
+    base = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "8", "--device-memory", "16MB"]
+    assert main(base) == 2
+    error = capsys.readouterr().err
+    assert "does not fit on 2 device(s)" in error
+    assert "Trainer(precision='bf16-true') (it finds 2 stage(s) x 1 replica(s)" in error
+    assert "precision='bf16-mixed'" not in error  # tried, but half-precision activations are not enough
+    assert main([*base, "--precision", "bf16-true"]) == 0
+    assert "Trainer(precision=" not in capsys.readouterr().err
+
+
+def test_planning_in_a_true_half_precision_leaves_the_module_as_it_was() -> None:
+    module = GPT(layers=2, dim=32, seq_len=16, vocab_size=64)
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    batch = next(iter(make_dataloader(4, 16, 64, size=8)))
+    settings = SearchSettings(num_devices=2, global_batch_size=4, device=test_device())
+    plan = plan_module(module, batch, settings, precision="bf16-true").plan
+    assert sum(s.param_bytes for s in plan.stages) < sum(t.numel() * 4 for t in before.values())  # 2 bytes each
+    after = module.state_dict()
+    assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in before.items())

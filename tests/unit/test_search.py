@@ -13,7 +13,7 @@ from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
-from lightning_rannc.plan.simulate import operation_order, simulate_schedule
+from lightning_rannc.plan.simulate import in_flight, operation_order, simulate_schedule, split_backward
 
 from helpers.devices import test_device
 
@@ -411,6 +411,47 @@ def test_interleaved_order_is_torchs(stages: int, virtual: int, microbatches: in
             if a is not None
         ]
         assert operation_order("interleaved_1f1b", rank, stages, microbatches, virtual) == theirs
+
+
+@pytest.mark.parametrize(
+    ("stages", "virtual", "microbatches"), [(2, 1, 4), (4, 1, 8), (4, 1, 4), (2, 2, 4), (4, 2, 8), (3, 2, 12)]
+)
+def test_zero_bubble_order_is_torchs(stages: int, virtual: int, microbatches: int) -> None:
+    """The simulator replays exactly the actions ``ScheduleInterleavedZeroBubble`` runs on each
+    rank: forwards, input passes ("I") and weight passes ("W")."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleInterleavedZeroBubble, _ComputationType
+
+    rounds = max(1, microbatches // stages)
+    schedule = SimpleNamespace(
+        n_local_stages=virtual,
+        microbatches_per_round=microbatches // rounds,
+        pp_group_size=stages,
+        _n_microbatches=microbatches,
+    )
+    kinds = {_ComputationType.FORWARD: "F", _ComputationType.BACKWARD_INPUT: "I", _ComputationType.BACKWARD_WEIGHT: "W"}
+    for rank in range(stages):
+        actions = ScheduleInterleavedZeroBubble._calculate_single_rank_operations(schedule, rank)  # type: ignore[arg-type]
+        theirs = [(kinds[a.computation_type], a.stage_index, a.microbatch_index) for a in actions if a is not None]
+        ours = operation_order(
+            "1f1b" if virtual == 1 else "interleaved_1f1b", rank, stages, microbatches, virtual, True
+        )
+        assert ours == theirs
+
+
+def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_until_them() -> None:
+    """Two stages of F = 1, B = 2 (input 1 + weight 1), 4 micro-batches: 1F1B's drain idles the
+    first rank while the last one finishes; zero bubble moves weight passes into that time."""
+    plain = simulate_schedule([1.0, 1.0], [2.0, 2.0], [0.0, 0.0], 4, "1f1b")
+    split = simulate_schedule([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], 4, "1f1b", weight_ms=[1.0, 1.0])
+    assert split.busy_ms == plain.busy_ms == [12.0, 12.0]
+    assert (split.makespan_ms, plain.makespan_ms) == (13.0, 15.0)  # only the first forward left idle
+    assert {kind for kind, *_ in split.operations[0]} == {"F", "I", "W"}
+    assert in_flight("1f1b", 2, 4) == [2, 1]
+    assert in_flight("1f1b", 2, 4, zero_bubble=True) == [2, 2]  # the last stage's weight pass lags one
+    # backward 10 with recompute 4 and overhead 1: the input pass recomputes, each pass pays the overhead
+    assert split_backward(10.0, 4.0, 1.0) == (4.0 + 2.5 + 1.0, 2.5 + 1.0)
 
 
 def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None:
