@@ -221,15 +221,15 @@ def _print_results(results: dict[str, dict]) -> None:
     base = results["lightning_1proc"]["samples_per_s"]
     for name, result in results.items():
         if "does_not_fit" in result:
-            print(f"  {name:18s} does not fit: {result['does_not_fit']}")
+            print(f"  {name:20s} does not fit: {result['does_not_fit']}")
             continue
         ratio = result["samples_per_s"] / base
         memory = ", ".join(f"params {p / 2**20:.2f} MiB + optimizer {o / 2**20:.2f} MiB" for p, o in result["memory"])
-        print(f"  {name:18s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
+        print(f"  {name:20s} {result['samples_per_s']:8.1f} samples/s  {ratio:4.2f}x  per rank: {memory}")
         if "predicted_ms" in result:
             predicted = ", ".join(f"{(p + o) / 2**20:.2f} MiB" for p, o in result["predicted_memory"])
             print(
-                f"  {'':18s} {result['layout']}: step {result['ms']:.1f} ms measured, "
+                f"  {'':20s} {result['layout']}: step {result['ms']:.1f} ms measured, "
                 f"{result['predicted_ms']:.1f} ms predicted ({result['predicted_ms'] / result['ms']:.2f}x); "
                 "predicted params + optimizer per stage: " + predicted
             )
@@ -243,7 +243,7 @@ def _print_medians(repetitions: list[dict[str, dict]]) -> None:
         ran = [results for results in repetitions if "samples_per_s" in results[name]]
         if not ran:
             continue  # a forced layout over the memory limit
-        line = f"  {name:18s} {_median_ratio(ran, name, 'lightning_1proc'):4.2f}x of one process"
+        line = f"  {name:20s} {_median_ratio(ran, name, 'lightning_1proc'):4.2f}x of one process"
         if name not in ("ddp_2proc", "lightning_1proc") and all("ddp_2proc" in results for results in ran):
             line += f", {_median_ratio(ran, name, 'ddp_2proc'):4.2f}x of DDP"
         print(line)

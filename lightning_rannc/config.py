@@ -68,7 +68,8 @@ class RaNNCConfig:
         False,
         "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
         "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
-        "where the pipeline would idle; costed as the 1F1B schedule it refines (same peak activation memory)",
+        "where the pipeline would idle; simulated in torch's order, the two passes half the backward each, "
+        "activations held until the weight pass",
     )
     zero_stage: int | str = _option(
         "auto",
@@ -84,9 +85,10 @@ class RaNNCConfig:
         "not fit on the devices otherwise (offloading only adds transfers); not with `16-mixed`",
     )
     activation_checkpointing: bool | str = _option(
-        False,
-        'recompute each stage\'s activations in backward (`torch.utils.checkpoint`, non-reentrant); `"auto"`: '
-        "only the stages that need it to fit `memory_limit`",
+        "auto",
+        'recompute activations in backward (`torch.utils.checkpoint`, non-reentrant): `"auto"`, only the stages '
+        "that need it to fit `memory_limit`, and of those only the first layers that must; `True`: every stage "
+        "whole; `False`: none",
     )
     memory_limit: int | str | None = _option(
         None,

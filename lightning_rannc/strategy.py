@@ -72,7 +72,7 @@ class RaNNCStrategyMixin(_MixinBase):
         zero_bubble: bool = False,
         zero_stage: int | str = "auto",
         offload_optimizer: bool | str = "auto",
-        activation_checkpointing: bool | str = False,
+        activation_checkpointing: bool | str = "auto",
         memory_limit: int | str | None = None,
         memory_margin: float = 0.1,
         device_preset: str | None = None,

@@ -66,6 +66,10 @@ class StagePlan:
     ``checkpoint`` says, for the whole stage."""
     recompute_span: str = ""
     """The module paths that recompute (the plan table's "ckpt" column)."""
+    recompute_cuts: list[int] = field(default_factory=list)
+    """Selective checkpointing: the nodes between ``node_start`` and ``recompute_end`` where a
+    checkpoint region ends and the next begins (one region per layer: backward recomputes one
+    layer at a time)."""
     recompute_ms: float = 0.0
     """The forward time that ``bwd_ms`` includes for recomputation (a zero-bubble backward runs
     it in its input pass)."""
@@ -183,10 +187,13 @@ class PartitionPlan:
             if stage.ranks != expected:
                 raise PlanError(f"Stage {stage.stage_index} must run on ranks {expected}, not {stage.ranks}.")
             inside = stage.recompute_end is None or stage.node_start < stage.recompute_end < stage.node_end
-            if not inside or (stage.recompute_end is not None and stage.checkpoint):
+            bounds = [stage.node_start, *stage.recompute_cuts, stage.recompute_end or stage.node_start]
+            regions = not stage.recompute_cuts or all(a < b for a, b in zip(bounds, bounds[1:]))
+            if not inside or not regions or (stage.recompute_end is not None and stage.checkpoint):
                 raise PlanError(
-                    f"Stage {stage.stage_index} recomputes up to node {stage.recompute_end}: that must lie inside its "
-                    f"nodes ({stage.node_start}-{stage.node_end}), and a stage checkpointed whole recomputes all."
+                    f"Stage {stage.stage_index} recomputes up to node {stage.recompute_end} in regions from nodes "
+                    f"{stage.recompute_cuts}: that must lie inside its nodes ({stage.node_start}-{stage.node_end}), "
+                    "the regions in order, and a stage checkpointed whole recomputes all."
                 )
         for before, after in zip(self.stages, self.stages[1:]):
             if before.node_end != after.node_start or after.node_start >= after.node_end:

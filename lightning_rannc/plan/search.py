@@ -25,6 +25,7 @@ micro-batch sizes (``BlockCost.scaled``: a fixed part, and a part in proportion 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -343,6 +344,7 @@ class _Layout:
         self.link = [_link_bandwidth(settings, self.stages, self.replicas, p) / 1e3 for p in range(self.stages)]
         self.chosen_checkpoint: dict[tuple[int, int, int], int | None] = {}
         self.starts = _layer_starts(blocks)
+        self.regions = _LayerRegions(self.starts, self.act, self.cut_bytes)
         self.spread_exchange = True
         """Count each stage's gradient exchange in its per-slot cost (see ``_plan_layout``)."""
 
@@ -361,6 +363,23 @@ class _Layout:
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
         overhead = self.settings.device.action_overhead_ms
         return fwd + overhead, bwd + self.recompute_ms(i, recompute) + overhead
+
+    def per_layer(self, stage: int, i: int, recompute: int) -> bool:
+        """Whether the first ``recompute`` blocks from block ``i`` recompute as one checkpoint
+        region per layer rather than one for all. Per layer, each layer's input stays for every
+        micro-batch in flight, and backward recomputes one layer of one micro-batch at a time; as
+        one region, only the first input stays, and backward recomputes all of them at once. The
+        smaller wins: per layer where few micro-batches are in flight (data parallelism)."""
+        end = i + recompute
+        inputs = self.regions.boundary_bytes(i, end)
+        if not inputs:
+            return False
+        whole = self.act[end] - self.act[i]
+        return self.in_flight[stage] * inputs + self.regions.largest(i, end) < whole
+
+    def recompute_cuts(self, stage: int, i: int, recompute: int) -> list[int]:
+        """The blocks where a new checkpoint region starts (``per_layer``), else none."""
+        return self.regions.inside(i, i + recompute) if self.per_layer(stage, i, recompute) else []
 
     def recompute_ms(self, i: int, recompute: int) -> float:
         """Forward time of the first ``recompute`` blocks from block ``i``, run again in backward."""
@@ -388,6 +407,9 @@ class _Layout:
         kept, recomputed = int(self.act[j] - self.act[i + recompute]), int(self.act[i + recompute] - self.act[i])
         if 0 < recompute < j - i:  # the values crossing into the kept blocks stay too (on the safe side)
             kept += self.cut_bytes(i + recompute)
+            if self.per_layer(stage, i, recompute):
+                kept += int(self.regions.boundary_bytes(i, i + recompute))
+                recomputed = int(self.regions.largest(i, i + recompute))
         return stage_memory(
             param_bytes=self.ranges.param_bytes[i][j] + copies,
             trainable_bytes=self.ranges.trainable_bytes[i][j],
@@ -420,15 +442,32 @@ class _Layout:
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> int | None:
         """For the DP: none of the stage's blocks recompute (0) or all of them (``j - i``: the
-        whole stage is checkpointed); None when it does not fit even so. The split found is
-        refined afterwards (``least_recompute``): bisecting every range of the DP would make
+        whole stage is checkpointed); where neither fits, the fewest first layers that make it fit
+        (each recomputed layer its own checkpoint: with one micro-batch in flight, checkpointing
+        the whole stage as one saves nothing); None when nothing fits. A split checkpointed whole
+        is refined afterwards (``least_recompute``): bisecting every range of the DP would make
         the search several times slower."""
         key = (stage, i, j)
         if key not in self.chosen_checkpoint:
             forced = self.settings.activation_checkpointing
             options = [0, j - i] if forced is None else [j - i if forced else 0]
-            self.chosen_checkpoint[key] = next((k for k in options if self._fits(stage, i, j, k)), None)
+            usable = self.settings.usable_memory / self.virtual
+            choice, least = None, math.inf
+            for k in options:
+                memory = self.memory(stage, i, j, k)
+                if memory.total <= usable:
+                    choice = k
+                    break
+                least = min(least, memory.params + memory.optimizer)  # what no recomputation frees
+            if choice is None and self._selective and j - i > 1 and least <= usable:
+                if self._fits(stage, i, j, j - i - 1):
+                    choice = self._fewest_recomputed(stage, i, j, j - i - 1)
+            self.chosen_checkpoint[key] = choice
         return self.chosen_checkpoint[key]
+
+    @property
+    def _selective(self) -> bool:
+        return self.settings.activation_checkpointing is None and self.settings.selective_checkpointing
 
     def _fits(self, stage: int, i: int, j: int, recompute: int) -> bool:
         usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
@@ -439,22 +478,29 @@ class _Layout:
         the whole stage, or with ``activation_checkpointing="auto"`` the first layers only
         (selective checkpointing), ending at a layer boundary where one fits."""
         choice = self.checkpoint_choice(stage, i, j)
-        selective = self.settings.activation_checkpointing is None and self.settings.selective_checkpointing
-        if choice != j - i or not selective or j - i == 1:
+        if choice != j - i or not self._selective or j - i == 1:
             return choice
-        low, high = 1, j - i  # memory falls as more blocks recompute: the first count that fits
+        return self._fewest_recomputed(stage, i, j, j - i)
+
+    def _fewest_recomputed(self, stage: int, i: int, j: int, most: int) -> int:
+        """The fewest first blocks, at most ``most`` (which fit), whose recomputation makes the
+        stage fit, moved on to the next layer boundary that still fits."""
+        low, high = 1, most  # memory falls as more blocks recompute: the first count that fits
         while low < high:
             middle = (low + high) // 2
             low, high = (low, middle) if self._fits(stage, i, j, middle) else (middle + 1, high)
-        if not self._fits(stage, i, j, low):  # not monotone here (a wide cut): the whole stage
-            return j - i
+        if not self._fits(stage, i, j, low):  # not monotone here (a wide cut): all of ``most``
+            return most
         layer_end = next((c for c in range(i + low, j) if self.starts[c] and self._fits(stage, i, j, c - i)), None)
         return low if layer_end is None else layer_end - i
 
     def least_memory(self, stage: int, i: int, j: int) -> float:
         """The stage's memory with checkpointing if allowed (for "what would fit" advice)."""
         whole = self.settings.activation_checkpointing is not False
-        return float(self.memory(stage, i, j, j - i if whole else 0).total)
+        least = self.memory(stage, i, j, j - i if whole else 0).total
+        if self._selective and j - i > 1:  # every layer but the last its own checkpoint
+            least = min(least, self.memory(stage, i, j, j - i - 1).total)
+        return float(least)
 
     def lower_bound(self, stage: int, i: int, j: int) -> float:
         """The stage's cost without checkpointing: grows with every block added."""
@@ -473,6 +519,47 @@ class _Layout:
         slots = self.virtual * self.microbatches + self.stages - 1
         exchange = _exchange_ms(self, i, j) / slots if self.spread_exchange else 0.0
         return 2 * self.send_ms(stage, j) + exchange
+
+
+class _LayerRegions:
+    """Block ranges cut at layer starts, for per-layer checkpoint regions: the starts inside a
+    range, the bytes crossing them, and the largest region's activations, each in O(log L)
+    (the DP asks for every range of every stage)."""
+
+    def __init__(self, starts: Sequence[bool], act: Sequence[float], cut_bytes: Callable[[int], int]) -> None:
+        self.starts = [c for c, first in enumerate(starts) if first]
+        self.act = act
+        edges = [*self.starts, len(starts)]
+        self.table = [[act[b] - act[a] for a, b in zip(edges, edges[1:])]]
+        """``table[k][t]``: the largest of layers ``t .. t + 2^k - 1`` (a sparse table)."""
+        while 2 ** len(self.table) <= len(self.table[0]):
+            row, width = self.table[-1], 2 ** (len(self.table) - 1)
+            self.table.append([max(row[t], row[t + width]) for t in range(len(row) - width)])
+        self.crossing = _prefix([cut_bytes(c) for c in self.starts])
+
+    def _within(self, i: int, end: int) -> tuple[int, int]:
+        """Indices into ``starts`` of the layer starts strictly inside blocks ``i .. end``."""
+        return bisect.bisect_right(self.starts, i), bisect.bisect_left(self.starts, end)
+
+    def inside(self, i: int, end: int) -> list[int]:
+        low, high = self._within(i, end)
+        return self.starts[low:high]
+
+    def boundary_bytes(self, i: int, end: int) -> float:
+        low, high = self._within(i, end)
+        return self.crossing[high] - self.crossing[low]
+
+    def largest(self, i: int, end: int) -> float:
+        """Activations of the largest region: the part-layers at both ends, or a whole one between."""
+        low, high = self._within(i, end)
+        if low == high:
+            return self.act[end] - self.act[i]
+        ends = max(self.act[self.starts[low]] - self.act[i], self.act[end] - self.act[self.starts[high - 1]])
+        if high - 1 == low:
+            return ends
+        level = (high - 1 - low).bit_length() - 1
+        row = self.table[level]
+        return max(ends, row[low], row[high - 1 - 2**level])
 
 
 def _state_exceeds_devices(layout: _Layout) -> bool:
@@ -644,6 +731,7 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, recompute: int) -> 
         recompute_end=blocks[recompute].start if partial else None,
         recompute_span=describe_span([p for b in blocks[:recompute] for p in b.module_paths]) if partial else "",
         recompute_ms=layout.recompute_ms(i, recompute),
+        recompute_cuts=[blocks[c - i].start for c in layout.recompute_cuts(stage, i, recompute)] if partial else [],
         memory=layout.memory(stage, i, j, recompute).as_dict(),
     )
 

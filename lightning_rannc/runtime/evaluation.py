@@ -212,7 +212,13 @@ def _moved_recompute(stage: StagePlan, matched: dict[int, int], start: int, end:
     if stage.recompute_end is None:
         return {}
     cut = _next_matched(matched, stage.recompute_end, num_nodes)
-    return {"recompute_end": cut} if start < cut < end else {"recompute_end": None, "checkpoint": True}
+    if not start < cut < end:
+        return {"recompute_end": None, "recompute_cuts": [], "checkpoint": True}
+    # a region boundary that lands on another or outside is dropped: its layer recomputes with the next
+    regions = sorted(
+        {c for c in (_next_matched(matched, c, num_nodes) for c in stage.recompute_cuts) if start < c < cut}
+    )
+    return {"recompute_end": cut, "recompute_cuts": regions}
 
 
 def _next_matched(matched: dict[int, int], index: int, default: int) -> int:

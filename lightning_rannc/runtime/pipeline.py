@@ -57,8 +57,9 @@ Grads = dict[torch.nn.Parameter, torch.Tensor | None]
 class SeededStage(torch.nn.Module):
     """Runs a stage module inside the random stream of the current micro-batch, optionally
     recomputing its activations in backward (activation checkpointing): all of them, or with
-    ``recomputed`` (selective checkpointing) those of that module, the stage's first layers,
-    whose outputs are ``module``'s inputs.
+    ``recomputed`` (selective checkpointing) those of these modules, the stage's first layers
+    one each, run in order under a checkpoint each; the last one's outputs are ``module``'s
+    inputs.
 
     The stage's random ops seed themselves from (seed, step, replica, micro-batch, node): see
     ``lightning_rannc/_rng.py``. A stage runs its forwards in micro-batch order under every
@@ -72,11 +73,11 @@ class SeededStage(torch.nn.Module):
         replica: int,
         device: torch.device,
         checkpoint: bool = False,
-        recomputed: torch.nn.Module | None = None,
+        recomputed: Sequence[torch.nn.Module] = (),
     ) -> None:
         super().__init__()
         self.module = module
-        self.recomputed = recomputed
+        self.recomputed = torch.nn.ModuleList(recomputed)
         self.replica = replica
         self.device = device
         self.checkpoint = checkpoint
@@ -92,19 +93,15 @@ class SeededStage(torch.nn.Module):
         self.microbatch += 1
         if self.checkpoint:
             return torch.utils.checkpoint.checkpoint(self._run, key, *args, use_reentrant=False)
-        if self.recomputed is not None:
-            kept = torch.utils.checkpoint.checkpoint(self._run_first, key, *args, use_reentrant=False)
-            return self._run(key, *kept)
+        for region in self.recomputed:
+            args = torch.utils.checkpoint.checkpoint(self._run, key, *args, module=region, use_reentrant=False)
         return self._run(key, *args)
 
-    def _run(self, key: tuple[int, ...], *args: Any) -> Any:
+    def _run(self, key: tuple[int, ...], *args: Any, module: torch.nn.Module | None = None) -> Any:
+        # Each region seeds its random ops from the node's index (``_rng.reseed``): recomputing
+        # one region draws the same masks as its forward, in whichever order regions recompute.
         with _rng.stream(key, self.device):
-            return self.module(*args)
-
-    def _run_first(self, key: tuple[int, ...], *args: Any) -> Any:
-        assert self.recomputed is not None
-        with _rng.stream(key, self.device):
-            return self.recomputed(*args)
+            return (module or self.module)(*args)
 
 
 class PipelineRuntime:
@@ -140,25 +137,20 @@ class PipelineRuntime:
         self._output_examples = [value.meta["val"] for value in graph.outputs]
         no_grad = set(plan.no_grad_values)
         fresh = plan.zero_bubble and not forward_only
-        # With selective checkpointing a stage is two modules: its first layers (recomputed in
-        # backward) and the rest, which takes the values crossing the cut between them.
+        # With selective checkpointing a stage is several modules: its first layers, one each
+        # (recomputed in backward), and the rest; each takes the values crossing the cut before it.
         own_stages = plan.stages_of_rank(rank)
         kept_from = [s.node_start if s.recompute_end is None else s.recompute_end for s in own_stages]
         self.modules = [
             build_range_module(graph, start, s.node_end, detach=no_grad, fresh_outputs=fresh)
             for start, s in zip(kept_from, own_stages)
         ]
-        recomputed = [
-            None
-            if s.recompute_end is None
-            else build_range_module(graph, s.node_start, s.recompute_end, detach=no_grad)
-            for s in own_stages
-        ]
+        recomputed = [_recomputed_regions(graph, s, no_grad) for s in own_stages]
         self._seeded = [
-            SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint, recomputed=first)
-            for module, first, s in zip(self.modules, recomputed, own_stages)
+            SeededStage(module, groups.dp_rank, device, checkpoint=s.checkpoint, recomputed=regions)
+            for module, regions, s in zip(self.modules, recomputed, own_stages)
         ]
-        self.modules += [first for first in recomputed if first is not None]
+        self.modules += [region for regions in recomputed for region in regions]
         # Replicas average gradients through DDP, which torch's stages drive: no_sync for every
         # micro-batch but the last, whose backward then all-reduces finished buckets while it
         # runs. Zero bubble splits that backward in two, and ZeRO-2 reduces each gradient to one
@@ -479,6 +471,14 @@ def _build_stage(
         output_args=_examples(graph.stage_outputs(stage.node_end), no_grad, device, forward_only),
         group=group,
     )
+
+
+def _recomputed_regions(graph: StepGraph, stage: StagePlan, no_grad: set[str]) -> list[fx.GraphModule]:
+    """The modules of a stage's selectively checkpointed layers, in order (none without)."""
+    if stage.recompute_end is None:
+        return []
+    bounds = [stage.node_start, *stage.recompute_cuts, stage.recompute_end]
+    return [build_range_module(graph, a, b, detach=no_grad) for a, b in zip(bounds, bounds[1:])]
 
 
 _SCHEDULES: dict[str, type[Any]] = {

@@ -54,6 +54,17 @@ RUNS: dict[int | str, list[dict]] = {
         # the optimizer state and step in host memory (here the device is the host: copies)
         _run("s1d2_offload", "gpt_full", pipeline_stages=1, zero_stage=1, offload_optimizer=True),
         _run("s2d1_offload", "gpt_full", pipeline_stages=2, offload_optimizer=True),
+        # data parallelism under a memory limit its activations exceed: the planner recomputes
+        # the first layers, each a checkpoint of its own (the whole stage as one would save nothing)
+        _run(
+            "s1d2_layers_recomputed",
+            "gpt_full",
+            pipeline_stages=1,
+            micro_batches=1,
+            zero_stage=1,
+            offload_optimizer=False,
+            memory_limit=1_800_000,
+        ),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
         _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
         _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
@@ -274,6 +285,14 @@ def test_an_offloaded_optimizer_steps_on_host_copies_of_its_share(pipelined, ref
         assert PartitionPlan.from_json(record["plan"]).offload_optimizer
         assert not record["optimizer_holds_module_params"]
     assert load_record(pipelined(2), "s1d2_1f1b", 0)["optimizer_holds_module_params"]
+
+
+def test_the_planner_recomputes_layers_one_at_a_time_where_data_parallelism_would_not_fit(pipelined) -> None:
+    plan = PartitionPlan.from_json(load_record(pipelined(2), "s1d2_layers_recomputed", 0)["plan"])
+    (stage,) = plan.stages
+    assert (plan.num_replicas, plan.num_microbatches) == (2, 1) and not stage.checkpoint
+    assert stage.recompute_end is not None and len(stage.recompute_cuts) >= 3  # the embedding, blocks.0, ...
+    assert "blocks.0" in stage.recompute_span and stage.memory["total"] <= 0.9 * 1_800_000
 
 
 def test_trace_shows_replicas_sharing_the_parameters_each_updated(pipelined) -> None:

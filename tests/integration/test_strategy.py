@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import warnings
@@ -87,17 +88,22 @@ def test_selective_checkpointing_recomputes_a_stages_first_layers_and_trains_as_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A plan recomputing the first half of its stage's blocks (forced: on this machine's memory
-    the search keeps every activation) gives plain Lightning's losses and weights, and that
-    half really runs again in backward: twice per micro-batch."""
+    the search keeps every activation) gives plain Lightning's losses and weights, and each of
+    those layers, a checkpoint region of its own, really runs again in backward: twice per
+    micro-batch."""
     from lightning_rannc.plan import search
     from lightning_rannc.runtime.pipeline import SeededStage
 
     monkeypatch.setattr(search._Layout, "least_recompute", lambda self, stage, i, j: (j - i) // 2)
-    runs: list[tuple[int, ...]] = []
-    first_layers = SeededStage._run_first
-    monkeypatch.setattr(
-        SeededStage, "_run_first", lambda self, key, *args: runs.append(key) or first_layers(self, key, *args)
-    )
+    runs: list[tuple[tuple[int, ...], int]] = []
+    run = SeededStage._run
+
+    def recording(self, key, *args, module=None):  # type: ignore[no-untyped-def]
+        if module is not None:  # a recomputed region, not the kept layers
+            runs.append((key, id(module)))
+        return run(self, key, *args, module=module)
+
+    monkeypatch.setattr(SeededStage, "_run", recording)
     ours, ref = tmp_path / "ours", tmp_path / "ref"
     ours.mkdir(), ref.mkdir()
     strategy = RaNNCStrategy(pipeline_stages=1, micro_batches=4, activation_checkpointing="auto")
@@ -108,8 +114,13 @@ def test_selective_checkpointing_recomputes_a_stages_first_layers_and_trains_as_
     stage = lightning_rannc.PartitionPlan.from_json(a["plan"]).stages[0]
     assert not stage.checkpoint and stage.node_start < (stage.recompute_end or 0) < stage.node_end
     assert stage.recompute_span and stage.recompute_span != stage.module_span
-    assert len(runs) == 2 * 4 * len(a["losses"])  # each micro-batch's forward and its recomputation
-    assert len(set(runs)) == 4 * len(a["losses"])  # the recomputation in the forward's random stream
+    regions = len(stage.recompute_cuts) + 1
+    assert regions >= 3  # a region per layer: the embedding, the position's addition, blocks.0 ...
+    counts = collections.Counter(runs)  # (micro-batch's random stream, region) -> runs
+    assert len(counts) == 4 * len(a["losses"]) * regions and set(counts.values()) == {1, 2}
+    # Each region recomputes in its forward's stream; only one whose ops save nothing for backward
+    # (the addition of the position embedding) never needs to.
+    assert len({region for (_, region), n in counts.items() if n == 2}) == regions - 1
     torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-5, atol=0)
     for key, value in b["final_state"].items():
         torch.testing.assert_close(a["final_state"][key], value, rtol=1e-5, atol=1e-5, msg=key)

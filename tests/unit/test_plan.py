@@ -225,10 +225,13 @@ def test_a_selective_cut_moves_with_its_stage_onto_another_capture() -> None:
     from lightning_rannc.runtime.evaluation import moved_stages
 
     plan = _plan()  # stages (0, 20) and (20, 50)
-    plan.stages[1] = dataclasses.replace(plan.stages[1], recompute_end=30, recompute_span="layers.2")
+    plan.stages[1] = dataclasses.replace(
+        plan.stages[1], recompute_end=30, recompute_cuts=[24], recompute_span="layers.2"
+    )
     shifted = {i: i + 5 for i in range(50)}  # five nodes more before every node
     moved = moved_stages(plan, shifted, 55)
     assert [(s.node_start, s.node_end, s.recompute_end) for s in moved] == [(0, 25, None), (25, 55, 35)]
+    assert moved[1].recompute_cuts == [29]  # each recomputed layer's region moves too
     collapsed = {i: (i if i < 20 else 40) for i in range(50)}  # nodes 20-49 all match node 40 on
     moved = moved_stages(plan, collapsed, 55)
-    assert moved[1].recompute_end is None and moved[1].checkpoint
+    assert moved[1].recompute_end is None and moved[1].checkpoint and moved[1].recompute_cuts == []

@@ -227,7 +227,8 @@ def test_tightening_the_limit_adds_stages_or_checkpointing() -> None:
         result = _search(blocks, tensors, memory_limit=limit, optimizer="adamw", virtual_stages=1)
         plan = result.plan
         assert all(s.memory["total"] <= 0.9 * limit for s in plan.stages)
-        pressure = (plan.pipeline_stages, sum(s.checkpoint for s in plan.stages), plan.num_microbatches)
+        recomputed = round(sum(s.recompute_ms for s in plan.stages), 6)  # whole stages or their first layers
+        pressure = (plan.pipeline_stages, recomputed, plan.num_microbatches)
         if previous is not None:
             assert pressure != previous[0] or plan.predicted_step_ms == pytest.approx(previous[1])
             assert pressure[0] >= previous[0][0] or pressure[1] > previous[0][1] or pressure[2] > previous[0][2]
@@ -577,10 +578,29 @@ def test_a_stage_that_needs_some_recomputation_recomputes_only_its_first_layers(
     assert all(s.memory["total"] <= 0.9 * 45 * 10**7 for s in plan.stages)
     assert first.bwd_ms == pytest.approx(7 * 2.0 * 2 + 1 * 1.0 * 2)  # 7 blocks' backward + 1 recomputed forward
     tighter = _search(blocks, tensors, **{**common, "memory_limit": 4 * 10**8}).plan.stages[0]
-    assert tighter.recompute_span == "layers.0-6"  # less memory, more layers recompute
+    assert tighter.recompute_span == "layers.0-5"  # less memory, more layers recompute (one region each)
+    assert tighter.recompute_cuts == list(range(1, 6))
     whole = _search(blocks, tensors, **{**common, "activation_checkpointing": True}).plan
     assert plan.predicted_step_ms < whole.predicted_step_ms
     assert PartitionPlan.from_json(plan.to_json()).stages[0].recompute_end == first.recompute_end
+
+
+def test_one_stage_fits_by_recomputing_its_layers_one_at_a_time() -> None:
+    """Data parallelism with one micro-batch: checkpointing the stage whole recomputes all its
+    activations at once and saves nothing, but each recomputed layer a checkpoint of its own
+    keeps only the layers' inputs and one layer's activations (per-layer checkpointing)."""
+    blocks, tensors = _uniform_model(16, 10**5, 10**7)  # 8 samples a replica: 8e7 bytes a layer
+    common = dict(pipeline_stages=1, micro_batches=1, optimizer="sgd", memory_limit=4 * 10**8)
+    plan = _search(blocks, tensors, **common).plan
+    stage = plan.stages[0]
+    assert (plan.pipeline_stages, plan.num_replicas) == (1, 8) and not stage.checkpoint
+    assert stage.recompute_span == "layers.0-12"  # the fewest: 4 layers' activations would not fit
+    assert stage.recompute_cuts == list(range(1, 13)) and stage.recompute_end == 13  # a region per layer
+    assert stage.memory["total"] <= 0.9 * 4 * 10**8
+    assert stage.recompute_ms == pytest.approx(13 * 1.0 * 8)
+    for refused in ({"activation_checkpointing": True}, {"selective_checkpointing": False}):
+        with pytest.raises(PlanError, match="does not fit"):
+            _search(blocks, tensors, **common, **refused)
 
 
 def test_the_optimizer_state_goes_to_the_host_only_where_nothing_fits_without() -> None:
