@@ -162,7 +162,10 @@ class PipelinedEvaluation:
             if not needed <= set(stage.tensor_names):
                 return None
         # No backward: nothing to recompute, and no 1F1B (the runtime runs a fill and drain).
-        stages = [dataclasses.replace(s, checkpoint=False, recompute_end=None, recompute_span="") for s in stages]
+        stages = [
+            dataclasses.replace(s, checkpoint=False, recompute_end=None, recompute_span="", recompute_cuts=[])
+            for s in stages
+        ]
         return dataclasses.replace(plan, stages=stages, num_microbatches=num_microbatches, no_grad_values=[])
 
 
