@@ -199,7 +199,7 @@ def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
 
 def _draw_row(axes: Any, row: int, operations: Sequence[Operation]) -> None:
     for kind in ("F", "B"):  # a zero-bubble backward's input ("I") and weight ("W") passes as backward
-        spans = [(start, end - start) for k, _, start, end in operations if ("B" if k in "IW" else k) == kind]
+        spans = [(start, end - start) for k, _, start, end in operations if ("B" if k in ("I", "W") else k) == kind]
         _draw_spans(axes, row, spans, kind)
 
 
