@@ -9,6 +9,7 @@ captured step (``profile/tensors.py``) without importing the search.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -117,6 +118,8 @@ def stage_memory(
     shard_gradients: bool = False,
     recomputed_bytes: int = 0,
     offload_optimizer: bool = False,
+    shard_parameters: bool = False,
+    largest_param_bytes: int = 0,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -151,7 +154,35 @@ def stage_memory(
             what the other layers keep per micro-batch in flight).
         offload_optimizer: the optimizer state and its step live in host memory: the device
             holds neither the state nor the step's temporaries.
+        shard_parameters: ZeRO-3: each replica holds ``1 / D`` of the trainable parameters and
+            of their gradients (reduced onto it micro-batch by micro-batch); the others are
+            gathered where they are used, so beside them live the parameter being used and one
+            gathered again in backward, and one micro-batch's gradient of it.
+        largest_param_bytes: the stage's largest trainable tensor (ZeRO-3's gathers).
     """
+    if shard_parameters:
+        # Costed as one replica holding 1 / D of the gradients plus one micro-batch's gradient
+        # of one parameter (before its reduce), then given its share of the parameters and state.
+        return dataclasses.replace(
+            stage_memory(
+                param_bytes=param_bytes,
+                trainable_bytes=trainable_bytes // num_replicas + largest_param_bytes,
+                activation_bytes=activation_bytes,
+                input_bytes=input_bytes,
+                output_bytes=output_bytes,
+                in_flight=in_flight,
+                num_microbatches=num_microbatches,
+                checkpoint=checkpoint,
+                optimizer_factor=0.0 if offload_optimizer else optimizer_factor,
+                workspace_bytes=workspace_bytes,
+                largest_trainable_bytes=largest_trainable_bytes,
+                accumulating=accumulating,
+                recomputed_bytes=recomputed_bytes,
+                offload_optimizer=offload_optimizer,
+            ),
+            params=param_bytes - trainable_bytes + trainable_bytes // num_replicas + 2 * largest_param_bytes,
+            optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / num_replicas),
+        )
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
         # buffers (``buffers``), which hold the input of every micro-batch in flight.

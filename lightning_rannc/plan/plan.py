@@ -26,7 +26,7 @@ __all__ = [
 
 _FORMAT_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-ZERO_STAGES = (0, 1, 2)
+ZERO_STAGES = (0, 1, 2, 3)
 """Optimizer-state layouts the runtime runs (``PartitionPlan.zero_stage``)."""
 
 
@@ -107,8 +107,10 @@ class PartitionPlan:
     zero_stage: int = 1
     """How replicas keep optimizer state: 1 split over them (ZeRO-1: gradients all-reduced, each
     updates its share and broadcasts it), 2 split with the gradients too (ZeRO-2: each replica's
-    gradients are reduced to the replica that updates them, the others free theirs), 0 each
-    keeps all of its stages' (as DDP: no broadcast, more memory)."""
+    gradients are reduced to the replica that updates them, the others free theirs), 3 split with
+    the parameters too (ZeRO-3: a parameter lives on the replica that updates it, the others
+    gather it where a micro-batch uses it and reduce its gradient onto it, ``runtime/zero3.py``),
+    0 each keeps all of its stages' (as DDP: no broadcast, more memory)."""
     offload_optimizer: bool = False
     """The optimizer state lives in host memory and the optimizer steps there: each step copies
     the parameters and gradients it updates to the host and the new parameters back."""
@@ -171,6 +173,11 @@ class PartitionPlan:
             raise PlanError(f"zero_stage must be one of {list(ZERO_STAGES)}, got {self.zero_stage}.")
         if self.virtual_stages < 1 or self.num_stages % self.virtual_stages:
             raise PlanError(f"{self.num_stages} stages cannot be run as {self.virtual_stages} virtual stages per rank.")
+        if self.zero_bubble and self.zero_stage == 3:
+            raise PlanError(
+                "zero_stage=3 runs with GPipe and (interleaved) 1F1B, not zero bubble: its weight pass would keep "
+                "every gathered parameter from the input pass. Use zero_stage=2, or zero_bubble=False."
+            )
         if self.zero_bubble and self.schedule == "gpipe":
             raise PlanError("zero_bubble refines 1F1B schedules, not GPipe: use schedule='1f1b' or 'interleaved_1f1b'.")
         if (self.virtual_stages > 1) != (self.schedule == "interleaved_1f1b"):

@@ -4,7 +4,7 @@ stage x optimizer offload.
 For every layout the device count allows (``S`` stages, ``D = N / S`` replicas), every
 micro-batch count ``M`` (each divisor of the replica's batch up to ``max_micro_batches``, each
 micro-batch at least ``min_micro_batch_size``), every stage count per rank (interleaving) and
-every ZeRO stage (0, 1, 2; offloaded to the host only where the state does not fit), an
+every ZeRO stage (0, 1, 2; 3 and offload to the host only where the state does not fit), an
 exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
 the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
 fit recomputes the activations of its fewest first layers that make it fit, or all of them, if
@@ -156,8 +156,10 @@ def _best_plan(
             for zero, offload in _memory_choices(settings, replicas):
                 if (stages, replicas, microbatches, virtual, zero, offload) in tried:
                     continue
-                if offload and settings.offload_optimizer is None and on_devices:
-                    continue  # offloading only adds transfers: tried where the state does not fit
+                if (offload or zero == 3) and on_devices and (offload or settings.zero_stage is None):
+                    # Offloading and ZeRO-3's gathers only add transfers: tried where the state
+                    # does not fit otherwise.
+                    continue
                 shape = (stages, replicas, microbatches, virtual)
                 layout = _make_layout(blocks, ranges, settings, shape, reference, zero, offload)
                 found = None if _state_exceeds_devices(layout) else _plan_layout(layout)
@@ -179,7 +181,9 @@ def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
     """Optimizer-state layouts to try: one replica has nothing to split."""
     if settings.zero_stage is not None:
         return [settings.zero_stage]
-    return [0, 1, 2] if replicas > 1 else [1]
+    if replicas == 1:
+        return [1]
+    return [0, 1, 2] if settings.zero_bubble else [0, 1, 2, 3]
 
 
 def _memory_choices(settings: SearchSettings, replicas: int) -> list[tuple[int, bool]]:
@@ -328,7 +332,7 @@ class _Layout:
         self.blocks = [b.scaled(factor) for b in blocks]
         self.zero_stage = zero_stage
         self.offload = offload
-        self.shards = shape[1] if zero_stage in (1, 2) else 1
+        self.shards = shape[1] if zero_stage in (1, 2, 3) else 1
         """Replicas the optimizer state is split over."""
         self.factor = factor
         self.ranges, self.settings = ranges, settings
@@ -362,7 +366,19 @@ class _Layout:
         backward recomputes the forward of the stage's first ``recompute`` blocks."""
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
         overhead = self.settings.device.action_overhead_ms
-        return fwd + overhead, bwd + self.recompute_ms(i, recompute) + overhead
+        gather = self.gather_ms(i, j)
+        return fwd + overhead + gather, bwd + self.recompute_ms(i, recompute) + overhead + 2 * gather
+
+    def gather_ms(self, i: int, j: int) -> float:
+        """ZeRO-3, per micro-batch and pass: the stage's parameters broadcast from their holders
+        (the forward's gather; backward gathers them again and reduces their gradients, twice
+        this). Not overlapped: the runtime gathers each parameter where it is used."""
+        if self.zero_stage != 3 or self.replicas == 1:
+            return 0.0
+        device = self.settings.device
+        bandwidth = device.link_bandwidth(self.stages * self.replicas > self.settings.devices_per_node) / 1e3
+        share = (self.replicas - 1) / self.replicas
+        return device.link_latency_ms + share * self.ranges.trainable_bytes[i][j] / bandwidth
 
     def per_layer(self, stage: int, i: int, recompute: int) -> bool:
         """Whether the first ``recompute`` blocks from block ``i`` recompute as one checkpoint
@@ -410,6 +426,10 @@ class _Layout:
             if self.per_layer(stage, i, recompute):
                 kept += int(self.regions.boundary_bytes(i, i + recompute))
                 recomputed = int(self.regions.largest(i, i + recompute))
+        if self.zero_stage == 3 and self.replicas > 1:
+            # Autocast casts a gathered parameter anew at each use (it caches casts of leaves
+            # only), and backward keeps the cast: one copy per micro-batch in flight.
+            copies *= self.in_flight[stage]
         return stage_memory(
             param_bytes=self.ranges.param_bytes[i][j] + copies,
             trainable_bytes=self.ranges.trainable_bytes[i][j],
@@ -422,7 +442,7 @@ class _Layout:
             recomputed_bytes=0 if whole else recomputed,
             optimizer_factor=self.optimizer_factor,
             num_replicas=self.replicas,
-            shard_optimizer=self.zero_stage in (1, 2),
+            shard_optimizer=self.zero_stage in (1, 2, 3),
             workspace_bytes=int(self.ranges.workspace_bytes[i][j] * self.factor),
             ddp=self.ddp,
             # torch's optimizers default to foreach (one temporary as large as the state) on GPUs,
@@ -432,13 +452,15 @@ class _Layout:
             accumulating=self.settings.accumulating,
             shard_gradients=self.zero_stage == 2 and self.replicas > 1,
             offload_optimizer=self.offload,
+            shard_parameters=self.zero_stage == 3 and self.replicas > 1,
+            largest_param_bytes=self.ranges.largest_trainable[i][j],
         )
 
     @property
     def ddp(self) -> bool:
         """The replicas average gradients through DDP, during the last backward
         (``runtime/pipeline.py``); zero bubble and ZeRO-2 exchange them after the schedule."""
-        return self.replicas > 1 and not self.settings.zero_bubble and self.zero_stage != 2
+        return self.replicas > 1 and not self.settings.zero_bubble and self.zero_stage not in (2, 3)
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> int | None:
         """For the DP: none of the stage's blocks recompute (0) or all of them (``j - i``: the
@@ -568,7 +590,10 @@ def _state_exceeds_devices(layout: _Layout) -> bool:
     search's cost) need not run. Most layouts of a huge model end here."""
     ranges, count = layout.ranges, len(layout.blocks)
     state = 0.0 if layout.offload else layout.optimizer_factor / layout.shards
-    least = ranges.param_bytes[0][count] + ranges.trainable_bytes[0][count] * (1 + state)
+    trainable = ranges.trainable_bytes[0][count]
+    # The parameters and their gradients, all of them, or with ZeRO-3 a replica's share.
+    held = trainable // layout.replicas if layout.zero_stage == 3 else trainable
+    least = ranges.param_bytes[0][count] - trainable + 2 * held + trainable * state
     return least > layout.stages * layout.settings.usable_memory
 
 
@@ -749,6 +774,7 @@ def _exchange_parts(layout: _Layout, i: int, j: int) -> tuple[float, float]:
     - ZeRO-1: DDP's all-reduce, then each replica broadcasts the shard it updated.
     - ZeRO-2: each replica's gradients reduced to their owner, after the schedule, then the
       broadcast: a reduce-scatter and an all-gather, the traffic of one all-reduce.
+    - ZeRO-3: nothing; its gathers and reduces run in every micro-batch (``_Layout.gather_ms``).
     - Zero bubble runs its all-reduce after the schedule too.
 
     The all-reduce is timed as measured at startup when it was, else as a ring over the links
@@ -766,6 +792,8 @@ def _exchange_parts(layout: _Layout, i: int, j: int) -> tuple[float, float]:
         allreduce = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
     else:
         allreduce = device.link_latency_ms + 2 * share * grads / bandwidth
+    if layout.zero_stage == 3:  # reduced during backward (``_Layout.gather_ms``); nothing to share after
+        return 0.0, 0.0
     if layout.zero_stage == 2:
         return 0.0, allreduce + device.link_latency_ms
     broadcast = device.link_latency_ms + share * grads / bandwidth if layout.zero_stage == 1 else 0.0

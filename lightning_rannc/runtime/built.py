@@ -71,6 +71,16 @@ class Ownership:
     """This rank's trainable tensors another replica's optimizer updates."""
     layouts: dict[int, list[list[str]]] = field(default_factory=dict)
     """Per optimizer: the canonical names of each parameter group's full parameter list."""
+    holders: dict[str, int] = field(default_factory=dict)
+    """ZeRO-3: each parameter of this rank's stages -> the one replica holding it (the others
+    gather it where they use it, ``runtime/zero3.py``)."""
+    elsewhere: set[str] = field(default_factory=set)
+    """ZeRO-3: this rank's parameters another replica holds (meta tensors here)."""
+
+    @property
+    def held(self) -> set[str]:
+        """The tensors whose values this rank keeps."""
+        return (self.local - self.elsewhere) | self.owned
 
 
 class BuiltPipeline:
@@ -129,11 +139,11 @@ class BuiltPipeline:
         values = runtime.run(batch.leaves, self.seed, self.steps, loss_scale, keep_grads=not window_starts)
         if self.reference is not None:
             grads = {self.ownership.names[id(p)]: g for p, g in runtime.pending_grads().items()}
-            if self.plan.zero_stage == 2:  # each replica compares the gradients it holds
+            if self.plan.zero_stage in (2, 3):  # each replica compares the gradients it holds
                 grads = {n: g for n, g in grads.items() if self.ownership.optimizer_owner.get(n) == self.groups.dp_rank}
             reference, self.reference = self.reference, None
             scale = float(loss_scale)  # once, at the first step
-            compared = set(grads) if self.plan.zero_stage == 2 else None
+            compared = set(grads) if self.plan.zero_stage in (2, 3) else None
             check_against_reference(
                 reference, float(values[0]), grads, self.groups, self._verify_tolerance, scale, compared
             )
@@ -180,6 +190,7 @@ class BuiltPipeline:
             num_scalar_outputs=first_tensor,
             reductions=captured.output_reductions,
             owners=self.ownership.optimizer_owner,
+            holders=self.ownership.holders,
         )
         variants = self.runtimes.setdefault(key, Variants(named))
         return variants.add(captured if captured is self.captured else _without_tensors(captured), runtime)
@@ -251,12 +262,12 @@ class BuiltPipeline:
         """Clip this rank's gradients by the norm over the whole model (all stages). Collective."""
         first_holder = _first_holders(self.plan)
         tensors = self.captured.tensors
-        params = {n: tensors[n] for n in sorted(self.ownership.local) if n in tensors}
+        params = {n: tensors[n] for n in sorted(self.ownership.held) if n in tensors}
         counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank]
-        if self.plan.zero_stage != 2:
+        if self.plan.zero_stage not in (2, 3):
             return clip_grad_norm(list(params.values()), counted, max_norm, self.groups.pp_group, self.device)
-        # ZeRO-2: each replica holds its share of the gradients only; the shares of all ranks
-        # make the model's norm.
+        # ZeRO-2 and 3: each replica holds its share of the gradients only; the shares of all
+        # ranks make the model's norm.
         own, owner = self.groups.dp_rank, self.ownership.optimizer_owner
         counted = [p for n, p in params.items() if first_holder.get(n) == self.groups.pp_rank and owner.get(n) == own]
         return clip_grad_norm(list(params.values()), counted, max_norm, None, self.device)
@@ -272,8 +283,11 @@ class BuiltPipeline:
     def after_optimizer_step(self) -> None:
         """Share the parameters each replica updated with the others (sharded optimizer state)."""
         if self.groups.num_replicas > 1:
+            # ZeRO-3's parameters stay on the replica that updated them.
+            owner, holders = self.ownership.optimizer_owner, self.ownership.holders
+            shared = {n: r for n, r in owner.items() if n not in holders}
             with self._span("updated parameters shared by replicas"):
-                broadcast_from_owners(self.captured.tensors, self.ownership.optimizer_owner, self.groups)
+                broadcast_from_owners(self.captured.tensors, shared, self.groups)
         # Lightning's zero_grad only reaches parameters in the optimizer; the others' gradients
         # (kept for the gradient norm) must not leak into the next accumulation window.
         for name in self.ownership.updated_elsewhere:
@@ -289,11 +303,17 @@ class BuiltPipeline:
         keep = {n for n in owner.local if owner.optimizer_owner.get(n, own) == own}
         owner.updated_elsewhere = sorted(set(owner.optimizer_owner) - keep)
         for index, optimizer in enumerate(optimizers):
-            # Parameters materialised from the meta device are new objects: put them in the groups.
+            # Parameters materialised from the meta device (and ZeRO-3's stand-ins for those other
+            # replicas hold) are new objects: put them in the groups, with any state loaded for
+            # the old ones.
             for group in optimizer.param_groups:
-                group["params"] = [self.captured.tensors.get(owner.names[id(p)], p) for p in group["params"]]
+                current = [self.captured.tensors.get(owner.names[id(p)], p) for p in group["params"]]
+                for old, new in zip(group["params"], current):
+                    if new is not old and old in optimizer.state:
+                        optimizer.state[new] = optimizer.state.pop(old)
+                group["params"] = current
             owner.layouts[index] = keep_local_params(optimizer, owner.names, keep)
-        owner.names = {i: n for i, n in owner.names.items() if n in owner.local | owner.owned}
+        owner.names = {i: n for i, n in owner.names.items() if n in owner.held}
         if self.plan.offload_optimizer:
             names = dict(owner.names)
             self.offloaded = [HostOptimizer(optimizer, names) for optimizer in optimizers]
@@ -320,7 +340,7 @@ class BuiltPipeline:
 
     def apply_pending_loads(self) -> None:
         """Load what ``load_pretrained`` (or a checkpoint) noted into the tensors this rank holds."""
-        held = self.ownership.local | self.ownership.owned
+        held = self.ownership.held
         current = module_tensors(self.module)
         targets = {n: t for n, t in current.items() if n in held and not t.is_meta}
         apply_pending_loads(self.module, self.captured.aliases, targets)
@@ -339,7 +359,7 @@ class BuiltPipeline:
 
     def release(self) -> None:
         """Free every tensor this rank does not hold (they become meta tensors in the module)."""
-        release_tensors(self.module, self.captured.aliases, self.ownership.local | self.ownership.owned)
+        release_tensors(self.module, self.captured.aliases, self.ownership.held)
 
     def materialize(self) -> None:
         """Give every rank the whole module again (for evaluation and after fit). Collective."""

@@ -160,7 +160,11 @@ class PipelineEngine:
             reference = self._reference_step(graph, batch, runtime.plan, names, seed, sum_loss, scale)
             pipeline.reference = reference
         # Drop every reference to other stages' tensors, or freeing them would free nothing.
-        captured.forget_tensors_except(ownership.local | ownership.owned)
+        captured.forget_tensors_except(ownership.held)
+        # ZeRO-3: another replica holds these; stages built later take their shape from here.
+        placeholders = {n: _meta_like(graph.tensors[n]) for n in sorted(ownership.elsewhere)}
+        captured.tensors.update(placeholders)
+        ownership.names.update({id(t): n for n, t in placeholders.items()})
         _log_plan(plan, self.rank)
         self.pipeline = pipeline
         pipeline.restrict_optimizers(optimizers)
@@ -221,21 +225,37 @@ class PipelineEngine:
 
     def _ownership(self, plan: PartitionPlan, captured: CapturedStep, trainable: set[str]) -> Ownership:
         local = {n for s in plan.stages_of_rank(self.rank) for n in s.tensor_names}
-        # Into a gathered state dict: its stages' tensors from the first replica; tensors no stage
-        # uses stay on rank 0.
-        canonical = set(captured.aliases.values())
-        owned = canonical & local if self.groups.dp_rank == 0 else set()
-        if self.rank == 0:
-            owned |= canonical - {n for s in plan.stages for n in s.tensor_names}
         sizes = {n: captured.tensors[n].numel() for n in sorted(local & trainable)}
         # ZeRO-0: every replica updates all of its stages' parameters, as DDP (nothing to share).
-        sharded = plan.zero_stage in (1, 2)
+        sharded = plan.zero_stage in (1, 2, 3)
+        optimizer_owner = shard_over_replicas(sizes, plan.num_replicas) if sharded else {}
+        holders = self._zero3_holders(plan, optimizer_owner, sizes)
+        own = self.groups.dp_rank
+        # Into a gathered state dict: its stages' tensors from the first replica (ZeRO-3's from
+        # their holder); tensors no stage uses stay on rank 0.
+        canonical = set(captured.aliases.values())
+        owned = canonical & (local - set(holders)) if own == 0 else set()
+        owned |= {n for n, replica in holders.items() if replica == own}
+        if self.rank == 0:
+            owned |= canonical - {n for s in plan.stages for n in s.tensor_names}
         return Ownership(
             local=local,
             owned=owned,
-            optimizer_owner=shard_over_replicas(sizes, plan.num_replicas) if sharded else {},
+            optimizer_owner=optimizer_owner,
             names={id(t): n for n, t in captured.tensors.items()},
+            holders=holders,
+            elsewhere={n for n, replica in holders.items() if replica != own},
         )
+
+    def _zero3_holders(
+        self, plan: PartitionPlan, optimizer_owner: dict[str, int], sizes: dict[str, int]
+    ) -> dict[str, int]:
+        """ZeRO-3: each parameter is held by the replica that updates it. Not those tied across
+        stages (their copies are summed over stages first, ``runtime/zero3.py``), nor empty ones."""
+        if plan.zero_stage != 3 or plan.num_replicas == 1:
+            return {}
+        tied = {n for _, names in self.groups.tied for n in names}
+        return {n: r for n, r in optimizer_owner.items() if n not in tied and sizes[n] > 0}
 
     def _materialize_own_tensors(
         self, captured: CapturedStep, graph: StepGraph, ownership: Ownership, seed: int, keep_sources: bool
@@ -244,7 +264,9 @@ class PipelineEngine:
         then load what ``load_pretrained`` or a checkpoint noted for them."""
         tensors, own = captured.tensors, module_tensors(self.module)
         self._check_not_partitioned_before(own)
-        names = sorted(n for n in ownership.local | ownership.owned if n in own)
+        # ZeRO-3: only what this replica holds, unless the first step is verified unpartitioned.
+        held = ownership.local | ownership.owned if self.options.config.verify else ownership.held
+        names = sorted(n for n in held if n in own)
         empty = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=self.device) for n in names}
         install_tensors(self.module, captured.aliases, empty, self.device)
         initialize_tensors(self.module, captured.aliases, names, seed, self.device)
@@ -330,3 +352,8 @@ def _log_is_a_terminal() -> bool:
         return not is_file and stream is not None and hasattr(stream, "isatty") and stream.isatty()
 
     return bool(handlers) and all(to_terminal(h) for h in handlers)
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta

@@ -146,6 +146,7 @@ class PipelinedEvaluation:
             pipeline.groups,
             forward_only=True,
             reductions=captured.output_reductions,
+            holders=pipeline.ownership.holders,
         )
         captured.forget_tensors_except(set())
         return captured, runtime

@@ -47,6 +47,7 @@ from lightning_rannc.errors import RuntimeSetupError
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.trace import EventTrace
+from lightning_rannc.runtime.zero3 import GatheredParams, gather_in_graph
 
 __all__ = ["PipelineRuntime", "SeededStage", "microbatch_indices"]
 
@@ -74,9 +75,11 @@ class SeededStage(torch.nn.Module):
         device: torch.device,
         checkpoint: bool = False,
         recomputed: Sequence[torch.nn.Module] = (),
+        gathered: GatheredParams | None = None,
     ) -> None:
         super().__init__()
         self.module = module
+        self.gathered = gathered
         self.recomputed = torch.nn.ModuleList(recomputed)
         self.replica = replica
         self.device = device
@@ -89,6 +92,15 @@ class SeededStage(torch.nn.Module):
         self.seed, self.step, self.microbatch = seed, step, 0
 
     def forward(self, *args: Any) -> Any:
+        if self.gathered is None:
+            return self._forward(*args)
+        try:
+            with self.gathered.saving():
+                return self._forward(*args)
+        finally:
+            self.gathered.forward_done()
+
+    def _forward(self, *args: Any) -> Any:
         key = (self.seed, self.step, self.replica, self.microbatch)
         self.microbatch += 1
         if self.checkpoint:
@@ -119,9 +131,11 @@ class PipelineRuntime:
         num_scalar_outputs: int | None = None,
         reductions: Mapping[int, Reduction] | None = None,
         owners: Mapping[str, int] | None = None,
+        holders: Mapping[str, int] | None = None,
     ) -> None:
         """``owners``: trainable tensor -> the replica whose optimizer updates it (with ZeRO-2,
-        where its gradient is reduced to)."""
+        where its gradient is reduced to). ``holders``: ZeRO-3's parameters -> the replica
+        holding each (``runtime/zero3.py``); the others gather them where they are used."""
         self.plan = plan
         self._trace = trace
         self.device = device
@@ -151,12 +165,17 @@ class PipelineRuntime:
             for module, regions, s in zip(self.modules, recomputed, own_stages)
         ]
         self.modules += [region for regions in recomputed for region in regions]
+        self._gathered = GatheredParams(holders, groups, device) if holders else None
+        if self._gathered is not None:
+            gathering = [gather_in_graph(module, self._gathered, holders or {}) for module in self.modules]
+            for seeded in self._seeded:
+                seeded.gathered = self._gathered if any(gathering) else None
         # Replicas average gradients through DDP, which torch's stages drive: no_sync for every
         # micro-batch but the last, whose backward then all-reduces finished buckets while it
         # runs. Zero bubble splits that backward in two, and ZeRO-2 reduces each gradient to one
         # replica only: there the exchange follows the schedule.
         self._ddp = groups.num_replicas > 1 and dist.is_initialized() and not forward_only
-        self._ddp = self._ddp and not plan.zero_bubble and plan.zero_stage != 2
+        self._ddp = self._ddp and not plan.zero_bubble and plan.zero_stage not in (2, 3)
         submodules = [
             _replicated(seeded, groups, device) if self._ddp and _trains(seeded) else seeded for seeded in self._seeded
         ]
@@ -173,19 +192,20 @@ class PipelineRuntime:
         self._outputs: list[list[torch.Tensor]] = []
         self._pending: Grads = {}
         self._loss_scale: float | torch.Tensor = 1.0
-        self._params = list({id(p): p for m in self.modules for p in m.parameters() if p.requires_grad}.values())
+        # Not ZeRO-3's meta stand-ins for parameters other replicas hold: they get no gradient.
+        trained = (p for m in self.modules for p in m.parameters() if p.requires_grad and not p.is_meta)
+        self._params = list({id(p): p for p in trained}.values())
         by_name = {n: p for m in self.modules for n, p in m.named_parameters() if p.requires_grad}
         # In the group's order (the same on every rank), not this rank's parameter order: the
         # flat buffers of the ranks are summed element by element.
         self._tied = [(group, [by_name[n] for n in tied if n in by_name]) for group, tied in groups.tied]
         # ZeRO-2: each replica's share of the gradients, by name (the same order on every replica).
-        sharded = plan.zero_stage == 2 and groups.num_replicas > 1 and dist.is_initialized()
+        # ZeRO-3's gathered parameters have theirs reduced during backward.
+        sharded = plan.zero_stage in (2, 3) and groups.num_replicas > 1 and dist.is_initialized()
         self._shares: list[list[torch.nn.Parameter]] = []
         if sharded and owners is not None:
-            self._shares = [
-                [by_name[n] for n in sorted(owners) if owners[n] == r and n in by_name]
-                for r in range(groups.num_replicas)
-            ]
+            reduced = [n for n in sorted(owners) if n in by_name and n not in (holders or {})]
+            self._shares = [[by_name[n] for n in reduced if owners[n] == r] for r in range(groups.num_replicas)]
 
     @property
     def is_first(self) -> bool:
@@ -228,6 +248,8 @@ class PipelineRuntime:
         del taken
         args, kwargs = self._start(leaves, seed, step, loss_scale)
         self.schedule.step(*args, **kwargs)
+        if self._gathered is not None:
+            self._gathered.step_done()
         pending = self._take_grads()
         for param, grad in held.items():
             param.grad = grad

@@ -45,6 +45,14 @@ def _runs(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             }
             for kind in KINDS[1:]
         ),  # fmt: skip
+        # two replicas of one stage, each parameter held by one (ZeRO-3); every rank reads every batch
+        {
+            "label": "zero3_llama",
+            "kind": "llama",
+            "pretrained": str(folder / "llama"),
+            "build": "configure_model",
+            "strategy": {"pipeline_stages": 1, "zero_stage": 3},
+        },
         {
             "label": "half",
             **gpt2,
@@ -147,6 +155,18 @@ def test_a_transformers_model_built_on_the_meta_device_trains_from_pretrained_we
         assert {f"model.{key}" for key in record["read"]} <= set(record["held"]) | _tied(ref, record)
     _assert_partitioned(records, ref)
     assert len(set(ref["losses"])) == 6  # the reference trained: every step's loss differs
+
+
+def test_a_transformers_model_on_the_meta_device_under_zero_3_holds_each_parameter_on_one_replica(
+    runs: Path,
+) -> None:
+    ref = _record(runs, "ref_llama")
+    records = [_record(runs, "zero3_llama", rank) for rank in range(2)]
+    for record in records:
+        assert record["stages"] == 1
+        _assert_same_training(record, ref)  # both replicas read the same batches: one process's numbers
+        assert {f"model.{key}" for key in record["read"]} <= set(record["held"])
+    _assert_partitioned(records, ref)
 
 
 def test_a_meta_device_module_validated_before_fit_is_planned_again_from_its_pretrained_weights(runs: Path) -> None:

@@ -506,6 +506,48 @@ def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() ->
     assert plan.plan.zero_stage == 0  # the broadcast over slow links costs more than the whole update
 
 
+def test_zero_3_is_chosen_where_only_sharded_parameters_fit_and_costs_its_gathers() -> None:
+    """ZeRO-3 only adds transfers (each micro-batch gathers the stage's parameters twice and
+    reduces their gradients), so the search tries it where no other ZeRO stage fits a shape."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 1.6 GB of parameters, AdamW
+    common = dict(pipeline_stages=1, optimizer="adamw", offload_optimizer=False, micro_batches=2)
+    tight = _search(blocks, tensors, memory_limit=3 * 10**9, **common)
+    tried = {c.zero_stage: c.step_ms for c in tight.candidates}
+    assert tried[2] is None and tight.plan.zero_stage == 3  # the parameters alone leave no room
+    assert tight.plan.stages[0].memory["params"] == 1.6 * 10**9 / 8 + 2 * 10**8  # 1/8 of them, two gathered
+    with pytest.raises(PlanError):
+        _search(blocks, tensors, memory_limit=3 * 10**9, zero_stage=2, **common)
+    roomy = _search(blocks, tensors, memory_limit=10**12, **common)
+    assert 3 not in {c.zero_stage for c in roomy.candidates} and roomy.plan.zero_stage != 3
+    forced = _search(blocks, tensors, memory_limit=10**12, zero_stage=3, **common).plan
+    zero2 = _search(blocks, tensors, memory_limit=10**12, zero_stage=2, **common).plan
+    assert forced.predicted_exchange_ms == 0.0  # nothing left to exchange after the schedule...
+    assert forced.predicted_step_ms > zero2.predicted_step_ms  # ...for three transfers per micro-batch
+    with pytest.raises(PlanError, match="zero bubble"):
+        _search(blocks, tensors, memory_limit=10**12, zero_stage=3, zero_bubble=True, **common)
+
+
+def test_zero_3_holds_one_share_of_the_parameters_their_gradients_and_state() -> None:
+    common = dict(
+        param_bytes=8 * 10**8 + 10**6,  # and a buffer
+        trainable_bytes=8 * 10**8,
+        activation_bytes=10**6,
+        input_bytes=0,
+        output_bytes=0,
+        in_flight=1,
+        num_microbatches=4,
+        checkpoint=False,
+        optimizer_factor=2.0,
+        num_replicas=4,
+    )
+    zero2 = stage_memory(**common, shard_gradients=True)  # type: ignore[arg-type]
+    zero3 = stage_memory(**common, shard_parameters=True, largest_param_bytes=10**7)  # type: ignore[arg-type]
+    assert zero3.params == 2 * 10**8 + 10**6 + 2 * 10**7  # a share, the buffer, two gathered
+    assert zero3.optimizer == zero2.optimizer == 4 * 10**8
+    assert zero3.grads <= 2 * (2 * 10**8 + 10**7)  # a share (and the optimizer step's temporary)
+    assert zero3.total < zero2.total - 8 * 10**8
+
+
 def test_zero_2_keeps_one_share_of_the_gradients_after_the_schedule() -> None:
     """With accumulation, ZeRO-2's window holds 1/D of the gradients; its reduction to the owners
     holds every gradient and one share's flat copy at once."""
