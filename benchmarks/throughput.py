@@ -39,6 +39,8 @@ RUNS = {
     "rannc_s1_d2_zero0": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 0}),
     "rannc_s1_d2_zero1": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 1}),
     "rannc_s1_d2_zero2": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 2}),
+    # 3: each parameter on one replica, gathered where a micro-batch uses it
+    "rannc_s1_d2_zero3": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 3}),
     # what a user forces where memory binds: recompute activations, or smaller micro-batches
     "rannc_s1_d2_ckpt": (2, {"pipeline_stages": 1, "micro_batches": 1, "activation_checkpointing": True}),
     "rannc_s1_d2_m8_zero2": (2, {"pipeline_stages": 1, "micro_batches": 8, "zero_stage": 2}),
@@ -130,8 +132,9 @@ def _memory(trainer, model) -> list[int]:
 
     plan = getattr(trainer.strategy, "plan", None)
     params = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
-    if plan is not None:  # after fit the module was gathered again: count the stage's
+    if plan is not None:  # after fit the module was gathered again: count the stage's (ZeRO-3: held)
         local = {name for stage in plan.stages_of_rank(trainer.global_rank) for name in stage.tensor_names}
+        local -= trainer.strategy.engine.pipeline.ownership.elsewhere
         params = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in local)
     state = trainer.optimizers[0].state.values()
     optimizer = sum(t.numel() * t.element_size() for s in state for t in s.values() if torch.is_tensor(t) and t.dim())

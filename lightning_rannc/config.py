@@ -79,7 +79,8 @@ class RaNNCConfig:
         "(ZeRO-3: each parameter lives on one replica, which the others gather it from wherever a micro-batch "
         "uses it, reducing its gradient back: ZeRO-1's traffic of a step, in every micro-batch; not with zero "
         'bubble), `0` whole on each (as `ddp`: no broadcast, more memory); `"auto"`: per plan, the fastest that '
-        "fits (ZeRO-3 only where no other ZeRO stage fits)",
+        "fits (ZeRO-3 only for one stage and the next shallower pipeline than the best plan without it, or where "
+        "nothing else fits)",
     )
     offload_optimizer: bool | str = _option(
         "auto",

@@ -4,7 +4,8 @@ stage x optimizer offload.
 For every layout the device count allows (``S`` stages, ``D = N / S`` replicas), every
 micro-batch count ``M`` (each divisor of the replica's batch up to ``max_micro_batches``, each
 micro-batch at least ``min_micro_batch_size``), every stage count per rank (interleaving) and
-every ZeRO stage (0, 1, 2; 3 and offload to the host only where the state does not fit), an
+every ZeRO stage (0, 1, 2; offload to the host only where the state does not fit; 3 after
+them, for the next shallower pipeline than the best plan and one stage, ``_with_zero3``), an
 exact dynamic program (``solver.min_max_partition``) splits the blocks into ``S`` stages with
 the smallest bottleneck among the splits whose every stage fits in memory; a stage that does not
 fit recomputes the activations of its fewest first layers that make it fit, or all of them, if
@@ -129,7 +130,9 @@ def search_plan(
     candidates: list[Candidate] = []
     best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
     if best is None and _widened(settings) is not None:
-        best = _best_plan(blocks, ranges, _widened(settings) or settings, reference_microbatch_size, candidates)
+        settings = _widened(settings) or settings
+        best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
+    best = _with_zero3(blocks, ranges, settings, reference_microbatch_size, candidates, best)
     if best is None:
         raise _infeasible(blocks, ranges, settings, reference_microbatch_size, candidates)
     plan, times = best
@@ -138,28 +141,65 @@ def search_plan(
     return SearchResult(plan=plan, times=times, candidates=candidates)
 
 
+def _with_zero3(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    reference: int,
+    candidates: list[Candidate],
+    best: tuple[PartitionPlan, ScheduleTimes] | None,
+) -> tuple[PartitionPlan, ScheduleTimes] | None:
+    """``best``, or where the search chooses the ZeRO stage, a faster plan with ZeRO-3. Its
+    gathers only add transfers, so it can win only by fitting a shallower pipeline than
+    ``best`` (fewer stages, more replicas): the next shallower layout and pure data
+    parallelism are tried, without interleaving (every layout when nothing fits). Trying every
+    shallower one made a BERT-77b search 82 s instead of 49, with interleaving 66 s."""
+    if settings.zero_stage is not None or settings.zero_bubble:
+        return best
+    layouts = [s for s, _ in _layouts(settings, len(blocks))]
+    if best is None:
+        stages = set(layouts)
+    else:
+        shallower = [s for s in layouts if s < best[0].pipeline_stages]
+        stages = {max(shallower), 1} if shallower else set()
+    sharded = _best_plan(blocks, ranges, settings, reference, candidates, zero3_stages=stages) if stages else None
+    if sharded is None or best is None:
+        return sharded or best
+    return sharded if _ms_per_sample(settings, sharded[0]) < _ms_per_sample(settings, best[0]) else best
+
+
+def _ms_per_sample(settings: SearchSettings, plan: PartitionPlan) -> float:
+    return plan.predicted_step_ms / (_replica_batch(settings, plan.num_replicas) * plan.num_replicas)
+
+
 def _best_plan(
     blocks: Sequence[BlockCost],
     ranges: _RangeTables,
     settings: SearchSettings,
     reference: int,
     candidates: list[Candidate],
+    zero3_stages: set[int] | None = None,
 ) -> tuple[PartitionPlan, ScheduleTimes] | None:
     """The fastest plan per sample over every layout and pipeline shape; each shape tried is
-    added to ``candidates``."""
+    added to ``candidates``. ``zero3_stages``: only ZeRO-3, on layouts of these stage counts
+    (see ``_with_zero3``); else ZeRO-3 only where forced."""
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
     tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage, c.offload) for c in candidates}
     for stages, replicas in _layouts(settings, len(blocks)):
+        if zero3_stages is not None and (stages not in zero3_stages or replicas == 1):
+            continue
         for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
+            if zero3_stages is not None and virtual > 1:
+                continue  # interleaving would gather every parameter once more per stage a rank runs
             fits = False
             on_devices: set[int] = set()  # ZeRO stages that fit this shape without offload
-            for zero, offload in _memory_choices(settings, replicas):
+            zero3 = [(3, settings.offload_optimizer is True)]
+            choices = zero3 if zero3_stages is not None else _memory_choices(settings, replicas)
+            for zero, offload in choices:
                 if (stages, replicas, microbatches, virtual, zero, offload) in tried:
                     continue
-                if (offload or zero == 3) and on_devices and (offload or settings.zero_stage is None):
-                    # Offloading and ZeRO-3's gathers only add transfers: tried where the state
-                    # does not fit otherwise.
-                    continue
+                if offload and settings.offload_optimizer is None and on_devices:
+                    continue  # offloading only adds transfers: tried where the state does not fit
                 shape = (stages, replicas, microbatches, virtual)
                 layout = _make_layout(blocks, ranges, settings, shape, reference, zero, offload)
                 found = None if _state_exceeds_devices(layout) else _plan_layout(layout)
@@ -181,9 +221,7 @@ def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
     """Optimizer-state layouts to try: one replica has nothing to split."""
     if settings.zero_stage is not None:
         return [settings.zero_stage]
-    if replicas == 1:
-        return [1]
-    return [0, 1, 2] if settings.zero_bubble else [0, 1, 2, 3]
+    return [0, 1, 2] if replicas > 1 else [1]
 
 
 def _memory_choices(settings: SearchSettings, replicas: int) -> list[tuple[int, bool]]:
@@ -284,6 +322,10 @@ def _schedule(settings: SearchSettings, stages: int, microbatches: int, virtual:
     return "1f1b" if microbatches >= stages or settings.zero_bubble else "gpipe"
 
 
+_GATHER_HOST_OPS = 4
+"""Host operations of one ZeRO-3 unit's gather (allocate, copy on the holder, broadcast, split)."""
+
+
 class _RangeTables:
     """Per block range ``i .. j-1``: parameter bytes and trainable bytes (a tensor used by
     several blocks of the range counts once), and the largest workspace."""
@@ -299,8 +341,11 @@ class _RangeTables:
         """The largest trainable tensor's bytes (a per-tensor optimizer's temporaries)."""
         self.weight_copies = _prefix([b.weight_copy_bytes for b in blocks])
         """Prefix sums of the blocks' half-precision parameter copies (shared by micro-batches)."""
+        self.trainable_tensors = [[(0, 0)] * (count + 1) for _ in range(count)]
+        """(trainable tensors, layers they are in): ZeRO-3 gathers them a layer and holder at a time."""
         for i in range(count):
             seen: set[str] = set()
+            layers: set[str] = set()
             total = trainable = workspace = largest = 0
             for j in range(i, count):
                 workspace = max(workspace, blocks[j].workspace_bytes)
@@ -312,8 +357,10 @@ class _RangeTables:
                         if name in tensors.trainable:
                             trainable += tensors.nbytes[name]
                             largest = max(largest, tensors.nbytes[name])
+                            layers.add(layer_of(name))
                 self.param_bytes[i][j + 1], self.trainable_bytes[i][j + 1] = total, trainable
                 self.largest_trainable[i][j + 1] = largest
+                self.trainable_tensors[i][j + 1] = (sum(1 for n in seen if n in tensors.trainable), len(layers))
 
 
 class _Layout:
@@ -371,14 +418,23 @@ class _Layout:
 
     def gather_ms(self, i: int, j: int) -> float:
         """ZeRO-3, per micro-batch and pass: the stage's parameters broadcast from their holders
-        (the forward's gather; backward gathers them again and reduces their gradients, twice
-        this). Not overlapped: the runtime gathers each parameter where it is used."""
+        (the forward's gathers; backward gathers them again and reduces their gradients, twice
+        this). The runtime gathers a unit at a time (a layer's tensors with one holder: about
+        ``min(tensors, layers x D)`` of them), where the graph first uses it, not overlapped;
+        each unit is a broadcast's latency plus host work like a pipeline action's (on the
+        2-core CPU about 0.8 ms a unit)."""
         if self.zero_stage != 3 or self.replicas == 1:
             return 0.0
         device = self.settings.device
         bandwidth = device.link_bandwidth(self.stages * self.replicas > self.settings.devices_per_node) / 1e3
         share = (self.replicas - 1) / self.replicas
-        return device.link_latency_ms + share * self.ranges.trainable_bytes[i][j] / bandwidth
+        tensors, layers = self.ranges.trainable_tensors[i][j]
+        units = min(tensors, layers * self.replicas)
+        # A broadcast's latency: a tree of point-to-point messages (not the all-reduce's fitted
+        # latency: two sizes timed on busy cores scatter from 0.4 to 3 ms here).
+        latency = device.link_latency_ms * math.ceil(math.log2(self.replicas))
+        per_unit = latency + device.action_overhead_ms + _GATHER_HOST_OPS * device.op_overhead_ms
+        return units * per_unit + share * self.ranges.trainable_bytes[i][j] / bandwidth
 
     def per_layer(self, stage: int, i: int, recompute: int) -> bool:
         """Whether the first ``recompute`` blocks from block ``i`` recompute as one checkpoint
@@ -902,7 +958,7 @@ def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: Searc
     if math.isfinite(needed):
         remedies.append(f"devices with at least {_gib(needed)} each (with a {settings.memory_margin:.0%} margin)")
     largest = settings.replica_batch_size or settings.global_batch_size
-    relaxed: dict[str, dict[str, object]] = {
+    relaxations: dict[str, dict[str, object]] = {
         "micro_batches": dict(micro_batches=None, max_micro_batches=largest),
         "activation_checkpointing": dict(activation_checkpointing=None),
         "zero_stage": dict(zero_stage=None),
@@ -910,10 +966,12 @@ def _remedies(blocks: Sequence[BlockCost], ranges: _RangeTables, settings: Searc
         "pipeline_stages": dict(pipeline_stages=None),
         "replicas": dict(replicas=None),
     }
-    for name, changes in relaxed.items():
+    for name, changes in relaxations.items():
         if getattr(settings, name) in (None, True):
             continue  # not forced (or checkpointing already on): nothing to relax
-        found = _best_plan(blocks, ranges, _replace(settings, **changes), reference, [])
+        relaxed = _replace(settings, **changes)
+        found = _best_plan(blocks, ranges, relaxed, reference, [])
+        found = found or _with_zero3(blocks, ranges, relaxed, reference, [], None)
         if found is not None:
             remedies.append(f"{name}={_auto(name)!r} (it finds {plan_shape(found[0])})")
     return remedies

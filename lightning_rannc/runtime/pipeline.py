@@ -167,7 +167,7 @@ class PipelineRuntime:
         self.modules += [region for regions in recomputed for region in regions]
         self._gathered = GatheredParams(holders, groups, device) if holders else None
         if self._gathered is not None:
-            gathering = [gather_in_graph(module, self._gathered, holders or {}) for module in self.modules]
+            gathering = [gather_in_graph(module, self._gathered) for module in self.modules]
             for seeded in self._seeded:
                 seeded.gathered = self._gathered if any(gathering) else None
         # Replicas average gradients through DDP, which torch's stages drive: no_sync for every

@@ -2,18 +2,21 @@
 
 The replica whose optimizer updates a parameter (``Ownership.optimizer_owner``) is the only one
 that holds it; the others keep a meta tensor of its shape. Every use in a stage's graph goes
-through ``GatherParam``: the holder's value is broadcast over the replica group into a fresh
-tensor, which the graph frees after its last use in the forward (fx drops values after their
-last use). Autograd would keep it alive until backward through every operator that saves it
-(a matmul saves its weight), so while a stage runs forward the saved-tensor hooks of
-``GatheredParams.saving`` store a handle instead, and backward gathers the parameter again
-when an operator unpacks it. The gather's own backward reduces the gradient of each
-micro-batch onto the holder, averaged over replicas: no replica keeps another's gradients.
+through ``GatherParam``. Parameters are gathered a unit at a time: those of one layer
+(``layer_of``) with one holder and dtype, broadcast from the holder as one flat buffer at the
+first use of any of them, each handed to the graph as a view, which the graph drops after its
+last use in the forward (fx drops values after their last use); the buffer goes with the last.
+Autograd would keep it alive until backward through every operator that saves a parameter (a
+matmul saves its weight), so while a stage runs forward the saved-tensor hooks of
+``GatheredParams.saving`` store a handle instead, and backward gathers the unit again when an
+operator unpacks one. The gathers' backward collects the unit's gradients of the micro-batch
+and reduces them, one flat buffer, onto the holder (averaged over replicas), which adds them
+to its parameters' ``.grad``: no replica keeps another's gradients.
 
 Why not FSDP2's ``fully_shard``: its gathers run in module hooks, and a stage here is one flat
 graph of the whole step (``capture/split.py``), so it would gather the whole stage at once:
-no saving at the peak. This is the per-parameter, graph-level variant (as SimpleFSDP does with
-its all-gathers in the graph). Without prefetch: each gather waits for the broadcast.
+no saving at the peak. This is a graph-level variant (as SimpleFSDP puts its all-gathers in
+the graph). Without prefetch: each unit's gather waits for its broadcast.
 
 Parameters tied across stages keep ZeRO-2's path (held by every replica, their gradients
 summed over the stages first): their copies on other stages may have other holders.
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from lightning_rannc._utils import layer_of
 from lightning_rannc.runtime.mesh import ProcessGroups
 
 __all__ = ["GatheredParams", "gather_in_graph"]
@@ -37,85 +41,154 @@ __all__ = ["GatheredParams", "gather_in_graph"]
 GATHER_MODULE = "_gather_param"
 """The submodule name ``gather_in_graph`` gives its ``GatherParam``."""
 
+UnitKey = tuple[str, int, str]
+"""(layer, holding replica, dtype): the parameters gathered and reduced together."""
+
+
+@dataclass
+class _Unit:
+    key: UnitKey
+    src: int
+    """The holder's global rank."""
+    names: list[str] = field(default_factory=list)
+    params: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [p.numel() for p in self.params]
+
 
 @dataclass(frozen=True)
 class _Saved:
-    """A saved view of a gathered parameter, to gather again in backward."""
+    """A saved view of a gathered unit's buffer, to gather again in backward."""
 
-    name: str
+    unit: UnitKey
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
 
 
 class GatheredParams:
-    """The ZeRO-3 parameters of one rank's stages for one runtime: who holds each, and the
-    values gathered for the backward now running."""
+    """The ZeRO-3 parameters of one rank's stages for one runtime: who holds each, and what is
+    gathered now."""
 
     def __init__(self, holders: Mapping[str, int], groups: ProcessGroups, device: torch.device) -> None:
         """``holders``: parameter -> the replica holding it (the same on every replica)."""
+        self.holders = dict(holders)
+        self.groups = groups
         self.group = groups.dp_group
-        self.src = {name: groups.replica_rank(replica) for name, replica in holders.items()}
-        self.mine = {name for name, replica in holders.items() if replica == groups.dp_rank}
         self.scale = 1.0 / groups.num_replicas
         self.device = device
-        self.params: dict[str, torch.Tensor] = {}
-        """The tensor of each parameter in the stage modules: the value on its holder, a meta
-        tensor of its shape elsewhere."""
-        self._live: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
-        self._again: dict[str, torch.Tensor] = {}
+        self.units: dict[UnitKey, _Unit] = {}
+        self.unit_of: dict[str, _Unit] = {}
+        self._handing: dict[UnitKey, dict[str, torch.Tensor]] = {}
+        """Views of a unit gathered for the running forward, not yet asked for."""
+        self._live: dict[int, tuple[UnitKey, weakref.ref[torch.Tensor]]] = {}
+        self._again: dict[UnitKey, torch.Tensor] = {}
+        """Units gathered again for the running backward."""
+        self._grads: dict[UnitKey, dict[str, torch.Tensor]] = {}
+        """The running backward's gradients of each unit, until the unit's last one."""
 
-    def gather(self, name: str) -> torch.Tensor:
-        """The parameter's value on every replica of the stage. Collective over the replica group."""
-        param = self.params[name]
-        full = torch.empty(param.shape, dtype=param.dtype, device=self.device)
-        if name in self.mine:
-            full.copy_(param.detach())
-        dist.broadcast(full, src=self.src[name], group=self.group)
-        return full
+    def add(self, name: str, param: torch.Tensor) -> None:
+        """Register the tensor of ``name`` in a stage module (every replica adds the same names in
+        the same order, so the units match)."""
+        if name in self.unit_of:
+            return
+        replica = self.holders[name]
+        key = (layer_of(name), replica, str(param.dtype))
+        unit = self.units.setdefault(key, _Unit(key, self.groups.replica_rank(replica)))
+        unit.names.append(name)
+        unit.params.append(param)
+        self.unit_of[name] = unit
+
+    def mine(self, name: str) -> bool:
+        return self.holders[name] == self.groups.dp_rank
+
+    def gather(self, unit: _Unit) -> torch.Tensor:
+        """The unit's parameters, one flat buffer, on every replica. Collective over the replicas."""
+        dtype = unit.params[0].dtype
+        flat = torch.empty(sum(unit.sizes), dtype=dtype, device=self.device)
+        if unit.key[1] == self.groups.dp_rank:
+            torch.cat([p.detach().reshape(-1) for p in unit.params], out=flat)
+        dist.broadcast(flat, src=unit.src, group=self.group)
+        return flat
 
     def gathered_for_forward(self, name: str) -> torch.Tensor:
-        full = self.gather(name)
-        self._live[full.untyped_storage().data_ptr()] = (name, weakref.ref(full))
-        return full
+        unit = self.unit_of[name]
+        handing = self._handing.get(unit.key)
+        if handing is None or name not in handing:
+            flat = self.gather(unit)
+            self._live[flat.untyped_storage().data_ptr()] = (unit.key, weakref.ref(flat))
+            views = flat.split(unit.sizes)
+            handing = self._handing[unit.key] = {n: v.view_as(p) for n, v, p in zip(unit.names, views, unit.params)}
+        view = handing.pop(name)
+        if not handing:
+            del self._handing[unit.key]
+        return view
 
-    def reduce(self, name: str, grad: torch.Tensor) -> torch.Tensor | None:
-        """One micro-batch's gradient of the parameter, averaged over the replicas onto its
-        holder (``None`` elsewhere). Its backward is over: a value gathered again for it goes."""
-        self._again.pop(name, None)
-        grad = grad.detach().clone(memory_format=torch.contiguous_format)
-        dist.reduce(grad, dst=self.src[name], group=self.group)
-        return grad.mul_(self.scale) if name in self.mine else None
+    def reduce(self, name: str, grad: torch.Tensor) -> None:
+        """Collect one micro-batch's gradient of the parameter; at its unit's last, reduce them."""
+        unit = self.unit_of[name]
+        grads = self._grads.setdefault(unit.key, {})
+        if name in grads:  # a new micro-batch, while a parameter of the last gave no gradient
+            self._flush(unit)
+            grads = self._grads.setdefault(unit.key, {})
+        grads[name] = grad
+        if len(grads) == len(unit.names):
+            self._flush(unit)
+
+    def _flush(self, unit: _Unit) -> None:
+        """The unit's gradients (zeros for those that got none), averaged over the replicas
+        onto its holder, added to its parameters' ``.grad``. Its backward is over: a buffer
+        gathered again for it goes."""
+        grads = self._grads.pop(unit.key)
+        self._again.pop(unit.key, None)
+        flat = torch.zeros(sum(unit.sizes), dtype=unit.params[0].dtype, device=self.device)
+        chunks = flat.split(unit.sizes)
+        for name, chunk in zip(unit.names, chunks):
+            if name in grads:
+                chunk.copy_(grads[name].reshape(-1))
+        del grads
+        dist.reduce(flat, dst=unit.src, group=self.group)
+        if unit.key[1] != self.groups.dp_rank:
+            return
+        flat.mul_(self.scale)
+        for param, chunk in zip(unit.params, chunks):
+            grad = chunk.view_as(param)
+            param.grad = grad if param.grad is None else param.grad.add_(grad)
 
     def saving(self) -> Any:
         """Around a stage's forward: operators save handles to gathered parameters, not the values."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def forward_done(self) -> None:
+        self._handing.clear()
         self._live.clear()
 
     def step_done(self) -> None:
-        """After a schedule: drop what a backward gathered and never released (a parameter
-        whose gradient did not reach it)."""
+        """After a schedule: reduce what units still wait for (a parameter whose gradient did
+        not reach it; in the same order on every replica), drop what a backward gathered."""
+        for key in sorted(self._grads):
+            self._flush(self.units[key])
         self._again.clear()
-        self._live.clear()
+        self.forward_done()
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if tensor.layout != torch.strided or tensor.device.type == "meta":
             return tensor
         entry = self._live.get(tensor.untyped_storage().data_ptr())
-        full = entry[1]() if entry is not None else None
-        if entry is None or full is None or full.dtype != tensor.dtype:
+        flat = entry[1]() if entry is not None else None
+        if entry is None or flat is None or flat.dtype != tensor.dtype:
             return tensor
         return _Saved(entry[0], tensor.size(), tensor.stride(), int(tensor.storage_offset()))
 
     def _unpack(self, saved: Any) -> torch.Tensor:
         if not isinstance(saved, _Saved):
             return saved
-        full = self._again.get(saved.name)
-        if full is None:
-            full = self._again[saved.name] = self.gather(saved.name)
-        return full.as_strided(saved.size, saved.stride, saved.offset)
+        flat = self._again.get(saved.unit)
+        if flat is None:
+            flat = self._again[saved.unit] = self.gather(self.units[saved.unit])
+        return flat.as_strided(saved.size, saved.stride, saved.offset)
 
 
 class _Gather(torch.autograd.Function):
@@ -125,8 +198,10 @@ class _Gather(torch.autograd.Function):
         return params.gathered_for_forward(name)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        return ctx.params.reduce(ctx.name, grad), None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        # The holder's gradient arrives with the unit's reduce (``GatheredParams._flush``).
+        ctx.params.reduce(ctx.name, grad)
+        return None, None, None
 
 
 class GatherParam(nn.Module):
@@ -140,20 +215,20 @@ class GatherParam(nn.Module):
         return _Gather.apply(param, self.gathered, name)
 
 
-def gather_in_graph(module: fx.GraphModule, params: GatheredParams, holders: Mapping[str, int]) -> bool:
+def gather_in_graph(module: fx.GraphModule, params: GatheredParams) -> bool:
     """Route every use of a ZeRO-3 parameter in ``module`` through its gather; on the replicas
     not holding it, the module keeps a meta tensor of its shape. Returns whether any was."""
     graph = module.graph
-    used = [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in holders]
+    used = [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in params.holders]
     if not used:
         return False
     module.add_submodule(GATHER_MODULE, GatherParam(params))
     for node in used:
         name = str(node.target)
         param = module.get_parameter(name)
-        if name not in params.mine:
+        if not params.mine(name):
             param = _meta_param(module, name, param)
-        params.params[name] = param
+        params.add(name, param)
         with graph.inserting_after(node):
             gathered = graph.call_module(GATHER_MODULE, (node, name))
         gathered.meta = dict(node.meta)
@@ -168,5 +243,5 @@ def _meta_param(module: nn.Module, name: str, param: torch.Tensor) -> nn.Paramet
     owner_path, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
     meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-    owner._parameters[leaf] = meta
+    owner.register_parameter(leaf, meta)
     return meta

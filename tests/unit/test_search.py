@@ -525,6 +525,11 @@ def test_zero_3_is_chosen_where_only_sharded_parameters_fit_and_costs_its_gather
     assert forced.predicted_step_ms > zero2.predicted_step_ms  # ...for three transfers per micro-batch
     with pytest.raises(PlanError, match="zero bubble"):
         _search(blocks, tensors, memory_limit=10**12, zero_stage=3, zero_bubble=True, **common)
+    # Unforced, ZeRO-3 can win only by fitting a shallower pipeline: one stage and the next
+    # shallower layout than the best plan without it are tried, not every layout.
+    free = _search(blocks, tensors, memory_limit=3 * 10**9, optimizer="adamw", offload_optimizer=False)
+    assert free.plan.pipeline_stages == 8 and free.plan.zero_stage != 3
+    assert {c.stages for c in free.candidates if c.zero_stage == 3} == {1, 4}
 
 
 def test_zero_3_holds_one_share_of_the_parameters_their_gradients_and_state() -> None:

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import weakref
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,18 +19,29 @@ from torch import fx, nn
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.zero3 import GatheredParams, gather_in_graph
 
-HOLDERS = {"w1": 0, "w2": 1}
+HOLDERS = {"layers.0.weight": 0, "layers.0.bias": 0, "layers.1.weight": 1, "layers.1.bias": 0}
+"""Layer 0 is one unit (held by rank 0), layer 1 two: its weight on rank 1, its bias on rank 0."""
 
 
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.w1 = nn.Parameter(torch.randn(4, 8, generator=generator))
-        self.w2 = nn.Parameter(torch.randn(8, 3, generator=generator))
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 3)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x @ self.w1).relu() @ self.w2.t().t()).pow(2).sum()  # a view of w2 is saved
+        return self.layers[1](self.layers[0](x).relu()).pow(2).sum()
+
+
+class _Flat(fx.Tracer):
+    """Trace into every module, so that parameters are graph attributes (as in a stage)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return False
+
+
+def _traced(net: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(net, _Flat().trace(net))
 
 
 def _port() -> int:
@@ -53,18 +65,26 @@ def _rank(rank: int, port: int, queue: mp.Queue) -> None:  # type: ignore[type-a
         groups = ProcessGroups(
             mesh=None, pp_group=None, dp_group=world, pp_rank=0, dp_rank=rank, pipeline_stages=1, num_replicas=2
         )
-        module = fx.symbolic_trace(_Net())
+        module = _traced(_Net())
         params = GatheredParams(HOLDERS, groups, torch.device("cpu"))
-        assert gather_in_graph(module, params, HOLDERS)
+        assert gather_in_graph(module, params)
         gathered: list[weakref.ref[torch.Tensor]] = []
         gather = params.gather
 
-        def counted(name: str) -> torch.Tensor:
-            full = gather(name)
-            gathered.append(weakref.ref(full))
-            return full
+        def counted(unit: Any) -> torch.Tensor:
+            flat = gather(unit)
+            gathered.append(weakref.ref(flat))
+            return flat
 
         params.gather = counted  # type: ignore[method-assign]
+        reduced: list[Any] = []
+        flush = params._flush
+
+        def counted_flush(unit: Any) -> None:
+            reduced.append(unit.key)
+            flush(unit)
+
+        params._flush = counted_flush  # type: ignore[method-assign]
         with params.saving():
             loss = module(x)
         params.forward_done()
@@ -85,7 +105,8 @@ def _rank(rank: int, port: int, queue: mp.Queue) -> None:  # type: ignore[type-a
         # Plain lists: a tensor sent through the queue would not outlive this process.
         grads_sent = {n: g.tolist() for n, g in grads.items()}
         expected_sent = {n: g.tolist() for n, g in expected.items()}
-        queue.put((rank, float(loss.detach()), freed, in_forward, in_backward, grads_sent, expected_sent, meta, again))
+        collectives = (in_forward, in_backward, len(reduced))
+        queue.put((rank, float(loss.detach()), freed, collectives, grads_sent, expected_sent, meta, again))
     finally:
         dist.destroy_process_group()
 
@@ -111,14 +132,15 @@ def test_each_parameter_lives_on_one_rank_and_backward_gathers_it_again() -> Non
                 process.kill()
     inputs = {rank: torch.randn(5, 4, generator=torch.Generator().manual_seed(rank + 1)) for rank in (0, 1)}
     plain = {rank: float(_Net()(x)) for rank, x in inputs.items()}
-    for rank, (loss, freed, in_forward, in_backward, grads, expected, meta, again) in results.items():
+    for rank, (loss, freed, collectives, grads, expected, meta, again) in results.items():
         assert loss == plain[rank] and again == plain[rank]  # the gathered values are the holders'
         assert freed, "the forward's gathered parameters outlived it"
-        # Each gathered in forward; in backward only w2, which the input's gradient reads (the
-        # input x needs none, so nothing unpacks w1).
-        assert (in_forward, in_backward) == (2, 1)
+        # Each unit gathered once in forward; in backward only layer 1's weight's, which the
+        # gradient of layer 0's output reads (x needs none: nothing unpacks layer 0's weight,
+        # and a bias is never saved); each unit's gradients reduced once.
+        assert collectives == (3, 1, 3)
         held = [n for n, holder in HOLDERS.items() if holder == rank]
-        assert meta == [n for n in HOLDERS if n not in held]  # the other rank's parameter: a stand-in
-        assert list(grads) == held
+        assert meta == sorted(n for n in HOLDERS if n not in held)  # the other rank's parameter: a stand-in
+        assert sorted(grads) == sorted(held)
         for name in held:
             torch.testing.assert_close(torch.tensor(grads[name]), torch.tensor(expected[name]), rtol=1e-6, atol=1e-6)
