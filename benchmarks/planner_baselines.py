@@ -528,7 +528,7 @@ def print_tables(cap: Captured, rows: list[Row], splits: bool) -> None:
 MEMORY_FRACTION = 0.4
 """Per-device limit as a share of the one-device footprint. Plain data parallelism holds every
 parameter and every gradient on each device (at least 2 P bytes for P bytes of parameters, with
-any ZeRO stage: ZeRO-2 reduces the gradients after the backward made them all), while the
+ZeRO 0-2: ZeRO-2 reduces the gradients after the backward made them all), while the
 footprint is 5 P with Adam (parameters, gradients, the step's temporary, two moments) and 4 P
 with SGD and momentum: 40% of it, less the 10% margin, is under 2 P, so one stage never fits
 whatever the replicas. At 25% the skewed model's 2.7B-parameter head (one block) fits on no
@@ -537,9 +537,13 @@ layout of 8 or 64 devices."""
 JOINT = dict(
     zero_stage=None, virtual_stages=None, schedule="auto", activation_checkpointing=None, offload_optimizer=None
 )
-"""(a) Every axis left to the search: ZeRO 0, 1 or 2 per layout, interleaved 1F1B (V = 2, 3, 4)
-beside GPipe and 1F1B, checkpointing where memory demands it (a stage's first layers only where
-that fits), the optimizer offloaded where nothing fits otherwise."""
+"""(a) Every axis left to the search: ZeRO 0, 1 or 2 per layout (and 3 for one stage and the
+next shallower pipeline), interleaved 1F1B (V = 2, 3, 4) beside GPipe and 1F1B, checkpointing
+where memory demands it (a stage's first layers only where that fits), the optimizer offloaded
+where nothing fits otherwise."""
+DATA_PARALLEL = dict(JOINT, pipeline_stages=1, zero_stage=2)
+"""Plain data parallelism: one stage, each parameter whole on every replica (ZeRO-2 holds the
+least of ZeRO 0-2; ZeRO-3, which shards the parameters too, is what the joint search may add)."""
 RESTRICTED = dict(
     zero_stage=1,
     virtual_stages=1,
@@ -591,9 +595,7 @@ def memory_bound_rows(
     for n in devices:
         started = time.perf_counter()
         capped = replace(settings_for(n), memory_limit=limit)
-        plans = [
-            search(cap, replace(capped, **axes))[0] for axes in (dict(JOINT, pipeline_stages=1), JOINT, RESTRICTED)
-        ]
+        plans = [search(cap, replace(capped, **axes))[0] for axes in (DATA_PARALLEL, JOINT, RESTRICTED)]
         dp, joint, restricted = (None if p is None else p.plan for p in plans)
         rows.append(MemoryBoundRow(key, n, limit, dp, joint, restricted, time.perf_counter() - started))
     return rows

@@ -260,18 +260,21 @@ class PipelineEngine:
     def _materialize_own_tensors(
         self, captured: CapturedStep, graph: StepGraph, ownership: Ownership, seed: int, keep_sources: bool
     ) -> None:
-        """Allocate and initialise only the tensors this rank holds (RaNNC's DistributeModelParams),
-        then load what ``load_pretrained`` or a checkpoint noted for them."""
+        """Allocate and initialise only the tensors of this rank's stages (RaNNC's
+        DistributeModelParams), then load what ``load_pretrained`` or a checkpoint noted for them.
+        With ZeRO-3 the whole stage is initialised (a module draws its tensors' values from one
+        stream, in order: a tensor left meta would shift the next one's), but only what this
+        replica holds is loaded (unless the first step is verified unpartitioned); the rest is
+        released with the other stages' tensors."""
         tensors, own = captured.tensors, module_tensors(self.module)
         self._check_not_partitioned_before(own)
-        # ZeRO-3: only what this replica holds, unless the first step is verified unpartitioned.
-        held = ownership.local | ownership.owned if self.options.config.verify else ownership.held
-        names = sorted(n for n in held if n in own)
+        names = sorted(n for n in ownership.local | ownership.owned if n in own)
         empty = {n: torch.empty(tensors[n].shape, dtype=tensors[n].dtype, device=self.device) for n in names}
         install_tensors(self.module, captured.aliases, empty, self.device)
         initialize_tensors(self.module, captured.aliases, names, seed, self.device)
         materialised = module_tensors(self.module)
-        apply_pending_loads(self.module, captured.aliases, {n: materialised[n] for n in names}, keep=keep_sources)
+        loaded = names if self.options.config.verify else [n for n in names if n in ownership.held]
+        apply_pending_loads(self.module, captured.aliases, {n: materialised[n] for n in loaded}, keep=keep_sources)
         setattr(self.module, _PARTITIONED, True)
         constants = {n: t for n, t in tensors.items() if n not in own}
         captured.tensors = graph.tensors = {**module_tensors(self.module), **constants}

@@ -208,12 +208,20 @@ def test_losses_and_weights_match_single_process(pipelined, reference, layout: t
 def test_logged_values_equal_on_every_rank_and_match_reference(pipelined, reference, layout) -> None:
     world, run = layout
     records = [load_record(pipelined(world), run["label"], rank) for rank in range(world)]
-    assert all(r["metrics"] == records[0]["metrics"] for r in records)
-    ref = load_record(reference(run["case"], _replicas(pipelined(world), run)), run["case"], 0)
-    for ours, theirs in zip(records[0]["metrics"], ref["metrics"], strict=True):
-        assert ours.keys() == theirs.keys()
+    replicas = _replicas(pipelined(world), run)
+    ref = load_record(reference(run["case"], replicas), run["case"], 0)
+    for step, theirs in enumerate(ref["metrics"]):
+        ours = [r["metrics"][step] for r in records]
+        assert all(o.keys() == theirs.keys() for o in ours)
         for key in theirs:
-            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+            if key.startswith("val_"):
+                # Each replica validates its share of the batches, as with DDP (no sync_dist):
+                # their mean is one process's value.
+                value = sum(o[key] for o in ours) / world
+            else:
+                assert all(o[key] == ours[0][key] for o in ours), key
+                value = ours[0][key]
+            assert value == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize(("world", "label"), [(2, "reducing_s2d1"), (4, "reducing_s2d2")])
@@ -468,9 +476,7 @@ def test_meta_device_module_initialises_each_stage_on_its_rank_as_one_device_wou
     assert single["losses"][-1] < single["losses"][0]
 
 
-def test_meta_device_module_under_zero_3_materialises_on_each_replica_only_what_it_holds(
-    pipelined, tmp_path: Path
-) -> None:
+def test_meta_device_module_under_zero_3_keeps_on_each_replica_only_what_it_holds(pipelined, tmp_path: Path) -> None:
     """Two replicas of one stage, each parameter on one of them: the numbers of one device."""
     run_case("gpt_meta", tmp_path, strategy=RaNNCStrategy(), devices=1, batch_scale=2)
     ours, single = load_record(pipelined("2-dropout"), "meta_zero3", 0), load_record(tmp_path, "gpt_meta", 0)
