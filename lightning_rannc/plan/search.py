@@ -346,7 +346,7 @@ class _RangeTables:
         for i in range(count):
             seen: set[str] = set()
             layers: set[str] = set()
-            total = trainable = workspace = largest = 0
+            total = trainable = workspace = largest = trained = 0
             for j in range(i, count):
                 workspace = max(workspace, blocks[j].workspace_bytes)
                 self.workspace_bytes[i][j + 1] = workspace
@@ -358,9 +358,10 @@ class _RangeTables:
                             trainable += tensors.nbytes[name]
                             largest = max(largest, tensors.nbytes[name])
                             layers.add(layer_of(name))
+                            trained += 1
                 self.param_bytes[i][j + 1], self.trainable_bytes[i][j + 1] = total, trainable
                 self.largest_trainable[i][j + 1] = largest
-                self.trainable_tensors[i][j + 1] = (sum(1 for n in seen if n in tensors.trainable), len(layers))
+                self.trainable_tensors[i][j + 1] = (trained, len(layers))
 
 
 class _Layout:
