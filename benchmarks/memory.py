@@ -210,7 +210,8 @@ def _summary(plan: Any) -> dict[str, Any]:
     return {
         "layout": (
             f"{plan.pipeline_stages} stage(s) x {plan.num_replicas} replica(s), {plan.num_microbatches} "
-            f"micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}, activation checkpointing "
+            f"micro-batch(es) of {plan.microbatch_size}, schedule {plan.schedule}"
+            f"{' as zero bubble' if plan.zero_bubble else ''}, activation checkpointing "
             f"{'on stages ' + ', '.join(map(str, checkpointed)) if checkpointed else 'off'}, "
             f"ZeRO-{plan.zero_stage if plan.num_replicas > 1 else 0}"
         ),

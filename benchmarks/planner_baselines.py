@@ -535,10 +535,16 @@ whatever the replicas. At 25% the skewed model's 2.7B-parameter head (one block)
 layout of 8 or 64 devices."""
 
 JOINT = dict(
-    zero_stage=None, virtual_stages=None, schedule="auto", activation_checkpointing=None, offload_optimizer=None
+    zero_stage=None,
+    virtual_stages=None,
+    schedule="auto",
+    zero_bubble=None,
+    activation_checkpointing=None,
+    offload_optimizer=None,
 )
 """(a) Every axis left to the search: ZeRO 0, 1 or 2 per layout (and 3 for one stage and the
-next shallower pipeline), interleaved 1F1B (V = 2, 3, 4) beside GPipe and 1F1B, checkpointing
+next shallower pipeline), interleaved 1F1B (V = 2, 3, 4) beside GPipe and 1F1B, zero bubble
+where its bound beats the best plan, checkpointing
 where memory demands it (a stage's first layers only where that fits), the optimizer offloaded
 where nothing fits otherwise."""
 DATA_PARALLEL = dict(JOINT, pipeline_stages=1, zero_stage=2)
@@ -548,6 +554,7 @@ RESTRICTED = dict(
     zero_stage=1,
     virtual_stages=1,
     schedule="auto",
+    zero_bubble=False,
     activation_checkpointing=None,
     selective_checkpointing=False,
     offload_optimizer=False,
@@ -606,6 +613,7 @@ def _plan_text(plan: PartitionPlan | None) -> str:
     if plan is None:
         return "OOM"
     schedule = {"gpipe": "GPipe", "1f1b": "1F1B"}.get(plan.schedule, f"interleaved V={plan.virtual_stages}")
+    schedule += " ZB" if plan.zero_bubble else ""
     layout = f"{plan.pipeline_stages}x{plan.num_replicas}x{plan.num_microbatches}"
     recomputing = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)  # whole or first layers
     checkpointed = f"{recomputing}/{plan.num_stages}"
@@ -657,6 +665,7 @@ def run_case(key: str, case: Case, args: argparse.Namespace, device: DeviceSpec)
             # one stage per rank: the baselines split into S stages; interleaving is a schedule
             # choice any of them could add, compared separately in README
             virtual_stages=1,
+            zero_bubble=False,  # likewise
             # the baselines are evaluated with ZeRO-1 on the devices (evaluate_split): the same
             # for our split
             zero_stage=1,

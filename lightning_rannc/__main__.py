@@ -73,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--min-micro-batch-size", type=int, default=_DEFAULTS["min_micro_batch_size"])
     plan.add_argument("--schedule", default=_DEFAULTS["schedule"], choices=["auto", *SCHEDULES])
     plan.add_argument("--virtual-stages", type=int, default=None, help="stages per rank (interleaved 1F1B)")
-    plan.add_argument("--zero-bubble", action="store_true", help="run 1F1B as zero bubble (split backward)")
+    plan.add_argument(
+        "--zero-bubble",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run 1F1B as zero bubble (split backward), or never (default: where predicted faster)",
+    )
     plan.add_argument("--activation-checkpointing", default="auto", choices=sorted(_ON_OFF))
     plan.add_argument(
         "--offload-optimizer", default="auto", choices=sorted(_ON_OFF), help="optimizer state in host memory"

@@ -63,13 +63,19 @@ class RaNNCConfig:
         "auto",
         '`"gpipe"`, `"1f1b"`, `"interleaved_1f1b"`; `"auto"`: 1F1B when `micro_batches >= stages`, else GPipe',
     )
-    virtual_stages: int = _option(1, 'stages per rank, for `"interleaved_1f1b"`')
-    zero_bubble: bool = _option(
-        False,
+    virtual_stages: int | str = _option(
+        "auto",
+        'stages per rank (interleaved 1F1B, a number forces it); `"auto"`: 1, or 2, 3 or 4 where the planner '
+        "predicts interleaving faster and every batch of the epoch, a smaller last one too, splits into its whole "
+        "rounds of `pipeline_stages` micro-batches",
+    )
+    zero_bubble: bool | str = _option(
+        "auto",
         "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
         "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
         "where the pipeline would idle; simulated in torch's order, the two passes half the backward each, "
-        "activations held until the weight pass",
+        'activations held until the weight pass; `"auto"`: where the planner predicts it faster on the best '
+        "plan's layout, and every batch splits into its rounds, as for `virtual_stages`",
     )
     zero_stage: int | str = _option(
         "auto",
@@ -182,17 +188,20 @@ class RaNNCConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = ("virtual_stages", "max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size")
+        positive = ("max_blocks", "profile_repeats", "max_micro_batches", "min_micro_batch_size")
         for name in (*positive, "trace_steps"):
             _check_positive(name, getattr(self, name))
         if self.pipeline_stages not in (None, "auto"):
             _check_positive("pipeline_stages", self.pipeline_stages, "or 'auto' or None")
         if self.micro_batches != "auto":
             _check_positive("micro_batches", self.micro_batches, "or 'auto'")
+        if self.virtual_stages != "auto":
+            _check_positive("virtual_stages", self.virtual_stages, "or 'auto'")
         _check_choice("schedule", self.schedule, ("auto", *SCHEDULES))
+        _check_choice("zero_bubble", self.zero_bubble, ("auto", True, False))
         _check_choice("zero_stage", self.zero_stage, ("auto", *ZERO_STAGES))
         _check_choice("offload_optimizer", self.offload_optimizer, ("auto", True, False))
-        if self.zero_bubble and self.schedule == "gpipe":
+        if self.zero_bubble is True and self.schedule == "gpipe":
             raise ValueError(
                 "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "
                 "use schedule='auto', '1f1b' or 'interleaved_1f1b'."

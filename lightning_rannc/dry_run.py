@@ -14,7 +14,6 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_rannc._compat import tree_map
 from lightning_rannc._utils import optimizer_kind as _optimizer_kind
 from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
@@ -27,7 +26,7 @@ from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.profiler import find_no_grad_values
 from lightning_rannc.profile.tensors import tensor_table
 
-__all__ = ["plan_module", "sample_batch", "optimizer_kind", "PRECISIONS"]
+__all__ = ["plan_module", "precision_remedies", "sample_batch", "optimizer_kind", "PRECISIONS"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -54,36 +53,42 @@ def plan_module(
     gradients and optimizer state are half as large too); the module itself is left as it was.
     Where nothing fits, the ``PlanError`` also names each lower precision in which a plan fits.
     """
+    flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
     try:
-        return _search(module, batch, settings, max_blocks, precision)
+        return _search(module, flat, settings, max_blocks, precision)
     except PlanError as error:
-        raise error.with_remedies(_precision_remedies(module, batch, settings, max_blocks, precision)) from None
+        raise error.with_remedies(precision_remedies(module, flat, settings, max_blocks, precision)) from None
 
 
 LOWER_PRECISIONS = {"32-true": ("bf16-mixed", "bf16-true"), "bf16-mixed": ("bf16-true",), "16-mixed": ("16-true",)}
 """Precisions that hold less, to try when the model does not fit in the Trainer's."""
 
 
-def _precision_remedies(
-    module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int, precision: str
+def precision_remedies(
+    module: nn.Module, batch: FlatBatch, settings: SearchSettings, max_blocks: int, precision: str
 ) -> list[str]:
-    """Each lower precision in which some plan fits, as a remedy (a search each: the step is
-    captured again, since its activations' dtypes and its FLOP rate change)."""
+    """Each lower precision than ``precision`` in which some plan fits, as a remedy. A search
+    each, on analytic costs for ``settings.device``: the step is captured again on fake tensors
+    (its activations' dtypes and FLOP rate change), so the module, real or on the meta device,
+    is left as it was, and whatever autocast the caller runs under is switched off."""
     remedies = []
+    sample = batch.with_leaves([leaf.detach().cpu() for leaf in batch.first_leaves(1)])
     for lower in LOWER_PRECISIONS.get(precision, ()):
         try:
-            found = _search(module, batch, settings, max_blocks, lower).plan
+            with _no_autocast():
+                found = _search(module, sample, settings, max_blocks, lower).plan
         except PlanError:
             continue
         remedies.append(f"Trainer(precision={lower!r}) (it finds {plan_shape(found)})")
     return remedies
 
 
-def _search(module: nn.Module, batch: Any, settings: SearchSettings, max_blocks: int, precision: str) -> SearchResult:
+def _search(
+    module: nn.Module, flat: FlatBatch, settings: SearchSettings, max_blocks: int, precision: str
+) -> SearchResult:
     autocast, dtype = _precision(precision)
-    if dtype is not None:
-        batch = _converted(batch, dtype)  # the module's tensors are converted as fakes below
-    flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
+    if dtype is not None:  # the module's tensors are converted as fakes below
+        flat = flat.with_leaves([_converted(leaf, dtype) for leaf in flat.leaves])
     with fake_module_state(module, torch.device("cpu"), dtype) as mode, _autocast(autocast):
         sample = [mode.from_tensor(leaf) for leaf in flat.first_leaves(1)]
         captured = capture_training_step(module, flat.with_leaves(sample))
@@ -117,8 +122,15 @@ def _autocast(dtype: torch.dtype | None) -> Iterator[None]:
         yield
 
 
-def _converted(batch: Any, dtype: torch.dtype) -> Any:
-    return tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, batch)
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    # The strategy plans inside the Trainer's precision context, which may autocast.
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+def _converted(leaf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return leaf.to(dtype) if leaf.is_floating_point() else leaf
 
 
 def sample_batch(module: nn.Module) -> Any:

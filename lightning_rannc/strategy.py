@@ -68,8 +68,8 @@ class RaNNCStrategyMixin(_MixinBase):
         max_micro_batches: int = 64,
         min_micro_batch_size: int = 1,
         schedule: str = "auto",
-        virtual_stages: int = 1,
-        zero_bubble: bool = False,
+        virtual_stages: int | str = "auto",
+        zero_bubble: bool | str = "auto",
         zero_stage: int | str = "auto",
         offload_optimizer: bool | str = "auto",
         activation_checkpointing: bool | str = "auto",
@@ -322,6 +322,10 @@ class RaNNCStrategyMixin(_MixinBase):
     on_test_end = on_predict_end = on_validation_end
 
     @override
+    def on_train_start(self) -> None:
+        at_setup.note_training_epoch(self)  # before the first batch, where the engine plans
+
+    @override
     def on_train_end(self) -> None:
         if self._trace is not None and self.config.trace is not None:
             self._trace.write(self.config.trace)
@@ -424,12 +428,8 @@ class RaNNCStrategyMixin(_MixinBase):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Automatic pipeline partitioning of the training step (lightning_rannc)",
-            override=True,
-        )
+        description = "Automatic pipeline partitioning of the training step (lightning_rannc)"
+        strategy_registry.register(cls.strategy_name, cls, description=description, override=True)
 
 
 RaNNCStrategyMixin.__init__.__doc__ = strategy_docstring()

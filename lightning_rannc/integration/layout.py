@@ -9,12 +9,14 @@ takes its choice (or raises its error).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_rannc._compat import attached_trainer, evaluation_data_source, optimizer_of, training_data_source
 from lightning_rannc._utils import optimizer_kind
@@ -42,6 +44,8 @@ __all__ = [
     "choose_pipeline_stages",
     "check_trainer",
     "check_trace_path",
+    "epoch_samples",
+    "note_training_epoch",
 ]
 
 log = logging.getLogger("lightning_rannc")
@@ -84,6 +88,7 @@ def engine_options(strategy: RaNNCStrategy, device: DeviceSpec | None, optimizer
         memory_limit=_memory_limit(strategy),
         accumulating=trainer is not None and trainer.accumulate_grad_batches > 1,
         loss_scaling=getattr(strategy.precision_plugin, "scaler", None) is not None,
+        precision=str(strategy.precision_plugin.precision),
     )
 
 
@@ -148,7 +153,8 @@ def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device:
 
 
 def _best_layout(strategy: RaNNCStrategy, trainer: pl.Trainer, options: EngineOptions) -> Layout:
-    batch = _sample_batch(strategy, trainer)
+    batch, epoch = _sample_batch(strategy, trainer)
+    options = dataclasses.replace(options, epoch_samples=epoch)
     world = strategy.world_size
     if batch is None:
         return Layout(world, 1, "layout: no training batch to plan from; one pipeline over all devices")
@@ -166,7 +172,8 @@ def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
     engine = strategy.engine
     assert engine is not None
     fit = trainer.state.fn == "fit"
-    batch = _sample_batch(strategy, trainer)
+    batch, epoch = _sample_batch(strategy, trainer)
+    engine.options = dataclasses.replace(engine.options, epoch_samples=epoch if fit else 0)
     data = "training" if fit else "evaluation"
     if batch is None:
         raise RuntimeSetupError(
@@ -192,20 +199,48 @@ def build_for_evaluation(strategy: RaNNCStrategy, trainer: pl.Trainer) -> None:
             ) from error
 
 
-def _sample_batch(strategy: RaNNCStrategy, trainer: pl.Trainer) -> Any:
+def _sample_batch(strategy: RaNNCStrategy, trainer: pl.Trainer) -> tuple[Any, int | None]:
     """The first training batch (without ``fit``, evaluation batch) as the step will get it,
-    without disturbing the run (the shuffling sampler draws from the global RNG)."""
+    without disturbing the run (the shuffling sampler draws from the global RNG), and the
+    loaders' ``epoch_samples`` (before Lightning deals them over the replicas)."""
     source = training_data_source(trainer) if trainer.state.fn == "fit" else evaluation_data_source(trainer)
     if (trainer.state.fn == "fit" and trainer.limit_train_batches == 0) or not source.is_defined():
-        return None
+        return None, None
     combined_loader = importlib.import_module(f"{strategy.lightning_package}.utilities").CombinedLoader
     with torch.random.fork_rng(devices=[]):  # the user's transfer hooks may draw random numbers too
         loaders = source.dataloader()
         combined = loaders if isinstance(loaders, combined_loader) else combined_loader(loaders, "max_size_cycle")
         batch = next(iter(combined), None)
         if batch is None:
-            return None
-        return strategy.precision_plugin.convert_input(strategy.batch_to_device(batch[0]))
+            return None, None
+        epoch = epoch_samples(combined.iterables, replicas=1)
+        return strategy.precision_plugin.convert_input(strategy.batch_to_device(batch[0])), epoch
+
+
+def epoch_samples(loaders: Any, replicas: int) -> int | None:
+    """``SearchSettings.epoch_samples`` of training ``loaders`` that deal ``replicas`` replicas
+    each a share (``len(sampler)`` samples, as Lightning's distributed sampler does): the
+    epoch's samples where its last batch may be smaller, 0 when every batch is full
+    (``drop_last``), ``None`` when the loaders do not tell (several loaders, an iterable
+    dataset, a batch sampler of the user's own)."""
+    if not isinstance(loaders, DataLoader) or loaders.batch_size is None:
+        return None
+    if loaders.drop_last:
+        return 0
+    try:
+        return len(loaders.sampler) * replicas  # type: ignore[arg-type]
+    except TypeError:  # a sampler without a length
+        return None
+
+
+def note_training_epoch(strategy: RaNNCStrategy) -> None:
+    """Before the first training batch, which the engine plans at: the batch sizes of the epoch,
+    from the data loaders as Lightning dealt them over the replicas."""
+    engine, trainer = strategy.engine, attached_trainer(strategy.lightning_module)
+    if engine is None or engine.pipeline is not None or trainer is None:
+        return
+    epoch = epoch_samples(trainer.train_dataloader, strategy.layout.num_replicas)
+    engine.options = dataclasses.replace(engine.options, epoch_samples=epoch)
 
 
 def check_trainer(strategy: RaNNCStrategy, trainer: pl.Trainer, supported_precision: tuple[str, ...]) -> None:

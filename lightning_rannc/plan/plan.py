@@ -300,6 +300,12 @@ def choose_microbatches(batch_size: int, requested: int, minimum: int = 1, round
         for d in range(max(1, minimum), batch_size + 1)
         if batch_size % d == 0 and (rounds_of is None or rounds_fit(d, rounds_of))
     ]
+    if not candidates and rounds_of is not None and batch_size >= minimum:
+        raise PlanError(
+            f"A batch of {batch_size} sample(s) cannot be split into whole rounds of {rounds_of} micro-batches, "
+            "which interleaved and zero-bubble schedules need: use drop_last=True in the DataLoader, or leave "
+            "virtual_stages and zero_bubble to 'auto' (the planner then keeps to schedules every batch can take)."
+        )
     if not candidates:
         raise PlanError(
             f"A batch of {batch_size} sample(s) cannot be split into the {minimum} micro-batches the "

@@ -37,8 +37,14 @@ from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import StageMemory, TensorTable, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.modules import describe_span, layer_of
-from lightning_rannc.plan.plan import PartitionPlan, StagePlan, rounds_fit, stage_ranks
-from lightning_rannc.plan.simulate import ScheduleTimes, in_flight, simulate_schedule, split_backward
+from lightning_rannc.plan.plan import PartitionPlan, StagePlan, choose_microbatches, rounds_fit, stage_ranks
+from lightning_rannc.plan.simulate import (
+    ScheduleTimes,
+    in_flight,
+    simulate_schedule,
+    split_backward,
+    weight_passes_pending,
+)
 from lightning_rannc.plan.solver import min_max_partition
 
 __all__ = ["SearchSettings", "Candidate", "SearchResult", "search_plan", "evaluate_split", "plan_shape"]
@@ -83,10 +89,18 @@ class SearchSettings:
     accumulating: bool = False
     """Gradients are accumulated over several batches (``accumulate_grad_batches`` > 1): the
     earlier batches' gradients live through each schedule (``memory.stage_memory``)."""
-    zero_bubble: bool = False
+    zero_bubble: bool | None = None
     """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
     must split into torch's whole rounds (``rounds_fit``). Simulated in torch's zero-bubble order, each
-    backward as an input and a weight pass (``simulate.split_backward``)."""
+    backward as an input and a weight pass (``simulate.split_backward``). ``None``: where it is
+    predicted faster, on the best plan's layout (``_with_zero_bubble``)."""
+    epoch_samples: int | None = 0
+    """Samples of a training epoch whose last batch may be smaller (a data loader without
+    ``drop_last``): each replica's last batch has ``ceil(epoch_samples / D) % B`` samples, as
+    Lightning's distributed sampler deals them. ``0``: every batch is full; ``None``: the batch
+    sizes are unknown. Interleaving and zero bubble, which need whole rounds of micro-batches,
+    are chosen only where every batch splits into them (forced, a batch that does not is refused
+    when it comes)."""
 
     @property
     def usable_memory(self) -> float:
@@ -107,6 +121,9 @@ class Candidate:
     virtual_stages: int = 1
     zero_stage: int = 1
     offload: bool = False
+    zero_bubble: bool = False
+    bubble: float = 0.0
+    """Predicted share of the step the busiest rank idles."""
 
 
 @dataclass
@@ -128,10 +145,14 @@ def search_plan(
     """The plan with the lowest predicted step time; ``PlanError`` naming what would fit if none does."""
     ranges = _RangeTables(blocks, tensors)
     candidates: list[Candidate] = []
+    choose_zero_bubble = settings.zero_bubble is None
+    settings = _replace(settings, zero_bubble=False) if choose_zero_bubble else settings
     best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
     if best is None and _widened(settings) is not None:
         settings = _widened(settings) or settings
         best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
+    if choose_zero_bubble:
+        best = _with_zero_bubble(blocks, ranges, settings, reference_microbatch_size, candidates, best)
     best = _with_zero3(blocks, ranges, settings, reference_microbatch_size, candidates, best)
     if best is None:
         raise _infeasible(blocks, ranges, settings, reference_microbatch_size, candidates)
@@ -168,6 +189,41 @@ def _with_zero3(
     return sharded if _ms_per_sample(settings, sharded[0]) < _ms_per_sample(settings, best[0]) else best
 
 
+def _with_zero_bubble(
+    blocks: Sequence[BlockCost],
+    ranges: _RangeTables,
+    settings: SearchSettings,
+    reference: int,
+    candidates: list[Candidate],
+    best: tuple[PartitionPlan, ScheduleTimes] | None,
+) -> tuple[PartitionPlan, ScheduleTimes] | None:
+    """``best``, or a faster plan with zero bubble. Zero bubble fills a pipeline's bubble, but
+    each backward pays two passes, activations live longer and the replicas exchange gradients
+    after the schedule: it cannot beat the busiest rank's time of the same shape without it.
+    So it is tried, with every micro-batch count and stages per rank, on the layouts (stages x
+    replicas) where some shape's time less its bubble beats ``best``: a search of every layout
+    again would take a BERT-77b plan over its minute."""
+    if best is None or settings.schedule == "gpipe" or settings.zero_stage == 3:
+        return best  # ZeRO-3 forced: its gathers would live until the weight pass
+    target = _ms_per_sample(settings, best[0])
+    layouts = sorted(
+        {
+            (c.stages, c.replicas)
+            for c in candidates
+            if c.stages > 1
+            and c.step_ms is not None
+            and not c.zero_bubble
+            and c.step_ms * (1 - c.bubble) / (_replica_batch(settings, c.replicas) * c.replicas) < target
+        }
+    )
+    for stages, replicas in layouts:
+        layout = _replace(settings, pipeline_stages=stages, replicas=replicas, zero_bubble=True)
+        found = _best_plan(blocks, ranges, layout, reference, candidates, chosen_rounds=True)
+        if found is not None and _ms_per_sample(settings, found[0]) < _ms_per_sample(settings, best[0]):
+            best = found
+    return best
+
+
 def _ms_per_sample(settings: SearchSettings, plan: PartitionPlan) -> float:
     return plan.predicted_step_ms / (_replica_batch(settings, plan.num_replicas) * plan.num_replicas)
 
@@ -179,16 +235,19 @@ def _best_plan(
     reference: int,
     candidates: list[Candidate],
     zero3_stages: set[int] | None = None,
+    chosen_rounds: bool = False,
 ) -> tuple[PartitionPlan, ScheduleTimes] | None:
     """The fastest plan per sample over every layout and pipeline shape; each shape tried is
     added to ``candidates``. ``zero3_stages``: only ZeRO-3, on layouts of these stage counts
-    (see ``_with_zero3``); else ZeRO-3 only where forced."""
+    (see ``_with_zero3``); else ZeRO-3 only where forced. ``chosen_rounds``: zero bubble is the
+    search's choice, not the user's (every batch must split into its rounds)."""
     best: tuple[float, PartitionPlan, ScheduleTimes] | None = None  # (ms per sample, ...)
-    tried = {(c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage, c.offload) for c in candidates}
+    zero_bubble = bool(settings.zero_bubble)
+    tried = {_tried_key(c) for c in candidates}
     for stages, replicas in _layouts(settings, len(blocks)):
         if zero3_stages is not None and (stages not in zero3_stages or replicas == 1):
             continue
-        for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks)):
+        for microbatches, virtual in _pipeline_shapes(settings, stages, replicas, len(blocks), chosen_rounds):
             if zero3_stages is not None and virtual > 1:
                 continue  # interleaving would gather every parameter once more per stage a rank runs
             fits = False
@@ -196,7 +255,7 @@ def _best_plan(
             zero3 = [(3, settings.offload_optimizer is True)]
             choices = zero3 if zero3_stages is not None else _memory_choices(settings, replicas)
             for zero, offload in choices:
-                if (stages, replicas, microbatches, virtual, zero, offload) in tried:
+                if (stages, replicas, microbatches, virtual, zero, offload, zero_bubble) in tried:
                     continue
                 if offload and settings.offload_optimizer is None and on_devices:
                     continue  # offloading only adds transfers: tried where the state does not fit
@@ -204,7 +263,10 @@ def _best_plan(
                 layout = _make_layout(blocks, ranges, settings, shape, reference, zero, offload)
                 found = None if _state_exceeds_devices(layout) else _plan_layout(layout)
                 step = found[0].predicted_step_ms if found else None
-                candidate = Candidate(stages, replicas, microbatches, layout.schedule, step, virtual, zero, offload)
+                bubble = found[0].predicted_bubble if found else 0.0
+                candidate = Candidate(
+                    stages, replicas, microbatches, layout.schedule, step, virtual, zero, offload, zero_bubble, bubble
+                )
                 candidates.append(candidate)
                 if found and not offload:
                     on_devices.add(zero)
@@ -215,6 +277,10 @@ def _best_plan(
             if fits and stages == 1 and settings.micro_batches is None:
                 break  # one stage: the fewest micro-batches that fit (the counts ascend)
     return None if best is None else best[1:]
+
+
+def _tried_key(c: Candidate) -> tuple[int, int, int, int, int, bool, bool]:
+    return (c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage, c.offload, c.zero_bubble)
 
 
 def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
@@ -278,19 +344,43 @@ def _microbatch_counts(settings: SearchSettings, replicas: int) -> list[int]:
     return [m for m in counts if per_replica % m == 0 and per_replica // m >= settings.min_micro_batch_size]
 
 
-def _pipeline_shapes(settings: SearchSettings, stages: int, replicas: int, num_blocks: int) -> list[tuple[int, int]]:
+def _pipeline_shapes(
+    settings: SearchSettings, stages: int, replicas: int, num_blocks: int, chosen_rounds: bool = False
+) -> list[tuple[int, int]]:
     """(micro-batches, stages per rank) the runtime can run for this layout: 1F1B needs a
-    micro-batch per stage to fill the pipeline; interleaving needs whole rounds of S."""
+    micro-batch per stage to fill the pipeline; interleaving needs whole rounds of S, and where
+    the search chooses it (or zero bubble: ``chosen_rounds``), so must every batch of the epoch."""
     shapes = []
     for microbatches in _microbatch_counts(settings, replicas):
+        every_batch = None  # computed where needed
         for virtual in _virtual_counts(settings, stages, microbatches, num_blocks):
             schedule = _schedule(settings, stages, microbatches, virtual)
             if schedule == "1f1b" and microbatches < stages:
                 continue
             if settings.zero_bubble and (schedule == "gpipe" or not rounds_fit(microbatches, stages)):
                 continue
+            if chosen_rounds or (virtual > 1 and settings.virtual_stages is None):
+                if every_batch is None:
+                    every_batch = _every_batch_in_rounds(settings, stages, replicas, microbatches)
+                if not every_batch:
+                    continue
             shapes.append((microbatches, virtual))
     return shapes
+
+
+def _every_batch_in_rounds(settings: SearchSettings, stages: int, replicas: int, microbatches: int) -> bool:
+    """Whether the epoch's last batch, where smaller, also splits into whole rounds of ``stages``
+    micro-batches, as the runtime would split it (``PartitionPlan.microbatches_for``)."""
+    if settings.epoch_samples is None:
+        return False
+    last = math.ceil(settings.epoch_samples / replicas) % _replica_batch(settings, replicas)
+    if last == 0:
+        return True
+    try:
+        choose_microbatches(last, microbatches, stages, stages)
+    except PlanError:
+        return False
+    return True
 
 
 _VIRTUAL_CHOICES = (2, 3, 4)
@@ -388,7 +478,13 @@ class _Layout:
         self.pieces = self.stages * self.virtual
         """Stages of the split: ``stages`` ranks per pipeline, ``virtual`` stages per rank."""
         self.schedule = _schedule(settings, self.stages, self.microbatches, self.virtual)
-        self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual, settings.zero_bubble)
+        self.zero_bubble = bool(settings.zero_bubble)
+        self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual, self.zero_bubble)
+        self.weight_pending = (
+            weight_passes_pending(self.stages, self.microbatches, self.virtual)
+            if self.zero_bubble
+            else [0] * self.pieces
+        )
         self.fwd = _prefix([b.fwd_ms for b in self.blocks])
         self.bwd = _prefix([b.bwd_ms for b in self.blocks])
         self.act = _prefix([b.activation_bytes for b in self.blocks])
@@ -505,19 +601,20 @@ class _Layout:
             # torch's optimizers default to foreach (one temporary as large as the state) on GPUs,
             # to a loop over the tensors on the CPU
             largest_trainable_bytes=None if self.settings.device.name != "cpu" else self.ranges.largest_trainable[i][j],
-            zero_bubble=self.settings.zero_bubble,
+            zero_bubble=self.zero_bubble,
             accumulating=self.settings.accumulating,
             shard_gradients=self.zero_stage == 2 and self.replicas > 1,
             offload_optimizer=self.offload,
             shard_parameters=self.zero_stage == 3 and self.replicas > 1,
             largest_param_bytes=self.ranges.largest_trainable[i][j],
+            weight_pending=self.weight_pending[stage],
         )
 
     @property
     def ddp(self) -> bool:
         """The replicas average gradients through DDP, during the last backward
         (``runtime/pipeline.py``); zero bubble and ZeRO-2 exchange them after the schedule."""
-        return self.replicas > 1 and not self.settings.zero_bubble and self.zero_stage not in (2, 3)
+        return self.replicas > 1 and not self.zero_bubble and self.zero_stage not in (2, 3)
 
     def checkpoint_choice(self, stage: int, i: int, j: int) -> int | None:
         """For the DP: none of the stage's blocks recompute (0) or all of them (``j - i``: the
@@ -747,7 +844,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
     checkpoints = [layout.least_recompute(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
     backwards, weights = [b for _, b in times], None
-    if layout.settings.zero_bubble:
+    if layout.zero_bubble:
         overhead = layout.settings.device.action_overhead_ms
         recomputed = [layout.recompute_ms(i, c) for (i, _), c in zip(spans, checkpoints)]
         halves = [split_backward(b, r, overhead) for b, r in zip(backwards, recomputed)]
@@ -774,7 +871,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
         virtual_stages=layout.virtual,
         zero_stage=layout.zero_stage,
         offload_optimizer=layout.offload,
-        zero_bubble=layout.settings.zero_bubble,
+        zero_bubble=layout.zero_bubble,
         predicted_step_ms=simulated.makespan_ms + exchange + update,
         predicted_bubble=simulated.bubble,
         predicted_exchange_ms=exchange,
@@ -944,6 +1041,7 @@ def _forced(settings: SearchSettings) -> str:
         "activation_checkpointing": settings.activation_checkpointing,
         "zero_stage": settings.zero_stage,
         "offload_optimizer": settings.offload_optimizer,
+        "zero_bubble": settings.zero_bubble or None,
     }
     named = [f"{name}={value}" for name, value in fixed.items() if value is not None]
     return f" with {', '.join(named)}" if named else ""

@@ -153,6 +153,20 @@ def in_flight(
     return peak
 
 
+def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[int]:
+    """Per stage, the most micro-batches at once between their input and their weight pass under
+    zero bubble. torch's input pass keeps the gradients of the weight operations' outputs for the
+    weight pass (``stage_backward_input``'s parameter groups), beside the activations."""
+    peak = [0] * (num_ranks * virtual_stages)
+    for position in range(num_ranks):
+        held: dict[int, int] = {}
+        for kind, stage, _ in operation_order("1f1b", position, num_ranks, num_microbatches, virtual_stages, True):
+            if kind != "F":
+                held[stage] = held.get(stage, 0) + (1 if kind == "I" else -1)
+                peak[stage] = max(peak[stage], held[stage])
+    return peak
+
+
 def split_backward(bwd_ms: float, recompute_ms: float, overhead_ms: float) -> tuple[float, float]:
     """A zero-bubble backward's input and weight passes: each pays the runtime's overhead per
     action, and a checkpointed stage's recomputation runs in the input pass (its first)."""

@@ -128,7 +128,7 @@ class PipelineEngine:
             captured, graph = capture_micro(self.module, batch, num_microbatches, batch_idx)
             micro = batch.size // num_microbatches
             smaller = smaller_sample(self.module, batch, micro, self.options)
-            request = self._request(graph, batch.first_leaves(micro), num_microbatches, False, smaller)
+            request = self._request(graph, batch, batch.first_leaves(micro), num_microbatches, False, smaller)
             plan, seed = self._agreed_plan(request, graph)
         trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
         add_tied_groups(self.groups, plan, self.rank, trainable, self.device)
@@ -174,10 +174,15 @@ class PipelineEngine:
         return pipeline
 
     def _request(
-        self, graph: StepGraph, micro: list[torch.Tensor], num_microbatches: int, analytic: bool, smaller: Any
+        self,
+        graph: StepGraph,
+        batch: FlatBatch,
+        micro: list[torch.Tensor],
+        num_microbatches: int,
+        analytic: bool,
+        smaller: Any,
     ) -> PlanRequest:
-        name = type(self.module).__name__
-        return PlanRequest(graph, micro, num_microbatches, analytic, smaller, self.where, name)
+        return PlanRequest(graph, micro, num_microbatches, analytic, smaller, self.where, self.module, batch)
 
     def _agreed_plan(self, request: PlanRequest, graph: StepGraph) -> tuple[PartitionPlan, int]:
         """Rank 0's plan (or its error) on every rank, and the seed of the stages' random streams
@@ -203,7 +208,7 @@ class PipelineEngine:
         analytic costs (nothing can run), then point the graph at the module's own tensors."""
         capture = fake_capture(self.module, batch, num_microbatches, self.device, batch_idx=batch_idx)
         with capture as (captured, graph, micro):
-            plan, seed = self._agreed_plan(self._request(graph, micro, num_microbatches, True, None), graph)
+            plan, seed = self._agreed_plan(self._request(graph, batch, micro, num_microbatches, True, None), graph)
         captured.tensors = graph.tensors = {**module_tensors(self.module), **self._constants(captured)}
         return captured, graph, plan, seed
 

@@ -22,6 +22,7 @@ from lightning_rannc._utils import where_defined
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.config import RaNNCConfig
+from lightning_rannc.dry_run import precision_remedies
 from lightning_rannc.errors import PlanError, RuntimeSetupError
 from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
 from lightning_rannc.plan.devices import DeviceSpec, get_device
@@ -77,6 +78,10 @@ class EngineOptions:
     loss_scaling: bool = False
     """The Trainer scales the loss (``16-mixed``): its scaler unscales the optimizer's gradients
     before the step, which an offloaded optimizer has not received yet."""
+    precision: str = "32-true"
+    """The Trainer's precision: where nothing fits, the lower ones are tried for the refusal's remedies."""
+    epoch_samples: int | None = None
+    """``SearchSettings.epoch_samples`` of the training data (``None``: not known)."""
 
     @property
     def device_spec(self) -> DeviceSpec:
@@ -113,18 +118,25 @@ class EngineOptions:
         return None if wanted == "auto" else bool(wanted)
 
     @property
-    def search_virtual_stages(self) -> int:
-        """Stages per rank: interleaving only when asked for (a schedule of whole rounds of S
-        micro-batches cannot take every last batch's count), with 2 stages per rank by default."""
-        if self.config.schedule == "interleaved_1f1b":
-            return max(2, self.config.virtual_stages)
-        return self.config.virtual_stages
+    def search_virtual_stages(self) -> int | None:
+        """Stages per rank asked for; ``None``: the search's choice."""
+        wanted = self.config.virtual_stages
+        if wanted == "auto":
+            return None
+        return max(2, int(wanted)) if self.config.schedule == "interleaved_1f1b" else int(wanted)
+
+    @property
+    def search_zero_bubble(self) -> bool | None:
+        """Zero bubble asked for (or refused); ``None``: the search's choice."""
+        wanted = self.config.zero_bubble
+        return None if wanted == "auto" else bool(wanted)
 
     @property
     def min_microbatches(self) -> int:
         """Fewest micro-batches the schedule can run: 1F1B-like schedules fill every stage."""
         config = self.config
-        needs_fill = config.schedule in ("1f1b", "interleaved_1f1b") or config.virtual_stages > 1 or config.zero_bubble
+        forced = (self.search_virtual_stages or 1) > 1 or self.search_zero_bubble
+        needs_fill = config.schedule in ("1f1b", "interleaved_1f1b") or forced
         return self.pipeline_stages if needs_fill else 1
 
 
@@ -232,7 +244,8 @@ def search_settings(
         schedule=config.schedule,
         virtual_stages=options.search_virtual_stages,
         activation_checkpointing=options.checkpointing,
-        zero_bubble=config.zero_bubble,
+        zero_bubble=options.search_zero_bubble,
+        epoch_samples=options.epoch_samples,
         zero_stage=options.zero_stage,
         offload_optimizer=options.offload_optimizer,
         accumulating=options.accumulating,
@@ -261,7 +274,10 @@ def choose_layout(
         settings = search_settings(options, num_devices=num_devices, replica_batch_size=flat.size, layout=None)
         if options.num_microbatches is not None:  # the count that divides this batch, as the engine runs it
             settings = dataclasses.replace(settings, micro_batches=num_microbatches)
-        result = _search(costs, flat.size // num_microbatches, settings, graph)
+        try:
+            result = _search(costs, flat.size // num_microbatches, settings, graph)
+        except PlanError as error:
+            raise _with_lower_precisions(error, module, flat, settings, options) from None
     plan = result.plan
     return Layout(plan.pipeline_stages, plan.num_replicas, _describe(result, flat.size), plan)
 
@@ -280,6 +296,17 @@ def _search(costs: list[BlockCost], microbatch_size: int, settings: SearchSettin
     if choice is not None:
         log.info(choice)
     return result
+
+
+def _with_lower_precisions(
+    error: PlanError, module: nn.Module, batch: FlatBatch, settings: SearchSettings, options: EngineOptions
+) -> PlanError:
+    """``error`` with each lower precision than the Trainer's in which a plan fits added to its
+    remedies (planned as the dry run does: analytic costs, the module left as it is)."""
+    if not error.problem:
+        return error  # not a refusal for memory: another precision would not help
+    lower = precision_remedies(module, batch, settings, options.config.max_blocks, options.precision)
+    return error.with_remedies(lower)
 
 
 def _deployed_layout(path: str, num_devices: int) -> Layout:
@@ -318,7 +345,9 @@ class PlanRequest:
     smaller: SmallerSample | None
     where: str
     """``file:line`` of the step, for errors."""
-    module_name: str
+    module: nn.Module
+    batch: FlatBatch
+    """The first batch (for a refusal's remedies in another precision)."""
 
 
 def deployed_or_new_plan(request: PlanRequest, options: EngineOptions, cache: ProfileCache) -> PartitionPlan:
@@ -331,16 +360,18 @@ def deployed_or_new_plan(request: PlanRequest, options: EngineOptions, cache: Pr
             log.info("saved the plan as deployment %s", path)
         return plan
     plan = PartitionPlan.load(path)
-    fixed_count = {} if options.num_microbatches is None else {"num_microbatches": request.num_microbatches}
+    forced = {
+        "num_microbatches": None if options.num_microbatches is None else request.num_microbatches,
+        "virtual_stages": options.search_virtual_stages,
+        "zero_bubble": options.search_zero_bubble,
+    }
     plan.check_matches(
         path,
         graph_fingerprint=request.graph.fingerprint(),
         world_size=options.pipeline_stages * options.num_replicas,
         num_replicas=options.num_replicas,
-        virtual_stages=options.search_virtual_stages,
         replica_batch_size=int(request.micro_leaves[0].shape[0]) * request.num_microbatches,
-        zero_bubble=options.config.zero_bubble,
-        **fixed_count,
+        **{name: value for name, value in forced.items() if value is not None},
     )
     log.info("loaded deployment %s: no profiling, no search", path)
     return plan
@@ -348,11 +379,11 @@ def deployed_or_new_plan(request: PlanRequest, options: EngineOptions, cache: Pr
 
 def _make_plan(request: PlanRequest, options: EngineOptions, cache: ProfileCache) -> PartitionPlan:
     graph, micro_leaves = request.graph, request.micro_leaves
-    num_stages = options.pipeline_stages * options.search_virtual_stages
+    num_stages = options.pipeline_stages * (options.search_virtual_stages or 1)
     num_blocks = len(group_nodes(graph, options.config.max_blocks))
     if num_blocks < num_stages:
         raise PlanError(
-            f"The training step of {request.module_name} ({request.where}) splits into only "
+            f"The training step of {type(request.module).__name__} ({request.where}) splits into only "
             f"{num_blocks} block(s), fewer than the {num_stages} pipeline stages asked for: "
             "use fewer pipeline stages, or raise max_blocks."
         )
@@ -367,7 +398,10 @@ def _make_plan(request: PlanRequest, options: EngineOptions, cache: ProfileCache
     )
     if options.num_microbatches is not None:  # the count that divides this batch
         settings = dataclasses.replace(settings, micro_batches=request.num_microbatches)
-    plan = _search(costs, microbatch_size, settings, graph).plan
+    try:
+        plan = _search(costs, microbatch_size, settings, graph).plan
+    except PlanError as error:
+        raise _with_lower_precisions(error, request.module, request.batch, settings, options) from None
     plan.no_grad_values = find_no_grad_values(graph, micro_leaves, [s.node_start for s in plan.stages[1:]])
     _check_written_buffers(plan, graph, request.where)
     return plan

@@ -70,8 +70,15 @@ RUNS: dict[int | str, list[dict]] = {
             memory_limit=1_800_000,
         ),
         _run("s2d1_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
-        _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
-        _run("s2d1_interleaved", "gpt_full", pipeline_stages=2, virtual_stages=2, schedule="interleaved_1f1b"),
+        _run("s2d1_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b", zero_bubble=False),
+        _run(
+            "s2d1_interleaved",
+            "gpt_full",
+            pipeline_stages=2,
+            virtual_stages=2,
+            schedule="interleaved_1f1b",
+            zero_bubble=False,
+        ),
         # backward split into input and weight gradients (torch's ScheduleInterleavedZeroBubble)
         _run("s2d1_zero_bubble", "gpt_full", pipeline_stages=2, zero_bubble=True),
         _run("s2d1_interleaved_zb", "gpt_full", pipeline_stages=2, virtual_stages=2, zero_bubble=True),
@@ -88,9 +95,11 @@ RUNS: dict[int | str, list[dict]] = {
     # Dropout: compared among themselves (the streams are not a single process's).
     "2-dropout": [
         _run("drop_gpipe", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="gpipe"),
-        _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="1f1b"),
+        _run("drop_1f1b", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="1f1b", zero_bubble=False),
         _run("drop_gpipe_again", "gpt_dropout", pipeline_stages=2, micro_batches=4, schedule="gpipe"),
-        _run("drop_interleaved", "gpt_dropout", pipeline_stages=2, micro_batches=4, virtual_stages=2),
+        _run(
+            "drop_interleaved", "gpt_dropout", pipeline_stages=2, micro_batches=4, virtual_stages=2, zero_bubble=False
+        ),
         _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, micro_batches=4, activation_checkpointing=True),
         _run(
             "drop_verified",
@@ -111,7 +120,7 @@ RUNS: dict[int | str, list[dict]] = {
     3: [_run("gpt6", "gpt6", pipeline_stages=3)],
     4: [
         _run("s2d2_gpipe", "gpt_full", pipeline_stages=2, schedule="gpipe"),
-        _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b"),
+        _run("s2d2_1f1b", "gpt_full", pipeline_stages=2, schedule="1f1b", zero_bubble=False),
         _run("s2d2_zero0", "gpt_full", pipeline_stages=2, zero_stage=0),
         # the tied embedding's copies on the first and last stage have owners of their own
         _run("s2d2_zero2", "gpt_full", pipeline_stages=2, zero_stage=2, verify=True, verify_tolerance=1e-5),
@@ -128,7 +137,7 @@ RUNS: dict[int | str, list[dict]] = {
             verify_tolerance=1e-5,
         ),
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
-        _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b"),
+        _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b", zero_bubble=False),
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2, micro_batches=4),
         # the first step also run unpartitioned on each replica and compared (it raises if not equal)
         _run("s2d2_verified", "gpt_full", pipeline_stages=2, verify=True, verify_tolerance=1e-5),
@@ -623,7 +632,8 @@ def test_sharded_checkpoints_are_written_without_a_gather_and_consolidate_to_one
 
 def test_runtime_trace_has_every_forward_and_backward_of_every_rank(tmp_path: Path) -> None:
     trace = tmp_path / "trace.json"
-    strategy = {"pipeline_stages": 2, "micro_batches": 4, "schedule": "1f1b", "trace": str(trace), "trace_steps": 3}
+    strategy = {"pipeline_stages": 2, "micro_batches": 4, "schedule": "1f1b", "zero_bubble": False}
+    strategy |= {"trace": str(trace), "trace_steps": 3}
     runs = [{"label": "traced", "case": "gpt_full", "strategy": strategy}]
     run_script("run_pipelined.py", str(tmp_path), "2", json.dumps(runs), timeout=300)
     events = json.loads(trace.read_text())["traceEvents"]

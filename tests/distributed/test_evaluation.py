@@ -22,7 +22,7 @@ RUNS = [
     {
         "label": "interleaved",
         "case": "gpt",
-        "strategy": {"pipeline_stages": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b"},
+        "strategy": {"pipeline_stages": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b", "zero_bubble": False},
     },
     {"label": "dropout", "case": "gpt_dropout", "strategy": {"pipeline_stages": 2}},
     {"label": "cnn_bn", "case": "cnn_bn", "strategy": {"pipeline_stages": 2}},

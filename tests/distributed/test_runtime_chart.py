@@ -29,6 +29,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "pipeline_stages": 2,
         "micro_batches": MICRO_BATCHES,
         "schedule": "1f1b",
+        "zero_bubble": False,
         "trace": str(out / "trace.json"),
         "trace_steps": TRACE_STEPS,
         "deployment": str(out / "plan.json"),

@@ -30,12 +30,18 @@ pytestmark = [pytest.mark.distributed, pytest.mark.compat]
 
 _SHARDED = {"pipeline_stages": 2, "state_dict_type": "sharded"}
 RUNS = [
-    {"label": "s2_1f1b", "case": "gpt_full", "strategy": {"pipeline_stages": 2, "schedule": "1f1b"}},
+    {
+        "label": "s2_1f1b",
+        "case": "gpt_full",
+        "strategy": {"pipeline_stages": 2, "schedule": "1f1b", "zero_bubble": False},
+    },
     {
         "label": "s2_interleaved",
         "case": "gpt_full",
-        "strategy": {"pipeline_stages": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b"},
+        "strategy": {"pipeline_stages": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b", "zero_bubble": False},
     },
+    # torch's ScheduleInterleavedZeroBubble, which the planner may choose on its own
+    {"label": "s2_zero_bubble", "case": "gpt_full", "strategy": {"pipeline_stages": 2, "zero_bubble": True}},
     {"label": "s1d2", "case": "gpt_full", "strategy": {"pipeline_stages": 1}},
     {"label": "strided", "case": "gpt_strided", "strategy": {"pipeline_stages": 2}},
     {"label": "sharded_half", "case": "gpt_full", "strategy": _SHARDED, "trainer": {"max_steps": 3}},
@@ -76,7 +82,7 @@ def _close(ours: object, theirs: object, **tolerance: float) -> None:
     torch.testing.assert_close(torch.as_tensor(ours), torch.as_tensor(theirs), **tolerance)
 
 
-@pytest.mark.parametrize("label", ["s2_1f1b", "s2_interleaved", "s1d2", "strided"])
+@pytest.mark.parametrize("label", ["s2_1f1b", "s2_interleaved", "s2_zero_bubble", "s1d2", "strided"])
 def test_losses_logged_values_and_weights_match_one_process(pipelined: Path, reference, label: str) -> None:
     run = next(r for r in RUNS if r["label"] == label)
     ref = load_record(reference(run["case"], REPLICAS.get(label, 1)), "ref", 0)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
 
 from lightning_rannc import PlanError, RaNNCConfig
 from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.graph import group_nodes
+from lightning_rannc.integration.layout import epoch_samples
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.profile.cache import ProfileCache, profile_key
 from lightning_rannc.runtime.captures import capture_micro
@@ -154,3 +155,26 @@ def test_a_batch_the_requested_micro_batch_count_does_not_divide_still_gets_a_la
     six = {key: value[:6] for key, value in batch.items()}  # 4 micro-batches do not divide 6
     layout = choose_layout(model, six, _options(micro_batches=4), 2, _CPU, ProfileCache())
     assert layout.plan is not None and layout.plan.num_microbatches == 3  # the nearest divisor, as the engine runs
+
+
+@pytest.mark.parametrize(("samples", "batch", "replicas"), [(83, 8, 2), (80, 8, 2), (83, 8, 1), (85, 4, 3)])
+def test_epoch_samples_give_the_last_batch_each_replica_gets(samples: int, batch: int, replicas: int) -> None:
+    """The search reads each replica's last batch as ``ceil(E / D) % B`` (``SearchSettings.epoch_samples``):
+    from the user's loader at setup (D = 1 there) and from the loader Lightning made at the first batch."""
+    data = TensorDataset(torch.arange(samples))
+    user = DataLoader(data, batch_size=batch)
+    dealt = DataLoader(data, batch_size=batch, sampler=DistributedSampler(data, replicas, rank=0, shuffle=False))
+    sizes = [len(b[0]) for b in (dealt if replicas > 1 else user)]
+    for loader, dealt_over in ((user, 1), (dealt if replicas > 1 else user, replicas)):
+        epoch = epoch_samples(loader, dealt_over)
+        assert epoch is not None
+        assert -(-epoch // replicas) % batch == (sizes[-1] if sizes[-1] < batch else 0)
+    assert epoch_samples(DataLoader(data, batch_size=batch, drop_last=True), replicas) == 0
+
+    class Stream(IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(samples))
+
+    assert epoch_samples(DataLoader(Stream(), batch_size=batch), replicas) is None  # no length
+    assert epoch_samples(DataLoader(data, batch_sampler=[[0, 1], [2]]), replicas) is None  # the user's batches
+    assert epoch_samples([user, user], replicas) is None  # several loaders

@@ -409,10 +409,23 @@ def test_memory_limit_turns_on_checkpointing_where_needed_and_keeps_the_numbers(
     torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=1e-6, atol=0)
 
 
-def test_memory_limit_nothing_fits_names_what_would(tmp_path: Path) -> None:
-    with pytest.raises(lightning_rannc.PlanError, match=r"does not fit on 1 device\(s\).*at least [0-9.]+ GiB"):
-        run_case("logging", tmp_path, strategy=RaNNCStrategy(micro_batches=2, memory_limit="1KB"), devices=1)
+def test_memory_limit_nothing_fits_names_what_would_and_the_lower_precision_that_does(tmp_path: Path) -> None:
+    options = dict(micro_batches=2, offload_optimizer=False)
+    roomy = run_case("gpt", tmp_path, "roomy", strategy=RaNNCStrategy(**options), devices=1)
     torch.distributed.destroy_process_group()
+    limit = int(0.8 * roomy.strategy.plan.stages[0].memory["total"] / 0.9)  # fp32 needs 25% more
+    refused = r"does not fit on 1 device\(s\).*at least [0-9.]+ GiB"
+    with pytest.raises(lightning_rannc.PlanError, match=refused) as error:
+        run_case("gpt", tmp_path, "fp32", strategy=RaNNCStrategy(memory_limit=limit, **options), devices=1)
+    torch.distributed.destroy_process_group()
+    assert "Trainer(precision='bf16-true') (it finds 1 stage(s)" in str(error.value)
+    # The remedy holds: the same limit in that precision trains.
+    half = run_case(
+        "gpt", tmp_path, "bf16", strategy=RaNNCStrategy(memory_limit=limit, **options), devices=1, precision="bf16-true"
+    )
+    torch.distributed.destroy_process_group()
+    assert half.strategy.plan.stages[0].memory["total"] <= 0.9 * limit
+    assert len(load_record(tmp_path, "bf16", 0)["losses"]) == len(load_record(tmp_path, "roomy", 0)["losses"])
 
 
 def test_verify_compares_the_first_step_with_the_unpartitioned_one(caplog: pytest.LogCaptureFixture) -> None:

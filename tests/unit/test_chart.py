@@ -62,6 +62,7 @@ def _search(
         replicas=replicas,
         micro_batches=microbatches,
         schedule=schedule,
+        zero_bubble=False,  # the schedule named
     )
     tensors = TensorTable(sizes, {n: b // 4 for n, b in sizes.items()}, frozenset(sizes))
     return search_plan(
@@ -154,7 +155,7 @@ def test_chart_is_a_png_of_the_figure_size(tmp_path: Path) -> None:
 def test_plan_cli_writes_chart_and_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart, trace = tmp_path / "step.png", tmp_path / "step.json"
     args = ["plan", TARGET, "--init-args", SMALL, "--devices", "2", "--batch-size", "8", "--stages", "2"]
-    args += ["--micro-batches", "4", "--schedule", "1f1b"]
+    args += ["--micro-batches", "4", "--schedule", "1f1b", "--no-zero-bubble"]
     assert main([*args, "--chart", str(chart), "--trace", str(trace)]) == 0
     printed = capsys.readouterr().out
     assert printed.index("predicted step") < printed.index(f"wrote {chart}") < printed.index(f"wrote {trace}")

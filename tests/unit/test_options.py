@@ -72,6 +72,7 @@ def test_the_search_settings_spell_and_default_options_as_the_config_does() -> N
         "activation_checkpointing",
         "virtual_stages",
         "zero_stage",
-        "offload_optimizer",  # the search's None is the config's "auto"
+        "offload_optimizer",
+        "zero_bubble",  # the search's None is the config's "auto"
     }:
         assert settings[name].default == FIELDS[name].default, name

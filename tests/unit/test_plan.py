@@ -181,7 +181,7 @@ def test_schedule_requests_that_cannot_run_are_refused() -> None:
     with pytest.raises(PlanError, match=r"No micro-batch count splits the global batch of 4"):
         _plan(4, microbatches=2, schedule="1f1b")
     free = _search(4, microbatches=None, replica_batch=8, schedule="1f1b")
-    assert sorted(c.microbatches for c in free.candidates) == [4, 8]
+    assert sorted(c.microbatches for c in free.candidates if not c.zero_bubble) == [4, 8]
     assert free.plan.schedule == "1f1b" and free.plan.num_microbatches >= 4
     with pytest.raises(PlanError, match="Unknown schedule 'zb'"):
         _plan(2, microbatches=2, schedule="zb")

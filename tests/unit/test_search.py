@@ -13,7 +13,13 @@ from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
-from lightning_rannc.plan.simulate import in_flight, operation_order, simulate_schedule, split_backward
+from lightning_rannc.plan.simulate import (
+    in_flight,
+    operation_order,
+    simulate_schedule,
+    split_backward,
+    weight_passes_pending,
+)
 
 from helpers.devices import test_device
 
@@ -322,6 +328,7 @@ def test_runtime_overheads_enter_the_prediction_and_bound_the_micro_batch_count(
             pipeline_stages=4,
             max_micro_batches=64,
             optimizer="sgd_momentum",
+            zero_bubble=False,  # the 1F1B schedule's slots
         )
         return search_plan(
             blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g"
@@ -451,6 +458,8 @@ def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_un
     assert {kind for kind, *_ in split.operations[0]} == {"F", "I", "W"}
     assert in_flight("1f1b", 2, 4) == [2, 1]
     assert in_flight("1f1b", 2, 4, zero_bubble=True) == [2, 2]  # the last stage's weight pass lags one
+    # ... and between input and weight pass the last stage keeps two micro-batches' gradients for it
+    assert weight_passes_pending(2, 4) == [1, 2] and weight_passes_pending(4, 8) == [1, 2, 3, 4]
     # backward 10 with recompute 4 and overhead 1: the input pass recomputes, each pass pays the overhead
     assert split_backward(10.0, 4.0, 1.0) == (4.0 + 2.5 + 1.0, 2.5 + 1.0)
 
@@ -473,6 +482,44 @@ def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None
     assert chosen.predicted_step_ms == pytest.approx(min(c.step_ms for c in auto.candidates if c.step_ms is not None))
     assert chosen.predicted_step_ms <= min(plain.predicted_step_ms, interleaved.predicted_step_ms)
     assert chosen.virtual_stages == 4 and chosen.predicted_bubble < interleaved.predicted_bubble  # 16 blocks, 4 x 4
+
+
+def test_zero_bubble_is_chosen_where_it_is_predicted_faster() -> None:
+    blocks, tensors = _uniform_model(16, 10**6, 10**5)
+    common = dict(pipeline_stages=4, memory_limit=4 * 10**9, optimizer="sgd", virtual_stages=1)
+    plain = _search(blocks, tensors, zero_bubble=False, **common)
+    split = _search(blocks, tensors, zero_bubble=True, **common).plan
+    auto = _search(blocks, tensors, **common)
+    assert split.zero_bubble and not plain.plan.zero_bubble
+    assert split.predicted_step_ms < plain.plan.predicted_step_ms  # the drain filled with weight passes
+    assert auto.plan.zero_bubble and auto.plan.predicted_step_ms == pytest.approx(split.predicted_step_ms)
+    assert {c.zero_bubble for c in auto.candidates} == {False, True}
+
+
+def test_interleaving_and_zero_bubble_are_chosen_only_where_every_batch_splits_into_their_rounds() -> None:
+    """64 samples a step on one pipeline of 4: a last batch of 9 runs as 9 micro-batches of 1
+    under 1F1B, but torch's rounds of 4 do not take 9 (two rounds of 4.5), and 9 has no other
+    divisor of at least 4."""
+    blocks, tensors = _uniform_model(16, 10**6, 10**5)
+    common = dict(num_devices=4, pipeline_stages=4, memory_limit=4 * 10**9, optimizer="sgd")
+
+    def plan(epoch_samples: int | None, **forced: object) -> PartitionPlan:
+        options = SearchSettings(global_batch_size=64, device=DEVICE, epoch_samples=epoch_samples, **common, **forced)  # type: ignore[arg-type]
+        return search_plan(
+            blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g"
+        ).plan
+
+    full = plan(0)
+    assert full.zero_bubble or full.virtual_stages > 1  # both predicted faster here
+    for ragged in (64 * 10 + 9, None):  # a last batch of 9; sizes unknown
+        chosen = plan(ragged)
+        assert not chosen.zero_bubble and chosen.virtual_stages == 1
+        assert chosen.microbatches_for(9) == 9
+    assert plan(64 * 10 + 16) == full  # 16 splits into whole rounds too
+    forced = plan(64 * 10 + 9, zero_bubble=True, virtual_stages=2)  # the user's choice is obeyed
+    assert forced.zero_bubble and forced.virtual_stages == 2
+    with pytest.raises(PlanError, match="cannot be split into whole rounds of 4 .* drop_last=True"):
+        forced.microbatches_for(9)
 
 
 def test_replicas_keep_the_whole_optimizer_state_when_it_fits_and_is_faster() -> None:
@@ -584,7 +631,7 @@ def test_ddp_hides_its_all_reduce_behind_the_last_backward_and_zero_bubble_does_
     blocks, tensors = _uniform_model(16, 10**8, 10**5)
     slow = dataclasses.replace(DEVICE, intra_node_bandwidth=1e10, inter_node_bandwidth=1e10)
     base = dict(num_devices=4, global_batch_size=64, device=slow, pipeline_stages=2, micro_batches=4)
-    base |= dict(memory_limit=10**12, schedule="1f1b")
+    base |= dict(memory_limit=10**12, schedule="1f1b", zero_bubble=False)
     raw = 2 * (1 / 2) * 8 * 10**8 / 1e10 * 1e3  # the ring all-reduce of a stage's 0.8 GB, ms
     ddp = search_plan(
         blocks,
@@ -597,7 +644,7 @@ def test_ddp_hides_its_all_reduce_behind_the_last_backward_and_zero_bubble_does_
     zb = search_plan(
         blocks,
         reference_microbatch_size=1,
-        settings=SearchSettings(**base, zero_stage=0, zero_bubble=True),
+        settings=SearchSettings(**{**base, "zero_bubble": True}, zero_stage=0),
         tensors=tensors,
         graph_fingerprint="g",
     ).plan
@@ -618,6 +665,7 @@ def test_a_stage_that_needs_some_recomputation_recomputes_only_its_first_layers(
     fit, which costs less than recomputing all of them."""
     blocks, tensors = _uniform_model(16, 10**7, 10**7)
     common = dict(pipeline_stages=2, micro_batches=8, memory_limit=45 * 10**7, optimizer="sgd", schedule="1f1b")
+    common |= dict(zero_bubble=False)
     plan = _search(blocks, tensors, **common).plan
     first = plan.stages[0]  # 1F1B keeps two micro-batches in flight there, one on the last stage
     assert first.module_span == "layers.0-6" and not first.checkpoint and first.recompute_span == "layers.0"
