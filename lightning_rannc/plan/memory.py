@@ -193,8 +193,9 @@ def stage_memory(
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
         # buffers (``buffers``), which hold the input of every micro-batch in flight.
-        # With zero bubble, the recomputed activations live from the input pass to the weight pass.
-        activations = max(1, 2 * weight_pending) * activation_bytes + workspace_bytes
+        # With zero bubble each pending weight pass keeps its gradients; what the input pass
+        # recomputed is freed once read (the weight pass recomputes it again).
+        activations = (1 + weight_pending) * activation_bytes + workspace_bytes
     else:
         activations = (in_flight + weight_pending) * activation_bytes + workspace_bytes + recomputed_bytes
     shards = num_replicas if shard_optimizer else 1

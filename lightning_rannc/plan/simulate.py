@@ -169,10 +169,12 @@ def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages:
 
 def split_backward(bwd_ms: float, recompute_ms: float, overhead_ms: float) -> tuple[float, float]:
     """A zero-bubble backward's input and weight passes: each pays the runtime's overhead per
-    action, and a checkpointed stage's recomputation runs in the input pass (its first)."""
+    action, and a checkpointed stage's recomputation runs in both: non-reentrant checkpointing
+    frees what it recomputed once the input pass has read it, and the weight pass, a second
+    backward through the same graph, recomputes it again (counted on torch 2.13)."""
     compute = bwd_ms - recompute_ms - overhead_ms
     weight = compute * (1 - INPUT_GRADIENT_SHARE)
-    return compute - weight + recompute_ms + overhead_ms, weight + overhead_ms
+    return compute - weight + recompute_ms + overhead_ms, weight + recompute_ms + overhead_ms
 
 
 def simulate_schedule(
