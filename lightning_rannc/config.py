@@ -66,16 +66,16 @@ class RaNNCConfig:
     virtual_stages: int | str = _option(
         "auto",
         'stages per rank (interleaved 1F1B, a number forces it); `"auto"`: 1, or 2, 3 or 4 where the planner '
-        "predicts interleaving faster and every batch of the epoch, a smaller last one too, splits into its whole "
-        "rounds of `pipeline_stages` micro-batches",
+        "predicts interleaving faster (on the CPU preset by 10%) and every batch of the epoch, a smaller last one "
+        "too, splits into its whole rounds of `pipeline_stages` micro-batches",
     )
     zero_bubble: bool | str = _option(
         "auto",
         "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
         "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
         "where the pipeline would idle; simulated in torch's order, the two passes half the backward each, "
-        'activations held until the weight pass; `"auto"`: where the planner predicts it faster on the best '
-        "plan's layout, and every batch splits into its rounds, as for `virtual_stages`",
+        'activations held until the weight pass; `"auto"`: where the planner predicts it faster (on the CPU '
+        "preset by 10%), no stage recomputes, and every batch splits into its rounds, as for `virtual_stages`",
     )
     zero_stage: int | str = _option(
         "auto",
