@@ -92,8 +92,9 @@ class SearchSettings:
     zero_bubble: bool | None = None
     """Plans run their 1F1B schedule as zero bubble: GPipe is excluded, and micro-batch counts
     must split into torch's whole rounds (``rounds_fit``). Simulated in torch's zero-bubble order, each
-    backward as an input and a weight pass (``simulate.split_backward``). ``None``: where it is
-    predicted faster, on the best plan's layout (``_with_zero_bubble``)."""
+    backward as an input and a weight pass (``simulate.split_backward``). ``None``: the search's
+    choice, where predicted faster by ``device.schedule_margin`` without recomputation
+    (``_with_zero_bubble``)."""
     epoch_samples: int | None = 0
     """Samples of a training epoch whose last batch may be smaller (a data loader without
     ``drop_last``): each replica's last batch has ``ceil(epoch_samples / D) % B`` samples, as

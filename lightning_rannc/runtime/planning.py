@@ -305,7 +305,11 @@ def _with_lower_precisions(
     remedies (planned as the dry run does: analytic costs, the module left as it is)."""
     if not error.problem:
         return error  # not a refusal for memory: another precision would not help
-    lower = precision_remedies(module, batch, settings, options.config.max_blocks, options.precision)
+    try:
+        lower = precision_remedies(module, batch, settings, options.config.max_blocks, options.precision)
+    except Exception as failure:  # best effort: the refusal itself must reach the user
+        log.debug("could not plan the step in a lower precision for the refusal's remedies: %r", failure)
+        return error
     return error.with_remedies(lower)
 
 
