@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available as all_gather_ddp_if_available
 from lightning.fabric.utilities.distributed import _distributed_is_initialized as distributed_is_initialized
 from lightning.fabric.utilities.distributed import (
@@ -320,13 +321,35 @@ def _tensors(values: Any) -> list[torch.Tensor]:
     return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor)]
 
 
+class _RecomputeOnceInWeightPass:
+    """Zero bubble's weight pass recomputes each checkpoint region once, not once a parameter group.
+
+    torch's weight pass (``stage_backward_weight``) calls ``autograd.grad`` once per parameter
+    group (a module's weight and bias), and non-reentrant checkpointing recomputes a region anew
+    in every backward call that reaches it: counted on torch 2.13, a stage of per-layer regions
+    of 6 groups recomputed each layer 6 times in its weight pass, one region of 12 groups 12
+    times; forced zero bubble with recomputation measured 0.52-0.63 of its prediction on the
+    2-core CPU. ``torch.utils.checkpoint.GraphExecGroup`` makes the calls inside it share one
+    recomputation; it requires calls that use no saved value twice, which the weight pass's
+    groups already are (each call frees the part of the graph it ran)."""
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        with torch.utils.checkpoint.GraphExecGroup():
+            return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)  # type: ignore[misc]
+
+
 PipelineStageClass: type[PipelineStage] = type(
     "RaNNCPipelineStage",
-    (_ReceiveBuffersOnDemand, PipelineStage if TORCH_GREATER_EQUAL_2_13 else _Torch211Stage),
+    (
+        _RecomputeOnceInWeightPass,
+        _ReceiveBuffersOnDemand,
+        PipelineStage if TORCH_GREATER_EQUAL_2_13 else _Torch211Stage,
+    ),
     {},
 )
 """The ``PipelineStage`` to build: torch's own (on torch < 2.13 the one above) with receive
-buffers that hold memory only while a micro-batch needs them."""
+buffers that hold memory only while a micro-batch needs them, and a zero-bubble weight pass
+that recomputes each checkpoint region once."""
 
 # --- torch internals --------------------------------------------------------------------------
 

@@ -528,6 +528,18 @@ class _Layout:
         gather = self.gather_ms(i, j)
         return fwd + overhead + gather, bwd + self.recompute_ms(i, recompute) + overhead + 2 * gather
 
+    def backward_passes(self, i: int, j: int, recompute: int) -> tuple[float, float]:
+        """Zero bubble: the input and weight passes of one micro-batch (``split_backward``)."""
+        bwd = self.compute_ms(i, j, recompute)[1]
+        overhead = self.settings.device.action_overhead_ms
+        nodes = self.blocks[j - 1].end - self.blocks[i].start
+        return split_backward(bwd, self.recompute_ms(i, recompute), overhead, nodes, first=i == 0)
+
+    def slot_compute_ms(self, i: int, j: int, recompute: int) -> float:
+        """Forward and backward of one micro-batch, both passes of a split backward included."""
+        fwd, bwd = self.compute_ms(i, j, recompute)
+        return fwd + (sum(self.backward_passes(i, j, recompute)) if self.zero_bubble else bwd)
+
     def gather_ms(self, i: int, j: int) -> float:
         """ZeRO-3, per micro-batch and pass: the stage's parameters broadcast from their holders
         (the forward's gathers; backward gathers them again and reduces their gradients, twice
@@ -695,7 +707,7 @@ class _Layout:
 
     def lower_bound(self, stage: int, i: int, j: int) -> float:
         """The stage's cost without checkpointing: grows with every block added."""
-        return sum(self.compute_ms(i, j, 0)) + self._other_ms(stage, i, j)
+        return self.slot_compute_ms(i, j, 0) + self._other_ms(stage, i, j)
 
     def stage_cost(self, stage: int, i: int, j: int) -> float:
         """Time per micro-batch slot: compute, the sends of activations and gradients, and the
@@ -704,7 +716,7 @@ class _Layout:
         recompute = self.checkpoint_choice(stage, i, j)
         if recompute is None:
             return math.inf
-        return sum(self.compute_ms(i, j, recompute)) + self._other_ms(stage, i, j)
+        return self.slot_compute_ms(i, j, recompute) + self._other_ms(stage, i, j)
 
     def _other_ms(self, stage: int, i: int, j: int) -> float:
         slots = self.virtual * self.microbatches + self.stages - 1
@@ -860,9 +872,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
     backwards, weights = [b for _, b in times], None
     if layout.zero_bubble:
-        overhead = layout.settings.device.action_overhead_ms
-        recomputed = [layout.recompute_ms(i, c) for (i, _), c in zip(spans, checkpoints)]
-        halves = [split_backward(b, r, overhead) for b, r in zip(backwards, recomputed)]
+        halves = [layout.backward_passes(i, j, c) for (i, j), c in zip(spans, checkpoints)]
         backwards, weights = [i for i, _ in halves], [w for _, w in halves]
     simulated = simulate_schedule(
         [f for f, _ in times],

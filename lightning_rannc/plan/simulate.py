@@ -16,11 +16,35 @@ from dataclasses import dataclass
 
 from lightning_rannc.plan.plan import PartitionPlan
 
-__all__ = ["ScheduleTimes", "simulate_schedule", "simulate_plan", "operation_order", "in_flight", "split_backward"]
+__all__ = [
+    "ScheduleTimes",
+    "simulate_schedule",
+    "simulate_plan",
+    "operation_order",
+    "in_flight",
+    "weight_passes_pending",
+    "split_backward",
+]
 
 INPUT_GRADIENT_SHARE = 0.5
 """Share of a backward's compute that the input gradients take under zero bubble (the rest is
 the weight gradients): a matrix product's two gradients cost the same FLOPs."""
+
+# What torch's split backward (``pipelining/_backward.py``) costs beyond the backward it splits,
+# on the host, per micro-batch of a stage that is not the first. Measured on the 2-core CPU
+# (torch 2.13, one thread; transformer blocks of the example GPT, 43-673 autograd nodes, against
+# ``stage_backward``): the input pass walks the stage's autograd graph in Python to group the
+# parameters with the intermediate values they hang off (about 6 us a node); the weight pass
+# calls ``autograd.grad`` once a group, and each call's engine walks the graph below it (about
+# 6 us a node plus 16 ns per node squared); the compute itself runs about 5% slower split.
+# Host work, the same order on a GPU's host: nothing here has measured it there.
+SPLIT_MS_PER_NODE = 0.0056
+SPLIT_WEIGHT_MS_PER_NODE_SQUARED = 1.6e-5
+SPLIT_COMPUTE_EXTRA = 0.05
+AUTOGRAD_NODES_PER_GRAPH_NODE = 1.75
+"""A captured graph node (``aten.linear``, a view, ...) makes about this many autograd nodes
+(``AddmmBackward``, ``TBackward``, a parameter's ``AccumulateGrad``, ...): 169 autograd nodes
+for 96 graph nodes in 4 blocks of the example GPT."""
 
 
 @dataclass(frozen=True)
@@ -167,14 +191,28 @@ def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages:
     return peak
 
 
-def split_backward(bwd_ms: float, recompute_ms: float, overhead_ms: float) -> tuple[float, float]:
-    """A zero-bubble backward's input and weight passes: each pays the runtime's overhead per
-    action, and a checkpointed stage's recomputation runs in both: non-reentrant checkpointing
-    frees what it recomputed once the input pass has read it, and the weight pass, a second
-    backward through the same graph, recomputes it again (counted on torch 2.13)."""
-    compute = bwd_ms - recompute_ms - overhead_ms
+def split_backward(
+    bwd_ms: float, recompute_ms: float, overhead_ms: float, graph_nodes: int = 0, first: bool = False
+) -> tuple[float, float]:
+    """A zero-bubble backward's input and weight passes, from the backward 1F1B would run
+    (``bwd_ms``: compute, ``recompute_ms`` of recomputation, ``overhead_ms`` of the runtime's).
+
+    The first stage's inputs need no gradient: torch skips its input pass and runs the whole
+    backward as the weight pass. Elsewhere each pass pays the runtime's overhead per action and
+    the split's host costs (``SPLIT_*``, growing with the stage's ``graph_nodes``); a checkpointed
+    stage recomputes in both passes: non-reentrant checkpointing frees what it recomputed once
+    the input pass has read it, and the weight pass, a second backward through the same graph,
+    recomputes it again (once: see ``_compat._RecomputeOnceInWeightPass``)."""
+    if first:
+        return 0.0, bwd_ms
+    compute = (bwd_ms - recompute_ms - overhead_ms) * (1 + SPLIT_COMPUTE_EXTRA)
     weight = compute * (1 - INPUT_GRADIENT_SHARE)
-    return compute - weight + recompute_ms + overhead_ms, weight + recompute_ms + overhead_ms
+    nodes = AUTOGRAD_NODES_PER_GRAPH_NODE * graph_nodes
+    walk = SPLIT_MS_PER_NODE * nodes
+    return (
+        compute - weight + recompute_ms + overhead_ms + walk,
+        weight + recompute_ms + overhead_ms + walk + SPLIT_WEIGHT_MS_PER_NODE_SQUARED * nodes**2,
+    )
 
 
 def simulate_schedule(
@@ -238,7 +276,10 @@ def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
     backwards = [stage.bwd_ms + overhead for stage in plan.stages]
     weights = None
     if plan.zero_bubble:  # the reported backward includes the recomputation: split it as the search did
-        halves = [split_backward(b, stage.recompute_ms, overhead) for b, stage in zip(backwards, plan.stages)]
+        halves = [
+            split_backward(b, stage.recompute_ms, overhead, stage.node_end - stage.node_start, stage.stage_index == 0)
+            for b, stage in zip(backwards, plan.stages)
+        ]
         backwards, weights = [i for i, _ in halves], [w for _, w in halves]
     return simulate_schedule(
         [stage.fwd_ms + overhead for stage in plan.stages],

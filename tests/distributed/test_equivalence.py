@@ -83,6 +83,8 @@ RUNS: dict[int | str, list[dict]] = {
         _run("s2d1_zero_bubble", "gpt_full", pipeline_stages=2, zero_bubble=True),
         _run("s2d1_interleaved_zb", "gpt_full", pipeline_stages=2, virtual_stages=2, zero_bubble=True),
         _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
+        # the weight pass recomputes each region once for all its parameter groups (GraphExecGroup)
+        _run("s2d1_zb_checkpointed", "gpt_full", pipeline_stages=2, zero_bubble=True, activation_checkpointing=True),
         _run("varlen", "gpt_varlen", pipeline_stages=2),
         # The layout and micro-batch count chosen by the planner, from a batch sampled at setup.
         _run("auto", "gpt_full", pipeline_stages="auto", micro_batches="auto"),
@@ -101,6 +103,14 @@ RUNS: dict[int | str, list[dict]] = {
             "drop_interleaved", "gpt_dropout", pipeline_stages=2, micro_batches=4, virtual_stages=2, zero_bubble=False
         ),
         _run("drop_checkpointed", "gpt_dropout", pipeline_stages=2, micro_batches=4, activation_checkpointing=True),
+        _run(
+            "drop_zb_checkpointed",
+            "gpt_dropout",
+            pipeline_stages=2,
+            micro_batches=4,
+            activation_checkpointing=True,
+            zero_bubble=True,
+        ),
         _run(
             "drop_verified",
             "gpt_dropout",
@@ -370,11 +380,12 @@ def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
     assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3]]
     plan = PartitionPlan.from_json(load_record(pipelined(2), "s2d1_interleaved", 0)["plan"])
     assert (plan.num_stages, plan.virtual_stages, plan.schedule) == (4, 2, "interleaved_1f1b")
-    for label in ("s2d1_zero_bubble", "s2d1_interleaved_zb"):
+    for label in ("s2d1_zero_bubble", "s2d1_interleaved_zb", "s2d1_zb_checkpointed"):
         record = load_record(pipelined(2), label, 0)
         plan = PartitionPlan.from_json(record["plan"])
         assert plan.zero_bubble and plan.schedule in ("1f1b", "interleaved_1f1b")
         assert record["schedule_class"] == "ScheduleInterleavedZeroBubble"
+        assert all(s.checkpoint for s in plan.stages) == (label == "s2d1_zb_checkpointed")
     assert load_record(pipelined(2), "s2d1_1f1b", 0)["schedule_class"] == "Schedule1F1B"
     # replicas exchange gradients through DDP during the last backward; one pipeline has none
     assert load_record(pipelined(4), "s2d2_1f1b", 0)["ddp_stages"] == 1
@@ -419,6 +430,12 @@ def test_dropout_masks_are_reproducible_and_independent_of_schedule_and_split(pi
     torch.testing.assert_close(runs["drop_checkpointed"], runs["drop_gpipe"], rtol=1e-6, atol=0)
     final = [load_record(pipelined("2-dropout"), label, 0)["final_state"] for label in runs]
     assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0])
+    # zero bubble's weight pass recomputes the regions with the forward's masks too (its
+    # separate weight gradients round differently)
+    split = load_record(pipelined("2-dropout"), "drop_zb_checkpointed", 0)
+    torch.testing.assert_close(split["losses"], runs["drop_gpipe"], rtol=1e-5, atol=0)
+    for key, value in final[0].items():
+        torch.testing.assert_close(split["final_state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     # verify=True ran the first step unpartitioned with the same masks (it raises otherwise), and
     # left training exactly as it was
     verified = load_record(pipelined("2-dropout"), "drop_verified", 0)

@@ -14,8 +14,12 @@ from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, opt
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
 from lightning_rannc.plan.simulate import (
+    AUTOGRAD_NODES_PER_GRAPH_NODE,
+    SPLIT_MS_PER_NODE,
+    SPLIT_WEIGHT_MS_PER_NODE_SQUARED,
     in_flight,
     operation_order,
+    simulate_plan,
     simulate_schedule,
     split_backward,
     weight_passes_pending,
@@ -462,7 +466,14 @@ def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_un
     # ... and between input and weight pass the last stage keeps two micro-batches' gradients for it
     assert weight_passes_pending(2, 4) == [1, 2] and weight_passes_pending(4, 8) == [1, 2, 3, 4]
     # backward 10 with recompute 4 and overhead 1: both passes recompute, each pays the overhead
-    assert split_backward(10.0, 4.0, 1.0) == (4.0 + 2.5 + 1.0, 4.0 + 2.5 + 1.0)
+    # and the split's 5% more compute; with graph nodes, the walks of the autograd graph too
+    assert split_backward(10.0, 4.0, 1.0) == pytest.approx((2.625 + 4.0 + 1.0, 2.625 + 4.0 + 1.0))
+    walked = split_backward(10.0, 4.0, 1.0, graph_nodes=100)
+    nodes = 100 * AUTOGRAD_NODES_PER_GRAPH_NODE
+    assert walked[0] == pytest.approx(7.625 + SPLIT_MS_PER_NODE * nodes)
+    assert walked[1] - walked[0] == pytest.approx(SPLIT_WEIGHT_MS_PER_NODE_SQUARED * nodes**2)
+    # torch runs the first stage's whole backward as the weight pass (its inputs need no gradient)
+    assert split_backward(10.0, 4.0, 1.0, graph_nodes=100, first=True) == (0.0, 10.0)
 
 
 def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None:
@@ -505,6 +516,38 @@ def test_zero_bubble_is_chosen_where_it_is_predicted_faster() -> None:
     assert not _search(blocks, tensors, **tight).plan.zero_bubble
     forced = _search(blocks, tensors, zero_bubble=True, **tight).plan
     assert forced.zero_bubble and any(s.checkpoint or s.recompute_end is not None for s in forced.stages)
+
+
+def test_zero_bubble_charges_the_split_backwards_graph_walks_and_second_recomputation() -> None:
+    """torch's input pass walks the stage's autograd graph and its weight pass calls
+    autograd.grad per parameter group; a checkpointed stage recomputes in both passes; the first
+    stage runs its whole backward as the weight pass. The saved plan replays the same."""
+    uniform, tensors = _uniform_model(8, 10**5, 10**5)
+    blocks = [dataclasses.replace(b, start=10 * k, end=10 * k + 10) for k, b in enumerate(uniform)]  # 10 nodes each
+    common = dict(pipeline_stages=2, micro_batches=4, memory_limit=10**12, optimizer="sgd")
+    common |= dict(virtual_stages=1, zero_bubble=True)
+    plain = _search(blocks, tensors, **common).plan
+    again = _search(blocks, tensors, activation_checkpointing=True, **common).plan
+    # the first stage pays no second recomputation: it takes more blocks
+    assert [s.node_end - s.node_start for s in plain.stages] == [40, 40]
+    assert [s.node_end - s.node_start for s in again.stages] == [50, 30]
+    last, overhead = plain.stages[1], plain.predicted_action_overhead_ms
+    nodes = 40 * AUTOGRAD_NODES_PER_GRAPH_NODE
+    walks = 2 * SPLIT_MS_PER_NODE * nodes + SPLIT_WEIGHT_MS_PER_NODE_SQUARED * nodes**2
+    passes = split_backward(last.bwd_ms + overhead, 0.0, overhead, 40)
+    assert sum(passes) == pytest.approx(1.05 * last.bwd_ms + 2 * overhead + walks)
+    recomputed = again.stages[1]  # 3 blocks of forward 1 ms a sample, micro-batches of 4
+    assert recomputed.checkpoint and recomputed.recompute_ms == pytest.approx(12.0)
+    passes = split_backward(recomputed.bwd_ms + overhead, 12.0, overhead, 30)
+    square = SPLIT_WEIGHT_MS_PER_NODE_SQUARED * (30 * AUTOGRAD_NODES_PER_GRAPH_NODE) ** 2
+    assert passes[1] - passes[0] == pytest.approx(square)
+    assert min(passes) > 12.0 + overhead  # each pass recomputes
+    for plan in (plain, again):
+        replayed = simulate_plan(PartitionPlan.from_json(plan.to_json()))
+        assert replayed.makespan_ms + plan.predicted_exchange_ms + plan.predicted_update_ms == pytest.approx(
+            plan.predicted_step_ms
+        )
+        assert {(kind, end - start) for kind, _, start, end in replayed.operations[0] if kind == "I"} == {("I", 0.0)}
 
 
 def test_interleaving_and_zero_bubble_are_chosen_only_where_every_batch_splits_into_their_rounds() -> None:

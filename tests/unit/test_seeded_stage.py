@@ -4,6 +4,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_rannc._compat import _RecomputeOnceInWeightPass
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.split import build_range_module
@@ -84,3 +85,37 @@ def test_checkpointed_stage_recomputes_with_the_same_masks_and_keeps_fewer_activ
     assert torch.equal(plain_loss, ckpt_loss)
     assert all(torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads))
     assert ckpt_saved < plain_saved
+
+
+class _PerGroupWeightPass:
+    """A weight pass as torch's ``stage_backward_weight`` runs it: one ``autograd.grad`` per
+    parameter group, here one per branch of a checkpointed region."""
+
+    def __init__(self, loss: torch.Tensor, groups: list[nn.Module]) -> None:
+        self.loss, self.groups = loss, groups
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int) -> list[torch.Tensor]:
+        return [torch.autograd.grad(self.loss, m.weight, retain_graph=True)[0] for m in self.groups]
+
+
+class _RecomputingOnce(_RecomputeOnceInWeightPass, _PerGroupWeightPass):
+    pass
+
+
+def test_zero_bubble_weight_pass_recomputes_a_region_once_for_all_its_parameter_groups() -> None:
+    torch.manual_seed(0)
+    a, b, x = nn.Linear(4, 4), nn.Linear(4, 4), torch.randn(2, 4)
+    calls = []
+
+    def region(value: torch.Tensor) -> torch.Tensor:
+        calls.append(len(calls))
+        return torch.tanh(a(value)).sum() + torch.tanh(b(value)).sum()
+
+    expected = torch.autograd.grad(region(x), [a.weight, b.weight])
+    for stage_class, recomputations in ((_PerGroupWeightPass, 2), (_RecomputingOnce, 1)):
+        calls.clear()
+        loss = torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False)
+        grads = stage_class(loss, [a, b]).backward_weight_one_chunk(0)
+        assert len(calls) == 1 + recomputations
+        for grad, reference in zip(grads, expected):
+            torch.testing.assert_close(grad, reference)
