@@ -73,7 +73,8 @@ class RaNNCConfig:
         "auto",
         "run the 1F1B schedule (plain or interleaved) as zero bubble (torch's `ScheduleInterleavedZeroBubble`, "
         "ZB1P): each backward is split into the input gradient, sent on at once, and the weight gradient, run "
-        "where the pipeline would idle; simulated in torch's order, the two passes half the backward each, "
+        "where the pipeline would idle; simulated in torch's order, the two passes half the backward each plus "
+        "the split's walks of the autograd graph (the first stage's whole backward in its weight pass), "
         'activations held until the weight pass; `"auto"`: where the planner predicts it faster (on the CPU '
         "preset by 10%), no stage recomputes, and every batch splits into its rounds, as for `virtual_stages`",
     )
