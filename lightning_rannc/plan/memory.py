@@ -25,6 +25,14 @@ __all__ = [
     "OPTIMIZER_STATE",
 ]
 
+PENDING_GRADIENT_SHARE = 0.5
+"""Zero bubble: what a micro-batch between its input and weight pass keeps (the gradients of the
+weight operations' outputs, for the weight pass), as a share of the activations it saved. A
+transformer layer's linear and norm outputs are about half the values its operators save.
+Measured on 2 CPU processes (``benchmarks/memory.py`` with zero bubble, the last stage of 2):
+without this term 1.48x the prediction (session 14, when the sends held to the step's end were
+not counted either); with a whole set of activations, once those were, 0.83-0.85."""
+
 OPTIMIZER_STATE = {
     "adam": 2.0,
     "adamw": 2.0,
@@ -121,6 +129,7 @@ def stage_memory(
     shard_parameters: bool = False,
     largest_param_bytes: int = 0,
     weight_pending: int = 0,
+    sends_held: bool = False,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -162,10 +171,13 @@ def stage_memory(
         largest_param_bytes: the stage's largest trainable tensor (ZeRO-3's gathers).
         weight_pending: zero bubble: the most micro-batches between their input and weight
             pass (``simulate.weight_passes_pending``). Each keeps the gradients of its weight
-            operations' outputs, costed as one more set of its activations: the operator that
-            reads such an output saves it, so its gradient is about that large. Measured on
-            2 CPU processes (``benchmarks/memory.py``, 16 micro-batches): without this term the
-            last stage held 1.48x its prediction.
+            operations' outputs, costed as ``PENDING_GRADIENT_SHARE`` of its activations.
+        sends_held: the schedule runs on torch's ``_PipelineScheduleRuntime`` (interleaved or
+            zero bubble), which waits on its sends only when the step ends: each micro-batch's
+            sent outputs and input gradients live until then. Measured with zero bubble
+            (``benchmarks/memory.py``, 16 and 32 micro-batches): both ranks' peaks grew by the
+            cut's bytes per micro-batch (131 KiB at a layer boundary, 514 KiB after an
+            attention's qkv projection).
     """
     if shard_parameters:
         # Costed as one replica holding 1 / D of the gradients plus one micro-batch's gradient
@@ -186,6 +198,7 @@ def stage_memory(
                 accumulating=accumulating,
                 recomputed_bytes=recomputed_bytes,
                 offload_optimizer=offload_optimizer,
+                sends_held=sends_held,
             ),
             params=param_bytes - trainable_bytes + trainable_bytes // num_replicas + 2 * largest_param_bytes,
             optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / num_replicas),
@@ -195,9 +208,10 @@ def stage_memory(
         # buffers (``buffers``), which hold the input of every micro-batch in flight.
         # With zero bubble each pending weight pass keeps its gradients; what the input pass
         # recomputed is freed once read (the weight pass recomputes it again).
-        activations = (1 + weight_pending) * activation_bytes + workspace_bytes
+        activations = int((1 + PENDING_GRADIENT_SHARE * weight_pending) * activation_bytes) + workspace_bytes
     else:
-        activations = (in_flight + weight_pending) * activation_bytes + workspace_bytes + recomputed_bytes
+        pending = PENDING_GRADIENT_SHARE * weight_pending
+        activations = int((in_flight + pending) * activation_bytes) + workspace_bytes + recomputed_bytes
     shards = num_replicas if shard_optimizer else 1
     # With one micro-batch, backward frees activations while it makes the gradients; with more,
     # the gradients of finished micro-batches live next to the activations of the others.
@@ -229,13 +243,18 @@ def stage_memory(
         grads=grads,
         optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / shards),
         activations=activations,
-        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, zero_bubble),
+        buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, zero_bubble, sends_held),
         shared=activations + grads - live,
     )
 
 
 def _buffer_bytes(
-    input_bytes: int, output_bytes: int, in_flight: int, num_microbatches: int, zero_bubble: bool = False
+    input_bytes: int,
+    output_bytes: int,
+    in_flight: int,
+    num_microbatches: int,
+    zero_bubble: bool = False,
+    sends_held: bool = False,
 ) -> int:
     """Bytes the pipeline holds beside activations and gradients.
 
@@ -246,7 +265,8 @@ def _buffer_bytes(
       in flight. torch's own buffers, one per micro-batch in each direction for the whole run,
       are emptied.
     - A stage keeps each forward output until its backward (the schedule's ``fwd_cache``); a
-      value only the next stage's operators save is not in this stage's activations.
+      value only the next stage's operators save is not in this stage's activations. With
+      ``sends_held`` every output and input gradient it sent lives until the step ends.
     - DDP's buckets: with one micro-batch the gradients are views into them
       (``gradient_as_bucket_view``, ``runtime/pipeline.py``); with more, a second copy of the
       gradients, counted in ``stage_memory``'s backward. Zero bubble's own exchange
@@ -258,5 +278,6 @@ def _buffer_bytes(
     """
     inputs = min(num_microbatches, in_flight + 1)
     gradients = min(num_microbatches, in_flight if zero_bubble else 2)
-    waiting = in_flight * output_bytes
-    return inputs * input_bytes + gradients * output_bytes + waiting
+    if sends_held:  # torch's runtime schedules wait on their sends when the step ends
+        return inputs * input_bytes + gradients * output_bytes + num_microbatches * (output_bytes + input_bytes)
+    return inputs * input_bytes + gradients * output_bytes + in_flight * output_bytes

@@ -635,6 +635,7 @@ class _Layout:
             shard_parameters=self.zero_stage == 3 and self.replicas > 1,
             largest_param_bytes=self.ranges.largest_trainable[i][j],
             weight_pending=self.weight_pending[stage],
+            sends_held=self.zero_bubble or self.virtual > 1,
         )
 
     @property

@@ -180,12 +180,13 @@ def in_flight(
 def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[int]:
     """Per stage, the most micro-batches at once between their input and their weight pass under
     zero bubble. torch's input pass keeps the gradients of the weight operations' outputs for the
-    weight pass (``stage_backward_input``'s parameter groups), beside the activations."""
+    weight pass (``stage_backward_input``'s parameter groups), beside the activations. The first
+    stage has no input pass (torch runs its whole backward as the weight pass): none."""
     peak = [0] * (num_ranks * virtual_stages)
     for position in range(num_ranks):
         held: dict[int, int] = {}
         for kind, stage, _ in operation_order("1f1b", position, num_ranks, num_microbatches, virtual_stages, True):
-            if kind != "F":
+            if kind != "F" and stage > 0:
                 held[stage] = held.get(stage, 0) + (1 if kind == "I" else -1)
                 peak[stage] = max(peak[stage], held[stage])
     return peak

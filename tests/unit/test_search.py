@@ -464,7 +464,8 @@ def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_un
     assert in_flight("1f1b", 2, 4) == [2, 1]
     assert in_flight("1f1b", 2, 4, zero_bubble=True) == [2, 2]  # the last stage's weight pass lags one
     # ... and between input and weight pass the last stage keeps two micro-batches' gradients for it
-    assert weight_passes_pending(2, 4) == [1, 2] and weight_passes_pending(4, 8) == [1, 2, 3, 4]
+    # (the first stage has no input pass: its backward is all weight pass)
+    assert weight_passes_pending(2, 4) == [0, 2] and weight_passes_pending(4, 8) == [0, 2, 3, 4]
     # backward 10 with recompute 4 and overhead 1: both passes recompute, each pays the overhead
     # and the split's 5% more compute; with graph nodes, the walks of the autograd graph too
     assert split_backward(10.0, 4.0, 1.0) == pytest.approx((2.625 + 4.0 + 1.0, 2.625 + 4.0 + 1.0))
@@ -474,6 +475,12 @@ def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_un
     assert walked[1] - walked[0] == pytest.approx(SPLIT_WEIGHT_MS_PER_NODE_SQUARED * nodes**2)
     # torch runs the first stage's whole backward as the weight pass (its inputs need no gradient)
     assert split_backward(10.0, 4.0, 1.0, graph_nodes=100, first=True) == (0.0, 10.0)
+    # torch's runtime schedules (zero bubble, interleaved) hold every micro-batch's sent outputs
+    # and input gradients until the step ends, beyond the outputs waiting for their gradient
+    sizes = dict(param_bytes=0, trainable_bytes=0, activation_bytes=0, input_bytes=10, output_bytes=100)
+    common = dict(sizes, in_flight=2, num_microbatches=8, checkpoint=False, optimizer_factor=0.0)
+    held = stage_memory(**common, sends_held=True).buffers - stage_memory(**common).buffers  # type: ignore[arg-type]
+    assert held == 8 * (100 + 10) - 2 * 100
 
 
 def test_interleaving_shrinks_the_bubble_and_each_rank_fits_its_stages() -> None:
