@@ -635,7 +635,8 @@ class _Layout:
             shard_parameters=self.zero_stage == 3 and self.replicas > 1,
             largest_param_bytes=self.ranges.largest_trainable[i][j],
             weight_pending=self.weight_pending[stage],
-            sends_held=self.zero_bubble or self.virtual > 1,
+            # torch's runtime schedules hold their sends to the step's end; one rank sends nothing
+            sends_held=(self.zero_bubble or self.virtual > 1) and self.stages > 1,
         )
 
     @property
