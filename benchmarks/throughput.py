@@ -51,6 +51,8 @@ RUNS = {
     "rannc_s2_d1_m8_v2": (2, {"pipeline_stages": 2, "micro_batches": 8, "virtual_stages": 2}),
     # 1F1B with each backward split into input and weight gradients (zero bubble, ZB1P)
     "rannc_s2_d1_m8_zb": (2, {"pipeline_stages": 2, "micro_batches": 8, "zero_bubble": True}),
+    # zero bubble over two stages a rank placed in a V (ZB-V): rank 0 runs the first and last stage
+    "rannc_s2_d1_m8_zbv": (2, {"pipeline_stages": 2, "micro_batches": 8, "schedule": "zbv"}),
     # two stages, the planner's choice of micro-batches and schedule
     "rannc_s2_d1_auto": (2, {"pipeline_stages": 2, "micro_batches": "auto"}),
     # the planner's own choice of layout and micro-batch count

@@ -34,7 +34,8 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint as load
 from lightning.fabric.utilities.optimizer import _optimizers_to_device as optimizers_to_device
 from lightning_utilities.core.imports import compare_version
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, ScheduleLoopedBFS
+from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
@@ -74,6 +75,7 @@ __all__ = [
     "SCHEDULE_STEP_TAKES_RETURN_OUTPUTS",
     "TORCH_GREATER_EQUAL_2_13",
     "PipelineStageClass",
+    "forward_only_schedule",
     "move_to_device",
     "attached_trainer",
     "autograd_sequence_number",
@@ -132,7 +134,24 @@ class _Torch211Stage(PipelineStage):
        dimension has size 1 (a micro-batch of one sample), and for the user's own views
        (``logits[:, -1]`` returned by the last stage). 2.13 checks nothing outside debug mode;
        what crosses a boundary is made contiguous before it is sent (``capture/split.py``).
+    3. Two neighbouring stages on one rank (ZB-V's turn) are not "connected" at the first step.
+       torch 2.11 sends a probe to each neighbour's rank, here its own, which gloo refuses ("Pair
+       is not connected"); its runtime hands such neighbours their values without sending.
     """
+
+    def _get_init_p2p_neighbors_ops(self) -> list[dist.P2POp]:
+        return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
+
+    def set_local_fwd_input(self, prev_stage_outputs: Any, mb_index: int) -> None:
+        # As 1. for values handed over at the V's turn: requires_grad where a gradient can be.
+        values = prev_stage_outputs if isinstance(prev_stage_outputs, (tuple, list)) else (prev_stage_outputs,)
+        for info, value in zip(self.args_recv_info[mb_index], values, strict=True):
+            info.buffer = value.detach().requires_grad_(not _has_no_grad(value))
+
+    def set_local_bwd_input(self, next_stage_bwd_outputs: Any, mb_index: int) -> None:
+        # ... and their gradients handed back: none for an integer value (torch 2.11 wants a tensor).
+        for info, grad in zip(self.grad_recv_info[mb_index], next_stage_bwd_outputs, strict=True):
+            info.buffer = grad
 
     # The signatures are torch 2.11's, which type checkers (reading the installed torch) may not know.
     def _prepare_forward_infra(self, num_microbatches: int, args: Any, kwargs: Any = None) -> Any:  # type: ignore[override]
@@ -350,6 +369,40 @@ PipelineStageClass: type[PipelineStage] = type(
 """The ``PipelineStage`` to build: torch's own (on torch < 2.13 the one above) with receive
 buffers that hold memory only while a micro-batch needs them, and a zero-bubble weight pass
 that recomputes each checkpoint region once."""
+
+
+def forward_only_schedule(
+    stages: list[PipelineStage], n_microbatches: int, positions: dict[int, int], **options: Any
+) -> Any:
+    """Forwards only, for stages placed by ``positions`` (stage index -> pipeline position):
+    each rank runs its stages in order, every micro-batch of one before the next (a fill and
+    drain, as ``ScheduleLoopedBFS``). torch has no evaluation schedule for a V placement (ZB-V's
+    own order interleaves backwards) and ``ScheduleLoopedBFS`` places stages round-robin; its
+    runtime takes the placement from the actions (``_validate_and_set_stage_mapping``), so only
+    the actions are ours. torch checks that every forward has a backward, so the order has them,
+    and drops them again once lowered: its runtime runs a schedule's backwards in ``eval`` too,
+    and where two stages of a rank are neighbours (the V's turn) hands their gradients over,
+    which a stage without backward refuses. ``_Action``, ``_calculate_single_rank_operations``
+    and ``_prepare_schedule_with_comms`` are private."""
+    backward_kinds = {_ComputationType.FULL_BACKWARD, _ComputationType.SEND_B, _ComputationType.RECV_B}
+
+    class _PlacedForwards(ScheduleLoopedBFS):
+        def _calculate_single_rank_operations(self, rank: int) -> list[Any]:
+            own = sorted(stage for stage, position in positions.items() if position == rank)
+            microbatches = range(self._n_microbatches)
+            forwards = [_Action(s, _ComputationType.FORWARD, m) for s in own for m in microbatches]
+            backward = _ComputationType.FULL_BACKWARD
+            return forwards + [_Action(s, backward, m) for s in reversed(own) for m in reversed(microbatches)]
+
+        def _prepare_schedule_with_comms(self, actions: Any, format: Any = "compute_only") -> None:
+            super()._prepare_schedule_with_comms(actions, format)
+            self.pipeline_order_with_comms = {
+                rank: [a for a in lowered if a.computation_type not in backward_kinds]
+                for rank, lowered in self.pipeline_order_with_comms.items()
+            }
+
+    return _PlacedForwards(list[Any](stages), n_microbatches=n_microbatches, **options)
+
 
 # --- torch internals --------------------------------------------------------------------------
 

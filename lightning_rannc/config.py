@@ -61,7 +61,9 @@ class RaNNCConfig:
     min_micro_batch_size: int = _option(1, 'with `micro_batches="auto"`: the fewest samples per micro-batch')
     schedule: str = _option(
         "auto",
-        '`"gpipe"`, `"1f1b"`, `"interleaved_1f1b"`; `"auto"`: 1F1B when `micro_batches >= stages`, else GPipe',
+        '`"gpipe"`, `"1f1b"`, `"interleaved_1f1b"`, `"zbv"` (torch\'s `ScheduleZBVZeroBubble`: two stages a rank '
+        'placed in a V, rank `r` of `S` running stages `r` and `2S - 1 - r`, as zero bubble); `"auto"`: 1F1B when '
+        "`micro_batches >= stages`, else GPipe, and interleaved or ZB-V where the planner predicts them faster",
     )
     virtual_stages: int | str = _option(
         "auto",
@@ -206,6 +208,12 @@ class RaNNCConfig:
             raise ValueError(
                 "RaNNCStrategy(zero_bubble=True, schedule='gpipe'): zero bubble refines 1F1B schedules; "
                 "use schedule='auto', '1f1b' or 'interleaved_1f1b'."
+            )
+        if self.schedule == "zbv" and (self.zero_bubble is False or self.virtual_stages not in ("auto", 2)):
+            raise ValueError(
+                f"RaNNCStrategy(schedule='zbv', zero_bubble={self.zero_bubble!r}, virtual_stages="
+                f"{self.virtual_stages!r}): ZB-V runs two stages per rank as zero bubble; leave zero_bubble and "
+                "virtual_stages to 'auto' (or set True and 2), or use schedule='interleaved_1f1b'."
             )
         if self.activation_checkpointing not in (True, False, "auto"):
             raise ValueError(

@@ -20,12 +20,15 @@ __all__ = [
     "SCHEDULES",
     "ZERO_STAGES",
     "stage_ranks",
+    "stage_position",
     "choose_microbatches",
     "rounds_fit",
 ]
 
 _FORMAT_VERSION = 1
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
+V_SHAPED = ("zbv",)
+"""Schedules whose ranks hold their stages in a V (``stage_position``), not round-robin."""
 ZERO_STAGES = (0, 1, 2, 3)
 """Optimizer-state layouts the runtime runs (``PartitionPlan.zero_stage``)."""
 
@@ -95,11 +98,14 @@ class PartitionPlan:
     microbatch_size: int
     stages: list[StagePlan]
     schedule: str = "gpipe"
-    """One of ``SCHEDULES``; ``interleaved_1f1b`` runs ``virtual_stages`` stages per rank."""
+    """One of ``SCHEDULES``; ``interleaved_1f1b`` runs ``virtual_stages`` stages per rank, ``zbv``
+    two, placed in a V (torch's ``ScheduleZBVZeroBubble``: rank ``r`` of ``S`` runs stages ``r``
+    and ``2S - 1 - r``, so the first and the last stage share a rank), always as zero bubble."""
     num_replicas: int = 1
     """Data-parallel replicas of the whole pipeline (D); ``world_size = D * pipeline_stages``."""
     virtual_stages: int = 1
-    """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_stages``."""
+    """Stages per rank (V); stage ``i`` runs on pipeline position ``i % pipeline_stages``, or with
+    ``zbv`` in a V (``stage_position``)."""
     zero_bubble: bool = False
     """Run the 1F1B schedule (plain or interleaved) as zero bubble (ZB1P): each backward is split
     into the gradient of the inputs, sent on at once, and that of the weights, run in the bubble.
@@ -144,6 +150,10 @@ class PartitionPlan:
         """Samples each replica runs per step."""
         return self.microbatch_size * self.num_microbatches
 
+    def position_of(self, stage_index: int) -> int:
+        """The pipeline position (rank within a replica's pipeline) running stage ``stage_index``."""
+        return stage_position(stage_index, self.pipeline_stages, self.schedule)
+
     def stages_of_rank(self, rank: int) -> list[StagePlan]:
         """The stages a rank runs, in stage order (several with interleaved schedules)."""
         stages = [s for s in self.stages if rank in s.ranks]
@@ -154,7 +164,8 @@ class PartitionPlan:
     def microbatches_for(self, batch_size: int) -> int:
         """Micro-batches for a batch of ``batch_size`` samples (see ``choose_microbatches``)."""
         minimum = 1 if self.schedule == "gpipe" else self.pipeline_stages
-        in_rounds = self.schedule == "interleaved_1f1b" or self.zero_bubble
+        # ZB-V takes any count of at least S: torch pads its order for fewer than 2S - 1.
+        in_rounds = self.schedule == "interleaved_1f1b" or (self.zero_bubble and self.schedule != "zbv")
         return choose_microbatches(
             batch_size, self.num_microbatches, minimum, self.pipeline_stages if in_rounds else None
         )
@@ -180,7 +191,12 @@ class PartitionPlan:
             )
         if self.zero_bubble and self.schedule == "gpipe":
             raise PlanError("zero_bubble refines 1F1B schedules, not GPipe: use schedule='1f1b' or 'interleaved_1f1b'.")
-        if (self.virtual_stages > 1) != (self.schedule == "interleaved_1f1b"):
+        if self.schedule == "zbv" and (self.virtual_stages != 2 or not self.zero_bubble):
+            raise PlanError(
+                f"schedule='zbv' runs two stages per rank as zero bubble, not virtual_stages={self.virtual_stages} "
+                f"with zero_bubble={self.zero_bubble}."
+            )
+        if (self.virtual_stages > 1) != (self.schedule in ("interleaved_1f1b", "zbv")):
             raise PlanError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved_1f1b' (and back).")
         if self.world_size != self.num_replicas * self.pipeline_stages:
             raise PlanError(
@@ -190,7 +206,7 @@ class PartitionPlan:
         if [s.stage_index for s in self.stages] != list(range(len(self.stages))):
             raise PlanError("Stage indices must be 0, 1, ... in order.")
         for stage in self.stages:
-            expected = stage_ranks(stage.stage_index, self.pipeline_stages, self.num_replicas)
+            expected = stage_ranks(stage.stage_index, self.pipeline_stages, self.num_replicas, self.schedule)
             if stage.ranks != expected:
                 raise PlanError(f"Stage {stage.stage_index} must run on ranks {expected}, not {stage.ranks}.")
             inside = stage.recompute_end is None or stage.node_start < stage.recompute_end < stage.node_end
@@ -275,11 +291,23 @@ class PartitionPlan:
 Plan = PartitionPlan
 
 
-def stage_ranks(stage_index: int, pipeline_stages: int, num_replicas: int) -> list[int]:
+def stage_ranks(stage_index: int, pipeline_stages: int, num_replicas: int, schedule: str = "1f1b") -> list[int]:
     """Global ranks of a stage. Ranks ``d*S .. d*S+S-1`` form replica ``d``'s pipeline, so that
     pipeline neighbours are neighbouring ranks (usually on one node); stage ``i`` runs on
-    position ``i % S`` of every pipeline."""
-    return [d * pipeline_stages + stage_index % pipeline_stages for d in range(num_replicas)]
+    position ``stage_position(i, S, schedule)`` of every pipeline."""
+    position = stage_position(stage_index, pipeline_stages, schedule)
+    return [d * pipeline_stages + position for d in range(num_replicas)]
+
+
+def stage_position(stage_index: int, pipeline_stages: int, schedule: str = "1f1b") -> int:
+    """The position in its pipeline of the rank running a stage: ``i % S`` (stages dealt to the
+    ranks round-robin, as torch's looped schedules expect), or under a V-shaped schedule down the
+    ranks and back up (``S = 2``: stages 0, 1, 2, 3 on positions 0, 1, 1, 0), as
+    ``ScheduleZBVZeroBubble`` expects."""
+    lap, offset = divmod(stage_index, pipeline_stages)
+    if schedule in V_SHAPED and lap % 2:
+        return pipeline_stages - 1 - offset
+    return offset
 
 
 def _mib(num_bytes: int) -> str:

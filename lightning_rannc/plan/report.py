@@ -144,8 +144,9 @@ def _footer(plan: PartitionPlan) -> list[str]:
 def techniques(plan: PartitionPlan) -> str:
     """The memory and schedule techniques the plan uses, in one line."""
     interleaved = f"interleaved 1F1B, {plan.virtual_stages} stages a rank"
-    schedule = {"gpipe": "GPipe", "1f1b": "1F1B"}.get(plan.schedule, interleaved)
-    parts = [schedule + (" as zero bubble" if plan.zero_bubble else "")]
+    names = {"gpipe": "GPipe", "1f1b": "1F1B", "zbv": "ZB-V, 2 stages a rank in a V"}
+    schedule = names.get(plan.schedule, interleaved)
+    parts = [schedule + (" as zero bubble" if plan.zero_bubble and plan.schedule != "zbv" else "")]
     if plan.num_replicas > 1:
         parts.append(f"ZeRO-{plan.zero_stage}")
     whole = sum(s.checkpoint for s in plan.stages)

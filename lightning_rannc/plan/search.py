@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,15 @@ from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.devices import DeviceSpec
 from lightning_rannc.plan.memory import StageMemory, TensorTable, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.modules import describe_span, layer_of
-from lightning_rannc.plan.plan import PartitionPlan, StagePlan, choose_microbatches, rounds_fit, stage_ranks
+from lightning_rannc.plan.plan import (
+    V_SHAPED,
+    PartitionPlan,
+    StagePlan,
+    choose_microbatches,
+    rounds_fit,
+    stage_position,
+    stage_ranks,
+)
 from lightning_rannc.plan.simulate import (
     ScheduleTimes,
     in_flight,
@@ -146,6 +155,7 @@ def search_plan(
     """The plan with the lowest predicted step time; ``PlanError`` naming what would fit if none does."""
     ranges = _RangeTables(blocks, tensors)
     candidates: list[Candidate] = []
+    settings = _zbv_settings(settings)
     choose_zero_bubble = settings.zero_bubble is None
     settings = _replace(settings, zero_bubble=False) if choose_zero_bubble else settings
     best = _best_plan(blocks, ranges, settings, reference_microbatch_size, candidates)
@@ -161,6 +171,19 @@ def search_plan(
     plan.graph_fingerprint = graph_fingerprint
     plan.validate()
     return SearchResult(plan=plan, times=times, candidates=candidates)
+
+
+def _zbv_settings(settings: SearchSettings) -> SearchSettings:
+    """ZB-V asked for: two stages per rank, as zero bubble (what it is, not a choice)."""
+    if settings.schedule != "zbv":
+        return settings
+    if settings.zero_bubble is False or settings.virtual_stages not in (None, 2):
+        raise PlanError(
+            f"schedule='zbv' runs two stages per rank as zero bubble, not with zero_bubble={settings.zero_bubble} "
+            f"and virtual_stages={settings.virtual_stages}: leave those to the planner, or use "
+            "schedule='interleaved_1f1b'."
+        )
+    return _replace(settings, zero_bubble=True, virtual_stages=2)
 
 
 def _with_zero3(
@@ -222,13 +245,18 @@ def _with_zero_bubble(
     # Without recomputation unless forced: under zero bubble the weight pass recomputes again what
     # the input pass did, and 2 stages so measured 0.63 of that prediction on CPU.
     checkpointing = settings.activation_checkpointing or False
-    for stages, replicas in layouts:
+    # ZB-V too where the schedule and stages per rank are the search's to choose (or ZB-V's own).
+    schedules = [settings.schedule]
+    if settings.schedule == "auto" and settings.virtual_stages in (None, 2):
+        schedules.append("zbv")
+    for (stages, replicas), schedule in itertools.product(layouts, schedules):
         layout = _replace(
             settings,
             pipeline_stages=stages,
             replicas=replicas,
             zero_bubble=True,
             activation_checkpointing=checkpointing,
+            schedule=schedule,
         )
         found = _best_plan(blocks, ranges, layout, reference, candidates, chosen_rounds=True)
         margin = 1 - settings.device.schedule_margin
@@ -267,8 +295,9 @@ def _best_plan(
             on_devices: set[int] = set()  # ZeRO stages that fit this shape without offload
             zero3 = [(3, settings.offload_optimizer is True)]
             choices = zero3 if zero3_stages is not None else _memory_choices(settings, replicas)
+            schedule = _schedule(settings, stages, microbatches, virtual)
             for zero, offload in choices:
-                if (stages, replicas, microbatches, virtual, zero, offload, zero_bubble) in tried:
+                if (stages, replicas, microbatches, virtual, schedule, zero, offload, zero_bubble) in tried:
                     continue
                 if offload and settings.offload_optimizer is None and on_devices:
                     continue  # offloading only adds transfers: tried where the state does not fit
@@ -294,8 +323,8 @@ def _best_plan(
     return None if best is None else best[1:]
 
 
-def _tried_key(c: Candidate) -> tuple[int, int, int, int, int, bool, bool]:
-    return (c.stages, c.replicas, c.microbatches, c.virtual_stages, c.zero_stage, c.offload, c.zero_bubble)
+def _tried_key(c: Candidate) -> tuple[int, int, int, int, str, int, bool, bool]:
+    return (c.stages, c.replicas, c.microbatches, c.virtual_stages, c.schedule, c.zero_stage, c.offload, c.zero_bubble)
 
 
 def _zero_stages(settings: SearchSettings, replicas: int) -> list[int]:
@@ -370,29 +399,33 @@ def _pipeline_shapes(
         every_batch = None  # computed where needed
         for virtual in _virtual_counts(settings, stages, microbatches, num_blocks):
             schedule = _schedule(settings, stages, microbatches, virtual)
-            if schedule == "1f1b" and microbatches < stages:
+            if schedule in ("1f1b", "zbv") and microbatches < stages:
                 continue
-            if settings.zero_bubble and (schedule == "gpipe" or not rounds_fit(microbatches, stages)):
+            in_rounds = schedule != "zbv"  # ZB-V takes any count of at least S (``PartitionPlan.microbatches_for``)
+            if settings.zero_bubble and (schedule == "gpipe" or (in_rounds and not rounds_fit(microbatches, stages))):
                 continue
             if chosen_rounds or (virtual > 1 and settings.virtual_stages is None):
                 if every_batch is None:
-                    every_batch = _every_batch_in_rounds(settings, stages, replicas, microbatches)
+                    every_batch = _every_batch_in_rounds(settings, stages, replicas, microbatches, in_rounds)
                 if not every_batch:
                     continue
             shapes.append((microbatches, virtual))
     return shapes
 
 
-def _every_batch_in_rounds(settings: SearchSettings, stages: int, replicas: int, microbatches: int) -> bool:
+def _every_batch_in_rounds(
+    settings: SearchSettings, stages: int, replicas: int, microbatches: int, in_rounds: bool = True
+) -> bool:
     """Whether the epoch's last batch, where smaller, also splits into whole rounds of ``stages``
-    micro-batches, as the runtime would split it (``PartitionPlan.microbatches_for``)."""
+    micro-batches (``in_rounds``; else into at least ``stages``), as the runtime would split it
+    (``PartitionPlan.microbatches_for``)."""
     if settings.epoch_samples is None:
         return False
     last = math.ceil(settings.epoch_samples / replicas) % _replica_batch(settings, replicas)
     if last == 0:
         return True
     try:
-        choose_microbatches(last, microbatches, stages, stages)
+        choose_microbatches(last, microbatches, stages, stages if in_rounds else None)
     except PlanError:
         return False
     return True
@@ -405,6 +438,8 @@ more micro-batches in flight."""
 
 
 def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, num_blocks: int) -> list[int]:
+    if settings.schedule == "zbv":  # two stages a rank, in a V over two ranks at least
+        return [2] if stages > 1 and stages * 2 <= num_blocks and settings.virtual_stages in (None, 2) else []
     # One rank gains nothing from virtual stages (no bubble), but may be asked for them
     # (multi-stage code without point-to-point, e.g. on a single GPU).
     asked = settings.virtual_stages is not None
@@ -420,6 +455,8 @@ def _virtual_counts(settings: SearchSettings, stages: int, microbatches: int, nu
 
 
 def _schedule(settings: SearchSettings, stages: int, microbatches: int, virtual: int = 1) -> str:
+    if settings.schedule == "zbv":
+        return "zbv"
     if virtual > 1:
         return "interleaved_1f1b"
     if settings.schedule != "auto":
@@ -496,7 +533,7 @@ class _Layout:
         self.zero_bubble = bool(settings.zero_bubble)
         self.in_flight = in_flight(self.schedule, self.stages, self.microbatches, self.virtual, self.zero_bubble)
         self.weight_pending = (
-            weight_passes_pending(self.stages, self.microbatches, self.virtual)
+            weight_passes_pending(self.stages, self.microbatches, self.virtual, self.schedule)
             if self.zero_bubble
             else [0] * self.pieces
         )
@@ -515,10 +552,23 @@ class _Layout:
         """Bytes crossing the cut before block ``j`` (0 at the ends of the graph)."""
         return self.blocks[j - 1].cut_bytes if 0 < j < len(self.blocks) else 0
 
+    def position(self, stage: int) -> int:
+        """The pipeline position running ``stage`` (``plan.stage_position``)."""
+        return stage_position(stage, self.stages, self.schedule)
+
     def send_ms(self, stage: int, j: int) -> float:
         if j == len(self.blocks):
             return 0.0
-        return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[stage % self.stages]
+        here, there = self.position(stage), self.position(stage + 1)
+        if self.schedule in V_SHAPED:
+            if here == there:  # the V's turn: the rank hands the values to its other stage
+                return 0.0
+            here = min(here, there)  # on the way back up, the link below
+        return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[here]
+
+    def spans_of(self, spans: Sequence[tuple[int, int]], position: int) -> list[tuple[int, int]]:
+        """The block spans of the stages that the rank at ``position`` runs."""
+        return [span for stage, span in enumerate(spans) if self.position(stage) == position]
 
     def compute_ms(self, i: int, j: int, recompute: int) -> tuple[float, float]:
         """Forward and backward of one micro-batch, with the runtime's overhead per action;
@@ -910,7 +960,7 @@ def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, Sch
 
 def _per_rank(layout: _Layout, spans: Sequence[tuple[int, int]], cost: Callable[[int, int], float]) -> list[float]:
     """``cost`` of each rank's stages summed (one stage per rank unless interleaved)."""
-    return [sum(cost(i, j) for i, j in spans[p :: layout.stages]) for p in range(layout.stages)]
+    return [sum(cost(i, j) for i, j in layout.spans_of(spans, p)) for p in range(layout.stages)]
 
 
 def _stage_plan(layout: _Layout, stage: int, i: int, j: int, recompute: int) -> StagePlan:
@@ -921,7 +971,7 @@ def _stage_plan(layout: _Layout, stage: int, i: int, j: int, recompute: int) -> 
     partial = 0 < recompute < j - i
     return StagePlan(
         stage_index=stage,
-        ranks=stage_ranks(stage, layout.stages, layout.replicas),
+        ranks=stage_ranks(stage, layout.stages, layout.replicas, layout.schedule),
         node_start=blocks[0].start,
         node_end=blocks[-1].end,
         module_span=describe_span([p for b in blocks for p in b.module_paths]),
@@ -1002,7 +1052,7 @@ def _visible_exchange(layout: _Layout, spans: Sequence[tuple[int, int]], times: 
     for position in range(layout.stages):
         operations = times.operations[position]
         end, last_backward = (operations[-1][3], operations[-1][3] - operations[-1][2]) if operations else (0.0, 0.0)
-        rank_spans = spans[position :: layout.stages]
+        rank_spans = layout.spans_of(spans, position)
         during = sum(_exchange_parts(layout, i, j)[0] for i, j in rank_spans)
         after = sum(_exchange_parts(layout, i, j)[1] for i, j in rank_spans)
         grads = sum(layout.ranges.trainable_bytes[i][j] for i, j in rank_spans)

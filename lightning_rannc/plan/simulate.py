@@ -5,8 +5,9 @@ The bottleneck stage alone misjudges a pipeline: the fill and drain (the bubble)
 forwards and backwards in the order the schedule gives them; an operation starts when its
 rank is free and its input has arrived from the neighbouring stage. Same orders as
 ``torch.distributed.pipelining``'s ``ScheduleGPipe``, ``Schedule1F1B``,
-``ScheduleInterleaved1F1B`` and ``ScheduleInterleavedZeroBubble`` (whose backward is two
-operations: "I", the input gradients sent upstream, and "W", the weight gradients run later).
+``ScheduleInterleaved1F1B``, ``ScheduleInterleavedZeroBubble`` and ``ScheduleZBVZeroBubble``
+(whose backward is two operations: "I", the input gradients sent upstream, and "W", the weight
+gradients run later).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.plan import PartitionPlan, stage_position
 
 __all__ = [
     "ScheduleTimes",
@@ -75,8 +76,11 @@ def operation_order(
     """The ``(kind, stage, microbatch)`` operations the rank at ``position`` runs, in order.
 
     ``num_stages`` counts ranks per pipeline (S); with ``virtual_stages`` V the rank runs stages
-    ``position, position + S, ...`` (interleaved 1F1B). ``zero_bubble``: the 1F1B ``schedule``
-    run as torch's ``ScheduleInterleavedZeroBubble`` (any V)."""
+    ``position, position + S, ...`` (interleaved 1F1B), or with ``zbv`` stages ``position`` and
+    ``2S - 1 - position``. ``zero_bubble``: the 1F1B ``schedule`` run as torch's
+    ``ScheduleInterleavedZeroBubble`` (any V)."""
+    if schedule == "zbv":
+        return _zbv_order(position, num_stages, num_microbatches)
     if zero_bubble:
         return _zero_bubble_order(position, num_stages, virtual_stages, num_microbatches)
     if schedule == "interleaved_1f1b":
@@ -160,6 +164,47 @@ def _zero_bubble_order(
     return order
 
 
+def _zbv_order(position: int, num_ranks: int, num_microbatches: int) -> list[tuple[str, int, int]]:
+    """``ScheduleZBVZeroBubble``'s order (ZB-V, arXiv 2401.10241 section 6): the rank runs stage
+    ``down = position`` on the way down the V and ``up = 2S - 1 - position`` on the way back.
+    Warm-up: forwards of ``down`` until the V's turn is reached, then ``up`` and ``down``
+    alternating, then ``up``'s first backwards, each input pass followed by its weight pass. The
+    steady state runs F, I, W of ``down`` then of ``up``; the cool-down runs the input passes of
+    both first and the weight passes last, ``down``'s among its own input passes near the end.
+    Planned for at least ``2S - 1`` micro-batches; with fewer, the operations of the missing
+    ones are left out, as torch does. ``tests/unit/test_search.py`` checks it against torch's
+    own order."""
+    down, up = position, 2 * num_ranks - 1 - position
+    padded = max(2 * num_ranks - 1, num_microbatches)
+    counts: dict[tuple[str, int], int] = {}
+    order: list[tuple[str, int, int]] = []
+
+    def add(*operations: tuple[str, int]) -> None:
+        for kind, stage in operations:
+            microbatch = counts.get((kind, stage), 0)
+            counts[(kind, stage)] = microbatch + 1
+            order.append((kind, stage, microbatch))
+
+    for _ in range(2 * (num_ranks - position) - 1):
+        add(("F", down))
+    for _ in range(position):
+        add(("F", up), ("F", down))
+    for _ in range(num_ranks - position):
+        add(("F", up), ("I", up), ("W", up))
+    while counts.get(("F", up), 0) < counts[("F", down)] or counts[("F", down)] < padded:
+        if counts[("F", down)] < padded:
+            add(("F", down))
+        add(("I", down), ("W", down), ("F", up), ("I", up), ("W", up))
+    for _ in range(position):
+        add(("I", down), ("I", up))
+    for _ in range(num_ranks - position):
+        add(("I", down), ("W", down))
+    for stage in (up, down):
+        while counts.get(("W", stage), 0) < counts[("I", stage)]:
+            add(("W", stage))
+    return [operation for operation in order if operation[2] < num_microbatches]
+
+
 def in_flight(
     schedule: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1, zero_bubble: bool = False
 ) -> list[int]:
@@ -177,7 +222,9 @@ def in_flight(
     return peak
 
 
-def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[int]:
+def weight_passes_pending(
+    num_ranks: int, num_microbatches: int, virtual_stages: int = 1, schedule: str = "1f1b"
+) -> list[int]:
     """Per stage, the most micro-batches at once between their input and their weight pass under
     zero bubble. torch's input pass keeps the gradients of the weight operations' outputs for the
     weight pass (``stage_backward_input``'s parameter groups), beside the activations. The first
@@ -185,7 +232,7 @@ def weight_passes_pending(num_ranks: int, num_microbatches: int, virtual_stages:
     peak = [0] * (num_ranks * virtual_stages)
     for position in range(num_ranks):
         held: dict[int, int] = {}
-        for kind, stage, _ in operation_order("1f1b", position, num_ranks, num_microbatches, virtual_stages, True):
+        for kind, stage, _ in operation_order(schedule, position, num_ranks, num_microbatches, virtual_stages, True):
             if kind != "F" and stage > 0:
                 held[stage] = held.get(stage, 0) + (1 if kind == "I" else -1)
                 peak[stage] = max(peak[stage], held[stage])
@@ -229,10 +276,10 @@ def simulate_schedule(
 
     ``send_ms[s]`` is the time to move one micro-batch's activations from stage ``s`` to
     ``s + 1`` (and its gradients back); the last entry is unused. With ``virtual_stages`` V the
-    ``len(fwd_ms)`` stages run on ``len(fwd_ms) / V`` ranks, stage ``s`` on rank ``s % S``; the
-    result has one row of operations per rank. ``weight_ms``: the schedule runs as zero bubble,
-    ``bwd_ms`` being each backward's input pass and ``weight_ms`` its weight pass
-    (``split_backward``).
+    ``len(fwd_ms)`` stages run on ``len(fwd_ms) / V`` ranks, stage ``s`` on rank ``s % S`` (with
+    ``zbv`` in a V, ``stage_position``); the result has one row of operations per rank.
+    ``weight_ms``: the schedule runs as zero bubble, ``bwd_ms`` being each backward's input pass
+    and ``weight_ms`` its weight pass (``split_backward``).
     """
     num_stages = len(fwd_ms)
     num_ranks = num_stages // virtual_stages
@@ -264,7 +311,8 @@ def simulate_schedule(
         if not progressed:  # cannot happen with the orders above; guards against an endless loop
             raise RuntimeError(f"Schedule {schedule!r} deadlocks in simulation.")
     per_microbatch = [fwd_ms[s] + bwd_ms[s] + (weight_ms[s] if weight_ms else 0.0) for s in range(num_stages)]
-    busy = [num_microbatches * sum(per_microbatch[p::num_ranks]) for p in range(num_ranks)]
+    positions = [stage_position(s, num_ranks, schedule) for s in range(num_stages)]
+    busy = [num_microbatches * sum(t for t, q in zip(per_microbatch, positions) if q == p) for p in range(num_ranks)]
     return ScheduleTimes(makespan_ms=max(free), busy_ms=busy, operations=timeline)
 
 

@@ -192,7 +192,9 @@ def _tick_label(plan: PartitionPlan, stage: StagePlan) -> str:
     extra = (
         ", recomputed" if stage.checkpoint else f", {stage.recompute_span} recomputed" if stage.recompute_end else ""
     )
-    others = [s.stage_index for s in plan.stages[stage.stage_index + plan.pipeline_stages :: plan.pipeline_stages]]
+    position = plan.position_of(stage.stage_index)
+    later = plan.stages[stage.stage_index + 1 :]
+    others = [s.stage_index for s in later if plan.position_of(s.stage_index) == position]
     name = f"stage {stage.stage_index}" + "".join(f"+{k}" for k in others)
     return f"{name} (ranks {ranks_text(stage.ranks)}{extra})\n{span}"
 

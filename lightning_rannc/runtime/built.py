@@ -415,7 +415,7 @@ def _first_holders(plan: PartitionPlan) -> dict[str, int]:
     first: dict[str, int] = {}
     for stage in plan.stages:
         for name in stage.tensor_names:
-            first.setdefault(name, stage.stage_index % plan.pipeline_stages)
+            first.setdefault(name, plan.position_of(stage.stage_index))
     return first
 
 

@@ -120,7 +120,7 @@ def _tied_groups(plan: PartitionPlan, rank: int, trainable: set[str]) -> list[tu
     for stage in plan.stages:
         for name in stage.tensor_names:
             if name in trainable:
-                positions.setdefault(name, set()).add(stage.stage_index % plan.pipeline_stages)
+                positions.setdefault(name, set()).add(plan.position_of(stage.stage_index))
     by_positions: dict[tuple[int, ...], list[str]] = {}
     for name, positions_of_name in positions.items():
         if len(positions_of_name) > 1:

@@ -29,6 +29,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
 )
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 from torch.nn.parallel import DistributedDataParallel
@@ -39,12 +40,13 @@ from lightning_rannc._compat import (
     TORCH_GREATER_EQUAL_2_13,
     PipelineStageClass,
     ddp_without_buffer_sync,
+    forward_only_schedule,
 )
 from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.reductions import MEAN, Reduction, combine_scalars
 from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.errors import RuntimeSetupError
-from lightning_rannc.plan.plan import PartitionPlan, StagePlan
+from lightning_rannc.plan.plan import V_SHAPED, PartitionPlan, StagePlan
 from lightning_rannc.runtime.mesh import ProcessGroups
 from lightning_rannc.runtime.trace import EventTrace
 from lightning_rannc.runtime.zero3 import GatheredParams, gather_in_graph
@@ -308,7 +310,7 @@ class PipelineRuntime:
             examples = self._output_examples[first:]
             combined = [_combined_like(example, num_microbatches, self.device) for example in examples]
         if dist.is_initialized() and self.plan.pipeline_stages > 1:
-            last = self.groups.dp_rank * self.plan.pipeline_stages + self.plan.pipeline_stages - 1
+            last = self.plan.stages[-1].ranks[self.groups.dp_rank]
             for value in combined:
                 dist.broadcast(value, src=last, group=self.groups.pp_group)
         return combined
@@ -508,6 +510,7 @@ _SCHEDULES: dict[str, type[Any]] = {
     "1f1b": Schedule1F1B,
     "interleaved_1f1b": ScheduleInterleaved1F1B,
     "zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
     # Without backward every schedule is a fill and drain of forwards: GPipe's, or with several
     # stages per rank the looped breadth-first one, which (unlike interleaved 1F1B) takes any
     # micro-batch count.
@@ -530,7 +533,11 @@ def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: A
         A schedule whose ``step`` runs one batch. Micro-batch losses are not rescaled by torch
         (``scale_grads=False``): ``loss_fn`` divides each loss itself.
     """
-    schedule_class = _SCHEDULES[_schedule_name(plan, len(stages), forward_only)]
+    name = _schedule_name(plan, len(stages), forward_only)
+    if name == "forward_only_placed":
+        positions = {s.stage_index: plan.position_of(s.stage_index) for s in plan.stages}
+        return forward_only_schedule(stages, plan.num_microbatches, positions, loss_fn=loss_fn, scale_grads=False)
+    schedule_class = _SCHEDULES[name]
     # Multi-stage schedules take the list of this rank's stages; the others its one stage.
     stage_or_stages = list[Any](stages) if issubclass(schedule_class, PipelineScheduleMulti) else stages[0]
     return schedule_class(stage_or_stages, n_microbatches=plan.num_microbatches, loss_fn=loss_fn, scale_grads=False)
@@ -538,7 +545,11 @@ def _build_schedule(plan: PartitionPlan, stages: list[PipelineStage], loss_fn: A
 
 def _schedule_name(plan: PartitionPlan, num_local_stages: int, forward_only: bool) -> str:
     if forward_only:
-        return "forward_only" if num_local_stages == 1 else "forward_only_looped"
+        if num_local_stages == 1:
+            return "forward_only"
+        return "forward_only_placed" if plan.schedule in V_SHAPED else "forward_only_looped"
+    if plan.schedule in V_SHAPED:
+        return plan.schedule
     return "zero_bubble" if plan.zero_bubble else plan.schedule
 
 

@@ -136,7 +136,7 @@ class EngineOptions:
         """Fewest micro-batches the schedule can run: 1F1B-like schedules fill every stage."""
         config = self.config
         forced = (self.search_virtual_stages or 1) > 1 or self.search_zero_bubble
-        needs_fill = config.schedule in ("1f1b", "interleaved_1f1b") or forced
+        needs_fill = config.schedule in ("1f1b", "interleaved_1f1b", "zbv") or forced
         return self.pipeline_stages if needs_fill else 1
 
 

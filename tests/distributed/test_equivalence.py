@@ -82,6 +82,9 @@ RUNS: dict[int | str, list[dict]] = {
         # backward split into input and weight gradients (torch's ScheduleInterleavedZeroBubble)
         _run("s2d1_zero_bubble", "gpt_full", pipeline_stages=2, zero_bubble=True),
         _run("s2d1_interleaved_zb", "gpt_full", pipeline_stages=2, virtual_stages=2, zero_bubble=True),
+        # ZB-V: rank 0 runs stages 0 and 3, rank 1 stages 1 and 2 (handed over on the rank); the tied
+        # embedding's two copies are on one rank; validation between training steps, forwards only
+        _run("s2d1_zbv", "logging", pipeline_stages=2, schedule="zbv"),
         _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
         # the weight pass recomputes each region once for all its parameter groups (GraphExecGroup)
         _run("s2d1_zb_checkpointed", "gpt_full", pipeline_stages=2, zero_bubble=True, activation_checkpointing=True),
@@ -148,6 +151,8 @@ RUNS: dict[int | str, list[dict]] = {
         ),
         _run("s4d1_gpipe", "gpt_full", pipeline_stages=4, schedule="gpipe"),
         _run("s4d1_1f1b", "gpt_full", pipeline_stages=4, schedule="1f1b", zero_bubble=False),
+        # ZB-V over two replicas with ZeRO-2 (a stage's two replicas are ranks 0 and 2, or 1 and 3)
+        _run("s2d2_zbv_zero2", "gpt_full", pipeline_stages=2, schedule="zbv", zero_stage=2),
         _run("cnn_bn_s2d2", "cnn_bn", pipeline_stages=2, micro_batches=4),
         # the first step also run unpartitioned on each replica and compared (it raises if not equal)
         _run("s2d2_verified", "gpt_full", pipeline_stages=2, verify=True, verify_tolerance=1e-5),
@@ -387,6 +392,17 @@ def test_layouts_and_schedules_are_the_planned_ones(pipelined) -> None:
         assert record["schedule_class"] == "ScheduleInterleavedZeroBubble"
         assert all(s.checkpoint for s in plan.stages) == (label == "s2d1_zb_checkpointed")
     assert load_record(pipelined(2), "s2d1_1f1b", 0)["schedule_class"] == "Schedule1F1B"
+    record = load_record(pipelined(2), "s2d1_zbv", 0)
+    plan = PartitionPlan.from_json(record["plan"])
+    assert (plan.schedule, plan.zero_bubble, plan.virtual_stages, record["schedule_class"]) == (
+        "zbv",
+        True,
+        2,
+        "ScheduleZBVZeroBubble",
+    )
+    assert [s.ranks for s in plan.stages] == [[0], [1], [1], [0]]  # a V: the first and last stage on rank 0
+    plan = PartitionPlan.from_json(load_record(pipelined(4), "s2d2_zbv_zero2", 0)["plan"])
+    assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3], [1, 3], [0, 2]] and plan.zero_stage == 2
     # replicas exchange gradients through DDP during the last backward; one pipeline has none
     assert load_record(pipelined(4), "s2d2_1f1b", 0)["ddp_stages"] == 1
     assert load_record(pipelined(2), "s1d2_1f1b", 1)["ddp_stages"] == 1

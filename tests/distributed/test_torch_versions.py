@@ -4,7 +4,8 @@ release to the next, checked against plain single-process Lightning.
 ``.ci/run`` runs the whole suite on the README's torch and this set on every other torch the
 package claims (``pyproject.toml``), each in a fresh virtual environment. What it covers:
 integer token ids and labels crossing a stage boundary, a weight tied across the first and the
-last stage, two stages with 1F1B and interleaved 1F1B, two data-parallel replicas, a sharded
+last stage, two stages with 1F1B, interleaved 1F1B, zero bubble and ZB-V (whose turn hands values
+between two stages of one rank, validating between training steps), two data-parallel replicas, a sharded
 checkpoint resumed, evaluation through the pipeline, and non-contiguous tensors at both ends
 of the pipeline (torch < 2.13 checks every stage's strides).
 """
@@ -42,6 +43,7 @@ RUNS = [
     },
     # torch's ScheduleInterleavedZeroBubble, which the planner may choose on its own
     {"label": "s2_zero_bubble", "case": "gpt_full", "strategy": {"pipeline_stages": 2, "zero_bubble": True}},
+    {"label": "s2_zbv", "case": "logging", "strategy": {"pipeline_stages": 2, "schedule": "zbv"}},
     {"label": "s1d2", "case": "gpt_full", "strategy": {"pipeline_stages": 1}},
     {"label": "strided", "case": "gpt_strided", "strategy": {"pipeline_stages": 2}},
     {"label": "sharded_half", "case": "gpt_full", "strategy": _SHARDED, "trainer": {"max_steps": 3}},
@@ -82,7 +84,7 @@ def _close(ours: object, theirs: object, **tolerance: float) -> None:
     torch.testing.assert_close(torch.as_tensor(ours), torch.as_tensor(theirs), **tolerance)
 
 
-@pytest.mark.parametrize("label", ["s2_1f1b", "s2_interleaved", "s2_zero_bubble", "s1d2", "strided"])
+@pytest.mark.parametrize("label", ["s2_1f1b", "s2_interleaved", "s2_zero_bubble", "s2_zbv", "s1d2", "strided"])
 def test_losses_logged_values_and_weights_match_one_process(pipelined: Path, reference, label: str) -> None:
     run = next(r for r in RUNS if r["label"] == label)
     ref = load_record(reference(run["case"], REPLICAS.get(label, 1)), "ref", 0)

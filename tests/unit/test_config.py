@@ -65,3 +65,8 @@ def test_pipeline_stages_read_auto_none_or_a_count_from_the_environment() -> Non
 def test_zero_bubble_with_gpipe_is_refused_up_front() -> None:
     with pytest.raises(ValueError, match=r"zero_bubble=True, schedule='gpipe'\): zero bubble refines 1F1B"):
         RaNNCStrategy(zero_bubble=True, schedule="gpipe")
+    with pytest.raises(ValueError, match=r"schedule='zbv', zero_bubble=False.*two stages per rank as zero bubble"):
+        RaNNCStrategy(schedule="zbv", zero_bubble=False)
+    with pytest.raises(ValueError, match=r"virtual_stages=3\): ZB-V runs two stages per rank"):
+        RaNNCStrategy(schedule="zbv", virtual_stages=3)
+    RaNNCStrategy(schedule="zbv", virtual_stages=2, zero_bubble=True)  # what it is anyway

@@ -9,7 +9,7 @@ from lightning_rannc import PartitionPlan, PlanError, StagePlan
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.memory import TensorTable
 from lightning_rannc.plan.modules import describe_span
-from lightning_rannc.plan.plan import stage_ranks
+from lightning_rannc.plan.plan import stage_position, stage_ranks
 from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
 from lightning_rannc.plan.simulate import simulate_schedule
 
@@ -156,6 +156,25 @@ def test_replicas_and_virtual_stages_place_stages_on_the_mesh() -> None:
     assert [s.stage_index for s in plan.stages_of_rank(3)] == [1, 3]
     assert plan.schedule == "interleaved_1f1b"
     assert PartitionPlan.from_json(plan.to_json()) == plan
+
+
+def test_zbv_places_stages_in_a_v_and_hands_over_at_its_turn_without_a_send() -> None:
+    plan = _plan(2, replicas=2, virtual=2, schedule="zbv")
+    assert (plan.schedule, plan.zero_bubble, plan.virtual_stages, plan.num_stages) == ("zbv", True, 2, 4)
+    assert [s.ranks for s in plan.stages] == [[0, 2], [1, 3], [1, 3], [0, 2]]
+    assert [s.stage_index for s in plan.stages_of_rank(2)] == [0, 3]  # the first and the last stage
+    assert plan.stages[1].send_ms == 0.0 < plan.stages[0].send_ms  # stages 1 and 2 share rank 1
+    assert PartitionPlan.from_json(plan.to_json()) == plan
+    assert [stage_position(i, 3, "zbv") for i in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert [stage_position(i, 3, "interleaved_1f1b") for i in range(6)] == [0, 1, 2, 0, 1, 2]
+    # any count of at least one per rank: no whole rounds (6 samples as 3 micro-batches of 2)
+    assert plan.microbatches_for(6) == 3
+    with pytest.raises(PlanError, match="schedule='zbv' runs two stages per rank as zero bubble"):
+        _plan(2, virtual=3, schedule="zbv")
+    data = json.loads(plan.to_json())
+    data.update(zero_bubble=False)
+    with pytest.raises(PlanError, match="schedule='zbv' runs two stages per rank as zero bubble"):
+        PartitionPlan.from_json(json.dumps(data))
 
 
 def test_stage_ranks_keep_a_pipeline_on_neighbouring_ranks() -> None:

@@ -453,6 +453,76 @@ def test_zero_bubble_order_is_torchs(stages: int, virtual: int, microbatches: in
         assert ours == theirs
 
 
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 4), (2, 2), (2, 3), (3, 5), (4, 8), (4, 4), (4, 12), (3, 7)])
+def test_zbv_order_is_torchs(stages: int, microbatches: int) -> None:
+    """The simulator replays exactly the actions ``ScheduleZBVZeroBubble`` runs on each rank of
+    its V (stages ``r`` and ``2S - 1 - r``), also with fewer micro-batches than its warm-up fills."""
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleZBVZeroBubble, _ComputationType
+
+    schedule = SimpleNamespace(pp_group_size=stages, num_stages=2 * stages, _n_microbatches=microbatches)
+    kinds = {_ComputationType.FORWARD: "F", _ComputationType.BACKWARD_INPUT: "I", _ComputationType.BACKWARD_WEIGHT: "W"}
+    for rank in range(stages):
+        actions = ScheduleZBVZeroBubble._calculate_single_rank_operations(schedule, rank)  # type: ignore[arg-type]
+        theirs = [(kinds[a.computation_type], a.stage_index, a.microbatch_index) for a in actions if a is not None]
+        assert operation_order("zbv", rank, stages, microbatches, 2, True) == theirs
+        assert {stage for _, stage, _ in theirs} == {rank, 2 * stages - 1 - rank}
+
+
+def test_zbv_is_chosen_where_its_activations_fit_and_interleaved_zero_bubbles_do_not() -> None:
+    """ZB-V's ranks each hold 2S + 1 micro-batches of their two stages (the V's first stage the
+    most, its last the fewest), interleaved zero bubble's first ranks 3S: under a limit between
+    the two, with 8 even blocks on 4 ranks, ZB-V is the fastest plan that fits."""
+    assert in_flight("zbv", 4, 8, 2, True) == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert in_flight("interleaved_1f1b", 4, 8, 2, True) == [8, 8, 8, 8, 4, 4, 4, 4]
+    blocks = [
+        BlockCost(
+            start=k,
+            end=k + 1,
+            fwd_ms=1.0,
+            bwd_ms=2.0,
+            activation_bytes=10**6,
+            cut_bytes=10**4,
+            tensor_names=(f"w{k}",),
+            module_paths=(f"layers.{k}",),
+        )
+        for k in range(8)
+    ]
+    sizes = {f"w{k}": 10**5 for k in range(8)}
+    tensors = TensorTable(sizes, {n: b // 4 for n, b in sizes.items()}, frozenset(sizes))
+
+    def search(limit: int) -> tuple[PartitionPlan, dict[tuple[str, int, bool], float | None]]:
+        settings = SearchSettings(
+            num_devices=4,
+            global_batch_size=8,
+            device=dataclasses.replace(DEVICE, schedule_margin=0.0),
+            pipeline_stages=4,
+            micro_batches=8,
+            memory_limit=limit,
+            offload_optimizer=False,
+        )
+        result = search_plan(
+            blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint=""
+        )
+        steps = {(c.schedule, c.virtual_stages, c.zero_bubble): c.step_ms for c in result.candidates}
+        return result.plan, steps
+
+    plan, steps = search(20 * 10**6)
+    assert steps[("interleaved_1f1b", 2, True)] is None  # does not fit
+    assert (plan.schedule, plan.zero_bubble, plan.virtual_stages) == ("zbv", True, 2)
+    assert plan.predicted_step_ms < min(t for (_, _, zb), t in steps.items() if not zb and t is not None)
+    assert [s.ranks for s in plan.stages] == [[0], [1], [2], [3], [3], [2], [1], [0]]
+    assert plan.stages[3].send_ms == 0.0  # the V's turn, on rank 3
+    replayed = simulate_plan(plan)
+    assert replayed.makespan_ms + plan.predicted_exchange_ms + plan.predicted_update_ms == pytest.approx(
+        plan.predicted_step_ms
+    )
+    assert [sorted({kind for kind, *_ in row}) for row in replayed.operations] == [["F", "I", "W"]] * 4
+    _, roomier = search(24 * 10**6)
+    assert roomier[("interleaved_1f1b", 2, True)] is not None and roomier[("zbv", 2, True)] is not None
+
+
 def test_zero_bubble_fills_the_drain_with_weight_passes_and_holds_activations_until_them() -> None:
     """Two stages of F = 1, B = 2 (input 1 + weight 1), 4 micro-batches: 1F1B's drain idles the
     first rank while the last one finishes; zero bubble moves weight passes into that time."""
@@ -573,9 +643,12 @@ def test_interleaving_and_zero_bubble_are_chosen_only_where_every_batch_splits_i
     full = plan(0)
     assert full.zero_bubble or full.virtual_stages > 1  # both predicted faster here
     for ragged in (64 * 10 + 9, None):  # a last batch of 9; sizes unknown
-        chosen = plan(ragged)
+        chosen = plan(ragged, schedule="1f1b")  # ZB-V, which takes any count, left out
         assert not chosen.zero_bubble and chosen.virtual_stages == 1
         assert chosen.microbatches_for(9) == 9
+    # ZB-V takes 9 micro-batches (at least one per rank, no rounds), where batch sizes are known
+    assert plan(64 * 10 + 9).schedule == "zbv" and plan(64 * 10 + 9).microbatches_for(9) == 9
+    assert plan(None).schedule == "1f1b"
     assert plan(64 * 10 + 16) == full  # 16 splits into whole rounds too
     forced = plan(64 * 10 + 9, zero_bubble=True, virtual_stages=2)  # the user's choice is obeyed
     assert forced.zero_bubble and forced.virtual_stages == 2
