@@ -612,8 +612,10 @@ def _plan_text(plan: PartitionPlan | None) -> str:
     """S x D x M, schedule (with V when interleaved), ZeRO stage, checkpointed / all stages, ms."""
     if plan is None:
         return "OOM"
-    schedule = {"gpipe": "GPipe", "1f1b": "1F1B"}.get(plan.schedule, f"interleaved V={plan.virtual_stages}")
-    schedule += " ZB" if plan.zero_bubble else ""
+    schedule = {"gpipe": "GPipe", "1f1b": "1F1B", "zbv": "ZB-V"}.get(
+        plan.schedule, f"interleaved V={plan.virtual_stages}"
+    )
+    schedule += " ZB" if plan.zero_bubble and plan.schedule != "zbv" else ""
     layout = f"{plan.pipeline_stages}x{plan.num_replicas}x{plan.num_microbatches}"
     recomputing = sum(s.checkpoint or s.recompute_end is not None for s in plan.stages)  # whole or first layers
     checkpointed = f"{recomputing}/{plan.num_stages}"
@@ -629,8 +631,8 @@ def print_memory_bound(rows: list[MemoryBoundRow], fraction: float) -> None:
         f"search {sum(r.seconds for r in rows):.1f} s"
     )
     print(
-        "   (a) joint: ZeRO 0/1/2, interleaved 1F1B V=2..4, GPipe/1F1B, selective checkpointing, offload; "
-        "(b) restricted: ZeRO-1, GPipe/1F1B (V=1), whole-stage checkpointing; DP: best one-stage plan"
+        "   (a) joint: ZeRO 0/1/2, interleaved 1F1B V=2..4, GPipe/1F1B, zero bubble and ZB-V, selective checkpointing, "
+        "offload; (b) restricted: ZeRO-1, GPipe/1F1B (V=1), whole-stage checkpointing; DP: best one-stage plan"
     )
     print("   cells: S x D x M, schedule, ZeRO stage, checkpointed stages / stages, predicted step; OOM: nothing fits")
     plan_w = 55
