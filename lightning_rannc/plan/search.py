@@ -183,6 +183,11 @@ def _zbv_settings(settings: SearchSettings) -> SearchSettings:
             f"and virtual_stages={settings.virtual_stages}: leave those to the planner, or use "
             "schedule='interleaved_1f1b'."
         )
+    if settings.pipeline_stages == 1 or settings.num_devices == 1:
+        raise PlanError(
+            "schedule='zbv' places two stages on each rank of a pipeline in a V, so it needs pipelines of two "
+            "ranks at least: use pipeline_stages='auto' or >= 2 on several devices, or another schedule."
+        )
     return _replace(settings, zero_bubble=True, virtual_stages=2)
 
 
@@ -545,8 +550,29 @@ class _Layout:
         self.chosen_checkpoint: dict[tuple[int, int, int], int | None] = {}
         self.starts = _layer_starts(blocks)
         self.regions = _LayerRegions(self.starts, self.act, self.cut_bytes)
+        self.budget = self._stage_budgets()
+        """Memory each stage may use: its rank's limit shared among the rank's stages."""
         self.spread_exchange = True
         """Count each stage's gradient exchange in its per-slot cost (see ``_plan_layout``)."""
+
+    def _stage_budgets(self) -> list[float]:
+        """A rank holds ``virtual`` stages, each checked on its own by the DP: each gets a share
+        of the limit, so that the rank's stages together fit. Looped placements share it evenly.
+        In ZB-V's V a rank's first stage holds the most micro-batches in flight and its second
+        the fewest (``2S + 1`` together): the shares follow an even split's needs, its state and
+        its activations times the micro-batches in flight."""
+        usable = self.settings.usable_memory
+        if self.schedule not in V_SHAPED:
+            return [usable / self.virtual] * self.pieces
+        count = len(self.blocks)
+        trainable = self.ranges.trainable_bytes[0][count]
+        optimizer = 0.0 if self.offload else self.optimizer_factor / self.shards
+        state = self.ranges.param_bytes[0][count] + trainable * (1 + optimizer)
+        need = [(state + self.act[count] * held) / self.pieces for held in self.in_flight]
+        on_rank = [0.0] * self.stages
+        for stage, stage_need in enumerate(need):
+            on_rank[self.position(stage)] += stage_need
+        return [usable * need[stage] / on_rank[self.position(stage)] for stage in range(self.pieces)]
 
     def cut_bytes(self, j: int) -> int:
         """Bytes crossing the cut before block ``j`` (0 at the ends of the graph)."""
@@ -706,7 +732,7 @@ class _Layout:
         if key not in self.chosen_checkpoint:
             forced = self.settings.activation_checkpointing
             options = [0, j - i] if forced is None else [j - i if forced else 0]
-            usable = self.settings.usable_memory / self.virtual
+            usable = self.budget[stage]
             choice, least = None, math.inf
             for k in options:
                 memory = self.memory(stage, i, j, k)
@@ -725,7 +751,7 @@ class _Layout:
         return self.settings.activation_checkpointing is None and self.settings.selective_checkpointing
 
     def _fits(self, stage: int, i: int, j: int, recompute: int) -> bool:
-        usable = self.settings.usable_memory / self.virtual  # a rank holds ``virtual`` stages
+        usable = self.budget[stage]
         return self.memory(stage, i, j, recompute).total <= usable
 
     def least_recompute(self, stage: int, i: int, j: int) -> int | None:

@@ -171,6 +171,8 @@ def test_zbv_places_stages_in_a_v_and_hands_over_at_its_turn_without_a_send() ->
     assert plan.microbatches_for(6) == 3
     with pytest.raises(PlanError, match="schedule='zbv' runs two stages per rank as zero bubble"):
         _plan(2, virtual=3, schedule="zbv")
+    with pytest.raises(PlanError, match="schedule='zbv' places two stages on each rank .* two ranks at least"):
+        _plan(1, virtual=2, schedule="zbv")
     data = json.loads(plan.to_json())
     data.update(zero_bubble=False)
     with pytest.raises(PlanError, match="schedule='zbv' runs two stages per rank as zero bubble"):
