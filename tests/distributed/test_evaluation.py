@@ -24,6 +24,8 @@ RUNS = [
         "case": "gpt",
         "strategy": {"pipeline_stages": 2, "virtual_stages": 2, "schedule": "interleaved_1f1b", "zero_bubble": False},
     },
+    # stages in a V (rank 0 runs the first and the last): evaluated forwards only in that placement
+    {"label": "zbv", "case": "gpt", "strategy": {"pipeline_stages": 2, "schedule": "zbv"}},
     {"label": "dropout", "case": "gpt_dropout", "strategy": {"pipeline_stages": 2}},
     {"label": "cnn_bn", "case": "cnn_bn", "strategy": {"pipeline_stages": 2}},
     {"label": "metrics", "case": "mlp_metrics", "strategy": {"pipeline_stages": 2}},
@@ -43,7 +45,7 @@ PIPELINED_STEPS = {
 """Evaluation steps not run through the pipeline, by run; all three are in the others."""
 REPLICAS = {"s1d2": 2, "metrics_d2": 2, "fresh_auto": 2}
 """Runs with data-parallel replicas; the others have one pipeline over both processes."""
-TRAINED_LIKE_ONE_DEVICE = ("s2", "s1d2", "interleaved", "out_of_order", "metrics", "metrics_d2")
+TRAINED_LIKE_ONE_DEVICE = ("s2", "s1d2", "interleaved", "zbv", "out_of_order", "metrics", "metrics_d2")
 """Runs whose training equals one device's (no dropout, no per-micro-batch BatchNorm)."""
 
 _OUT: dict[str, Path] = {}
@@ -123,7 +125,7 @@ def test_predictions_and_returned_values_are_in_dataset_order(pipelined: Path, r
                 torch.testing.assert_close(ours[key], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("label", ["s2", "interleaved", "cnn_bn", "out_of_order"])
+@pytest.mark.parametrize("label", ["s2", "interleaved", "zbv", "cnn_bn", "out_of_order"])
 def test_parameters_stay_partitioned_during_validation_in_fit(pipelined: Path, label: str) -> None:
     for rank in range(2):
         partitioned = load_evaluation(pipelined, label, rank)["partitioned_during_validation"]
