@@ -14,6 +14,10 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
     # automatic plan against the best hand-forced layout that fits (a forced one that does not
     # fit says so)
     python benchmarks/throughput.py --memory-limit 40MB
+    # each rannc run plans (profiles) at its first repetition only and reuses that plan after
+    # (RaNNCStrategy(deployment=...)): the predictions stay one profile's, so the repetitions
+    # scatter by the runs' own times only, not also by the profiles'
+    python benchmarks/throughput.py --repeat 3 --plan-once plans/
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ def _train(args: argparse.Namespace) -> None:
     devices, strategy = RUNS[name]
     if isinstance(strategy, dict):
         limit = {"memory_limit": args.memory_limit} if args.memory_limit else {}
-        strategy = lightning_rannc.RaNNCStrategy(**strategy, **limit)
+        saved = {"deployment": str(Path(args.plan_once) / f"{name}.json")} if args.plan_once else {}
+        strategy = lightning_rannc.RaNNCStrategy(**strategy, **limit, **saved)
 
     class Timer(L.Callback):
         start = 0.0
@@ -149,6 +154,7 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
     command += ["--seq", str(args.seq), "--vocab", str(args.vocab)]
     command += ["--memory-limit", args.memory_limit] if args.memory_limit else []
+    command += ["--plan-once", args.plan_once] if args.plan_once else []
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         problem = f"exited with {done.returncode}"
@@ -198,6 +204,12 @@ def main() -> None:
         "--memory-limit",
         default="",
         help="memory_limit of every rannc run (e.g. 40MB); prints the automatic plan against the best forced one",
+    )
+    parser.add_argument(
+        "--plan-once",
+        default="",
+        metavar="DIR",
+        help="plan each rannc run at its first repetition and reuse the plan after (files in DIR, which must exist)",
     )
     args = parser.parse_args()
     if args.run:
