@@ -15,12 +15,15 @@ pytestmark = pytest.mark.distributed
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def test_throughput_prints_samples_per_second_ratios_and_predictions() -> None:
-    args = ["--repeat", "1", "--steps", "2", "--warmup", "1", "--layers", "1", "--dim", "32", "--only", "rannc_s1_d2"]
-    out = run_script(BENCHMARKS / "throughput.py", *args, timeout=300).stdout
+def test_throughput_prints_samples_per_second_ratios_and_predictions(tmp_path: Path) -> None:
+    """With ``--plan-once`` the second repetition runs the first one's plan: the same prediction."""
+    args = ["--repeat", "2", "--steps", "2", "--warmup", "1", "--layers", "1", "--dim", "32", "--only", "rannc_s1_d2"]
+    out = run_script(BENCHMARKS / "throughput.py", *args, "--plan-once", str(tmp_path), timeout=300).stdout
     assert re.search(r"lightning_1proc\s+[\d.]+ samples/s\s+1\.00x", out)
     assert re.search(r"rannc_s1_d2\s+[\d.]+ samples/s\s+[\d.]+x", out)
-    assert "ms measured" in out and "ms predicted" in out
+    predicted = re.findall(r"ms measured, ([\d.]+) ms predicted", out)
+    assert len(predicted) == 2 and predicted[0] == predicted[1], out
+    assert [p.name for p in tmp_path.iterdir()] == ["rannc_s1_d2.json"]
 
 
 def test_throughput_under_a_memory_limit_compares_the_automatic_plan_with_the_forced_layouts_that_fit() -> None:
