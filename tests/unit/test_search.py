@@ -12,7 +12,7 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.plan.memory import TensorTable, in_flight_microbatches, optimizer_state_factor, stage_memory
 from lightning_rannc.plan.plan import PartitionPlan
-from lightning_rannc.plan.search import SearchSettings, evaluate_split, search_plan
+from lightning_rannc.plan.search import SearchResult, SearchSettings, evaluate_split, search_plan
 from lightning_rannc.plan.simulate import (
     AUTOGRAD_NODES_PER_GRAPH_NODE,
     SPLIT_MS_PER_NODE,
@@ -638,21 +638,24 @@ def test_interleaving_and_zero_bubble_are_chosen_only_where_every_batch_splits_i
     blocks, tensors = _uniform_model(16, 10**6, 10**5)
     common = dict(num_devices=4, pipeline_stages=4, micro_batches=4, memory_limit=4 * 10**9, optimizer="sgd")
 
-    def plan(epoch_samples: int | None, **forced: object) -> PartitionPlan:
+    def search(epoch_samples: int | None, **forced: object) -> SearchResult:
         options = SearchSettings(global_batch_size=64, device=DEVICE, epoch_samples=epoch_samples, **common, **forced)  # type: ignore[arg-type]
         return search_plan(
             blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g"
-        ).plan
+        )
+
+    def plan(epoch_samples: int | None, **forced: object) -> PartitionPlan:
+        return search(epoch_samples, **forced).plan
 
     full = plan(0)
     assert full.zero_bubble or full.virtual_stages > 1  # both predicted faster here
     for ragged in (64 * 10 + 9, None):  # a last batch of 9; sizes unknown
-        chosen = plan(ragged, schedule="1f1b")  # ZB-V, which takes any count, left out
-        assert not chosen.zero_bubble and chosen.virtual_stages == 1
-        assert chosen.microbatches_for(9) == 9
-    # ZB-V takes 9 micro-batches (at least one per rank, no rounds), where batch sizes are known
-    assert plan(64 * 10 + 9).schedule == "zbv" and plan(64 * 10 + 9).microbatches_for(9) == 9
-    assert plan(None).schedule == "1f1b"
+        result = search(ragged)
+        in_rounds = [c for c in result.candidates if c.schedule == "interleaved_1f1b" or c.zero_bubble]
+        assert all(c.schedule == "zbv" for c in in_rounds)  # no shape in rounds is even tried
+        # ZB-V takes 9 micro-batches (at least one per rank, no rounds) where the sizes are known
+        assert result.plan.schedule == ("zbv" if ragged else "1f1b") and result.plan.microbatches_for(9) == 9
+        assert bool(in_rounds) == bool(ragged)
     assert plan(64 * 10 + 16) == full  # 16 splits into whole rounds too
     forced = plan(64 * 10 + 9, zero_bubble=True, virtual_stages=2)  # the user's choice is obeyed
     assert forced.zero_bubble and forced.virtual_stages == 2
