@@ -166,8 +166,9 @@ def stage_memory(
             holds neither the state nor the step's temporaries.
         shard_parameters: ZeRO-3: each replica holds ``1 / D`` of the trainable parameters and
             of their gradients (reduced onto it micro-batch by micro-batch); the others are
-            gathered where they are used, so beside them live the parameter being used and one
-            gathered again in backward, and one micro-batch's gradient of it.
+            gathered where they are used, so beside them live the parameter being used, the next
+            one (prefetched) and one gathered again in backward, and two micro-batch gradients
+            of one (one reducing while the next is made).
         largest_param_bytes: the stage's largest trainable tensor (ZeRO-3's gathers).
         weight_pending: zero bubble: the most micro-batches between their input and weight
             pass (``simulate.weight_passes_pending``). Each keeps the gradients of its weight
@@ -180,12 +181,12 @@ def stage_memory(
             attention's qkv projection).
     """
     if shard_parameters:
-        # Costed as one replica holding 1 / D of the gradients plus one micro-batch's gradient
-        # of one parameter (before its reduce), then given its share of the parameters and state.
+        # Costed as one replica holding 1 / D of the gradients plus two micro-batch gradients of
+        # one parameter (reducing), then given its share of the parameters and state.
         return dataclasses.replace(
             stage_memory(
                 param_bytes=param_bytes,
-                trainable_bytes=trainable_bytes // num_replicas + largest_param_bytes,
+                trainable_bytes=trainable_bytes // num_replicas + 2 * largest_param_bytes,
                 activation_bytes=activation_bytes,
                 input_bytes=input_bytes,
                 output_bytes=output_bytes,
@@ -200,7 +201,7 @@ def stage_memory(
                 offload_optimizer=offload_optimizer,
                 sends_held=sends_held,
             ),
-            params=param_bytes - trainable_bytes + trainable_bytes // num_replicas + 2 * largest_param_bytes,
+            params=param_bytes - trainable_bytes + trainable_bytes // num_replicas + 3 * largest_param_bytes,
             optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / num_replicas),
         )
     if checkpoint:

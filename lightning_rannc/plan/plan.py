@@ -244,6 +244,7 @@ class PartitionPlan:
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON; atomically (a crash never leaves a half-written plan)."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a deployment's folder need not exist yet
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(self.to_json())
         temporary.replace(path)

@@ -601,8 +601,9 @@ class _Layout:
         backward recomputes the forward of the stage's first ``recompute`` blocks."""
         fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
         overhead = self.settings.device.action_overhead_ms
-        gather = self.gather_ms(i, j)
-        return fwd + overhead + gather, bwd + self.recompute_ms(i, recompute) + overhead + 2 * gather
+        recompute_ms = self.recompute_ms(i, recompute)
+        gather_fwd, gather_bwd = self.gather_ms(i, j, fwd), self.gather_ms(i, j, bwd + recompute_ms, passes=2)
+        return fwd + overhead + gather_fwd, bwd + recompute_ms + overhead + gather_bwd
 
     def backward_passes(self, i: int, j: int, recompute: int) -> tuple[float, float]:
         """Zero bubble: the input and weight passes of one micro-batch (``split_backward``)."""
@@ -616,13 +617,15 @@ class _Layout:
         fwd, bwd = self.compute_ms(i, j, recompute)
         return fwd + (sum(self.backward_passes(i, j, recompute)) if self.zero_bubble else bwd)
 
-    def gather_ms(self, i: int, j: int) -> float:
-        """ZeRO-3, per micro-batch and pass: the stage's parameters broadcast from their holders
-        (the forward's gathers; backward gathers them again and reduces their gradients, twice
-        this). The runtime gathers a unit at a time (a layer's tensors with one holder: about
-        ``min(tensors, layers x D)`` of them), where the graph first uses it, not overlapped;
-        each unit is a broadcast's latency plus host work like a pipeline action's (on the
-        2-core CPU about 0.8 ms a unit)."""
+    def gather_ms(self, i: int, j: int, compute_ms: float, passes: int = 1) -> float:
+        """ZeRO-3, per micro-batch: what the stage's gathers add to a pass computing for
+        ``compute_ms`` (``passes=2``: backward, which gathers every unit again and reduces its
+        gradients). The runtime gathers a unit at a time (a layer's tensors with one holder:
+        about ``min(tensors, layers x D)`` of them) where the graph first uses it. Each unit
+        costs host work like a pipeline action's (on the 2-core CPU about 0.8 ms a unit); its
+        transfer (a broadcast's latency and the bytes) runs while the unit before it computes
+        (the runtime prefetches), so only the first unit's, or what the pass's compute cannot
+        cover, shows."""
         if self.zero_stage != 3 or self.replicas == 1:
             return 0.0
         device = self.settings.device
@@ -633,8 +636,10 @@ class _Layout:
         # A broadcast's latency: a tree of point-to-point messages (not the all-reduce's fitted
         # latency: two sizes timed on busy cores scatter from 0.4 to 3 ms here).
         latency = device.link_latency_ms * math.ceil(math.log2(self.replicas))
-        per_unit = latency + device.action_overhead_ms + _GATHER_HOST_OPS * device.op_overhead_ms
-        return units * per_unit + share * self.ranges.trainable_bytes[i][j] / bandwidth
+        host = units * (device.action_overhead_ms + _GATHER_HOST_OPS * device.op_overhead_ms)
+        transfer = passes * (units * latency + share * self.ranges.trainable_bytes[i][j] / bandwidth)
+        exposed = max(transfer / max(units, 1), transfer - compute_ms)
+        return passes * host + exposed
 
     def per_layer(self, stage: int, i: int, recompute: int) -> bool:
         """Whether the first ``recompute`` blocks from block ``i`` recompute as one checkpoint

@@ -284,6 +284,8 @@ class PipelineRuntime:
         # tensors that the schedule writes in place, which inference mode would refuse later.
         with torch.inference_mode(False), torch.no_grad():
             self.schedule.eval(*args, **kwargs)
+        if self._gathered is not None:
+            self._gathered.step_done()  # nothing prefetched outlives the schedule
         with self._span("evaluation outputs shared"):
             return self._broadcast_outputs()
 

@@ -13,10 +13,19 @@ operator unpacks one. The gathers' backward collects the unit's gradients of the
 and reduces them, one flat buffer, onto the holder (averaged over replicas), which adds them
 to its parameters' ``.grad``: no replica keeps another's gradients.
 
+Prefetch: while one unit computes, the next one's broadcast runs. In forward the next is the
+next unit of the stage module's graph (``gather_in_graph`` records the order); in backward,
+the unit whose handles the forward saved before this one's (``_before``, learned from each
+forward), since backward unpacks them in about the reverse order. A gradient's reduce is left
+running until the next unit's reduce starts. Every replica runs the same graphs, so all of them
+make the same guesses and issue the same collectives in the same order; a wrong guess costs a
+broadcast and the memory of one unit until it is used or the step ends (``step_done``), never a
+wrong value: parameters change only after the step.
+
 Why not FSDP2's ``fully_shard``: its gathers run in module hooks, and a stage here is one flat
 graph of the whole step (``capture/split.py``), so it would gather the whole stage at once:
 no saving at the peak. This is a graph-level variant (as SimpleFSDP puts its all-gathers in
-the graph). Without prefetch: each unit's gather waits for its broadcast.
+the graph).
 
 Parameters tied across stages keep ZeRO-2's path (held by every replica, their gradients
 summed over the stages first): their copies on other stages may have other holders.
@@ -88,6 +97,14 @@ class GatheredParams:
         """Units gathered again for the running backward."""
         self._grads: dict[UnitKey, dict[str, torch.Tensor]] = {}
         """The running backward's gradients of each unit, until the unit's last one."""
+        self._pending: dict[UnitKey, tuple[torch.Tensor, Any]] = {}
+        """Prefetched units: the buffer and its broadcast, still running."""
+        self._reducing: list[tuple[_Unit, torch.Tensor, Any]] = []
+        """Gradient reduces still running: the unit, its flat gradient and the reduce."""
+        self._saved: list[UnitKey] = []
+        """The units the running forward saved handles of, in order."""
+        self._before: dict[UnitKey, UnitKey] = {}
+        """Unit -> the unit a forward saved handles of just before it: backward's next."""
 
     def add(self, name: str, param: torch.Tensor) -> None:
         """Register the tensor of ``name`` in a stage module (every replica adds the same names in
@@ -105,15 +122,29 @@ class GatheredParams:
         return self.holders[name] == self.groups.dp_rank
 
     def gather(self, unit: _Unit) -> torch.Tensor:
-        """The unit's parameters, one flat buffer, on every replica. Collective over the replicas."""
-        dtype = unit.params[0].dtype
-        flat = torch.empty(sum(unit.sizes), dtype=dtype, device=self.device)
-        if unit.key[1] == self.groups.dp_rank:
-            torch.cat([p.detach().reshape(-1) for p in unit.params], out=flat)
-        dist.broadcast(flat, src=unit.src, group=self.group)
+        """The unit's parameters, one flat buffer, on every replica: prefetched, or gathered now.
+        Collective over the replicas."""
+        pending = self._pending.pop(unit.key, None)
+        if pending is None:
+            pending = self._broadcast(unit)
+        flat, work = pending
+        work.wait()  # on a GPU the compute stream waits for the broadcast's, not the host
         return flat
 
-    def gathered_for_forward(self, name: str) -> torch.Tensor:
+    def prefetch(self, key: UnitKey | None) -> None:
+        """Start the broadcast of unit ``key`` unless it is gathered or on its way already."""
+        if key is None or key in self._pending or key in self._handing or key in self._again:
+            return
+        self._pending[key] = self._broadcast(self.units[key])
+
+    def _broadcast(self, unit: _Unit) -> tuple[torch.Tensor, Any]:
+        flat = torch.empty(sum(unit.sizes), dtype=unit.params[0].dtype, device=self.device)
+        if unit.key[1] == self.groups.dp_rank:
+            torch.cat([p.detach().reshape(-1) for p in unit.params], out=flat)
+        return flat, dist.broadcast(flat, src=unit.src, group=self.group, async_op=True)
+
+    def gathered_for_forward(self, name: str, following: Mapping[UnitKey, UnitKey]) -> torch.Tensor:
+        """The parameter's value for the graph; ``following``: the graph's next unit after each."""
         unit = self.unit_of[name]
         handing = self._handing.get(unit.key)
         if handing is None or name not in handing:
@@ -121,6 +152,7 @@ class GatheredParams:
             self._live[flat.untyped_storage().data_ptr()] = (unit.key, weakref.ref(flat))
             views = flat.split(unit.sizes)
             handing = self._handing[unit.key] = {n: v.view_as(p) for n, v, p in zip(unit.names, views, unit.params)}
+            self.prefetch(following.get(unit.key))
         view = handing.pop(name)
         if not handing:
             del self._handing[unit.key]
@@ -138,22 +170,28 @@ class GatheredParams:
             self._flush(unit)
 
     def _flush(self, unit: _Unit) -> None:
-        """The unit's gradients (zeros for those that got none), averaged over the replicas
-        onto its holder, added to its parameters' ``.grad``. Its backward is over: a buffer
-        gathered again for it goes."""
+        """Start reducing the unit's gradients (zeros for those that got none) onto its holder,
+        and finish the reduce before it. Its backward is over: a buffer gathered again for it
+        goes."""
         grads = self._grads.pop(unit.key)
         self._again.pop(unit.key, None)
         flat = torch.zeros(sum(unit.sizes), dtype=unit.params[0].dtype, device=self.device)
-        chunks = flat.split(unit.sizes)
-        for name, chunk in zip(unit.names, chunks):
+        for name, chunk in zip(unit.names, flat.split(unit.sizes)):
             if name in grads:
                 chunk.copy_(grads[name].reshape(-1))
         del grads
-        dist.reduce(flat, dst=unit.src, group=self.group)
+        work = dist.reduce(flat, dst=unit.src, group=self.group, async_op=True)
+        self._reducing.append((unit, flat, work))
+        while len(self._reducing) > 1:
+            self._reduced(*self._reducing.pop(0))
+
+    def _reduced(self, unit: _Unit, flat: torch.Tensor, work: Any) -> None:
+        """A reduce finished: on the holder, the mean over the replicas joins its ``.grad``."""
+        work.wait()
         if unit.key[1] != self.groups.dp_rank:
             return
         flat.mul_(self.scale)
-        for param, chunk in zip(unit.params, chunks):
+        for param, chunk in zip(unit.params, flat.split(unit.sizes)):
             grad = chunk.view_as(param)
             param.grad = grad if param.grad is None else param.grad.add_(grad)
 
@@ -162,14 +200,25 @@ class GatheredParams:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def forward_done(self) -> None:
+        """After a stage's forward: what it gathered goes; the order it saved handles in says
+        which unit backward needs after which."""
         self._handing.clear()
         self._live.clear()
+        self._before.update(zip(self._saved[1:], self._saved[:-1]))
+        self._saved.clear()
 
     def step_done(self) -> None:
         """After a schedule: reduce what units still wait for (a parameter whose gradient did
-        not reach it; in the same order on every replica), drop what a backward gathered."""
+        not reach it; in the same order on every replica), finish every reduce and prefetch,
+        drop what a backward gathered. The optimizer step comes next: nothing gathered may
+        outlive it."""
         for key in sorted(self._grads):
             self._flush(self.units[key])
+        while self._reducing:
+            self._reduced(*self._reducing.pop(0))
+        for _, work in self._pending.values():
+            work.wait()
+        self._pending.clear()
         self._again.clear()
         self.forward_done()
 
@@ -180,6 +229,8 @@ class GatheredParams:
         flat = entry[1]() if entry is not None else None
         if entry is None or flat is None or flat.dtype != tensor.dtype:
             return tensor
+        if entry[0] not in self._saved:
+            self._saved.append(entry[0])
         return _Saved(entry[0], tensor.size(), tensor.stride(), int(tensor.storage_offset()))
 
     def _unpack(self, saved: Any) -> torch.Tensor:
@@ -188,20 +239,23 @@ class GatheredParams:
         flat = self._again.get(saved.unit)
         if flat is None:
             flat = self._again[saved.unit] = self.gather(self.units[saved.unit])
+            self.prefetch(self._before.get(saved.unit))
         return flat.as_strided(saved.size, saved.stride, saved.offset)
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, param: torch.Tensor, params: GatheredParams, name: str) -> torch.Tensor:
+    def forward(
+        ctx: Any, param: torch.Tensor, params: GatheredParams, name: str, following: Mapping[UnitKey, UnitKey]
+    ) -> torch.Tensor:
         ctx.params, ctx.name = params, name
-        return params.gathered_for_forward(name)
+        return params.gathered_for_forward(name, following)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
         # The holder's gradient arrives with the unit's reduce (``GatheredParams._flush``).
         ctx.params.reduce(ctx.name, grad)
-        return None, None, None
+        return None, None, None, None
 
 
 class GatherParam(nn.Module):
@@ -210,9 +264,11 @@ class GatherParam(nn.Module):
     def __init__(self, params: GatheredParams) -> None:
         super().__init__()
         self.gathered = params
+        self.following: dict[UnitKey, UnitKey] = {}
+        """Each unit -> the next one this graph gathers (prefetched while the first computes)."""
 
     def forward(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        return _Gather.apply(param, self.gathered, name)
+        return _Gather.apply(param, self.gathered, name, self.following)
 
 
 def gather_in_graph(module: fx.GraphModule, params: GatheredParams) -> bool:
@@ -222,7 +278,9 @@ def gather_in_graph(module: fx.GraphModule, params: GatheredParams) -> bool:
     used = [n for n in graph.nodes if n.op == "get_attr" and str(n.target) in params.holders]
     if not used:
         return False
-    module.add_submodule(GATHER_MODULE, GatherParam(params))
+    gather = GatherParam(params)
+    module.add_submodule(GATHER_MODULE, gather)
+    order: list[UnitKey] = []
     for node in used:
         name = str(node.target)
         param = module.get_parameter(name)
@@ -234,6 +292,9 @@ def gather_in_graph(module: fx.GraphModule, params: GatheredParams) -> bool:
         gathered.meta = dict(node.meta)
         node.replace_all_uses_with(gathered)
         gathered.args = (node, name)  # the gather itself still reads the parameter
+        if params.unit_of[name].key not in order:
+            order.append(params.unit_of[name].key)
+    gather.following = dict(zip(order[:-1], order[1:]))
     module.recompile()
     return True
 

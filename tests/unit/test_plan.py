@@ -227,6 +227,8 @@ def test_saved_plan_leaves_no_temporary_file_and_names_every_stale_field(tmp_pat
     plan.check_matches("plan.json", world_size=2, graph_fingerprint="abc")
     with pytest.raises(PlanError, match=r"world_size: saved 2, now 4, graph_fingerprint: saved 'abc', now 'xyz'"):
         plan.check_matches("plan.json", world_size=4, graph_fingerprint="xyz")
+    plan.save(tmp_path / "plans" / "new" / "plan.json")  # a deployment's folder is made when missing
+    assert PartitionPlan.load(tmp_path / "plans" / "new" / "plan.json") == plan
 
 
 def test_counts_for_interleaved_and_zero_bubble_schedules_split_into_whole_rounds() -> None:

@@ -702,7 +702,8 @@ def test_zero_3_is_chosen_where_only_sharded_parameters_fit_and_costs_its_gather
     tight = _search(blocks, tensors, memory_limit=3 * 10**9, **common)
     tried = {c.zero_stage: c.step_ms for c in tight.candidates}
     assert tried[2] is None and tight.plan.zero_stage == 3  # the parameters alone leave no room
-    assert tight.plan.stages[0].memory["params"] == 1.6 * 10**9 / 8 + 2 * 10**8  # 1/8 of them, two gathered
+    # 1/8 of them, three gathered (in use, prefetched, gathered again in backward)
+    assert tight.plan.stages[0].memory["params"] == 1.6 * 10**9 / 8 + 3 * 10**8
     with pytest.raises(PlanError):
         _search(blocks, tensors, memory_limit=3 * 10**9, zero_stage=2, **common)
     roomy = _search(blocks, tensors, memory_limit=10**12, **common)
@@ -735,10 +736,39 @@ def test_zero_3_holds_one_share_of_the_parameters_their_gradients_and_state() ->
     )
     zero2 = stage_memory(**common, shard_gradients=True)  # type: ignore[arg-type]
     zero3 = stage_memory(**common, shard_parameters=True, largest_param_bytes=10**7)  # type: ignore[arg-type]
-    assert zero3.params == 2 * 10**8 + 10**6 + 2 * 10**7  # a share, the buffer, two gathered
+    # a share, the buffer, three gathered (in use, prefetched, gathered again in backward)
+    assert zero3.params == 2 * 10**8 + 10**6 + 3 * 10**7
     assert zero3.optimizer == zero2.optimizer == 4 * 10**8
-    assert zero3.grads <= 2 * (2 * 10**8 + 10**7)  # a share (and the optimizer step's temporary)
+    assert zero3.grads <= 2 * (2 * 10**8 + 2 * 10**7)  # a share, two reducing (and the step's temporary)
     assert zero3.total < zero2.total - 8 * 10**8
+
+
+@pytest.mark.parametrize("bandwidth", [1e12, 1e10])
+def test_zero_3_gathers_show_only_what_the_pass_cannot_cover(bandwidth: float) -> None:
+    """The runtime prefetches the next unit while one computes: a pass shows the gathers' host
+    work, and of their transfer the first unit's, or what the pass's compute cannot cover."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 16 units of 0.1 GB, 1 ms forward, 2 backward each
+    device = dataclasses.replace(
+        DEVICE, intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth, link_latency_ms=0.01
+    )
+    common = dict(pipeline_stages=1, micro_batches=1, memory_limit=10**12)
+    options = {
+        z: SearchSettings(num_devices=2, global_batch_size=2, device=device, zero_stage=z, **common) for z in (2, 3)
+    }  # type: ignore[arg-type]
+    plans = {
+        z: search_plan(blocks, reference_microbatch_size=1, settings=o, tensors=tensors, graph_fingerprint="g").plan
+        for z, o in options.items()
+    }
+    host = 16 * (device.action_overhead_ms + 4 * device.op_overhead_ms)
+    transfer = 16 * 0.01 + 0.5 * 1.6e9 / bandwidth * 1e3  # a latency each, half the bytes (D = 2)
+    forward = plans[3].stages[0].fwd_ms - plans[2].stages[0].fwd_ms
+    backward = plans[3].stages[0].bwd_ms - plans[2].stages[0].bwd_ms  # gathered again, and reduced
+    if bandwidth == 1e12:  # 0.96 ms of transfer a pass under 16 ms of forward: one unit's shows
+        assert forward == pytest.approx(host + transfer / 16)
+        assert backward == pytest.approx(2 * host + 2 * transfer / 16)
+    else:  # 80 ms a pass: all but the compute's 16 (forward) and 32 ms (backward) shows
+        assert forward == pytest.approx(host + transfer - 16.0)
+        assert backward == pytest.approx(2 * host + 2 * transfer - 32.0)
 
 
 def test_zero_2_keeps_one_share_of_the_gradients_after_the_schedule() -> None:

@@ -1,7 +1,8 @@
 """ZeRO-3's gathers (``runtime/zero3.py``) over two gloo processes on this machine: each
-parameter lives on one rank, the graph gathers it where it is used, backward keeps handles
-instead of the gathered values and gathers them again, and each gradient is averaged onto the
-rank holding the parameter."""
+parameter lives on one rank, the graph gathers it where it is used (the next unit prefetched),
+backward keeps handles instead of the gathered values and gathers them again (prefetched in
+the reverse of the order forward saved them), and each gradient is averaged onto the rank
+holding the parameter."""
 
 from __future__ import annotations
 
@@ -69,9 +70,11 @@ def _rank(rank: int, port: int, queue: mp.Queue) -> None:  # type: ignore[type-a
         params = GatheredParams(HOLDERS, groups, torch.device("cpu"))
         assert gather_in_graph(module, params)
         gathered: list[weakref.ref[torch.Tensor]] = []
+        prefetched: list[bool] = []
         gather = params.gather
 
         def counted(unit: Any) -> torch.Tensor:
+            prefetched.append(unit.key in params._pending)
             flat = gather(unit)
             gathered.append(weakref.ref(flat))
             return flat
@@ -97,16 +100,34 @@ def _rank(rank: int, port: int, queue: mp.Queue) -> None:  # type: ignore[type-a
             time.sleep(0.01)
         in_forward = len(gathered)
         loss.backward()
+        params.step_done()  # as the runtime does after a schedule: the last reduce finishes
         in_backward = len(gathered) - in_forward
+        collectives = (in_forward, in_backward, len(reduced))
         grads = {n: p.grad for n, p in module.named_parameters() if not p.is_meta and p.grad is not None}
         meta = sorted(n for n, p in module.named_parameters() if p.is_meta)
+        # With an input that needs a gradient, backward reads both layers' weights: the second
+        # one it needs (layer 0's) is on its way while layer 1's backward runs.
+        for param in module.parameters():
+            param.grad = None
+        del prefetched[:]
+        leaf = x.clone().requires_grad_()
+        with params.saving():
+            loss = module(leaf)
+        params.forward_done()
+        forward_prefetches = list(prefetched)
+        loss.backward()
+        params.step_done()
+        backward_prefetches = prefetched[len(forward_prefetches) :]
+        plain_leaf = x.clone().requires_grad_()
+        _Net()(plain_leaf).backward()
+        leaf_grad_right = torch.allclose(leaf.grad, plain_leaf.grad, rtol=1e-6, atol=1e-6)
         with torch.no_grad():
             again = float(module(x))
         # Plain lists: a tensor sent through the queue would not outlive this process.
         grads_sent = {n: g.tolist() for n, g in grads.items()}
         expected_sent = {n: g.tolist() for n, g in expected.items()}
-        collectives = (in_forward, in_backward, len(reduced))
-        queue.put((rank, float(loss.detach()), freed, collectives, grads_sent, expected_sent, meta, again))
+        prefetches = (forward_prefetches, backward_prefetches, leaf_grad_right)
+        queue.put((rank, float(loss.detach()), freed, collectives, grads_sent, expected_sent, meta, again, prefetches))
     finally:
         dist.destroy_process_group()
 
@@ -132,13 +153,16 @@ def test_each_parameter_lives_on_one_rank_and_backward_gathers_it_again() -> Non
                 process.kill()
     inputs = {rank: torch.randn(5, 4, generator=torch.Generator().manual_seed(rank + 1)) for rank in (0, 1)}
     plain = {rank: float(_Net()(x)) for rank, x in inputs.items()}
-    for rank, (loss, freed, collectives, grads, expected, meta, again) in results.items():
+    for rank, (loss, freed, collectives, grads, expected, meta, again, prefetches) in results.items():
         assert loss == plain[rank] and again == plain[rank]  # the gathered values are the holders'
         assert freed, "the forward's gathered parameters outlived it"
         # Each unit gathered once in forward; in backward only layer 1's weight's, which the
         # gradient of layer 0's output reads (x needs none: nothing unpacks layer 0's weight,
         # and a bias is never saved); each unit's gradients reduced once.
         assert collectives == (3, 1, 3)
+        # Forward: layer 0's unit is gathered, each next unit was prefetched while the one
+        # before it computed. Backward: layer 1's weight first, then layer 0's, prefetched.
+        assert prefetches == ([False, True, True], [False, True], True)
         held = [n for n, holder in HOLDERS.items() if holder == rank]
         assert meta == sorted(n for n in HOLDERS if n not in held)  # the other rank's parameter: a stand-in
         assert sorted(grads) == sorted(held)
