@@ -57,6 +57,10 @@ class DeviceSpec:
     schedule_margin: float = 0.0
     """Where the search chooses them, interleaving and zero bubble must be predicted this share
     faster than the plan without them: the model's error for them on this device."""
+    sends_occupy_compute: bool = False
+    """Moving a message between stages takes the compute's own cores at both ends (gloo over
+    the loopback on a CPU copies it through the kernel on the cores the stages compute on), so
+    each stage's passes are charged its messages' bytes / bandwidth on top of their compute."""
 
     def matmul_flops(self, dtype_name: str) -> float:
         return self.flops_per_s.get(dtype_name, self.flops_per_s["float32"])
@@ -123,6 +127,10 @@ DEVICES: dict[str, DeviceSpec] = {
         # 14): they make more actions and sends per micro-batch than the model charges. Chosen
         # where predicted only 5% faster, they measured 15-25% slower than 1F1B.
         schedule_margin=0.1,
+        # Measured on issue 17's large-head GPT (32k-word head, developer session 17): a plan
+        # sending the head's 64 MiB of logits to the loss on the other rank, 4 micro-batches each
+        # way, measured 0.80-0.83 of its prediction while the sends only delayed their receivers.
+        sends_occupy_compute=True,
     ),
 }
 

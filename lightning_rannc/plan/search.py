@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -250,11 +249,22 @@ def _with_zero_bubble(
     # Without recomputation unless forced: under zero bubble the weight pass recomputes again what
     # the input pass did, and 2 stages so measured 0.63 of that prediction on CPU.
     checkpointing = settings.activation_checkpointing or False
+    tries = [(layout, settings.schedule) for layout in layouts]
     # ZB-V too where the schedule and stages per rank are the search's to choose (or ZB-V's own).
-    schedules = [settings.schedule]
+    # Its V gives a rank the first and the last stage: a huge last block (a head) can have a rank
+    # nearly to itself, which no looped placement allows, so its layouts are those whose ideal
+    # balance beats ``best``, not only those whose bubble does.
     if settings.schedule == "auto" and settings.virtual_stages in (None, 2):
-        schedules.append("zbv")
-    for (stages, replicas), schedule in itertools.product(layouts, schedules):
+        ideal = _balanced_ms_per_sample(blocks, reference)
+        more = {
+            (c.stages, c.replicas)
+            for c in candidates
+            if c.stages > 1
+            and c.step_ms is not None
+            and ideal(c.stages, c.replicas) < (1 - settings.device.schedule_margin) * target
+        }
+        tries += [(layout, "zbv") for layout in sorted(set(layouts) | more)]
+    for (stages, replicas), schedule in tries:
         layout = _replace(
             settings,
             pipeline_stages=stages,
@@ -268,6 +278,15 @@ def _with_zero_bubble(
         if found is not None and _ms_per_sample(settings, found[0]) < margin * _ms_per_sample(settings, best[0]):
             best = found
     return best
+
+
+def _balanced_ms_per_sample(blocks: Sequence[BlockCost], reference: int) -> Callable[[int, int], float]:
+    """A bound on any split's compute per sample of the global batch on ``stages`` x
+    ``replicas``: the busiest rank does at least its even share, and at least the largest block
+    (the profile scaled per sample; fixed costs, sends and bubbles left out)."""
+    per_sample = [(b.fwd_ms + b.bwd_ms) / reference for b in blocks]
+    total, largest = sum(per_sample), max(per_sample)
+    return lambda stages, replicas: max(total / stages, largest) / replicas
 
 
 def _ms_per_sample(settings: SearchSettings, plan: PartitionPlan) -> float:
@@ -592,6 +611,17 @@ class _Layout:
             here = min(here, there)  # on the way back up, the link below
         return self.settings.device.link_latency_ms + self.cut_bytes(j) / self.link[here]
 
+    def copy_ms(self, stage: int, i: int, j: int, received: bool = True) -> float:
+        """What one pass of the stage (blocks ``i .. j-1``) spends moving its messages on its own
+        cores, where sends occupy them (``DeviceSpec.sends_occupy_compute``): forward receives
+        its input and sends its output, backward the gradients of both. ``received=False``:
+        what it sends only."""
+        if not self.settings.device.sends_occupy_compute:
+            return 0.0
+        latency = self.settings.device.link_latency_ms
+        sends = [self.send_ms(stage, j)] + ([self.send_ms(stage - 1, i)] if received and stage > 0 else [])
+        return sum(max(0.0, ms - latency) for ms in sends)
+
     def spans_of(self, spans: Sequence[tuple[int, int]], position: int) -> list[tuple[int, int]]:
         """The block spans of the stages that the rank at ``position`` runs."""
         return [span for stage, span in enumerate(spans) if self.position(stage) == position]
@@ -789,8 +819,9 @@ class _Layout:
         return float(least)
 
     def lower_bound(self, stage: int, i: int, j: int) -> float:
-        """The stage's cost without checkpointing: grows with every block added."""
-        return self.slot_compute_ms(i, j, 0) + self._other_ms(stage, i, j)
+        """The stage's cost without checkpointing and without what it receives (which depends on
+        where it starts): grows with every block added."""
+        return self.slot_compute_ms(i, j, 0) + self._other_ms(stage, i, j, received=False)
 
     def stage_cost(self, stage: int, i: int, j: int) -> float:
         """Time per micro-batch slot: compute, the sends of activations and gradients, and the
@@ -801,10 +832,13 @@ class _Layout:
             return math.inf
         return self.slot_compute_ms(i, j, recompute) + self._other_ms(stage, i, j)
 
-    def _other_ms(self, stage: int, i: int, j: int) -> float:
+    def _other_ms(self, stage: int, i: int, j: int, received: bool = True) -> float:
         slots = self.virtual * self.microbatches + self.stages - 1
         exchange = _exchange_ms(self, i, j) / slots if self.spread_exchange else 0.0
-        return 2 * self.send_ms(stage, j) + exchange
+        sends = self.send_ms(stage, j)
+        if self.settings.device.sends_occupy_compute:
+            sends = self.copy_ms(stage, i, j, received)
+        return 2 * sends + exchange
 
 
 class _LayerRegions:
@@ -870,7 +904,11 @@ def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
         layout.spread_exchange = spread_exchange
         found = min_max_partition(len(layout.blocks), layout.pieces, layout.stage_cost, layout.lower_bound)
         if found is not None:
-            plans.append(_layout_plan(layout, _snap_to_layers(layout, found[0], found[1])))
+            bounds = _snap_to_layers(layout, found[0], found[1])
+            plans.append(_layout_plan(layout, bounds))
+            balanced = _balance_ranks(layout, bounds) if layout.virtual > 1 else None
+            if balanced is not None:
+                plans.append(_layout_plan(layout, balanced))
         if found is None or layout.replicas == 1:  # no replicas, no exchange: one DP says it all
             break
     return min(plans, key=lambda p: p[0].predicted_step_ms, default=None)
@@ -897,6 +935,48 @@ def _snap_to_layers(layout: _Layout, bounds: list[int], bottleneck: float) -> li
                 bounds[k] = cut
                 break
     return bounds
+
+
+_RANK_IMBALANCE = 0.02
+"""Ranks whose loads differ from their mean by less than this are left as the DP split them."""
+
+
+def _balance_ranks(layout: _Layout, bounds: list[int]) -> list[int] | None:
+    """With several stages a rank, a rank runs the sum of its stages, but the DP balances the
+    stages one by one: where one block sets its bottleneck (a huge head), the other stages fall
+    anywhere under it, and one rank can carry far more than another. Move one cut at a time, to
+    a layer boundary, where that lowers the ranks' loads (the busiest first, then the next), while
+    every stage fits; until no move helps. None when the ranks are already within
+    ``_RANK_IMBALANCE`` of their mean, or nothing moved."""
+    costs = [layout.stage_cost(s, i, j) for s, (i, j) in enumerate(zip(bounds, bounds[1:]))]
+
+    def loads(stage_costs: Sequence[float]) -> tuple[float, ...]:
+        per_rank = [0.0] * layout.stages
+        for stage, cost in enumerate(stage_costs):
+            per_rank[layout.position(stage)] += cost
+        return tuple(sorted(per_rank, reverse=True))
+
+    current = loads(costs)
+    if current[0] <= (1 + _RANK_IMBALANCE) * sum(current) / len(current):
+        return None
+    bounds, moved = list(bounds), False
+    for _ in range(len(layout.blocks)):  # each pass moves a cut, or ends; bounded all the same
+        best: tuple[tuple[float, ...], int, int, float, float] | None = None
+        for k in range(1, len(bounds) - 1):
+            for cut in range(bounds[k - 1] + 1, bounds[k + 1]):
+                if cut == bounds[k] or not layout.starts[cut]:
+                    continue
+                left, right = layout.stage_cost(k - 1, bounds[k - 1], cut), layout.stage_cost(k, cut, bounds[k + 1])
+                if math.isinf(left) or math.isinf(right):
+                    continue
+                trial = loads([*costs[: k - 1], left, right, *costs[k + 1 :]])
+                if trial < (best[0] if best else current):
+                    best = (trial, k, cut, left, right)
+        if best is None:
+            break
+        trial, k, cut, left, right = best
+        current, bounds[k], costs[k - 1], costs[k], moved = trial, cut, left, right, True
+    return bounds if moved else None
 
 
 def _layer_starts(blocks: Sequence[BlockCost]) -> list[bool]:
@@ -952,13 +1032,15 @@ def evaluate_split(
 def _layout_plan(layout: _Layout, bounds: list[int]) -> tuple[PartitionPlan, ScheduleTimes]:
     spans = list(zip(bounds, bounds[1:]))
     checkpoints = [layout.least_recompute(s, i, j) or 0 for s, (i, j) in enumerate(spans)]
+    copies = [layout.copy_ms(s, i, j) for s, (i, j) in enumerate(spans)]
     times = [layout.compute_ms(i, j, c) for (i, j), c in zip(spans, checkpoints)]
-    backwards, weights = [b for _, b in times], None
-    if layout.zero_bubble:
+    forwards = [f + copy for (f, _), copy in zip(times, copies)]
+    backwards, weights = [b + copy for (_, b), copy in zip(times, copies)], None
+    if layout.zero_bubble:  # the input pass sends the input's gradient
         halves = [layout.backward_passes(i, j, c) for (i, j), c in zip(spans, checkpoints)]
-        backwards, weights = [i for i, _ in halves], [w for _, w in halves]
+        backwards, weights = [i + copy for (i, _), copy in zip(halves, copies)], [w for _, w in halves]
     simulated = simulate_schedule(
-        [f for f, _ in times],
+        forwards,
         backwards,
         [layout.send_ms(s, j) for s, (_, j) in enumerate(spans)],
         layout.microbatches,
