@@ -697,6 +697,8 @@ class _Layout:
         parameters, gradients and state and writes the parameters and state once."""
         passes = 3 + 2 * self.optimizer_factor
         share = self.ranges.trainable_bytes[i][j] / self.shards
+        if self.shards > 1:  # shares are whole tensors: the busiest replica steps the largest one at least
+            share = max(share, self.ranges.largest_trainable[i][j])
         device = self.settings.device
         if not self.offload:
             return passes * share / device.memory_bandwidth * 1e3

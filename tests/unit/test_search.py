@@ -781,6 +781,23 @@ def test_with_two_stages_a_rank_the_split_balances_the_ranks_not_only_the_stages
     assert balanced.predicted_step_ms < 0.97 * plan().predicted_step_ms  # the DP's split alone
 
 
+def test_a_sharded_optimizer_steps_the_largest_tensor_on_one_replica() -> None:
+    """Shares of the optimizer state are whole tensors: with one tensor larger than 1/D of the
+    stage, the replica owning it steps all of it, and ZeRO-1 saves little over ZeRO-0 (issue
+    17's large-head GPT: a 32 MiB embedding of 44 MiB, shares of 32 and 12 MiB)."""
+    blocks, tensors = _uniform_model(4, 10**6, 10**5)
+    sizes = dict(tensors.nbytes, w0=10**8)
+    tensors = TensorTable(sizes, {n: b // 4 for n, b in sizes.items()}, frozenset(sizes))
+    common = dict(pipeline_stages=1, micro_batches=1, optimizer="adamw", offload_optimizer=False)
+    update = {
+        z: _search(blocks, tensors, memory_limit=10**12, zero_stage=z, **common).plan.predicted_update_ms
+        for z in (0, 1)
+    }
+    passes = 3 + 2 * 2  # parameters, gradients, two moments; parameters and moments written
+    assert update[1] == pytest.approx(passes * 10**8 / DEVICE.memory_bandwidth * 1e3)  # not 1/8 of 1.03e8
+    assert update[0] == pytest.approx(passes * 1.03 * 10**8 / DEVICE.memory_bandwidth * 1e3)
+
+
 def test_where_sends_occupy_the_cores_each_pass_pays_its_messages() -> None:
     """On a CPU, gloo copies a message through the kernel on the cores the stages compute on:
     with ``sends_occupy_compute`` each forward and backward is charged its messages' bytes /
