@@ -10,8 +10,9 @@ captured step (``profile/tensors.py``) without importing the search.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from lightning_rannc.errors import PlanError
@@ -20,6 +21,8 @@ __all__ = [
     "TensorTable",
     "StageMemory",
     "stage_memory",
+    "busiest_share",
+    "shard_over_replicas",
     "in_flight_microbatches",
     "optimizer_state_factor",
     "OPTIMIZER_STATE",
@@ -88,6 +91,30 @@ class StageMemory:
         return {**asdict(self), "total": self.total}
 
 
+def shard_over_replicas(sizes: Mapping[str, int], num_replicas: int) -> dict[str, int]:
+    """Assign each tensor to the replica that updates it (and with ZeRO-3 holds it): largest
+    first, to the least loaded. Shares are whole tensors, so the busiest replica may hold more
+    than ``1 / D`` (a huge embedding is one replica's alone): ``busiest_share``."""
+    load = [0] * num_replicas
+    owner: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        replica = load.index(min(load))
+        owner[name] = replica
+        load[replica] += sizes[name]
+    return owner
+
+
+def busiest_share(sizes: Sequence[int], num_replicas: int) -> int:
+    """The busiest replica's share when ``shard_over_replicas`` splits tensors of these sizes:
+    the same rule, without the names (which replica gets a tie changes no load)."""
+    if len(sizes) <= num_replicas:
+        return max(sizes, default=0)
+    loads = [0] * num_replicas
+    for size in sorted(sizes, reverse=True):
+        heapq.heapreplace(loads, loads[0] + size)
+    return max(loads)
+
+
 def in_flight_microbatches(
     schedule: str, position: int, pipeline_stages: int, num_microbatches: int, virtual_stages: int = 1
 ) -> int:
@@ -130,6 +157,7 @@ def stage_memory(
     largest_param_bytes: int = 0,
     weight_pending: int = 0,
     sends_held: bool = False,
+    share_bytes: int | None = None,
 ) -> StageMemory:
     """Peak memory of a stage on one device.
 
@@ -179,14 +207,18 @@ def stage_memory(
             (``benchmarks/memory.py``, 16 and 32 micro-batches): both ranks' peaks grew by the
             cut's bytes per micro-batch (131 KiB at a layer boundary, 514 KiB after an
             attention's qkv projection).
+        share_bytes: where something is split over the replicas (optimizer state, ZeRO-2's
+            gradients, ZeRO-3's parameters), the trainable bytes of the busiest replica's share
+            (``busiest_share``: shares are whole tensors); ``None``: an even split.
     """
+    share = trainable_bytes // num_replicas if share_bytes is None else min(trainable_bytes, share_bytes)
     if shard_parameters:
         # Costed as one replica holding 1 / D of the gradients plus two micro-batch gradients of
         # one parameter (reducing), then given its share of the parameters and state.
         return dataclasses.replace(
             stage_memory(
                 param_bytes=param_bytes,
-                trainable_bytes=trainable_bytes // num_replicas + 2 * largest_param_bytes,
+                trainable_bytes=share + 2 * largest_param_bytes,
                 activation_bytes=activation_bytes,
                 input_bytes=input_bytes,
                 output_bytes=output_bytes,
@@ -201,8 +233,8 @@ def stage_memory(
                 offload_optimizer=offload_optimizer,
                 sends_held=sends_held,
             ),
-            params=param_bytes - trainable_bytes + trainable_bytes // num_replicas + 3 * largest_param_bytes,
-            optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / num_replicas),
+            params=param_bytes - trainable_bytes + share + 3 * largest_param_bytes,
+            optimizer=0 if offload_optimizer else int(optimizer_factor * share),
         )
     if checkpoint:
         # One micro-batch being recomputed; the inputs kept for the others are the receive
@@ -213,7 +245,7 @@ def stage_memory(
     else:
         pending = PENDING_GRADIENT_SHARE * weight_pending
         activations = int((in_flight + pending) * activation_bytes) + workspace_bytes + recomputed_bytes
-    shards = num_replicas if shard_optimizer else 1
+    stepped = share if shard_optimizer else trainable_bytes  # the optimizer state this replica keeps
     # With one micro-batch, backward frees activations while it makes the gradients; with more,
     # the gradients of finished micro-batches live next to the activations of the others.
     backward = activations + trainable_bytes if num_microbatches > 1 else max(activations, trainable_bytes)
@@ -222,27 +254,27 @@ def stage_memory(
         # gradients (not bucket views: the runtime takes the gradients out between steps), which
         # the last backward copies into DDP's buckets: both copies live at its end.
         backward += trainable_bytes
-    kept_shards = num_replicas if shard_gradients else 1
+    kept = share if shard_gradients else trainable_bytes  # the gradients kept for the step
     if accumulating:
-        backward += trainable_bytes // kept_shards
+        backward += kept
     # The optimizer step runs after the activations are gone, next to the gradients. PyTorch's
     # default (foreach) Adam/AdamW, RMSprop and Adagrad make one temporary as large as the state
     # they update (the square root of the second moment): measured on an H100, BERT-base at
     # batch 1 peaks there at 5.0x its parameter bytes (params, grads, 2 moments, temporary).
     # Counted for every stateful optimizer (for SGD with momentum it is an over-estimate).
-    temporary = trainable_bytes / shards if optimizer_factor > 0 and not offload_optimizer else 0
+    temporary = stepped if optimizer_factor > 0 and not offload_optimizer else 0
     if largest_trainable_bytes is not None:  # the loop's square root and its quotient, one tensor at a time
         temporary = min(temporary, 2 * largest_trainable_bytes)
-    stepping = int(trainable_bytes / kept_shards + temporary)
+    stepping = int(kept + temporary)
     if shard_gradients:  # the reduction to the owners: every gradient and one share's flat copy
-        held = trainable_bytes // num_replicas if accumulating else 0
-        stepping = max(stepping, trainable_bytes + trainable_bytes // num_replicas + held)
+        held = share if accumulating else 0
+        stepping = max(stepping, trainable_bytes + share + held)
     live = max(backward, stepping)
     grads = stepping if stepping >= backward else trainable_bytes
     return StageMemory(
         params=param_bytes,
         grads=grads,
-        optimizer=0 if offload_optimizer else int(optimizer_factor * trainable_bytes / shards),
+        optimizer=0 if offload_optimizer else int(optimizer_factor * stepped),
         activations=activations,
         buffers=_buffer_bytes(input_bytes, output_bytes, in_flight, num_microbatches, zero_bubble, sends_held),
         shared=activations + grads - live,

@@ -26,6 +26,7 @@ from lightning_rannc.capture.graph import StepGraph
 from lightning_rannc.capture.module_state import has_meta_tensors, module_tensors
 from lightning_rannc.capture.reductions import SUM
 from lightning_rannc.errors import RuntimeSetupError
+from lightning_rannc.plan.memory import shard_over_replicas
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.report import plan_lines
 from lightning_rannc.profile.cache import ProfileCache
@@ -34,7 +35,6 @@ from lightning_rannc.runtime.built import BuiltPipeline, Ownership, warn_if_adju
 from lightning_rannc.runtime.captures import capture_micro, fake_capture, smaller_sample
 from lightning_rannc.runtime.initialize import initialize_tensors
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
-from lightning_rannc.runtime.optim import shard_over_replicas
 from lightning_rannc.runtime.planning import (
     EngineOptions,
     Layout,

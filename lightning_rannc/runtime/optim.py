@@ -25,21 +25,9 @@ __all__ = [
     "keep_local_params",
     "gather_optimizer_state",
     "local_optimizer_state",
-    "shard_over_replicas",
     "broadcast_from_owners",
     "clip_grad_norm",
 ]
-
-
-def shard_over_replicas(numels: Mapping[str, int], num_replicas: int) -> dict[str, int]:
-    """Assign each parameter to the replica that updates it: largest first, to the least loaded."""
-    load = [0] * num_replicas
-    owner: dict[str, int] = {}
-    for name in sorted(numels, key=lambda n: (-numels[n], n)):
-        replica = load.index(min(load))
-        owner[name] = replica
-        load[replica] += numels[name]
-    return owner
 
 
 def broadcast_from_owners(tensors: Mapping[str, torch.Tensor], owner: Mapping[str, int], groups: ProcessGroups) -> None:
