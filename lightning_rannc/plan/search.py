@@ -592,6 +592,7 @@ class _Layout:
         self.optimizer_factor = optimizer_state_factor(settings.optimizer)
         self.link = [_link_bandwidth(settings, self.stages, self.replicas, p) / 1e3 for p in range(self.stages)]
         self.chosen_checkpoint: dict[tuple[int, int, int], int | None] = {}
+        self.refined_checkpoint: dict[tuple[int, int, int], int] = {}
         self.starts = _layer_starts(blocks)
         self.regions = _LayerRegions(self.starts, self.act, self.cut_bytes)
         self.budget = self._stage_budgets()
@@ -826,7 +827,10 @@ class _Layout:
         choice = self.checkpoint_choice(stage, i, j)
         if choice != j - i or not self._selective or j - i == 1:
             return choice
-        return self._fewest_recomputed(stage, i, j, j - i)
+        key = (stage, i, j)
+        if key not in self.refined_checkpoint:
+            self.refined_checkpoint[key] = self._fewest_recomputed(stage, i, j, j - i)
+        return self.refined_checkpoint[key]
 
     def _fewest_recomputed(self, stage: int, i: int, j: int, most: int) -> int:
         """The fewest first blocks, at most ``most`` (which fit), whose recomputation makes the
@@ -858,6 +862,14 @@ class _Layout:
         stage's share of the gradient exchange. A step is about ``M + S - 1`` slots of the slowest
         stage plus one exchange, so the exchange counts as ``1 / (M + S - 1)`` of it per slot."""
         recompute = self.checkpoint_choice(stage, i, j)
+        if recompute is None:
+            return math.inf
+        return self.slot_compute_ms(i, j, recompute) + self._other_ms(stage, i, j)
+
+    def refined_cost(self, stage: int, i: int, j: int) -> float:
+        """``stage_cost`` with the recomputation the plan will have (``least_recompute``: the
+        DP costs a stage checkpointed whole, which is refined to its first layers afterwards)."""
+        recompute = self.least_recompute(stage, i, j)
         if recompute is None:
             return math.inf
         return self.slot_compute_ms(i, j, recompute) + self._other_ms(stage, i, j)
@@ -937,7 +949,7 @@ def _plan_layout(layout: _Layout) -> tuple[PartitionPlan, ScheduleTimes] | None:
         if found is not None:
             bounds = _snap_to_layers(layout, found[0], found[1])
             plans.append(_layout_plan(layout, bounds))
-            balanced = _balance_ranks(layout, bounds) if layout.virtual > 1 else None
+            balanced = _balance_ranks(layout, bounds) if layout.virtual > 1 else _balance_refined(layout, bounds)
             if balanced is not None:
                 plans.append(_layout_plan(layout, balanced))
         if found is None or layout.replicas == 1:  # no replicas, no exchange: one DP says it all
@@ -951,7 +963,10 @@ best split's bottleneck: plans then read "blocks.0-11 | blocks.12-23" instead of
 layer in two for a gain nobody would measure."""
 
 
-def _snap_to_layers(layout: _Layout, bounds: list[int], bottleneck: float) -> list[int]:
+def _snap_to_layers(
+    layout: _Layout, bounds: list[int], bottleneck: float, cost: Callable[[int, int, int], float] | None = None
+) -> list[int]:
+    cost = cost or layout.stage_cost
     starts = _layer_starts(layout.blocks)
     limit = bottleneck * (1 + _SNAP_TOLERANCE)
     bounds = list(bounds)
@@ -961,7 +976,7 @@ def _snap_to_layers(layout: _Layout, bounds: list[int], bottleneck: float) -> li
         low, high = bounds[k - 1] + 1, bounds[k + 1] - 1
         candidates = sorted((c for c in range(low, high + 1) if starts[c]), key=lambda c: abs(c - bounds[k]))
         for cut in candidates:
-            costs = (layout.stage_cost(k - 1, bounds[k - 1], cut), layout.stage_cost(k, cut, bounds[k + 1]))
+            costs = (cost(k - 1, bounds[k - 1], cut), cost(k, cut, bounds[k + 1]))
             if max(costs) <= limit:
                 bounds[k] = cut
                 break
@@ -972,14 +987,38 @@ _RANK_IMBALANCE = 0.02
 """Ranks whose loads differ from their mean by less than this are left as the DP split them."""
 
 
-def _balance_ranks(layout: _Layout, bounds: list[int]) -> list[int] | None:
+def _balance_refined(layout: _Layout, bounds: list[int]) -> list[int] | None:
+    """The DP costs a stage that recomputes as checkpointed whole; the plan recomputes only its
+    first layers where that fits (``least_recompute``), so the split the DP balanced may not be
+    balanced any more: GPT 6.7B on 2 x 1 x 64 H100s (``planner_baselines.py``) cut its first
+    stage a layer later than an even split and ran 3% slower (a cut a layer earlier made it
+    fit checkpointed whole in the DP's eyes, then only its first layers recomputed). The cuts
+    move as ``_balance_ranks`` moves them, to any block, with the refined costs."""
+    if layout.stages == 1 or layout.settings.activation_checkpointing is not None:
+        return None  # nothing to move, or nothing refined
+    balanced = _balance_ranks(layout, bounds, layout.refined_cost, layers_only=False)
+    if balanced is None:
+        return None
+    bottleneck = max(layout.refined_cost(s, i, j) for s, (i, j) in enumerate(zip(balanced, balanced[1:])))
+    snapped = _snap_to_layers(layout, balanced, bottleneck, layout.refined_cost)
+    return None if snapped == bounds else snapped
+
+
+def _balance_ranks(
+    layout: _Layout,
+    bounds: list[int],
+    cost: Callable[[int, int, int], float] | None = None,
+    layers_only: bool = True,
+) -> list[int] | None:
     """With several stages a rank, a rank runs the sum of its stages, but the DP balances the
     stages one by one: where one block sets its bottleneck (a huge head), the other stages fall
     anywhere under it, and one rank can carry far more than another. Move one cut at a time, to
     a layer boundary, where that lowers the ranks' loads (the busiest first, then the next), while
     every stage fits; until no move helps. None when the ranks are already within
-    ``_RANK_IMBALANCE`` of their mean, or nothing moved."""
-    costs = [layout.stage_cost(s, i, j) for s, (i, j) in enumerate(zip(bounds, bounds[1:]))]
+    ``_RANK_IMBALANCE`` of their mean, or nothing moved. ``cost``: a stage's (``stage_cost``);
+    ``layers_only``: cuts move to layer boundaries only."""
+    cost = cost or layout.stage_cost
+    costs = [cost(s, i, j) for s, (i, j) in enumerate(zip(bounds, bounds[1:]))]
 
     def loads(stage_costs: Sequence[float]) -> tuple[float, ...]:
         per_rank = [0.0] * layout.stages
@@ -995,9 +1034,9 @@ def _balance_ranks(layout: _Layout, bounds: list[int]) -> list[int] | None:
         best: tuple[tuple[float, ...], int, int, float, float] | None = None
         for k in range(1, len(bounds) - 1):
             for cut in range(bounds[k - 1] + 1, bounds[k + 1]):
-                if cut == bounds[k] or not layout.starts[cut]:
+                if cut == bounds[k] or (layers_only and not layout.starts[cut]):
                     continue
-                left, right = layout.stage_cost(k - 1, bounds[k - 1], cut), layout.stage_cost(k, cut, bounds[k + 1])
+                left, right = cost(k - 1, bounds[k - 1], cut), cost(k, cut, bounds[k + 1])
                 if math.isinf(left) or math.isinf(right):
                     continue
                 trial = loads([*costs[: k - 1], left, right, *costs[k + 1 :]])
