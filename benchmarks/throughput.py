@@ -123,6 +123,7 @@ def _train(args: argparse.Namespace) -> None:
             result["layout"] = (
                 f"S={plan.pipeline_stages} D={plan.num_replicas} V={plan.virtual_stages} M={plan.num_microbatches} "
                 f"{plan.schedule}{' zero bubble' if plan.zero_bubble else ''} ZeRO-{plan.zero_stage}"
+                f"{', optimizer offloaded' if plan.offload_optimizer else ''}"
             )
         _emit("RESULT ", result)
 

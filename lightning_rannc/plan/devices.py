@@ -57,6 +57,9 @@ class DeviceSpec:
     schedule_margin: float = 0.0
     """Where the search chooses them, interleaving and zero bubble must be predicted this share
     faster than the plan without them: the model's error for them on this device."""
+    host_is_device: bool = False
+    """The device's memory is the host's (a CPU): offloading the optimizer state frees none of
+    it, so the search does not choose offload there (forced, it runs: a copy)."""
     sends_occupy_compute: bool = False
     """Moving a message between stages takes the compute's own cores at both ends (gloo over
     the loopback on a CPU copies it through the kernel on the cores the stages compute on), so
@@ -131,6 +134,7 @@ DEVICES: dict[str, DeviceSpec] = {
         # sending the head's 64 MiB of logits to the loss on the other rank, 4 micro-batches each
         # way, measured 0.80-0.83 of its prediction while the sends only delayed their receivers.
         sends_occupy_compute=True,
+        host_is_device=True,
     ),
 }
 

@@ -375,6 +375,8 @@ def _memory_choices(settings: SearchSettings, replicas: int) -> list[tuple[int, 
     zeros = _zero_stages(settings, replicas)
     if settings.offload_optimizer is not None:
         return [(zero, settings.offload_optimizer) for zero in zeros]
+    if settings.device.host_is_device:  # the host's memory is the device's: nothing to free
+        return [(zero, False) for zero in zeros]
     return [(zero, False) for zero in zeros] + [(max(zeros), True)]
 
 

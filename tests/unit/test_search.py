@@ -11,6 +11,7 @@ import pytest
 from lightning_rannc.errors import PlanError
 from lightning_rannc.plan import search
 from lightning_rannc.plan.cost_model import BlockCost
+from lightning_rannc.plan.devices import get_device
 from lightning_rannc.plan.memory import (
     TensorTable,
     busiest_share,
@@ -1087,3 +1088,20 @@ def test_the_optimizer_state_goes_to_the_host_only_where_nothing_fits_without() 
     assert plan.predicted_update_ms > roomy.plan.predicted_update_ms
     with pytest.raises(PlanError, match="offload_optimizer='auto'"):
         _search(blocks, tensors, **common, memory_limit=5 * 10**9, offload_optimizer=False)
+
+
+def test_a_cpu_device_never_offloads_unless_forced() -> None:
+    """A CPU's memory is the host's: offloading there frees nothing, so the search does not
+    offer it (the memory-bound CPU benchmark's automatic plan claimed 6.2 MiB a rank where 12.4
+    were measured); forced, it is planned as asked."""
+    blocks, tensors = _uniform_model(16, 10**8, 10**5)
+    cpu = dataclasses.replace(DEVICE, host_is_device=True)
+    common = dict(num_devices=8, global_batch_size=64, device=cpu, pipeline_stages=1, optimizer="adamw")
+    options = SearchSettings(zero_stage=0, memory_limit=5 * 10**9, **common)  # type: ignore[arg-type]
+    with pytest.raises(PlanError) as refused:
+        search_plan(blocks, reference_microbatch_size=1, settings=options, tensors=tensors, graph_fingerprint="g")
+    assert "offload_optimizer='auto'" not in str(refused.value)  # not named as a remedy either
+    forced = dataclasses.replace(options, offload_optimizer=True)
+    plan = search_plan(blocks, reference_microbatch_size=1, settings=forced, tensors=tensors, graph_fingerprint="g")
+    assert plan.plan.offload_optimizer
+    assert get_device("cpu").host_is_device and not get_device("h100").host_is_device
