@@ -213,8 +213,8 @@ def stage_memory(
     """
     share = trainable_bytes // num_replicas if share_bytes is None else min(trainable_bytes, share_bytes)
     if shard_parameters:
-        # Costed as one replica holding 1 / D of the gradients plus two micro-batch gradients of
-        # one parameter (reducing), then given its share of the parameters and state.
+        # Costed as one replica holding its share of the gradients plus two micro-batch gradients
+        # of one parameter (reducing), then given its share of the parameters and state.
         return dataclasses.replace(
             stage_memory(
                 param_bytes=param_bytes,

@@ -735,7 +735,9 @@ class _Layout:
         return (passes * share / host_step + 3 * share / host_link) * 1e3
 
     def share(self, i: int, j: int) -> int:
-        """Trainable bytes of the busiest replica's share of the stage (whole tensors)."""
+        """Trainable bytes of the busiest replica's share of the stage (whole tensors). With
+        several stages a rank the runtime shares the rank's tensors together
+        (``PipelineEngine._ownership``); each stage is checked here on its own, as its memory is."""
         return self.ranges.busiest_share(i, j, self.replicas)
 
     def memory(self, stage: int, i: int, j: int, recompute: int) -> StageMemory:
