@@ -95,7 +95,8 @@ class RaNNCConfig:
         "auto",
         "keep the optimizer state in host memory and step there (each step copies the parameters and gradients "
         'a rank updates to the host and the new parameters back); `"auto"`: only for a layout whose state does '
-        "not fit on the devices otherwise (offloading only adds transfers); not with `16-mixed`",
+        "not fit on the devices otherwise (offloading only adds transfers), never on CPU devices (their memory is "
+        "the host's); not with `16-mixed`",
     )
     activation_checkpointing: bool | str = _option(
         "auto",
