@@ -164,7 +164,9 @@ def _exchange_ms(blocks: list[BlockCost], tensors: TensorTable, a: int, b: int, 
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_split_has_the_brute_force_bottleneck_and_respects_memory(seed: int) -> None:
+def test_split_has_the_brute_force_bottleneck_and_respects_memory(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DP's split (before it settles on the simulated step) has the brute force's
+    bottleneck; settling only ever shortens the step."""
     rng = random.Random(seed)
     blocks, tensors = _random_model(rng, rng.randint(2, 7))
     devices = rng.choice([1, 2, 4])
@@ -175,9 +177,16 @@ def test_split_has_the_brute_force_bottleneck_and_respects_memory(seed: int) -> 
         with pytest.raises(PlanError, match="does not fit"):
             search_plan(blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g")
         return
-    plan = search_plan(
+    settled = search_plan(
         blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g"
     ).plan
+    with monkeypatch.context() as patch:
+        patch.setattr(search, "_settle_on_schedule", lambda layout, split: split)
+        plan = search_plan(
+            blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g"
+        ).plan
+    assert settled.predicted_step_ms <= plan.predicted_step_ms
+    assert all(s.memory["total"] <= settings.usable_memory for s in settled.stages)
     replicas, slots = plan.num_replicas, plan.num_microbatches + plan.pipeline_stages - 1
     plain = [s.fwd_ms + s.bwd_ms + 2 * s.send_bytes / 1e6 for s in plan.stages]
     spread = [p + 3 * (replicas - 1) / replicas * s.param_bytes / 1e6 / slots for p, s in zip(plain, plan.stages)]
@@ -773,9 +782,10 @@ def _two_part_layers(rng: random.Random, layers: int) -> tuple[list[BlockCost], 
 @pytest.mark.parametrize("seed", range(40))
 def test_a_split_whose_stages_recompute_only_first_layers_is_balanced_as_refined(seed: int) -> None:
     """The DP costs a recomputing stage as checkpointed whole and the plan then recomputes only
-    its first layers: the split is rebalanced with the refined costs (``_balance_refined``), so
-    it is within 5% of the best two-stage split (seed 12 was 8% slower; the rest of the gap is
-    the DP's per-slot cost against the simulated schedule)."""
+    its first layers: the split is rebalanced with the refined costs (``_balance_refined``), then
+    settled on the simulated step (``_settle_on_schedule``), so it is within the 1% a cut may
+    give up to sit on a layer boundary of the best two-stage split (seed 12 was 8% slower, seeds
+    41 and 277 3-4%: the DP's per-slot cost against the simulated schedule)."""
     rng = random.Random(seed)
     blocks, tensors = _two_part_layers(rng, rng.randint(3, 6))
     state = sum(tensors.nbytes.values()) * 4 / 2  # parameters, gradients, two moments, per stage
@@ -801,7 +811,7 @@ def test_a_split_whose_stages_recompute_only_first_layers_is_balanced_as_refined
             search_plan(blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g")
         return
     plan = search_plan(blocks, reference_microbatch_size=1, settings=settings, tensors=tensors, graph_fingerprint="g")
-    assert plan.plan.predicted_step_ms <= 1.05 * min(fitting)
+    assert plan.plan.predicted_step_ms <= (1 + search._SNAP_TOLERANCE) * min(fitting)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -899,6 +909,8 @@ def test_with_two_stages_a_rank_the_split_balances_the_ranks_not_only_the_stages
     others = [s.node_end - s.node_start for s in balanced.stages if s.ranks == head_rank and s.node_start != 4]
     assert others == [1]  # one block beside the head, the other rank runs the other four
     monkeypatch.setattr(search, "_balance_ranks", lambda *args: None)
+    assert plan().predicted_step_ms == balanced.predicted_step_ms  # settling on the step finds it too
+    monkeypatch.setattr(search, "_settle_on_schedule", lambda layout, split: split)
     assert balanced.predicted_step_ms < 0.97 * plan().predicted_step_ms  # the DP's split alone
 
 
