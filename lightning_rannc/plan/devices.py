@@ -57,6 +57,10 @@ class DeviceSpec:
     schedule_margin: float = 0.0
     """Where the search chooses them, interleaving and zero bubble must be predicted this share
     faster than the plan without them: the model's error for them on this device."""
+    checkpointed_forward_share: float = 0.0
+    """What a recomputed block's first forward adds under ``torch.utils.checkpoint``, as a share
+    of its forward time (non-reentrant checkpointing frees what the block would save for backward
+    and runs each saved tensor through a hook; backward then recomputes the forward whole)."""
     host_is_device: bool = False
     """The device's memory is the host's (a CPU): offloading the optimizer state frees none of
     it, so the search does not choose offload there (forced, it runs: a copy)."""
@@ -134,6 +138,12 @@ DEVICES: dict[str, DeviceSpec] = {
         # sending the head's 64 MiB of logits to the loss on the other rank, 4 micro-batches each
         # way, measured 0.80-0.83 of its prediction while the sends only delayed their receivers.
         sends_occupy_compute=True,
+        # One process, the example GPT's 8 blocks each in a non-reentrant checkpoint against
+        # plain (developer session 19): forward 15.95 -> 18.29 ms at 4 x 64 tokens, 8.87 -> 9.98 at
+        # 2 x 64, 88.6 -> 99.5 at dim 256 x 128 tokens (12-15%); in the runtime, on a quiet minute,
+        # a plan recomputing its 8 blocks measured a forward of 18.4 ms where 15.0 were predicted.
+        # Not measured on a GPU (the presets there leave it 0).
+        checkpointed_forward_share=0.15,
         host_is_device=True,
     ),
 }

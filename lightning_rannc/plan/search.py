@@ -663,11 +663,14 @@ class _Layout:
 
     def compute_ms(self, i: int, j: int, recompute: int) -> tuple[float, float]:
         """Forward and backward of one micro-batch, with the runtime's overhead per action;
-        backward recomputes the forward of the stage's first ``recompute`` blocks."""
-        fwd, bwd = self.fwd[j] - self.fwd[i], self.bwd[j] - self.bwd[i]
-        overhead = self.settings.device.action_overhead_ms
+        backward recomputes the forward of the stage's first ``recompute`` blocks, whose first
+        forward costs a little more (``DeviceSpec.checkpointed_forward_share``)."""
+        device = self.settings.device
         recompute_ms = self.recompute_ms(i, recompute)
+        fwd = self.fwd[j] - self.fwd[i] + device.checkpointed_forward_share * recompute_ms
+        bwd = self.bwd[j] - self.bwd[i]
         gather_fwd, gather_bwd = self.gather_ms(i, j, fwd), self.gather_ms(i, j, bwd + recompute_ms, passes=2)
+        overhead = device.action_overhead_ms
         return fwd + overhead + gather_fwd, bwd + recompute_ms + overhead + gather_bwd
 
     def backward_passes(self, i: int, j: int, recompute: int) -> tuple[float, float]:
