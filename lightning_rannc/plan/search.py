@@ -987,7 +987,8 @@ def _settle_on_schedule(layout: _Layout, split: _Split) -> _Split:
     within 1% of the DP's cost can be 4% slower simulated (random 2-stage chains). Each cut in
     turn moves a block earlier or later while that shortens the simulated step and every stage
     fits; then a cut so moved inside a layer goes to the layer's boundary where that costs at
-    most ``_SNAP_TOLERANCE`` of the simulated step. Run on a search's winning layout only, and
+    most ``_SNAP_TOLERANCE`` of the simulated step, and no more than settling gained (the split
+    it started from is kept otherwise). Run on a search's winning layout only, and
     for at most ``_SETTLE_TRIALS`` simulations: each simulates the whole schedule."""
     best, trials, moved = split, 0, set()
     while trials < _SETTLE_TRIALS:
@@ -1015,7 +1016,8 @@ def _settle_on_schedule(layout: _Layout, split: _Split) -> _Split:
         fitting = [found for found in snapped if found is not None and found[0].predicted_step_ms <= limit]
         if fitting:
             best = min(fitting, key=lambda found: found[0].predicted_step_ms)
-    return best
+    # Snapping may give back up to 1%: never end slower than the split it started from.
+    return best if best[0].predicted_step_ms <= split[0].predicted_step_ms else split
 
 
 def _simulated_cut(layout: _Layout, bounds: list[int], k: int, cut: int) -> _Split | None:
