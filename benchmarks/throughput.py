@@ -47,6 +47,7 @@ RUNS = {
     "rannc_s1_d2_zero3": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 3}),
     # what a user forces where memory binds: recompute activations, or smaller micro-batches
     "rannc_s1_d2_ckpt": (2, {"pipeline_stages": 1, "micro_batches": 1, "activation_checkpointing": True}),
+    "rannc_s1_d2_m4_zero2": (2, {"pipeline_stages": 1, "micro_batches": 4, "zero_stage": 2}),
     "rannc_s1_d2_m8_zero2": (2, {"pipeline_stages": 1, "micro_batches": 8, "zero_stage": 2}),
     "rannc_s2_d1": (2, {"pipeline_stages": 2, "micro_batches": 4}),
     "rannc_s2_d1_m8": (2, {"pipeline_stages": 2, "micro_batches": 8}),
