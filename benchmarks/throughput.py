@@ -18,6 +18,9 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
     # (RaNNCStrategy(deployment=...)): the predictions stay one profile's, so the repetitions
     # scatter by the runs' own times only, not also by the profiles'
     python benchmarks/throughput.py --repeat 3 --plan-once plans/
+    # each rannc run also records a runtime trace of its steps and prints every stage's predicted
+    # and measured forward and backward (medians), as `python -m lightning_rannc show --measured`
+    python benchmarks/throughput.py --only rannc_s2_d1_m8 --trace traces/
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ RUNS = {
     "rannc_s1_d2_zero2": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 2}),
     # 3: each parameter on one replica, gathered where a micro-batch uses it
     "rannc_s1_d2_zero3": (2, {"pipeline_stages": 1, "micro_batches": 1, "zero_stage": 3}),
+    # the optimizer state and its step on the host (on a CPU the host is the device: forced only)
+    "rannc_s1_d2_offload": (2, {"pipeline_stages": 1, "micro_batches": 1, "offload_optimizer": True}),
     # what a user forces where memory binds: recompute activations, or smaller micro-batches
     "rannc_s1_d2_ckpt": (2, {"pipeline_stages": 1, "micro_batches": 1, "activation_checkpointing": True}),
     "rannc_s1_d2_m4_zero2": (2, {"pipeline_stages": 1, "micro_batches": 4, "zero_stage": 2}),
@@ -81,7 +86,8 @@ def _train(args: argparse.Namespace) -> None:
     if isinstance(strategy, dict):
         limit = {"memory_limit": args.memory_limit} if args.memory_limit else {}
         saved = {"deployment": str(Path(args.plan_once) / f"{name}.json")} if args.plan_once else {}
-        strategy = lightning_rannc.RaNNCStrategy(**strategy, **limit, **saved)
+        traced = {"trace": str(Path(args.trace) / f"{name}.trace.json"), "trace_steps": warmup + steps}
+        strategy = lightning_rannc.RaNNCStrategy(**strategy, **limit, **saved, **(traced if args.trace else {}))
 
     class Timer(L.Callback):
         start = 0.0
@@ -118,6 +124,8 @@ def _train(args: argparse.Namespace) -> None:
         samples = steps * batch_size * replicas
         result = {"run": name, "samples_per_s": samples / elapsed, "ms": elapsed / steps * 1e3}
         plan = getattr(trainer.strategy, "plan", None)
+        if plan is not None and args.trace:  # for the comparison with the trace (_compared)
+            plan.save(Path(args.trace) / f"{name}.plan.json")
         if plan is not None:  # the planner's predictions, to compare with what was measured
             result["predicted_ms"] = plan.predicted_step_ms
             result["predicted_memory"] = [[s.memory["params"], s.memory["optimizer"]] for s in plan.stages]
@@ -157,6 +165,7 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
     command += ["--seq", str(args.seq), "--vocab", str(args.vocab)]
     command += ["--memory-limit", args.memory_limit] if args.memory_limit else []
     command += ["--plan-once", args.plan_once] if args.plan_once else []
+    command += ["--trace", args.trace] if args.trace else []
     for attempt in (1, 2):
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         problem = f"exited with {done.returncode}"
@@ -165,13 +174,25 @@ def _launch(name: str, args: argparse.Namespace) -> dict:
             return {"run": name, "does_not_fit": refusal.group(1)}
         if done.returncode == 0:
             try:
-                return _result(done.stdout, RUNS[name][0])
+                return {**_result(done.stdout, RUNS[name][0]), **_compared(name, args.trace)}
             except ValueError as error:  # JSONDecodeError included
                 problem = f"printed no usable result ({error})"
         # Seen rarely on the 2-core machine: a gloo process aborting under load. Say so and run it
         # again rather than lose the whole table.
         print(f"  {name} {problem} (attempt {attempt}); last output:\n{done.stderr[-1500:]}")
     raise SystemExit(f"{name} failed twice")
+
+
+def _compared(name: str, folder: str) -> dict:
+    """The run's plan against its runtime trace, per stage (``show --measured``), while the next
+    repetition has not overwritten them."""
+    plan, trace = Path(folder or ".") / f"{name}.plan.json", Path(folder or ".") / f"{name}.trace.json"
+    if not folder or not (plan.exists() and trace.exists()):
+        return {}
+    from lightning_rannc.plan.plan import PartitionPlan
+    from lightning_rannc.report.compare import compare_with_trace, comparison_text
+
+    return {"comparison": comparison_text(compare_with_trace(PartitionPlan.load(plan), trace), str(trace))}
 
 
 def _result(stdout: str, devices: int) -> dict:
@@ -212,6 +233,13 @@ def main() -> None:
         default="",
         metavar="DIR",
         help="plan each rannc run at its first repetition and reuse the plan after (files in DIR, which must exist)",
+    )
+    parser.add_argument(
+        "--trace",
+        default="",
+        metavar="DIR",
+        help="trace every step of each rannc run (files in DIR, which must exist) and print its stages' "
+        "predicted and measured forward and backward",
     )
     args = parser.parse_args()
     if args.run:
@@ -254,6 +282,8 @@ def _print_results(results: dict[str, dict]) -> None:
                 f"{result['predicted_ms']:.1f} ms predicted ({result['predicted_ms'] / result['ms']:.2f}x); "
                 "predicted params + optimizer per stage: " + predicted
             )
+        if "comparison" in result:
+            print("\n".join(f"  {'':20s} {line}" for line in result["comparison"].splitlines()))
 
 
 def _print_medians(repetitions: list[dict[str, dict]]) -> None:
@@ -267,6 +297,9 @@ def _print_medians(repetitions: list[dict[str, dict]]) -> None:
         line = f"  {name:20s} {_median_ratio(ran, name, 'lightning_1proc'):4.2f}x of one process"
         if name not in ("ddp_2proc", "lightning_1proc") and all("ddp_2proc" in results for results in ran):
             line += f", {_median_ratio(ran, name, 'ddp_2proc'):4.2f}x of DDP"
+        if all("predicted_ms" in results[name] for results in ran):  # the cost model's error, less the noise
+            accuracy = statistics.median(results[name]["predicted_ms"] / results[name]["ms"] for results in ran)
+            line += f"; predicted/measured step {accuracy:.2f}"
         print(line)
 
 

@@ -4,6 +4,7 @@
         --device-memory 80GB --batch-size 512 --init-args '{"layers": 48}' --output plan.json
     python -m lightning_rannc plan benchmarks/models.py:GPTLM --devices 8 --chart step.png --trace step.json
     python -m lightning_rannc show plan.json
+    python -m lightning_rannc show plan.json --measured trace.json    # predicted vs measured, per stage
     python -m lightning_rannc show plan.json --chart step.png --measured trace.json
     python -m lightning_rannc consolidate checkpoints/last.ckpt last_full.ckpt
 """
@@ -33,6 +34,7 @@ from lightning_rannc.plan.search import SearchSettings
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 from lightning_rannc.report.chart import require_matplotlib, write_chart, write_comparison_chart
 from lightning_rannc.report.chrome_trace import write_trace
+from lightning_rannc.report.compare import compare_with_trace, comparison_text
 
 _ON_OFF = {"auto": None, "on": True, "off": False}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RaNNCConfig)}
@@ -99,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         "--measured",
         default=None,
         metavar="TRACE.json",
-        help="with --chart: draw a step of this runtime trace (RaNNCStrategy(trace=...)) below the prediction",
+        help="a runtime trace of the plan (RaNNCStrategy(trace=...)): print each stage's predicted and measured "
+        "forward and backward (medians), and with --chart draw a step of it below the prediction",
     )
     show.add_argument("--step", type=int, default=None, help="the step of --measured to draw (default: the last)")
     show.set_defaults(run=_show)
@@ -165,10 +168,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for path in paths:
         if not Path(path).resolve().parent.is_dir():
             raise PlanError(f"Cannot write {path}: its folder does not exist.")
-    if getattr(args, "measured", None) and not args.chart:
-        raise PlanError("--measured is drawn below the predicted step: pass --chart PATH.png too.")
-    if getattr(args, "step", None) is not None and not args.measured:
-        raise PlanError("--step picks a step of the runtime trace: pass --measured TRACE.json too.")
+    if getattr(args, "step", None) is not None and not (args.measured and args.chart):
+        raise PlanError("--step picks the step of the runtime trace to draw: pass --measured TRACE.json and --chart.")
     if args.chart:
         require_matplotlib()
 
@@ -207,6 +208,8 @@ def _show(args: argparse.Namespace) -> int:
     _check_outputs(args)
     plan = PartitionPlan.load(args.plan)
     _print_plan(plan, args.rich)
+    if args.measured:
+        print(comparison_text(compare_with_trace(plan, args.measured), args.measured))
     _write_pictures(args, plan, simulate_plan(plan), title=None)
     return 0
 

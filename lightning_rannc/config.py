@@ -148,8 +148,9 @@ class RaNNCConfig:
         "path of a Chrome/Perfetto trace of what each rank really did in the first `trace_steps` steps: every "
         "stage's forward and backward of each micro-batch, the waits for its sends and receives, the collectives "
         "after the schedule, the optimizer step; written by rank 0 at the end of `fit` (RaNNC's `trace_events`); "
-        "`python -m lightning_rannc show plan.json --chart step.png --measured trace.json` draws a step of it "
-        "below the prediction",
+        "`python -m lightning_rannc show plan.json --measured trace.json` prints each stage's predicted and "
+        "measured forward and backward (medians), and with `--chart step.png` draws a step of it below the "
+        "prediction",
     )
     trace_steps: int = _option(5, "training steps `trace` records")
     verify: bool = _option(

@@ -124,11 +124,16 @@ DEVICES: dict[str, DeviceSpec] = {
         intra_node_bandwidth=2 * _GB,
         inter_node_bandwidth=1.25 * _GB,
         op_overhead_ms=0.01,
-        # Fit (least squares) to `benchmarks/throughput.py` runs of 2 gloo processes on a 2-core
-        # machine, whose measured block costs miss what two busy processes on two cores add:
-        # about 0.7 ms per pipeline action and 15 ms per step (loop, small collectives, contention).
+        # Per action: fit (least squares) to `benchmarks/throughput.py` runs of 2 gloo processes
+        # on a 2-core machine, whose measured block costs miss what two busy processes add.
         action_overhead_ms=0.7,
-        step_overhead_ms=15.0,
+        # Per step, from runtime traces of every layout of the example GPT (`throughput.py
+        # --trace`, developer session 20): Lightning's loop between steps about 3.4 ms (the
+        # measured step less the trace's), the small collectives after the schedule (tied-weight
+        # sum, the loss shared) about 2 ms on the rank that waits least, and the optimizer step
+        # about 1 ms more than its memory-bound estimate. The 15 ms fitted before with the action
+        # overhead made every pipeline plan's prediction 5-10% long.
+        step_overhead_ms=7.0,
         # Interleaved and zero-bubble steps measure 0.78-0.94 of their predictions there, GPipe
         # and 1F1B 0.94-1.10 (`benchmarks/throughput.py --memory-limit 30MB`, developer session
         # 14): they make more actions and sends per micro-batch than the model charges. Chosen

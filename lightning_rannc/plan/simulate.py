@@ -21,6 +21,7 @@ __all__ = [
     "ScheduleTimes",
     "simulate_schedule",
     "simulate_plan",
+    "plan_action_ms",
     "operation_order",
     "in_flight",
     "weight_passes_pending",
@@ -321,6 +322,22 @@ def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
     --chart``). Plans from the search carry each stage's send time and the runtime's overhead per
     action, so this gives the times the search predicted with; older plans replay without them.
     """
+    forwards, backwards, weights = plan_action_ms(plan)
+    return simulate_schedule(
+        forwards,
+        backwards,
+        [stage.send_ms for stage in plan.stages],
+        plan.num_microbatches,
+        plan.schedule,
+        plan.virtual_stages,
+        weights,
+    )
+
+
+def plan_action_ms(plan: PartitionPlan) -> tuple[list[float], list[float], list[float] | None]:
+    """Each stage's predicted forward and backward of one micro-batch as the schedule runs them
+    (the runtime's overhead per action included), and with zero bubble its weight passes apart
+    from the input passes (``backwards``); ``None`` without."""
     overhead = plan.predicted_action_overhead_ms
     backwards = [stage.bwd_ms + overhead for stage in plan.stages]
     weights = None
@@ -330,15 +347,7 @@ def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
             for b, stage in zip(backwards, plan.stages)
         ]
         backwards, weights = [i for i, _ in halves], [w for _, w in halves]
-    return simulate_schedule(
-        [stage.fwd_ms + overhead for stage in plan.stages],
-        backwards,
-        [stage.send_ms for stage in plan.stages],
-        plan.num_microbatches,
-        plan.schedule,
-        plan.virtual_stages,
-        weights,
-    )
+    return [stage.fwd_ms + overhead for stage in plan.stages], backwards, weights
 
 
 def _ready_at(

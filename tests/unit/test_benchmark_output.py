@@ -32,3 +32,20 @@ def test_results_are_read_when_the_ranks_print_at_the_same_moment() -> None:
         throughput._result(stdout, devices=3)
     with pytest.raises(ValueError):
         throughput._result('MEMORY {"rank": 0, "mem', devices=1)
+
+
+def test_medians_over_repetitions_give_the_cost_models_error_apart_from_the_noise(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each run's median predicted/measured step over the repetitions, beside its median speed."""
+    repetitions = [
+        {
+            "lightning_1proc": {"samples_per_s": 100.0},
+            "rannc_s2_d1": {"samples_per_s": speed, "ms": ms, "predicted_ms": 110.0},
+        }
+        for speed, ms in ((120.0, 100.0), (90.0, 140.0), (125.0, 110.0))
+    ]
+    _throughput()._print_medians(repetitions)
+    printed = capsys.readouterr().out
+    assert "rannc_s2_d1          1.20x of one process; predicted/measured step 1.00" in printed
+    assert "lightning_1proc      1.00x of one process\n" in printed  # no prediction, no ratio

@@ -23,6 +23,7 @@ from lightning_rannc.plan.search import SearchResult, SearchSettings, search_pla
 from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
 from lightning_rannc.report.chart import write_chart, write_comparison_chart
 from lightning_rannc.report.chrome_trace import write_trace
+from lightning_rannc.report.compare import compare_with_trace
 from lightning_rannc.report.measured import read_measured_step
 
 from helpers.devices import test_device
@@ -37,7 +38,12 @@ DEVICE = test_device(10**10)
 
 
 def _search(
-    schedule: str, replicas: int, stages: int = 3, microbatches: int = 4, device: DeviceSpec = DEVICE
+    schedule: str,
+    replicas: int,
+    stages: int = 3,
+    microbatches: int = 4,
+    device: DeviceSpec = DEVICE,
+    zero_bubble: bool = False,
 ) -> SearchResult:
     """A chain of 6 uneven blocks (so that stages wait on each other) split ``stages`` ways."""
     blocks = [
@@ -62,7 +68,7 @@ def _search(
         replicas=replicas,
         micro_batches=microbatches,
         schedule=schedule,
-        zero_bubble=False,  # the schedule named
+        zero_bubble=zero_bubble,  # the schedule named
     )
     tensors = TensorTable(sizes, {n: b // 4 for n, b in sizes.items()}, frozenset(sizes))
     return search_plan(
@@ -311,5 +317,53 @@ def test_show_draws_a_saved_plan_and_a_measured_step(tmp_path: Path, capsys: pyt
     assert sorted(e["ts"] + e["dur"] for e in events if e["ph"] == "X")[-1] == pytest.approx(
         result.plan.predicted_step_ms * 1e3, abs=1e-2
     )
-    assert main(["show", str(plan_path), "--measured", str(trace)]) == 2
-    assert "pass --chart PATH.png too" in capsys.readouterr().err
+    assert main(["show", str(plan_path), "--measured", str(trace), "--step", "2"]) == 2
+    assert "pass --measured TRACE.json and --chart" in capsys.readouterr().err
+
+
+# Predicted against measured, as medians (show --measured without --chart) --------------------------
+
+
+@pytest.mark.parametrize(("schedule", "replicas", "zero_bubble"), [("1f1b", 2, False), ("1f1b", 1, True)])
+def test_a_trace_that_ran_as_planned_measures_what_was_predicted(
+    schedule: str, replicas: int, zero_bubble: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Medians over the steps after the first (twice as slow in this trace, as warm-up is) and
+    over each stage's ranks and micro-batches; a zero-bubble backward is its two passes."""
+    result = _search(schedule, replicas, zero_bubble=zero_bubble)
+    assert result.plan.zero_bubble == zero_bubble
+    trace = _runtime_trace(result, tmp_path / "run.json", steps=4)
+    comparison = compare_with_trace(result.plan, trace)
+    assert comparison.steps == [2, 3, 4] and len(comparison.stages) == 3
+    for stage in comparison.stages:
+        assert stage.measured_forward_ms == pytest.approx(stage.predicted_forward_ms)
+        assert stage.measured_backward_ms == pytest.approx(stage.predicted_backward_ms)
+    plan = result.plan
+    whole = plan.stages[1].bwd_ms + plan.predicted_action_overhead_ms
+    assert (comparison.stages[1].predicted_backward_ms > whole) == zero_bubble  # the split's own costs
+    assert comparison.measured_step_ms == pytest.approx(result.times.makespan_ms + 0.5)
+    assert comparison.measured_exchange_ms == pytest.approx(0.5)
+    assert comparison.waiting_ms == pytest.approx(0.1 * 4)  # a receive before each of 4 forwards
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path)
+    assert main(["show", str(plan_path), "--measured", str(trace)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(format_plan(plan)) and f"medians of {trace}'s steps 2-4" in printed
+    forward = comparison.stages[2].predicted_forward_ms
+    assert f"    2  {forward:,.1f} -> {forward:,.1f} (1.00x)" in printed
+
+
+def test_a_slow_stage_shows_in_its_own_row(tmp_path: Path) -> None:
+    """An action the cost model got wrong misses in its stage's row, not in the others."""
+    result = _search("1f1b", 1)
+    trace = _runtime_trace(result, tmp_path / "run.json")
+    data = json.loads(trace.read_text())
+    for event in data["traceEvents"]:
+        if event.get("cat") == "forward" and event["args"]["stage"] == 1:
+            event["dur"] *= 1.5
+    comparison = compare_with_trace(result.plan, data)
+    ratios = [s.measured_forward_ms / s.predicted_forward_ms for s in comparison.stages]
+    assert ratios == pytest.approx([1.0, 1.5, 1.0])
+    assert [s.measured_backward_ms for s in comparison.stages] == pytest.approx(
+        [s.predicted_backward_ms for s in comparison.stages]
+    )

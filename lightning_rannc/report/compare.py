@@ -1,0 +1,153 @@
+"""A plan's predicted actions beside what a runtime trace measured, as medians.
+
+``python -m lightning_rannc show plan.json --measured trace.json`` prints, for each stage, the
+forward and backward of one micro-batch as the plan predicted them and as the trace measured
+them (medians over the recorded steps after the first, which includes warm-up, and over the
+stage's ranks and micro-batches), then the whole step, the gradient exchange and the optimizer
+step. A step that misses its prediction while every action meets its own points at the machine
+(waits, a neighbour's load) rather than at the cost model; an action that misses in every step
+points at the cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning_rannc.plan.plan import PartitionPlan
+from lightning_rannc.plan.simulate import plan_action_ms
+from lightning_rannc.report.measured import MeasuredStep, read_measured_step, steps_text
+
+__all__ = ["StageComparison", "Comparison", "compare_with_trace", "comparison_text"]
+
+
+@dataclass(frozen=True)
+class StageComparison:
+    """One stage's actions per micro-batch, in ms: predicted, and the measured median."""
+
+    stage: int
+    predicted_forward_ms: float
+    measured_forward_ms: float
+    predicted_backward_ms: float
+    """With zero bubble the input and the weight pass together."""
+    measured_backward_ms: float
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A plan against the medians of a runtime trace's steps (``steps``)."""
+
+    steps: list[int]
+    stages: list[StageComparison]
+    predicted_step_ms: float
+    measured_step_ms: float
+    """From a step's first event to its last on any rank (Lightning's own work between steps is
+    outside it)."""
+    waiting_ms: float
+    """The most any rank waited on sends and receives in a step."""
+    predicted_exchange_ms: float
+    """The replicas' gradient exchange the schedule does not hide."""
+    measured_exchange_ms: float
+    """The collectives after the schedule (gradient exchange, tied-weight sums, the loss shared)
+    on the rank that spent the least time in them: the others also wait there for the last."""
+    predicted_update_ms: float
+    """The optimizer step and the step's fixed overhead (``DeviceSpec.step_overhead_ms``: the
+    training loop, the small collectives)."""
+    measured_update_ms: float
+    """The optimizer step (the slowest rank's); the training loop between steps is outside the trace."""
+
+
+def compare_with_trace(
+    plan: PartitionPlan, trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> Comparison:
+    """Compare ``plan`` with the runtime trace ``RaNNCStrategy(trace=...)`` wrote for a run of it.
+    Raises ``PlanError`` for a file that is not a runtime trace."""
+    data = json.loads(Path(trace).read_text()) if isinstance(trace, (str, Path)) else trace
+    last = read_measured_step(data)
+    steps = last.steps[1:] or last.steps  # the first step includes warm-up
+    measured = [read_measured_step(data, step) for step in steps]
+    forwards, backwards, weights = plan_action_ms(plan)
+    per_stage = _actions_per_stage(measured)
+    stages = [
+        StageComparison(
+            stage=stage.stage_index,
+            predicted_forward_ms=forwards[stage.stage_index],
+            measured_forward_ms=_median(per_stage["F"].get(stage.stage_index, [])),
+            predicted_backward_ms=backwards[stage.stage_index] + (weights[stage.stage_index] if weights else 0.0),
+            measured_backward_ms=_median(per_stage["B"].get(stage.stage_index, [])),
+        )
+        for stage in plan.stages
+    ]
+    return Comparison(
+        steps=steps,
+        stages=stages,
+        predicted_step_ms=plan.predicted_step_ms,
+        measured_step_ms=statistics.median(step.duration_ms for step in measured),
+        waiting_ms=_median_over_steps(measured, "communication", max),
+        predicted_exchange_ms=plan.predicted_exchange_ms,
+        measured_exchange_ms=_median_over_steps(measured, "collective", min),
+        predicted_update_ms=plan.predicted_update_ms,
+        measured_update_ms=_median_over_steps(measured, "optimizer", max),
+    )
+
+
+def comparison_text(comparison: Comparison, source: str = "the trace") -> str:
+    """The comparison as a table, predicted -> measured (measured / predicted in brackets)."""
+    lines = [
+        f"predicted -> measured (medians of {source}'s steps {steps_text(comparison.steps)}), ms:",
+        f"{'stage':>5}  {'forward / micro-batch':<26}{'backward / micro-batch':<26}",
+    ]
+    for stage in comparison.stages:
+        forward = _pair(stage.predicted_forward_ms, stage.measured_forward_ms)
+        backward = _pair(stage.predicted_backward_ms, stage.measured_backward_ms)
+        lines.append(f"{stage.stage:>5}  {forward:<26}{backward:<26}")
+    lines.append(f"step: {_pair(comparison.predicted_step_ms, comparison.measured_step_ms)}")
+    lines.append(
+        f"after the schedule: predicted exchange {comparison.predicted_exchange_ms:,.1f} + optimizer and step "
+        f"overhead {comparison.predicted_update_ms:,.1f}; measured collectives {comparison.measured_exchange_ms:,.1f} "
+        f"(the rank that waited least) + optimizer {comparison.measured_update_ms:,.1f}"
+    )
+    lines.append(f"waiting on send/recv: {comparison.waiting_ms:,.1f} (the most any rank waited in a step)")
+    return "\n".join(lines)
+
+
+def _actions_per_stage(measured: Sequence[MeasuredStep]) -> dict[str, dict[int, list[float]]]:
+    """Per kind (``F``; ``B``: backward, with zero bubble its input and weight passes summed), per
+    stage, the duration of every (step, rank, micro-batch)."""
+    totals: dict[tuple[str, int, int, int, int], float] = defaultdict(float)
+    for step in measured:
+        for rank, events in step.rows.items():
+            for e in events:
+                if e.category in ("forward", "backward"):
+                    kind = "F" if e.category == "forward" else "B"
+                    key = (kind, int(e.args["stage"]), step.step, rank, int(e.args["micro_batch"]))
+                    totals[key] += e.end_ms - e.start_ms
+    durations: dict[str, dict[int, list[float]]] = {"F": defaultdict(list), "B": defaultdict(list)}
+    for (kind, stage, *_), ms in totals.items():
+        durations[kind][stage].append(ms)
+    return durations
+
+
+def _median_over_steps(
+    measured: Sequence[MeasuredStep], category: str, pick: Callable[[Iterable[float]], float]
+) -> float:
+    """Median over the steps of the time in events of ``category``, of the rank ``pick`` (max or
+    min) selects."""
+    return statistics.median(
+        pick(sum(e.end_ms - e.start_ms for e in events if e.category == category) for events in step.rows.values())
+        for step in measured
+    )
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _pair(predicted: float, measured: float) -> str:
+    ratio = f" ({measured / predicted:.2f}x)" if predicted > 0 and measured == measured else ""
+    return f"{predicted:,.1f} -> {measured:,.1f}{ratio}"
