@@ -192,7 +192,8 @@ def _compared(name: str, folder: str) -> dict:
     from lightning_rannc.plan.plan import PartitionPlan
     from lightning_rannc.report.compare import compare_with_trace, comparison_text
 
-    return {"comparison": comparison_text(compare_with_trace(PartitionPlan.load(plan), trace), str(trace))}
+    comparison = compare_with_trace(PartitionPlan.load(plan), trace)
+    return {"comparison": comparison_text(comparison, str(trace)), "traced_step_ms": comparison.measured_step_ms}
 
 
 def _result(stdout: str, devices: int) -> dict:
@@ -284,6 +285,11 @@ def _print_results(results: dict[str, dict]) -> None:
             )
         if "comparison" in result:
             print("\n".join(f"  {'':20s} {line}" for line in result["comparison"].splitlines()))
+            # what the cpu preset's step_overhead_ms has to cover beyond the trace's collectives
+            print(
+                f"  {'':20s} Lightning's loop between steps: {result['ms'] - result['traced_step_ms']:.1f} ms "
+                "(the measured step less the trace's median step)"
+            )
 
 
 def _print_medians(repetitions: list[dict[str, dict]]) -> None:

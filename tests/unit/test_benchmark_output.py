@@ -49,3 +49,16 @@ def test_medians_over_repetitions_give_the_cost_models_error_apart_from_the_nois
     printed = capsys.readouterr().out
     assert "rannc_s2_d1          1.20x of one process; predicted/measured step 1.00" in printed
     assert "lightning_1proc      1.00x of one process\n" in printed  # no prediction, no ratio
+
+
+def test_a_traced_run_prints_its_comparison_and_the_loop_outside_the_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    result = {"samples_per_s": 120.0, "memory": [[2**20, 2**21]], "ms": 130.0, "traced_step_ms": 126.5}
+    _throughput()._print_results(
+        {
+            "lightning_1proc": {"samples_per_s": 100.0, "memory": [[0, 0]]},
+            "rannc_s2_d1": {**result, "comparison": "a\nb"},
+        }
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.strip() for line in lines[-3:-1]] == ["a", "b"]
+    assert lines[-1].strip().startswith("Lightning's loop between steps: 3.5 ms")
