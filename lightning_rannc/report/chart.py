@@ -27,7 +27,14 @@ from lightning_rannc.errors import PlanError
 from lightning_rannc.plan.plan import PartitionPlan, StagePlan
 from lightning_rannc.plan.simulate import ScheduleTimes
 from lightning_rannc.report.labels import Operation, check_times, layout_text, ranks_text, row_stages
-from lightning_rannc.report.measured import MEASURED_KINDS, MeasuredEvent, MeasuredStep, read_measured_step, steps_text
+from lightning_rannc.report.measured import (
+    MEASURED_KINDS,
+    MeasuredEvent,
+    MeasuredStep,
+    check_measured,
+    read_measured_step,
+    steps_text,
+)
 
 __all__ = ["write_chart", "write_comparison_chart", "require_matplotlib"]
 
@@ -88,7 +95,7 @@ def write_comparison_chart(
     """
     check_times(plan, times)
     measured = read_measured_step(trace, step)
-    _check_measured(plan, measured)
+    check_measured(plan, measured)
     figure = _new_figure(3.2 + 0.5 * (plan.pipeline_stages + len(measured.rows)))
     top, bottom = figure.subplots(2, 1, height_ratios=[plan.pipeline_stages + 1.5, len(measured.rows) + 1.5])
     _draw_predicted(figure, top, plan, times, "predicted: " + _chart_title(plan, times, title))
@@ -108,14 +115,6 @@ def require_matplotlib() -> tuple[Any, Any]:
             f'Charts need matplotlib ({error}): pip install "lightning-rannc[chart]" (or pip install matplotlib).'
         ) from error
     return Figure, FigureCanvasAgg
-
-
-def _check_measured(plan: PartitionPlan, measured: MeasuredStep) -> None:
-    if len(measured.rows) != plan.world_size:
-        raise PlanError(
-            f"The trace was recorded on {len(measured.rows)} rank(s) but the plan is for {plan.world_size} "
-            "device(s): compare a run with the plan it used (RaNNCStrategy(deployment='plan.json') saves it)."
-        )
 
 
 def _new_figure(height: float) -> Any:

@@ -3,15 +3,15 @@
 ``python -m lightning_rannc show plan.json --measured trace.json`` prints, for each stage, the
 forward and backward of one micro-batch as the plan predicted them and as the trace measured
 them (medians over the recorded steps after the first, which includes warm-up, and over the
-stage's ranks and micro-batches), then the whole step, the gradient exchange and the optimizer
-step. A step that misses its prediction while every action meets its own points at the machine
-(waits, a neighbour's load) rather than at the cost model; an action that misses in every step
-points at the cost model.
+stage's ranks and micro-batches), then the whole step, the collectives after the schedule and
+the optimizer step. A step that misses its prediction while every action meets its own points at
+the machine (waits, a neighbour's load) rather than at the cost model; an action that misses in
+every step points at the cost model.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,7 +21,13 @@ from typing import Any
 
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.simulate import plan_action_ms
-from lightning_rannc.report.measured import MeasuredStep, read_measured_step, steps_text
+from lightning_rannc.report.measured import (
+    MeasuredStep,
+    check_measured,
+    load_trace,
+    read_measured_step,
+    steps_text,
+)
 
 __all__ = ["StageComparison", "Comparison", "compare_with_trace", "comparison_text"]
 
@@ -66,11 +72,13 @@ def compare_with_trace(
     plan: PartitionPlan, trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]
 ) -> Comparison:
     """Compare ``plan`` with the runtime trace ``RaNNCStrategy(trace=...)`` wrote for a run of it.
-    Raises ``PlanError`` for a file that is not a runtime trace."""
-    data = json.loads(Path(trace).read_text()) if isinstance(trace, (str, Path)) else trace
-    last = read_measured_step(data)
+    Raises ``PlanError`` for a file that is not a runtime trace, or one recorded on another
+    number of ranks than the plan's."""
+    events = load_trace(trace)
+    last = read_measured_step(events)
+    check_measured(plan, last)
     steps = last.steps[1:] or last.steps  # the first step includes warm-up
-    measured = [read_measured_step(data, step) for step in steps]
+    measured = [read_measured_step(events, step) for step in steps]
     forwards, backwards, weights = plan_action_ms(plan)
     per_stage = _actions_per_stage(measured)
     stages = [
@@ -149,5 +157,5 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _pair(predicted: float, measured: float) -> str:
-    ratio = f" ({measured / predicted:.2f}x)" if predicted > 0 and measured == measured else ""
+    ratio = f" ({measured / predicted:.2f}x)" if predicted > 0 and not math.isnan(measured) else ""
     return f"{predicted:,.1f} -> {measured:,.1f}{ratio}"

@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lightning_rannc.errors import PlanError
+from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.report.labels import Operation
 
-__all__ = ["MeasuredEvent", "MeasuredStep", "read_measured_step", "steps_text", "MEASURED_KINDS"]
+__all__ = [
+    "MeasuredEvent",
+    "MeasuredStep",
+    "read_measured_step",
+    "load_trace",
+    "check_measured",
+    "steps_text",
+    "MEASURED_KINDS",
+]
 
 MEASURED_KINDS = {
     "forward": "F",
@@ -93,6 +102,21 @@ def read_measured_step(
             MeasuredEvent(e["name"], e.get("cat", ""), start_ms, start_ms + float(e["dur"]) / 1e3, e["args"])
         )
     return MeasuredStep(step=step, steps=steps, rows=rows)
+
+
+def load_trace(trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The events of a runtime trace (a path, its JSON object or its ``traceEvents``), read once
+    for several ``read_measured_step`` calls; ``PlanError`` if it is not a Chrome trace."""
+    return _trace_events(trace, f"The trace {str(trace)!r}" if isinstance(trace, (str, Path)) else "The trace")
+
+
+def check_measured(plan: PartitionPlan, measured: MeasuredStep) -> None:
+    """Refuse a trace recorded on another number of ranks than the plan's."""
+    if len(measured.rows) != plan.world_size:
+        raise PlanError(
+            f"The trace was recorded on {len(measured.rows)} rank(s) but the plan is for {plan.world_size} "
+            "device(s): compare a run with the plan it used (RaNNCStrategy(deployment='plan.json') saves it)."
+        )
 
 
 def steps_text(steps: Sequence[int]) -> str:

@@ -367,3 +367,17 @@ def test_a_slow_stage_shows_in_its_own_row(tmp_path: Path) -> None:
     assert [s.measured_backward_ms for s in comparison.stages] == pytest.approx(
         [s.predicted_backward_ms for s in comparison.stages]
     )
+
+
+def test_a_trace_of_another_run_or_no_trace_is_refused_by_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = _runtime_trace(_search("1f1b", 1), tmp_path / "run.json")  # 3 ranks
+    other = _search("1f1b", 2)  # 6 ranks
+    with pytest.raises(PlanError, match=r"recorded on 3 rank\(s\) but the plan is for 6 device\(s\)"):
+        compare_with_trace(other.plan, trace)
+    with pytest.raises(PlanError, match=r"'/no/such/trace.json' is not a Chrome trace \(FileNotFoundError"):
+        compare_with_trace(other.plan, "/no/such/trace.json")
+    other.plan.save(tmp_path / "plan.json")
+    assert main(["show", str(tmp_path / "plan.json"), "--measured", str(trace)]) == 2
+    assert "recorded on 3 rank(s)" in capsys.readouterr().err
