@@ -18,6 +18,8 @@ batch: DDP and data-parallel replicas read one batch per process, a pipeline one
     # (RaNNCStrategy(deployment=...)): the predictions stay one profile's, so the repetitions
     # scatter by the runs' own times only, not also by the profiles'
     python benchmarks/throughput.py --repeat 3 --plan-once plans/
+    # every process (one process and DDP too) with glibc's malloc keeping what it frees
+    python benchmarks/throughput.py --keep-freed-memory
     # each rannc run also records a runtime trace of its steps and prints every stage's predicted
     # and measured forward and backward (medians), as `python -m lightning_rannc show --measured`
     python benchmarks/throughput.py --only rannc_s2_d1_m8 --trace traces/
@@ -158,8 +160,19 @@ def _memory(trainer, model) -> list[int]:
     return [params, optimizer]
 
 
+# glibc's malloc hands large freed blocks back to the kernel (mmap'ed blocks are unmapped, the
+# heap's top trimmed), and the next step faults those pages in again: on this CPU a two-stage
+# zero-bubble step with two micro-batches spent 6 ms of its last input pass on that (traced:
+# 22 ms, 16 with these settings). Every run of `--keep-freed-memory` gets them, one process too.
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": str(10**9),
+    "MALLOC_TRIM_THRESHOLD_": str(10**9),
+    "MALLOC_TOP_PAD_": str(10**8),
+}
+
+
 def _launch(name: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(KEEP_FREED_MEMORY if args.keep_freed_memory else {})}
     command = [sys.executable, __file__, "--run", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     command += ["--batch-size", str(args.batch_size), "--layers", str(args.layers), "--dim", str(args.dim)]
     command += ["--seq", str(args.seq), "--vocab", str(args.vocab)]
@@ -234,6 +247,11 @@ def main() -> None:
         default="",
         metavar="DIR",
         help="plan each rannc run at its first repetition and reuse the plan after (files in DIR, which must exist)",
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run every process with glibc's malloc keeping freed memory (MALLOC_MMAP_THRESHOLD_ and friends)",
     )
     parser.add_argument(
         "--trace",
