@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def _train_measured(args: argparse.Namespace) -> None:
         row["footprint"] = _footprint(model, plan)
     # Each rank prints its own line: a collective right before exit can abort the process in
     # gloo's shutdown (see benchmarks/throughput.py), which made this benchmark fail now and then.
-    print("RESULT " + json.dumps(row), flush=True)
+    _emit(row)
 
 
 def _train_single(args: argparse.Namespace) -> None:
@@ -201,7 +202,7 @@ def _train_single(args: argparse.Namespace) -> None:
     trainer = _trainer(1, "auto", args.steps, [callback])
     model = _build(args.dim, args.layers, args.vocab, args.seq, args.heads)
     trainer.fit(model, make_dataloader(args.batch_size, args.seq, args.vocab, size=args.batch_size * args.steps))
-    print("RESULT " + json.dumps({"rank": 0, "measured": callback.result}), flush=True)
+    _emit({"rank": 0, "measured": callback.result})
 
 
 def _summary(plan: Any) -> dict[str, Any]:
@@ -247,7 +248,13 @@ def _train_rss(stages: int, dim: int, layers: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     total = sum(p.numel() for p in model.parameters())
     row = {"stages": stages, "params": total, "rank": trainer.global_rank, "held": held, "peak": peak}
-    print("RESULT " + json.dumps(row), flush=True)
+    _emit(row)
+
+
+def _emit(row: dict[str, Any]) -> None:
+    # The whole line in one write (atomic on a pipe): the ranks share stdout.
+    sys.stdout.write("RESULT " + json.dumps(row) + "\n")
+    sys.stdout.flush()
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:
@@ -260,7 +267,10 @@ def _start(argv: list[str]) -> subprocess.Popen[str]:
 def _rows(process: subprocess.Popen[str], ranks: int, timeout: float) -> list[dict[str, Any]]:
     """One RESULT row per rank of a run ``_start`` began, in rank order."""
     output, errors = process.communicate(timeout=timeout)
-    rows = [json.loads(x.removeprefix("RESULT ")) for x in output.splitlines() if x.startswith("RESULT ")]
+    # Every row after a tag, even with other output on its line: CI once read
+    # 'RESULT {...}' followed by more text on the same line ("Extra data").
+    decoder = json.JSONDecoder()
+    rows = [decoder.raw_decode(output, found.end())[0] for found in re.finditer("RESULT ", output)]
     if process.returncode != 0 or sorted(row["rank"] for row in rows) != list(range(ranks)):
         raise RuntimeError(
             f"expected one RESULT line from each of {ranks} rank(s) and exit code 0, got {process.returncode}:\n"

@@ -62,3 +62,18 @@ def test_a_traced_run_prints_its_comparison_and_the_loop_outside_the_trace(capsy
     lines = capsys.readouterr().out.splitlines()
     assert [line.strip() for line in lines[-3:-1]] == ["a", "b"]
     assert lines[-1].strip().startswith("Lightning's loop between steps: 3.5 ms")
+
+
+def test_memory_rows_are_read_with_other_output_on_their_line() -> None:
+    spec = importlib.util.spec_from_file_location("memory_benchmark", THROUGHPUT.with_name("memory.py"))
+    assert spec is not None and spec.loader is not None
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+
+    class Finished:
+        returncode = 0
+
+        def communicate(self, timeout: float) -> tuple[str, str]:
+            return 'RESULT {"rank": 1, "x": 2}RESULT {"rank": 0, "x": 1}warning\n', ""
+
+    assert memory._rows(Finished(), ranks=2, timeout=1) == [{"rank": 0, "x": 1}, {"rank": 1, "x": 2}]
