@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["BlockCost", "with_fixed_parts"]
+__all__ = ["BlockCost", "with_fixed_parts", "with_larger_timing"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -47,17 +47,34 @@ class BlockCost:
     copies: a fixed cost of the stage, not an activation of each micro-batch (the analytic
     estimate tells them apart; measured profiles count them in ``activation_bytes``)."""
 
+    larger_factor: float = 0.0
+    """Size of a second timing's micro-batches relative to this one's (above 1), or 0: none."""
+    larger_fwd_ms: float = 0.0
+    """Forward time of one micro-batch ``larger_factor`` times as large."""
+    larger_bwd_ms: float = 0.0
+    """Backward time of one micro-batch ``larger_factor`` times as large."""
+
     def scaled(self, factor: float) -> BlockCost:
-        """The block's cost for micro-batches ``factor`` times as large: time beyond the fixed
-        part, activations and cut bytes grow linearly (FLOPs and bytes are linear in the batch)."""
+        """The block's cost for micro-batches ``factor`` times as large: activations and cut bytes
+        grow linearly (bytes are linear in the batch); times grow along the line through this
+        timing and the larger one where there is one and ``factor`` is above 1, else linearly
+        beyond the fixed part. The result is for one size: it keeps no larger timing."""
         return dataclasses.replace(
             self,
-            fwd_ms=self.fwd_fixed_ms + (self.fwd_ms - self.fwd_fixed_ms) * factor,
-            bwd_ms=self.bwd_fixed_ms + (self.bwd_ms - self.bwd_fixed_ms) * factor,
+            fwd_ms=self._time(factor, self.fwd_ms, self.fwd_fixed_ms, self.larger_fwd_ms),
+            bwd_ms=self._time(factor, self.bwd_ms, self.bwd_fixed_ms, self.larger_bwd_ms),
             activation_bytes=int(self.activation_bytes * factor),
             workspace_bytes=int(self.workspace_bytes * factor),
             cut_bytes=int(self.cut_bytes * factor),
+            larger_factor=0.0,
+            larger_fwd_ms=0.0,
+            larger_bwd_ms=0.0,
         )
+
+    def _time(self, factor: float, ms: float, fixed_ms: float, larger_ms: float) -> float:
+        if factor > 1 and self.larger_factor > 1:
+            return ms + (larger_ms - ms) * (factor - 1) / (self.larger_factor - 1)
+        return fixed_ms + (ms - fixed_ms) * factor
 
 
 def with_fixed_parts(
@@ -85,3 +102,24 @@ def with_fixed_parts(
 def _intercept(large_ms: float, small_ms: float, size: int, smaller_size: int) -> float:
     value = (small_ms * size - large_ms * smaller_size) / (size - smaller_size)
     return min(max(value, 0.0), small_ms, large_ms)
+
+
+def with_larger_timing(
+    costs: Sequence[BlockCost], larger: Sequence[BlockCost], size: int, larger_size: int
+) -> list[BlockCost]:
+    """``costs`` (micro-batches of ``size``) with the same blocks' times on micro-batches of
+    ``larger_size``, kept at least as long as ``costs``' own (a noisy timing never makes a
+    larger micro-batch cheaper). ``scaled`` then follows the line through the two timings above
+    ``size``: on a CPU, time grows faster than the micro-batch once its activations outgrow the
+    caches, which a line through smaller sizes misses."""
+    if larger_size <= size:
+        raise ValueError(f"larger_size must be above {size}, got {larger_size}")
+    return [
+        dataclasses.replace(
+            cost,
+            larger_factor=larger_size / size,
+            larger_fwd_ms=max(big.fwd_ms, cost.fwd_ms),
+            larger_bwd_ms=max(big.bwd_ms, cost.bwd_ms),
+        )
+        for cost, big in zip(costs, larger, strict=True)
+    ]

@@ -19,6 +19,7 @@ from lightning_rannc.plan.plan import PartitionPlan, stage_position
 
 __all__ = [
     "ScheduleTimes",
+    "ActionTimes",
     "simulate_schedule",
     "simulate_plan",
     "plan_action_ms",
@@ -317,12 +318,18 @@ def simulate_schedule(
     return ScheduleTimes(makespan_ms=max(free), busy_ms=busy, operations=timeline)
 
 
-def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
+ActionTimes = tuple[list[float], list[float], list[float] | None]
+"""Each stage's forward and backward of one micro-batch, and with zero bubble its weight pass
+apart from the input pass (the backward); ``None`` without."""
+
+
+def simulate_plan(plan: PartitionPlan, actions: ActionTimes | None = None) -> ScheduleTimes:
     """Replay a saved plan's schedule from its stages' times (``python -m lightning_rannc show
     --chart``). Plans from the search carry each stage's send time and the runtime's overhead per
     action, so this gives the times the search predicted with; older plans replay without them.
+    ``actions``: replay with these instead of the plan's (``plan_action_ms``), measured ones say.
     """
-    forwards, backwards, weights = plan_action_ms(plan)
+    forwards, backwards, weights = actions or plan_action_ms(plan)
     return simulate_schedule(
         forwards,
         backwards,
@@ -334,7 +341,7 @@ def simulate_plan(plan: PartitionPlan) -> ScheduleTimes:
     )
 
 
-def plan_action_ms(plan: PartitionPlan) -> tuple[list[float], list[float], list[float] | None]:
+def plan_action_ms(plan: PartitionPlan) -> ActionTimes:
     """Each stage's predicted forward and backward of one micro-batch as the schedule runs them
     (the runtime's overhead per action included), and with zero bubble its weight passes apart
     from the input passes (``backwards``); ``None`` without."""

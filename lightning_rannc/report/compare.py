@@ -6,7 +6,10 @@ them (medians over the recorded steps after the first, which includes warm-up, a
 stage's ranks and micro-batches), then the whole step, the collectives after the schedule and
 the optimizer step. A step that misses its prediction while every action meets its own points at
 the machine (waits, a neighbour's load) rather than at the cost model; an action that misses in
-every step points at the cost model.
+every step points at the cost model (or at a profile taken while the machine ran at another
+speed). To tell the two apart, the plan's schedule is also replayed with the measured actions
+(``Comparison.replayed_step_ms``): where that meets the measured step, the schedule model (the
+order, the waits, the sends) is right and the step's miss is the actions'.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_rannc.plan.plan import PartitionPlan
-from lightning_rannc.plan.simulate import plan_action_ms
+from lightning_rannc.plan.simulate import plan_action_ms, simulate_plan
 from lightning_rannc.report.measured import (
     MeasuredStep,
     check_measured,
@@ -66,6 +69,11 @@ class Comparison:
     training loop, the small collectives)."""
     measured_update_ms: float
     """The optimizer step (the slowest rank's); the training loop between steps is outside the trace."""
+    replayed_step_ms: float
+    """The plan's schedule replayed with each stage's measured actions (medians; with zero bubble
+    its input and weight passes apart), plus the measured collectives and optimizer step: what
+    the cost model would have predicted with a perfect profile. NaN where a stage has no action
+    in the trace."""
 
 
 def compare_with_trace(
@@ -81,6 +89,8 @@ def compare_with_trace(
     measured = [read_measured_step(events, step) for step in steps]
     forwards, backwards, weights = plan_action_ms(plan)
     per_stage = _actions_per_stage(measured)
+    exchange = _median_over_steps(measured, "collective", min)
+    update = _median_over_steps(measured, "optimizer", max)
     stages = [
         StageComparison(
             stage=stage.stage_index,
@@ -98,9 +108,10 @@ def compare_with_trace(
         measured_step_ms=statistics.median(step.duration_ms for step in measured),
         waiting_ms=_median_over_steps(measured, "communication", max),
         predicted_exchange_ms=plan.predicted_exchange_ms,
-        measured_exchange_ms=_median_over_steps(measured, "collective", min),
+        measured_exchange_ms=exchange,
         predicted_update_ms=plan.predicted_update_ms,
-        measured_update_ms=_median_over_steps(measured, "optimizer", max),
+        measured_update_ms=update,
+        replayed_step_ms=_replayed_schedule_ms(plan, per_stage) + exchange + update,
     )
 
 
@@ -116,6 +127,10 @@ def comparison_text(comparison: Comparison, source: str = "the trace") -> str:
         lines.append(f"{stage.stage:>5}  {forward:<26}{backward:<26}")
     lines.append(f"step: {_pair(comparison.predicted_step_ms, comparison.measured_step_ms)}")
     lines.append(
+        "step from the measured actions (the schedule replayed with them, plus the measured collectives and "
+        f"optimizer): {_pair(comparison.replayed_step_ms, comparison.measured_step_ms)}"
+    )
+    lines.append(
         f"after the schedule: predicted exchange {comparison.predicted_exchange_ms:,.1f} + optimizer and step "
         f"overhead {comparison.predicted_update_ms:,.1f}; measured collectives {comparison.measured_exchange_ms:,.1f} "
         f"(the rank that waited least) + optimizer {comparison.measured_update_ms:,.1f}"
@@ -125,20 +140,34 @@ def comparison_text(comparison: Comparison, source: str = "the trace") -> str:
 
 
 def _actions_per_stage(measured: Sequence[MeasuredStep]) -> dict[str, dict[int, list[float]]]:
-    """Per kind (``F``; ``B``: backward, with zero bubble its input and weight passes summed), per
-    stage, the duration of every (step, rank, micro-batch)."""
+    """Per kind, per stage, the duration of every (step, rank, micro-batch). Kinds: ``F``; ``I``:
+    the backward, with zero bubble its input pass (the runtime names it ``B``, the simulator
+    ``I``); ``W``: the weight pass; ``B``: ``I`` and ``W`` together."""
     totals: dict[tuple[str, int, int, int, int], float] = defaultdict(float)
     for step in measured:
         for rank, events in step.rows.items():
             for e in events:
                 if e.category in ("forward", "backward"):
-                    kind = "F" if e.category == "forward" else "B"
-                    key = (kind, int(e.args["stage"]), step.step, rank, int(e.args["micro_batch"]))
-                    totals[key] += e.end_ms - e.start_ms
-    durations: dict[str, dict[int, list[float]]] = {"F": defaultdict(list), "B": defaultdict(list)}
+                    kind = "F" if e.category == "forward" else "W" if e.name.startswith("W") else "I"
+                    key = (int(e.args["stage"]), step.step, rank, int(e.args["micro_batch"]))
+                    totals[(kind, *key)] += e.end_ms - e.start_ms
+                    if kind != "F":
+                        totals[("B", *key)] += e.end_ms - e.start_ms
+    durations: dict[str, dict[int, list[float]]] = {kind: defaultdict(list) for kind in "FIWB"}
     for (kind, stage, *_), ms in totals.items():
         durations[kind][stage].append(ms)
     return durations
+
+
+def _replayed_schedule_ms(plan: PartitionPlan, per_stage: Mapping[str, Mapping[int, list[float]]]) -> float:
+    """The plan's schedule replayed with the measured actions' medians (and the plan's send times)."""
+    stages = range(len(plan.stages))
+    forwards = [_median(per_stage["F"].get(s, [])) for s in stages]
+    backwards = [_median(per_stage["I"].get(s, [])) for s in stages]
+    weights = [_median(per_stage["W"].get(s, [])) for s in stages] if plan.zero_bubble else None
+    if any(math.isnan(ms) for ms in [*forwards, *backwards, *(weights or [])]):
+        return float("nan")
+    return simulate_plan(plan, (forwards, backwards, weights)).makespan_ms
 
 
 def _median_over_steps(

@@ -1,7 +1,8 @@
 """The step captured for a micro-batch: with the module's own tensors, or with fake ones.
 
 Planning needs the step's graph at the micro-batch size (and, when the search picks the
-micro-batch count, at a second, smaller size). After the first batch, other stages' tensors are
+micro-batch count, at the smallest and the largest micro-batch it may pick, to time the blocks
+there too). After the first batch, other stages' tensors are
 freed, so a batch of another shape is captured on fake tensors, and so is a module built on the
 meta device, which cannot run at all.
 """
@@ -26,7 +27,7 @@ from lightning_rannc.capture.module_state import fake_module_state, has_meta_ten
 if TYPE_CHECKING:
     from lightning_rannc.runtime.planning import EngineOptions
 
-__all__ = ["SmallerSample", "capture_micro", "fake_capture", "smaller_sample", "captured_for_costs"]
+__all__ = ["ResizedSample", "capture_micro", "fake_capture", "timing_samples", "captured_for_costs"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -36,9 +37,9 @@ training refuses a batch with one value per channel."""
 
 
 @dataclass(frozen=True)
-class SmallerSample:
-    """A smaller micro-batch to time the blocks on: its size, and a call that captures the step
-    on it and returns the graph and the micro-batch's leaves."""
+class ResizedSample:
+    """A micro-batch of another size to time the blocks on: its size, and a call that captures
+    the step on it and returns the graph and the micro-batch's leaves."""
 
     size: int
     capture: Callable[[], tuple[StepGraph, list[torch.Tensor]]]
@@ -72,26 +73,33 @@ def fake_capture(
         yield captured, StepGraph.from_captured(captured), micro
 
 
-def smaller_sample(
+def timing_samples(
     module: nn.Module, batch: FlatBatch, microbatch_size: int, options: EngineOptions
-) -> SmallerSample | None:
-    """When the search picks the micro-batch count: the step on the smallest micro-batch it may
-    choose, captured when called, so that ``block_costs`` can time the blocks at two sizes.
-    ``None`` when the count is given (costs are measured at that size), or when no micro-batch
-    of at most half ``microbatch_size`` is allowed (two close sizes give a noisy intercept)."""
+) -> list[ResizedSample]:
+    """When the search picks the micro-batch count: the step on the smallest and on the largest
+    micro-batch it may choose (the whole batch), captured when called, so that ``block_costs``
+    times the blocks at those sizes too and the search interpolates between timings instead of
+    scaling one. Empty when the count is given (costs are measured at that size). A size closer
+    than twice or half ``microbatch_size`` is left out: two close sizes give a noisy line.
+
+    The smaller size gives the part of each time that does not shrink with the micro-batch
+    (operator launches); the larger one how time grows beyond proportion (on a CPU, a micro-batch
+    whose activations outgrow the caches: the example GPT's backward at 4 times the reference
+    size took 1.12 times the time its line through the two smaller sizes gives)."""
     if options.num_microbatches is not None:
-        return None
+        return []
     fewest_samples = -(-batch.size // options.config.max_micro_batches)  # with the most micro-batches
     smallest = max(options.config.min_micro_batch_size, _SMALLEST_TIMED, fewest_samples)
-    if 2 * smallest > microbatch_size:
-        return None
+    smaller = [smallest] if 2 * smallest <= microbatch_size else []
+    larger = [batch.size] if batch.size >= 2 * microbatch_size else []
+    return [_sample(module, batch, size) for size in smaller + larger]
 
+
+def _sample(module: nn.Module, batch: FlatBatch, size: int) -> ResizedSample:
     def capture() -> tuple[StepGraph, list[torch.Tensor]]:
-        return StepGraph.from_captured(capture_training_step(module, batch.first(smallest))), batch.first_leaves(
-            smallest
-        )
+        return StepGraph.from_captured(capture_training_step(module, batch.first(size))), batch.first_leaves(size)
 
-    return SmallerSample(smallest, capture)
+    return ResizedSample(size, capture)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from lightning_rannc.plan.report import plan_lines
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.runtime.agreement import decided_on_rank_zero
 from lightning_rannc.runtime.built import BuiltPipeline, Ownership, warn_if_adjusted
-from lightning_rannc.runtime.captures import capture_micro, fake_capture, smaller_sample
+from lightning_rannc.runtime.captures import ResizedSample, capture_micro, fake_capture, timing_samples
 from lightning_rannc.runtime.initialize import initialize_tensors
 from lightning_rannc.runtime.mesh import ProcessGroups, add_tied_groups
 from lightning_rannc.runtime.planning import (
@@ -127,8 +127,8 @@ class PipelineEngine:
         else:
             captured, graph = capture_micro(self.module, batch, num_microbatches, batch_idx)
             micro = batch.size // num_microbatches
-            smaller = smaller_sample(self.module, batch, micro, self.options)
-            request = self._request(graph, batch, batch.first_leaves(micro), num_microbatches, False, smaller)
+            samples = timing_samples(self.module, batch, micro, self.options)
+            request = self._request(graph, batch, batch.first_leaves(micro), num_microbatches, False, samples)
             plan, seed = self._agreed_plan(request, graph)
         trainable = {n for n, t in captured.tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
         add_tied_groups(self.groups, plan, self.rank, trainable, self.device)
@@ -180,9 +180,9 @@ class PipelineEngine:
         micro: list[torch.Tensor],
         num_microbatches: int,
         analytic: bool,
-        smaller: Any,
+        samples: list[ResizedSample],
     ) -> PlanRequest:
-        return PlanRequest(graph, micro, num_microbatches, analytic, smaller, self.where, self.module, batch)
+        return PlanRequest(graph, micro, num_microbatches, analytic, samples, self.where, self.module, batch)
 
     def _agreed_plan(self, request: PlanRequest, graph: StepGraph) -> tuple[PartitionPlan, int]:
         """Rank 0's plan (or its error) on every rank, and the seed of the stages' random streams
@@ -208,7 +208,7 @@ class PipelineEngine:
         analytic costs (nothing can run), then point the graph at the module's own tensors."""
         capture = fake_capture(self.module, batch, num_microbatches, self.device, batch_idx=batch_idx)
         with capture as (captured, graph, micro):
-            plan, seed = self._agreed_plan(self._request(graph, batch, micro, num_microbatches, True, None), graph)
+            plan, seed = self._agreed_plan(self._request(graph, batch, micro, num_microbatches, True, []), graph)
         captured.tensors = graph.tensors = {**module_tensors(self.module), **self._constants(captured)}
         return captured, graph, plan, seed
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.dry_run import precision_remedies
 from lightning_rannc.errors import PlanError, RuntimeSetupError
-from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
+from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts, with_larger_timing
 from lightning_rannc.plan.devices import DeviceSpec, get_device
 from lightning_rannc.plan.plan import PartitionPlan, choose_microbatches
 from lightning_rannc.plan.report import microbatch_choice
@@ -33,7 +34,7 @@ from lightning_rannc.profile.analytic import estimate_blocks
 from lightning_rannc.profile.cache import ProfileCache, profile_key
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
 from lightning_rannc.profile.tensors import tensor_table
-from lightning_rannc.runtime.captures import SmallerSample, captured_for_costs, smaller_sample
+from lightning_rannc.runtime.captures import ResizedSample, captured_for_costs, timing_samples
 
 __all__ = [
     "EngineOptions",
@@ -51,8 +52,8 @@ UNLIMITED = 2**62
 """Bytes: "no memory limit" for the search."""
 _REFERENCE_MICROBATCHES = 4
 """When the search picks the micro-batch count, costs are measured for micro-batches of a
-quarter of the batch (where the batch allows) and scaled to the other sizes; see also
-``captures.smaller_sample``."""
+quarter of the batch (where the batch allows) and interpolated to the other sizes from timings
+at the smallest and the largest size the search may pick (``captures.timing_samples``)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -163,18 +164,19 @@ def block_costs(
     options: EngineOptions,
     cache: ProfileCache,
     analytic: bool,
-    smaller: SmallerSample | None = None,
+    samples: Sequence[ResizedSample] = (),
 ) -> list[BlockCost]:
     """Costs of the graph's blocks for one micro-batch: analytic for the device preset when the
-    tensors are fake (nothing can run), else measured on this device, and with ``smaller`` also
-    on a smaller micro-batch, for the part of each time that does not shrink with it (the
-    analytic costs have that part already); through ``cache``."""
+    tensors are fake (nothing can run), else measured on this device, and on each of
+    ``samples`` too: on a smaller micro-batch for the part of each time that does not shrink
+    with it (the analytic costs have that part already), on a larger one for how time grows
+    beyond it; through ``cache``."""
     spans = group_nodes(graph, options.config.max_blocks)
     device = options.device_spec
-    smaller = None if analytic else smaller
+    samples = () if analytic else samples
     method = f"analytic:{device.name}" if analytic else "measured"
-    if smaller is not None:
-        method += f", and at {smaller.size} samples"
+    for sample in samples:
+        method += f", and at {sample.size} samples"
     hardware = _hardware(micro_leaves[0].device)
     key = profile_key(graph.fingerprint(), micro_leaves, spans, hardware, method, graph.tensors)
     costs = cache.load(key)
@@ -186,36 +188,38 @@ def block_costs(
         costs = estimate_blocks(graph, micro_leaves, spans, device=device)
     else:
         costs = profile_blocks(graph, micro_leaves, spans, options.config.profile_repeats)
-        if smaller is not None:
-            costs = _with_smaller_timings(costs, spans, int(micro_leaves[0].shape[0]), smaller, options)
+        for sample in samples:
+            costs = _timed_again(costs, spans, int(micro_leaves[0].shape[0]), sample, options)
     cache.store(key, costs)
     how = f"estimated for {device.name}" if analytic else "profiled"
     log.info("%s %d blocks of %d nodes in %.1f s", how, len(spans), len(graph), time.perf_counter() - started)
     return costs
 
 
-def _with_smaller_timings(
-    costs: list[BlockCost], spans: list[tuple[int, int]], size: int, smaller: SmallerSample, options: EngineOptions
+def _timed_again(
+    costs: list[BlockCost], spans: list[tuple[int, int]], size: int, sample: ResizedSample, options: EngineOptions
 ) -> list[BlockCost]:
-    """``costs`` (micro-batches of ``size``) with fixed parts from the blocks timed again on the
-    smaller micro-batch. The second timing only refines the costs: when the step cannot be
-    captured or run on that micro-batch, or splits into other blocks, they stay as they were
-    (times in proportion to the micro-batch size)."""
+    """``costs`` (micro-batches of ``size``) with the blocks timed again on ``sample``: fixed
+    parts from a smaller micro-batch, a larger timing from a larger one. The second timing only
+    refines the costs: when the step cannot be captured or run on that micro-batch (a larger one
+    may not fit in memory), or splits into other blocks, they stay as they were."""
     try:
-        graph, leaves = smaller.capture()
+        graph, leaves = sample.capture()
         if group_nodes(graph, options.config.max_blocks) != spans:
             raise ValueError("the step splits into other blocks")
-        small = profile_blocks(graph, leaves, spans, options.config.profile_repeats)
+        timed = profile_blocks(graph, leaves, spans, options.config.profile_repeats)
     except Exception as error:
         log.warning(
-            "could not time the step on micro-batches of %d samples (%s): other micro-batch sizes are "
-            "costed in proportion to %d samples",
-            smaller.size,
+            "could not time the step on micro-batches of %d samples (%s): micro-batches of that size are "
+            "costed from the timing at %d samples",
+            sample.size,
             error,
             size,
         )
         return costs
-    return with_fixed_parts(costs, small, size, smaller.size)
+    if sample.size < size:
+        return with_fixed_parts(costs, timed, size, sample.size)
+    return with_larger_timing(costs, timed, size, sample.size)
 
 
 def _hardware(device: torch.device) -> str:
@@ -269,8 +273,8 @@ def choose_layout(
     flat = FlatBatch.of(batch, where_defined(type(module).training_step))  # type: ignore[attr-defined]
     num_microbatches = reference_microbatches(flat.size, options.num_microbatches, 1)
     with captured_for_costs(module, flat, num_microbatches, device) as (graph, micro, analytic):
-        smaller = smaller_sample(module, flat, flat.size // num_microbatches, options)
-        costs = block_costs(graph, micro, options, cache, analytic, smaller)
+        samples = timing_samples(module, flat, flat.size // num_microbatches, options)
+        costs = block_costs(graph, micro, options, cache, analytic, samples)
         settings = search_settings(options, num_devices=num_devices, replica_batch_size=flat.size, layout=None)
         if options.num_microbatches is not None:  # the count that divides this batch, as the engine runs it
             settings = dataclasses.replace(settings, micro_batches=num_microbatches)
@@ -346,7 +350,8 @@ class PlanRequest:
     num_microbatches: int
     analytic: bool
     """Costs estimated for the device preset (fake tensors: a module on the meta device)."""
-    smaller: SmallerSample | None
+    samples: list[ResizedSample]
+    """Micro-batches of other sizes to time the blocks on too (``captures.timing_samples``)."""
     where: str
     """``file:line`` of the step, for errors."""
     module: nn.Module
@@ -391,7 +396,7 @@ def _make_plan(request: PlanRequest, options: EngineOptions, cache: ProfileCache
             f"{num_blocks} block(s), fewer than the {num_stages} pipeline stages asked for: "
             "use fewer pipeline stages, or raise max_blocks."
         )
-    costs = block_costs(graph, micro_leaves, options, cache, request.analytic, request.smaller)
+    costs = block_costs(graph, micro_leaves, options, cache, request.analytic, request.samples)
     microbatch_size = int(micro_leaves[0].shape[0])
     # The layout is fixed: the strategy chose it at setup, before the data loaders were sharded.
     settings = search_settings(

@@ -47,8 +47,14 @@ def test_medians_over_repetitions_give_the_cost_models_error_apart_from_the_nois
     ]
     _throughput()._print_medians(repetitions)
     printed = capsys.readouterr().out
-    assert "rannc_s2_d1          1.20x of one process; predicted/measured step 1.00" in printed
+    assert "rannc_s2_d1          1.20x of one process; predicted/measured step 1.00\n" in printed
     assert "lightning_1proc      1.00x of one process\n" in printed  # no prediction, no ratio
+    # traced: also the step replayed from the measured actions against the traced step
+    for results, replayed in zip(repetitions, (90.0, 100.0, 120.0), strict=True):
+        results["rannc_s2_d1"].update(traced_step_ms=100.0, replayed_step_ms=replayed)
+    _throughput()._print_medians(repetitions)
+    printed = capsys.readouterr().out
+    assert "predicted/measured step 1.00; replayed from the measured actions/traced step 1.00\n" in printed
 
 
 def test_a_traced_run_prints_its_comparison_and_the_loop_outside_the_trace(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,7 @@ from lightning_rannc.plan.memory import TensorTable
 from lightning_rannc.plan.plan import PartitionPlan
 from lightning_rannc.plan.report import format_plan
 from lightning_rannc.plan.search import SearchResult, SearchSettings, search_plan
-from lightning_rannc.plan.simulate import ScheduleTimes, simulate_plan
+from lightning_rannc.plan.simulate import ScheduleTimes, plan_action_ms, simulate_plan
 from lightning_rannc.report.chart import write_chart, write_comparison_chart
 from lightning_rannc.report.chrome_trace import write_trace
 from lightning_rannc.report.compare import compare_with_trace
@@ -342,6 +342,7 @@ def test_a_trace_that_ran_as_planned_measures_what_was_predicted(
     whole = plan.stages[1].bwd_ms + plan.predicted_action_overhead_ms
     assert (comparison.stages[1].predicted_backward_ms > whole) == zero_bubble  # the split's own costs
     assert comparison.measured_step_ms == pytest.approx(result.times.makespan_ms + 0.5)
+    assert comparison.replayed_step_ms == pytest.approx(comparison.measured_step_ms)
     assert comparison.measured_exchange_ms == pytest.approx(0.5)
     assert comparison.waiting_ms == pytest.approx(0.1 * 4)  # a receive before each of 4 forwards
     plan_path = tmp_path / "plan.json"
@@ -351,22 +352,29 @@ def test_a_trace_that_ran_as_planned_measures_what_was_predicted(
     assert printed.startswith(format_plan(plan)) and f"medians of {trace}'s steps 2-4" in printed
     forward = comparison.stages[2].predicted_forward_ms
     assert f"    2  {forward:,.1f} -> {forward:,.1f} (1.00x)" in printed
+    step = f"{comparison.measured_step_ms:,.1f}"
+    assert f"measured collectives and optimizer): {step} -> {step} (1.00x)" in printed
 
 
-def test_a_slow_stage_shows_in_its_own_row(tmp_path: Path) -> None:
-    """An action the cost model got wrong misses in its stage's row, not in the others."""
-    result = _search("1f1b", 1)
-    trace = _runtime_trace(result, tmp_path / "run.json")
-    data = json.loads(trace.read_text())
-    for event in data["traceEvents"]:
-        if event.get("cat") == "forward" and event["args"]["stage"] == 1:
-            event["dur"] *= 1.5
-    comparison = compare_with_trace(result.plan, data)
+@pytest.mark.parametrize("zero_bubble", [False, True])
+def test_a_slow_stage_shows_in_its_own_row(zero_bubble: bool, tmp_path: Path) -> None:
+    """An action the cost model got wrong misses in its stage's row, not in the others, and the
+    step replayed with the measured actions meets the measured step: the miss is the action's,
+    not the schedule model's."""
+    result = _search("1f1b", 1, zero_bubble=zero_bubble)
+    forwards, backwards, weights = plan_action_ms(result.plan)
+    forwards[1] *= 1.5
+    ran = simulate_plan(result.plan, (forwards, backwards, weights))  # how the slower stage ran
+    trace = _runtime_trace(dataclasses.replace(result, times=ran), tmp_path / "run.json")
+    comparison = compare_with_trace(result.plan, trace)
     ratios = [s.measured_forward_ms / s.predicted_forward_ms for s in comparison.stages]
     assert ratios == pytest.approx([1.0, 1.5, 1.0])
     assert [s.measured_backward_ms for s in comparison.stages] == pytest.approx(
         [s.predicted_backward_ms for s in comparison.stages]
     )
+    assert comparison.measured_step_ms == pytest.approx(ran.makespan_ms + 0.5)
+    assert comparison.measured_step_ms > result.times.makespan_ms + 0.5 + 1.0
+    assert comparison.replayed_step_ms == pytest.approx(comparison.measured_step_ms)
 
 
 def test_a_trace_of_another_run_or_no_trace_is_refused_by_the_comparison(

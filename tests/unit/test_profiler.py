@@ -8,11 +8,11 @@ from lightning_rannc.capture.batch import FlatBatch
 from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.config import RaNNCConfig
-from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts
+from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts, with_larger_timing
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
 from lightning_rannc.runtime import planning
-from lightning_rannc.runtime.captures import SmallerSample, smaller_sample
+from lightning_rannc.runtime.captures import ResizedSample, timing_samples
 from lightning_rannc.runtime.planning import EngineOptions, block_costs
 
 from helpers.models import GPT, LoggingMLP
@@ -163,16 +163,42 @@ def test_fixed_parts_come_from_timings_at_two_sizes() -> None:
         with_fixed_parts([large], [small], size=8, smaller_size=8)
 
 
-def _affine_timings(graph, leaves, spans, repeats=3):
-    """A stand-in profiler: 1 ms forward and 2 ms backward per block, plus 0.5 and 1 ms per sample."""
+def test_a_larger_timing_gives_the_growth_beyond_proportion() -> None:
+    # 2 ms forward and 4 ms backward on 4 samples; on 16 samples 4.5 times as long, not 4
+    reference, larger = _cost(2.0, 4.0), _cost(9.0, 18.0)
+    [timed] = with_larger_timing([reference], [larger], size=4, larger_size=16)
+    assert timed.larger_factor == 4.0
+    assert (timed.scaled(4).fwd_ms, timed.scaled(4).bwd_ms) == (pytest.approx(9.0), pytest.approx(18.0))
+    assert timed.scaled(2).fwd_ms == pytest.approx(2.0 + 7.0 / 3)  # between the two timings
+    assert timed.scaled(8).fwd_ms == pytest.approx(2.0 + 7.0 * 7 / 3)  # on along the same line
+    assert reference.scaled(4).fwd_ms == pytest.approx(8.0)  # in proportion: shorter than it ran
+    halved = timed.scaled(0.5)  # below the reference size, as without the larger timing
+    assert halved.fwd_ms == reference.scaled(0.5).fwd_ms and halved.activation_bytes == 400
+    assert halved.larger_factor == 0.0  # a scaled cost is for one size
+    # a noisy larger timing below the reference's never makes a larger micro-batch cheaper
+    [noisy] = with_larger_timing([reference], [_cost(1.0, 4.0)], size=4, larger_size=16)
+    assert noisy.scaled(4).fwd_ms == pytest.approx(2.0) and noisy.scaled(4).bwd_ms == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="larger_size"):
+        with_larger_timing([reference], [larger], size=4, larger_size=4)
+
+
+def _timings(graph, leaves, spans, repeats=3):
+    """A stand-in profiler: 1 ms forward and 2 ms backward per block, plus 0.5 and 1 ms per
+    sample, and on 16 samples 10% more."""
     size = int(leaves[0].shape[0])
+    more = 1.1 if size == 16 else 1.0
     return [
-        BlockCost(start=a, end=b, fwd_ms=1 + 0.5 * size, bwd_ms=2 + 1.0 * size, activation_bytes=0, cut_bytes=0)
+        BlockCost(
+            start=a, end=b, fwd_ms=(1 + 0.5 * size) * more, bwd_ms=(2 + 1.0 * size) * more, activation_bytes=0,
+            cut_bytes=0,
+        )
         for a, b in spans
-    ]
+    ]  # fmt: skip
 
 
-def test_blocks_are_timed_again_on_the_smallest_micro_batch_the_search_may_pick(monkeypatch, caplog) -> None:
+def test_blocks_are_timed_again_on_the_smallest_and_largest_micro_batch_the_search_may_pick(
+    monkeypatch, caplog
+) -> None:
     model = GPT(layers=2, dim=16, seq_len=16)
     model.log = lambda *a, **k: None
     tokens = torch.randint(0, 256, (16, 16))
@@ -180,28 +206,33 @@ def test_blocks_are_timed_again_on_the_smallest_micro_batch_the_search_may_pick(
     options = EngineOptions(config=RaNNCConfig(micro_batches="auto", max_blocks=8), pipeline_stages=2)
     four = EngineOptions(config=RaNNCConfig(micro_batches=4, max_blocks=8), pipeline_stages=2)
     flat = FlatBatch.of(batch, "here")
-    assert smaller_sample(model, flat, 4, four) is None
-    assert smaller_sample(model, flat, 3, options) is None  # 2 samples: too close to 3 for a fit
-    smaller = smaller_sample(model, flat, 4, options)
-    assert smaller is not None and smaller.size == 2
+    assert timing_samples(model, flat, 4, four) == []  # the count is given: costs at that size only
+    # 2 samples are too close to 3 for a fit, 16 too close to 9
+    assert [sample.size for sample in timing_samples(model, flat, 3, options)] == [16]
+    assert [sample.size for sample in timing_samples(model, flat, 9, options)] == [2]
+    samples = timing_samples(model, flat, 4, options)
+    assert [sample.size for sample in samples] == [2, 16]
     graph = StepGraph.from_captured(capture_training_step(model, {k: v[:4] for k, v in batch.items()}))
-    small_graph, small_leaves = smaller.capture()  # the real capture, on 2 samples
-    assert small_leaves[0].shape[0] == 2 and len(small_graph) == len(graph)
+    for sample in samples:  # the real captures
+        other_graph, other_leaves = sample.capture()
+        assert other_leaves[0].shape[0] == sample.size and len(other_graph) == len(graph)
 
-    monkeypatch.setattr(planning, "profile_blocks", _affine_timings)
+    monkeypatch.setattr(planning, "profile_blocks", _timings)
     captures: list[int] = []
-    counted = SmallerSample(2, lambda: captures.append(1) or smaller.capture())
+    counted = [ResizedSample(s.size, lambda s=s: captures.append(s.size) or s.capture()) for s in samples]
     micro = [batch["tokens"][:4], batch["targets"][:4]]
     cache = ProfileCache()
     linear = block_costs(graph, micro, four, cache, False)
     fitted = block_costs(graph, micro, options, cache, False, counted)
-    assert all(c.fwd_fixed_ms == 0 and c.bwd_fixed_ms == 0 for c in linear)  # one size: in proportion
+    assert all(c.fwd_fixed_ms == 0 and c.bwd_fixed_ms == 0 and c.larger_factor == 0 for c in linear)
     assert all(c.fwd_fixed_ms == pytest.approx(1.0) and c.bwd_fixed_ms == pytest.approx(2.0) for c in fitted)
-    assert block_costs(graph, micro, options, cache, False, counted) == fitted and captures == [1]  # cached
+    assert all(c.scaled(4).fwd_ms == pytest.approx(9 * 1.1) and c.scaled(0.5).fwd_ms == 2.0 for c in fitted)
+    assert block_costs(graph, micro, options, cache, False, counted) == fitted and captures == [2, 16]  # cached
 
     def fails() -> tuple:
         raise RuntimeError("the step needs 4 samples")
 
     with caplog.at_level(logging.WARNING, logger="lightning_rannc"):
-        kept = block_costs(graph, micro, options, ProfileCache(), False, SmallerSample(2, fails))
-    assert kept == linear and "the step needs 4 samples" in caplog.text
+        kept = block_costs(graph, micro, options, ProfileCache(), False, [ResizedSample(2, fails), counted[1]])
+    assert "could not time the step on micro-batches of 2 samples (the step needs 4 samples)" in caplog.text
+    assert all(c.fwd_fixed_ms == 0 and c.larger_factor == 4 for c in kept)  # the other timing still counts
