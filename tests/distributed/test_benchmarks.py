@@ -140,3 +140,17 @@ def test_planner_baselines_joint_search_is_never_slower_where_memory_binds() -> 
         if restricted_ms is not None:
             assert joint_ms is not None and joint_ms <= restricted_ms, table
             assert float(speedup.rstrip("x")) >= 1.0, table
+
+
+def test_profile_sizes_prints_each_size_against_the_lines_through_the_timings() -> None:
+    args = ["--sizes", "2", "4", "8", "--repeat", "1", "--layers", "1", "--dim", "32", "--seq", "16"]
+    out = run_script(BENCHMARKS / "profile_sizes.py", *args, timeout=300).stdout
+    assert "on the line through 2 and 4 samples / as the planner costs it from 2, 8)" in out, out
+    rows = re.findall(r"^\s+(\d+) samples: forward .* backward .*$", out, re.MULTILINE)
+    assert rows == ["2", "4", "8"], out
+    # each line goes through its own timings: 2 and 4 samples on the first, 2 and 8 on the planner's
+    exact = {2: (0, 1, 2, 3), 4: (0, 2), 8: (1, 3)}  # (forward, backward) x (first line, planner's)
+    for row in out.splitlines()[1:]:
+        ratios = re.findall(r"\((\d+\.\d\d)x\)", row)
+        assert len(ratios) == 4, row
+        assert all(ratios[i] == "1.00" for i in exact[int(row.split()[0])]), row

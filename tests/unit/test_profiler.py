@@ -169,9 +169,16 @@ def test_a_larger_timing_gives_the_growth_beyond_proportion() -> None:
     [timed] = with_larger_timing([reference], [larger], size=4, larger_size=16)
     assert timed.larger_factor == 4.0
     assert (timed.scaled(4).fwd_ms, timed.scaled(4).bwd_ms) == (pytest.approx(9.0), pytest.approx(18.0))
-    assert timed.scaled(2).fwd_ms == pytest.approx(2.0 + 7.0 / 3)  # between the two timings
-    assert timed.scaled(8).fwd_ms == pytest.approx(2.0 + 7.0 * 7 / 3)  # on along the same line
+    # in proportion (no smaller timing, so the line goes through 0) plus the 1 ms excess at 16
+    # samples, growing with the square of the way there
+    assert timed.scaled(2).fwd_ms == pytest.approx(4.0 + 1.0 / 9)
+    assert timed.scaled(8).fwd_ms == pytest.approx(16.0 + 1.0 * 49 / 9)
     assert reference.scaled(4).fwd_ms == pytest.approx(8.0)  # in proportion: shorter than it ran
+    # with a fixed part from a smaller timing, the line is the one through the two smaller timings
+    [fixed] = with_fixed_parts([reference], [_cost(1.5, 3.0)], size=4, smaller_size=2)
+    [both] = with_larger_timing([fixed], [larger], size=4, larger_size=16)
+    assert both.scaled(0.5).fwd_ms == pytest.approx(1.5) and both.scaled(4).fwd_ms == pytest.approx(9.0)
+    assert both.scaled(2).fwd_ms == pytest.approx(1.0 + 0.25 * 8 + (9.0 - 5.0) / 9)
     halved = timed.scaled(0.5)  # below the reference size, as without the larger timing
     assert halved.fwd_ms == reference.scaled(0.5).fwd_ms and halved.activation_bytes == 400
     assert halved.larger_factor == 0.0  # a scaled cost is for one size
