@@ -18,7 +18,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,8 @@ class Comparison:
     its input and weight passes apart), plus the measured collectives and optimizer step: what
     the cost model would have predicted with a perfect profile. NaN where a stage has no action
     in the trace."""
+    clock_offsets_ms: dict[int, float] = field(default_factory=dict)
+    """What was added to each rank's times to align the ranks' clocks (``measured.clock_offsets``)."""
 
 
 def compare_with_trace(
@@ -112,6 +114,7 @@ def compare_with_trace(
         predicted_update_ms=plan.predicted_update_ms,
         measured_update_ms=update,
         replayed_step_ms=_replayed_schedule_ms(plan, per_stage) + exchange + update,
+        clock_offsets_ms=last.clock_offsets_ms,
     )
 
 
@@ -136,6 +139,9 @@ def comparison_text(comparison: Comparison, source: str = "the trace") -> str:
         f"(the rank that waited least) + optimizer {comparison.measured_update_ms:,.1f}"
     )
     lines.append(f"waiting on send/recv: {comparison.waiting_ms:,.1f} (the most any rank waited in a step)")
+    if comparison.clock_offsets_ms:
+        shifts = ", ".join(f"rank {rank} {ms:+,.1f}" for rank, ms in sorted(comparison.clock_offsets_ms.items()))
+        lines.append(f"ranks' clocks aligned by their sends and receives: {shifts} ms")
     return "\n".join(lines)
 
 

@@ -9,8 +9,11 @@ predicted step.
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +25,7 @@ __all__ = [
     "MeasuredEvent",
     "MeasuredStep",
     "read_measured_step",
+    "clock_offsets",
     "load_trace",
     "check_measured",
     "steps_text",
@@ -59,6 +63,8 @@ class MeasuredStep:
     """Every step the trace recorded."""
     rows: dict[int, list[MeasuredEvent]]
     """Per rank, its events of ``step`` in time order; time 0 is the step's first event on any rank."""
+    clock_offsets_ms: dict[int, float] = field(default_factory=dict)
+    """What was added to each rank's times to align its clock with the others' (``clock_offsets``)."""
 
     @property
     def duration_ms(self) -> float:
@@ -92,16 +98,83 @@ def read_measured_step(
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PlanError(f"{source} recorded steps {steps_text(steps)}, not step {step}: pick one of them.")
+    offsets = clock_offsets(timed)
     mine = [e for e in timed if e["args"]["step"] == step]
-    origin = min(float(e["ts"]) for e in mine)
+    origin = min(_start_ms(e, offsets) for e in mine)
     ranks = {int(e["pid"]) for e in events if e.get("name") == "process_name"} | {int(e["pid"]) for e in mine}
     rows: dict[int, list[MeasuredEvent]] = {rank: [] for rank in sorted(ranks)}
-    for e in sorted(mine, key=lambda e: float(e["ts"])):
-        start_ms = (float(e["ts"]) - origin) / 1e3
+    for e in sorted(mine, key=lambda e: _start_ms(e, offsets)):
+        start_ms = _start_ms(e, offsets) - origin
         rows[int(e["pid"])].append(
             MeasuredEvent(e["name"], e.get("cat", ""), start_ms, start_ms + float(e["dur"]) / 1e3, e["args"])
         )
-    return MeasuredStep(step=step, steps=steps, rows=rows)
+    return MeasuredStep(step=step, steps=steps, rows=rows, clock_offsets_ms=offsets)
+
+
+def clock_offsets(events: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Per rank, the ms to add to its times so that every rank's clock agrees with its
+    pipeline's first rank's; ranks with no offset are left out.
+
+    The runtime sets each rank's clock to 0 as it leaves a barrier, and ranks leave a gloo
+    barrier milliseconds apart (4.4-8.0 ms on the 2-core CPU): a receive could appear to end
+    before the forward that made its data. Sends and receives bound the difference: a receive
+    of ``F m`` at stage ``s`` ends after the forward of ``m`` at stage ``s - 1`` ended, and a
+    receive of ``B m`` after the backward (input pass) of ``m`` at ``s + 1``. With messages both
+    ways the difference is the middle of the two bounds (latency taken as equal both ways); one
+    way only, the least shift that makes the messages causal. Where a stage has several ranks
+    (data-parallel replicas), which one sent is unknown: their clocks are left as they are."""
+    produced: dict[tuple[int, str, int, int], list[tuple[int, float]]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("forward", "backward") and "stage" in e["args"]:
+            kind = "F" if e["cat"] == "forward" else "B" if e["name"][:1] in ("B", "I") else None
+            if kind is not None:
+                key = (int(e["args"]["step"]), kind, int(e["args"]["stage"]), int(e["args"]["micro_batch"]))
+                produced[key].append((int(e["pid"]), _end_ms(e)))
+    least: dict[tuple[int, int], float] = {}  # (sender, receiver) -> the least receiver - sender offset
+    for e in events:
+        if e.get("cat") != "communication":
+            continue
+        for op, stage in zip(e["args"].get("ops", []), e["args"].get("stages", []), strict=False):
+            match = re.fullmatch(r"recv ([FB])(\d+)", op)
+            if match is None:
+                continue
+            kind, microbatch = match[1], int(match[2])
+            senders = produced.get((int(e["args"]["step"]), kind, stage - 1 if kind == "F" else stage + 1, microbatch))
+            if senders is None or len(senders) != 1 or senders[0][0] == int(e["pid"]):
+                continue
+            sender, sent = senders[0]
+            pair = (sender, int(e["pid"]))
+            least[pair] = max(least.get(pair, -math.inf), sent - _end_ms(e))
+    return _spread(least)
+
+
+def _spread(least: Mapping[tuple[int, int], float]) -> dict[int, float]:
+    """Offsets from the pairwise bounds, from the lowest rank of each connected set outwards."""
+    between: dict[int, dict[int, float]] = defaultdict(dict)  # a -> b -> offset of b less a's
+    for a, b in least:
+        low, high = least[(a, b)], -least.get((b, a), -math.inf)
+        between[a][b] = (low + high) / 2 if math.isfinite(high) else max(low, 0.0)
+        between[b][a] = -between[a][b]
+    offsets: dict[int, float] = {}
+    for root in sorted(between):
+        if root in offsets:
+            continue
+        offsets[root], todo = 0.0, [root]
+        while todo:
+            a = todo.pop()
+            for b, difference in between[a].items():
+                if b not in offsets:
+                    offsets[b] = offsets[a] + difference
+                    todo.append(b)
+    return {rank: offset for rank, offset in offsets.items() if abs(offset) > 1e-6}  # not rounding's
+
+
+def _start_ms(event: Mapping[str, Any], offsets: Mapping[int, float]) -> float:
+    return float(event["ts"]) / 1e3 + offsets.get(int(event["pid"]), 0.0)
+
+
+def _end_ms(event: Mapping[str, Any]) -> float:
+    return (float(event["ts"]) + float(event["dur"])) / 1e3
 
 
 def load_trace(trace: str | Path | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -2,9 +2,9 @@
 
 Planning needs the step's graph at the micro-batch size (and, when the search picks the
 micro-batch count, at the smallest and the largest micro-batch it may pick, to time the blocks
-there too). After the first batch, other stages' tensors are
-freed, so a batch of another shape is captured on fake tensors, and so is a module built on the
-meta device, which cannot run at all.
+there too). After the first batch, other stages' tensors are freed, so a batch of another shape
+is captured on fake tensors, and so is a module built on the meta device, which cannot run at
+all.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def timing_samples(
 
     The smaller size gives the part of each time that does not shrink with the micro-batch
     (operator launches); the larger one how time grows beyond proportion (on a CPU, a micro-batch
-    whose activations outgrow the caches: the example GPT's backward at 4 times the reference
-    size took 1.12 times the time its line through the two smaller sizes gives)."""
+    whose activations outgrow the caches: the example GPT's blocks at 4 times the reference size
+    took 1.02-1.17 times what the line through the two smaller sizes gives, in
+    ``benchmarks/profile_sizes.py``)."""
     if options.num_microbatches is not None:
         return []
     fewest_samples = -(-batch.size // options.config.max_micro_batches)  # with the most micro-batches

@@ -76,6 +76,16 @@ def test_measured_step_of_the_real_trace(run: Path) -> None:
         assert {e.category for e in events} >= {"forward", "backward", "communication", "collective"}
     assert min(e.start_ms for events in measured.rows.values() for e in events) == 0.0
     assert read_measured_step(run / "trace.json", step=1).step == 1
+    # the ranks' clocks aligned: every receive ends after the action that made its data
+    for step in measured.steps:
+        rows = read_measured_step(run / "trace.json", step=step).rows
+        ended = {(rank, e.name): e.end_ms for rank, events in rows.items() for e in events}
+        for rank, events in rows.items():
+            for e in events:
+                for op in e.args.get("ops", []):
+                    if op.startswith("recv "):
+                        made = ended[(1 - rank, op.removeprefix("recv "))]
+                        assert e.end_ms >= made - 1e-6, (step, rank, op, e.end_ms, made)
 
 
 def test_show_draws_the_deployment_above_the_measured_step(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

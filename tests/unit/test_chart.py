@@ -23,7 +23,7 @@ from lightning_rannc.plan.search import SearchResult, SearchSettings, search_pla
 from lightning_rannc.plan.simulate import ScheduleTimes, plan_action_ms, simulate_plan
 from lightning_rannc.report.chart import write_chart, write_comparison_chart
 from lightning_rannc.report.chrome_trace import write_trace
-from lightning_rannc.report.compare import compare_with_trace
+from lightning_rannc.report.compare import compare_with_trace, comparison_text
 from lightning_rannc.report.measured import read_measured_step
 
 from helpers.devices import test_device
@@ -222,29 +222,38 @@ def _times(operations: list[tuple[Any, ...]]) -> list[float]:
     return [float(time) for operation in operations for time in operation[2:]]
 
 
-def _runtime_trace(result: SearchResult, path: Path, steps: int = 3) -> Path:
+def _runtime_trace(
+    result: SearchResult,
+    path: Path,
+    steps: int = 3,
+    gradient_receives: bool = False,
+    clock_ahead_ms: dict[int, float] | None = None,
+) -> Path:
     """What ``RaNNCStrategy(trace=...)`` writes for ``result``'s plan, had every step run as
     simulated (step 1 twice as slow, as warm-up is): forwards and backwards on thread 0, a
-    receive before each forward of a later stage, the gradient average on thread 1."""
+    receive before each forward of a later stage (and with ``gradient_receives`` before each
+    input gradient of an earlier one), the gradient average on thread 1; each rank's times
+    ``clock_ahead_ms`` later than they ran (its clock set to 0 at another moment)."""
     events: list[dict[str, Any]] = []
     plan, times = result.plan, result.times
     for rank in range(plan.world_size):
         events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
     for step in range(1, steps + 1):
-        offset_ms, slow = 1000.0 * step, 2.0 if step == 1 else 1.0
+        slow = 2.0 if step == 1 else 1.0
         for rank in range(plan.world_size):
             stage = plan.stage_of_rank(rank).stage_index
+            offset_ms = 1000.0 * step + (clock_ahead_ms or {}).get(rank, 0.0)
             for kind, microbatch, start, end in times.operations[stage]:
                 args = {"step": step, "micro_batch": microbatch, "stage": stage}
                 category = "forward" if kind == "F" else "backward"
                 events.append(
                     _event(rank, 0, f"{kind}{microbatch}", category, offset_ms + start * slow, end - start, args)
                 )
-                if kind == "F" and stage > 0:
-                    args = {"step": step, "ops": [f"recv F{microbatch}"], "stages": [stage]}
-                    events.append(
-                        _event(rank, 0, f"recv F{microbatch}", "communication", offset_ms + start - 0.2, 0.1, args)
-                    )
+                last = stage == plan.num_stages - 1
+                if (kind == "F" and stage > 0) or (gradient_receives and kind in ("B", "I") and not last):
+                    op = f"recv {'F' if kind == 'F' else 'B'}{microbatch}"
+                    args = {"step": step, "ops": [op], "stages": [stage]}
+                    events.append(_event(rank, 0, op, "communication", offset_ms + start * slow - 0.1, 0.1, args))
             done = offset_ms + times.makespan_ms * slow
             events.append(_event(rank, 1, "gradient average over replicas", "collective", done, 0.5, {"step": step}))
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
@@ -375,6 +384,30 @@ def test_a_slow_stage_shows_in_its_own_row(zero_bubble: bool, tmp_path: Path) ->
     assert comparison.measured_step_ms == pytest.approx(ran.makespan_ms + 0.5)
     assert comparison.measured_step_ms > result.times.makespan_ms + 0.5 + 1.0
     assert comparison.replayed_step_ms == pytest.approx(comparison.measured_step_ms)
+
+
+@pytest.mark.parametrize("zero_bubble", [False, True])
+def test_rank_clocks_set_apart_are_aligned_by_their_sends_and_receives(zero_bubble: bool, tmp_path: Path) -> None:
+    """Ranks leave the barrier that starts their clocks milliseconds apart; a receive that
+    seems to end before its data was made tells by how much."""
+    result = _search("1f1b", 1, zero_bubble=zero_bubble)
+    aligned = _runtime_trace(result, tmp_path / "aligned.json", steps=4, gradient_receives=True)
+    skewed = _runtime_trace(
+        result, tmp_path / "skewed.json", steps=4, gradient_receives=True, clock_ahead_ms={1: 5.0, 2: -3.0}
+    )
+    before, after = read_measured_step(aligned, step=3), read_measured_step(skewed, step=3)
+    assert before.clock_offsets_ms == {} and after.clock_offsets_ms == pytest.approx({1: -5.0, 2: 3.0})
+    for rank in range(3):
+        assert _times(after.operations(rank)) == pytest.approx(_times(before.operations(rank)))
+    truth, shifted = compare_with_trace(result.plan, aligned), compare_with_trace(result.plan, skewed)
+    assert shifted.measured_step_ms == pytest.approx(truth.measured_step_ms)
+    assert truth.replayed_step_ms == pytest.approx(truth.measured_step_ms)
+    assert "ranks' clocks aligned by their sends and receives: rank 1 -5.0, rank 2 +3.0 ms" in comparison_text(shifted)
+    assert "clocks aligned" not in comparison_text(truth)
+    # data-parallel replicas: which replica of a stage sent is unknown, so the clocks stay as they are
+    replicas = _search("1f1b", 2)
+    trace = _runtime_trace(replicas, tmp_path / "replicas.json", gradient_receives=True, clock_ahead_ms={1: 5.0})
+    assert read_measured_step(trace).clock_offsets_ms == {}
 
 
 def test_a_trace_of_another_run_or_no_trace_is_refused_by_the_comparison(
