@@ -261,7 +261,9 @@ class _ReceiveBuffersOnDemand:
     rank replaces the buffer with the sender's tensor (``set_local_fwd_input``). A buffer a
     stage returns, or a view of it, is never emptied again: whoever holds the output reads it
     after the backward (torch's output merge; the runtime's logged values and metric
-    arguments, such as ``batch["targets"][:, -1]`` received by the last stage). The
+    arguments, such as ``batch["targets"][:, -1]`` received by the last stage). An input
+    gradient that is a received gradient (a value passed on untouched, such as the residual
+    stream past a stage cut inside attention) is copied before its buffer is emptied. The
     storages are freed on the compute stream after the receive was waited on, and NCCL
     records its streams on the tensors it receives into, so the allocator does not reuse them
     early. Forward-only pipelines (evaluation) keep torch's buffers as they are.
@@ -297,9 +299,26 @@ class _ReceiveBuffersOnDemand:
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True, **kw: Any) -> Any:
         result = super().backward_one_chunk(bwd_chunk_id, loss, full_backward, **kw)  # type: ignore[misc]
+        self._copy_received_input_grads(bwd_chunk_id)
         if full_backward:
             self._release_chunk(bwd_chunk_id)
         return result
+
+    def _copy_received_input_grads(self, chunk: int) -> None:
+        """Give an input gradient that is a received gradient memory of its own.
+
+        A value the stage passes on untouched has the gradient received for it as its input
+        gradient (zero bubble's input pass, ``autograd.grad``, returns it as is), which is sent
+        on, or handed to the stage before on this rank, after the buffer is emptied: there the
+        backward read freed memory. A copy, not a pinned buffer: that would hold the value's
+        gradient for every micro-batch all through training."""
+        grads = self.bwd_cache.get(chunk)  # type: ignore[attr-defined]
+        received = {b.untyped_storage().data_ptr() for b in _buffers(self.grad_recv_info.get(chunk, ()))} - {0}  # type: ignore[attr-defined]
+        if not grads or not received:
+            return
+        shared = [isinstance(g, torch.Tensor) and g.untyped_storage().data_ptr() in received for g in grads]
+        if any(shared):
+            self.bwd_cache[chunk] = tuple(g.clone() if copy else g for g, copy in zip(grads, shared))  # type: ignore[attr-defined]
 
     def backward_weight_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         result = super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)  # type: ignore[misc]
@@ -340,6 +359,23 @@ def _tensors(values: Any) -> list[torch.Tensor]:
     return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor)]
 
 
+class _ContiguousInputGradients:
+    """Input gradients are sent contiguous, as the stage outputs are (``capture/split.py``).
+
+    torch sends a stage's input gradients as autograd returns them (``get_bwd_send_ops``), and
+    autograd returns a view where the stage begins with one: the gradient of a value the stage
+    first transposes (a cut before attention's ``transpose``) is the transposed gradient. gloo
+    ("input tensor has to be contiguous") and NCCL refuse to send a non-contiguous tensor."""
+
+    def backward_one_chunk(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        result = super().backward_one_chunk(bwd_chunk_id, *args, **kwargs)  # type: ignore[misc]
+        grads = self.bwd_cache.get(bwd_chunk_id)  # type: ignore[attr-defined]
+        if grads is not None and any(isinstance(g, torch.Tensor) and not g.is_contiguous() for g in grads):
+            contiguous = tuple(g.contiguous() if isinstance(g, torch.Tensor) else g for g in grads)
+            self.bwd_cache[bwd_chunk_id] = contiguous  # type: ignore[attr-defined]
+        return result
+
+
 class _RecomputeOnceInWeightPass:
     """Zero bubble's weight pass recomputes each checkpoint region once, not once a parameter group.
 
@@ -361,14 +397,15 @@ PipelineStageClass: type[PipelineStage] = type(
     "RaNNCPipelineStage",
     (
         _RecomputeOnceInWeightPass,
-        _ReceiveBuffersOnDemand,
+        _ReceiveBuffersOnDemand,  # after the gradients are made contiguous (a copy shares no buffer)
+        _ContiguousInputGradients,
         PipelineStage if TORCH_GREATER_EQUAL_2_13 else _Torch211Stage,
     ),
     {},
 )
 """The ``PipelineStage`` to build: torch's own (on torch < 2.13 the one above) with receive
-buffers that hold memory only while a micro-batch needs them, and a zero-bubble weight pass
-that recomputes each checkpoint region once."""
+buffers that hold memory only while a micro-batch needs them, input gradients sent contiguous,
+and a zero-bubble weight pass that recomputes each checkpoint region once."""
 
 
 def forward_only_schedule(

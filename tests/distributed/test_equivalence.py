@@ -85,6 +85,11 @@ RUNS: dict[int | str, list[dict]] = {
         # ZB-V: rank 0 runs stages 0 and 3, rank 1 stages 1 and 2 (handed over on the rank); the tied
         # embedding's two copies are on one rank; validation between training steps, forwards only
         _run("s2d1_zbv", "logging", pipeline_stages=2, schedule="zbv"),
+        # Four stages, the middle two passing a value on untouched and beginning with a transpose:
+        # input gradients that are the received ones (kept until sent or handed over) and views
+        # (sent contiguous); one block a stage, so the cuts fall between layers whatever the timings
+        _run("skip_zbv", "skip", pipeline_stages=2, schedule="zbv", max_blocks=4),
+        _run("skip_interleaved_zb", "skip", pipeline_stages=2, virtual_stages=2, zero_bubble=True, max_blocks=4),
         _run("s2d1_checkpointed", "gpt_full", pipeline_stages=2, activation_checkpointing=True),
         # the weight pass recomputes each region once for all its parameter groups (GraphExecGroup)
         _run("s2d1_zb_checkpointed", "gpt_full", pipeline_stages=2, zero_bubble=True, activation_checkpointing=True),

@@ -29,6 +29,7 @@ from helpers.models import (
     ReducingMLP,
     ResCNN,
     ScheduledGPT,
+    SkipMLP,
     SteppingGPT,
     StridedGPT,
     SyntheticTokens,
@@ -96,6 +97,9 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[int], ShardedD
     "cnn": (ResCNN, lambda b: ShardedData(image_data(64), b), {}),
     # BatchNorm statistics are per micro-batch: the reference reads micro-batches and accumulates.
     "cnn_bn": (BatchNormCNN, lambda b: ShardedData(image_data(64), b), {}),
+    # Stages in the middle pass a value on untouched and begin with a transpose (gradients
+    # that alias the received ones, and views).
+    "skip": (SkipMLP, lambda b: ShardedData(image_data(64), b), {}),
     # Validation every 3 steps: the module is gathered for it, then released, and training goes on.
     "logging": (LoggingMLP, lambda b: ShardedData(table_data(64), b, val=table_data(16)), {"val_check_interval": 3}),
     # A loss summed over samples; values logged with reduce_fx max, min and sum, and sync_dist.

@@ -155,6 +155,40 @@ class BatchNormCNN(ResCNN):
         self.blocks = nn.Sequential(*[NormResidualBlock(channels) for _ in range(blocks)])
 
 
+class TransposingLayer(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.linear(x.transpose(1, 2)))
+
+
+class SkipMLP(L.LightningModule):
+    """Layers that begin by transposing their input, and the input layer's output skipping all of
+    them to the head. Wherever the stages are cut between layers, a stage in the middle passes
+    the skip on untouched (its input gradient is the output gradient it received) and begins
+    with a transpose (its other input gradient is a transposed view); batches are ``(images,
+    labels)``, of which the first channel is taken as an 8 x 8 matrix."""
+
+    def __init__(self, size: int = 8, layers: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(size, size)
+        self.layers = nn.Sequential(*[TransposingLayer(size) for _ in range(layers)])
+        self.head = nn.Linear(size, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        skip = self.inp(images[:, 0])
+        out = self.head(self.layers(skip) + skip).mean(dim=(1, 2))
+        loss = F.mse_loss(out, labels.float())
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
 class LoggingMLP(L.LightningModule):
     """Logs two values, returns a dict, uses Adam + StepLR; batches are one tensor (features | label)."""
 
