@@ -134,7 +134,7 @@ def clock_offsets(events: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     for e in events:
         if e.get("cat") != "communication":
             continue
-        for op, stage in zip(e["args"].get("ops", []), e["args"].get("stages", []), strict=False):
+        for op, stage in _ops_with_stages(e["args"]):
             match = re.fullmatch(r"recv ([FB])(\d+)", op)
             if match is None:
                 continue
@@ -146,6 +146,17 @@ def clock_offsets(events: Sequence[Mapping[str, Any]]) -> dict[int, float]:
             pair = (sender, int(e["pid"]))
             least[pair] = max(least.get(pair, -math.inf), sent - _end_ms(e))
     return _spread(least)
+
+
+def _ops_with_stages(args: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """A wait's operations (``send F2``, ``recv B1``) each with its stage. Traces written before
+    ``op_stages`` name only the wait's stages: a single one is every operation's; several are
+    ambiguous (an interleaved rank's two stages in one wait), and the wait is left out."""
+    ops = args.get("ops", [])
+    if "op_stages" in args:
+        return list(zip(ops, args["op_stages"], strict=True))
+    stages = args.get("stages", [])
+    return [(op, stages[0]) for op in ops] if len(stages) == 1 else []
 
 
 def _spread(least: Mapping[tuple[int, int], float]) -> dict[int, float]:

@@ -215,9 +215,12 @@ class EventTrace:
             tags = getattr(works, "tags", None)
             if not tags:
                 return wait_batch_p2p(works, *args, **kwargs)
-            labels = list(dict.fromkeys(label for label, _ in tags))
-            stages = sorted({stage for _, stage in tags})
-            with self.span(" + ".join(labels), "communication", _COMPUTE, ops=labels, stages=stages):
+            pairs = list(dict.fromkeys(tags))  # a micro-batch's several tensors share a label
+            labels, op_stages = [label for label, _ in pairs], [stage for _, stage in pairs]
+            stages = sorted(set(op_stages))
+            with self.span(
+                " + ".join(labels), "communication", _COMPUTE, ops=labels, op_stages=op_stages, stages=stages
+            ):
                 return wait_batch_p2p(works, *args, **kwargs)
 
         return waited

@@ -55,6 +55,7 @@ def test_every_send_and_receive_of_the_schedule_is_timed(run: Path) -> None:
             ops = sorted(op for e in mine for op in e["args"]["ops"])
             assert ops == sorted(f"{kind}{m}" for kind in kinds for m in range(MICRO_BATCHES))
             assert all(e["args"]["stages"] == [rank] and e["name"] == " + ".join(e["args"]["ops"]) for e in mine)
+            assert all(e["args"]["op_stages"] == [rank] * len(e["args"]["ops"]) for e in mine)
     assert {e["args"]["step"] for e in transfers} == set(range(1, TRACE_STEPS + 1))  # no more steps than asked
     for rank in (0, 1):  # one thread runs compute and waits in turn
         row = sorted((e["ts"], e["ts"] + e["dur"]) for e in timed if e["pid"] == rank and e["tid"] == 0)

@@ -228,12 +228,15 @@ def _runtime_trace(
     steps: int = 3,
     gradient_receives: bool = False,
     clock_ahead_ms: dict[int, float] | None = None,
+    sends_first: bool = False,
 ) -> Path:
     """What ``RaNNCStrategy(trace=...)`` writes for ``result``'s plan, had every step run as
     simulated (step 1 twice as slow, as warm-up is): forwards and backwards on thread 0, a
     receive before each forward of a later stage (and with ``gradient_receives`` before each
     input gradient of an earlier one), the gradient average on thread 1; each rank's times
-    ``clock_ahead_ms`` later than they ran (its clock set to 0 at another moment)."""
+    ``clock_ahead_ms`` later than they ran (its clock set to 0 at another moment). With
+    ``sends_first``, each receive is waited on together with a send before it, as ``Schedule1F1B``
+    does (``send F2 + recv B1``), in a trace from before ``op_stages`` (the wait's one stage)."""
     events: list[dict[str, Any]] = []
     plan, times = result.plan, result.times
     for rank in range(plan.world_size):
@@ -252,8 +255,12 @@ def _runtime_trace(
                 last = stage == plan.num_stages - 1
                 if (kind == "F" and stage > 0) or (gradient_receives and kind in ("B", "I") and not last):
                     op = f"recv {'F' if kind == 'F' else 'B'}{microbatch}"
-                    args = {"step": step, "ops": [op], "stages": [stage]}
-                    events.append(_event(rank, 0, op, "communication", offset_ms + start * slow - 0.1, 0.1, args))
+                    ops = [f"send {kind}{microbatch}", op] if sends_first else [op]
+                    args = {"step": step, "ops": ops, "stages": [stage]}
+                    if not sends_first:
+                        args["op_stages"] = [stage]
+                    name = " + ".join(ops)
+                    events.append(_event(rank, 0, name, "communication", offset_ms + start * slow - 0.1, 0.1, args))
             done = offset_ms + times.makespan_ms * slow
             events.append(_event(rank, 1, "gradient average over replicas", "collective", done, 0.5, {"step": step}))
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
@@ -404,6 +411,12 @@ def test_rank_clocks_set_apart_are_aligned_by_their_sends_and_receives(zero_bubb
     assert truth.replayed_step_ms == pytest.approx(truth.measured_step_ms)
     assert "ranks' clocks aligned by their sends and receives: rank 1 -5.0, rank 2 +3.0 ms" in comparison_text(shifted)
     assert "clocks aligned" not in comparison_text(truth)
+    # a receive waited on behind a send counts too (the CI run of fcc81cd's successor saw a
+    # gradient received 0.7 ms before it was made: those waits were skipped, so one bound was)
+    fused = _runtime_trace(
+        result, tmp_path / "fused.json", steps=4, gradient_receives=True, clock_ahead_ms={1: 5.0}, sends_first=True
+    )
+    assert read_measured_step(fused, step=3).clock_offsets_ms == pytest.approx({1: -5.0})
     # data-parallel replicas: which replica of a stage sent is unknown, so the clocks stay as they are
     replicas = _search("1f1b", 2)
     trace = _runtime_trace(replicas, tmp_path / "replicas.json", gradient_receives=True, clock_ahead_ms={1: 5.0})

@@ -108,7 +108,7 @@ def test_each_wait_is_one_event_named_by_its_operations() -> None:
     ]  # fmt: skip
     transfers = [e for e in trace.events if e["cat"] == "communication"]
     assert all(e["tid"] == 0 and e["args"]["stages"] == [1] and e["args"]["step"] == 1 for e in transfers)
-    assert transfers[-1]["args"]["ops"] == ["send B1", "recv F2"]
+    assert transfers[-1]["args"]["ops"] == ["send B1", "recv F2"] and transfers[-1]["args"]["op_stages"] == [1, 1]
     assert all(e["dur"] >= 1500 * len(e["args"]["ops"]) for e in transfers[:2])  # the waits themselves (2 ms each)
     assert (_batch_p2p, _wait_batch_p2p) == _ORIGINALS  # put back after the step
     assert _done[-1] == "waited not the stage's"
