@@ -400,14 +400,26 @@ class BuiltPipeline:
         return self.optimizer_names
 
 
-def warn_if_adjusted(batch_size: int, requested: int, used: int) -> None:
-    if used != requested:
-        warnings.warn(
-            f"RaNNCStrategy: a batch of {batch_size} sample(s) runs as {used} micro-batch(es) of "
-            f"{batch_size // used}, not {requested}: micro-batches must all have one shape. Use a batch size "
-            f"that {requested} divides (and drop_last=True) to keep the planned count.",
-            stacklevel=4,
+def warn_if_adjusted(batch_size: int, requested: int, used: int, minimum: int = 1) -> None:
+    """Warn that a batch runs as ``used`` micro-batches, not the ``requested`` ones, saying why:
+    fewer than the schedule's ``minimum``, or a count the batch does not divide."""
+    if used == requested:
+        return
+    if requested < minimum:
+        why = (
+            f"the schedule needs at least {minimum} (1F1B-like schedules fill every pipeline stage). Ask for "
+            f"{minimum} or more micro-batches, or use schedule='gpipe' and zero_bubble=False, to keep the count"
         )
+    else:
+        why = (
+            f"micro-batches must all have one shape. Use a batch size that {requested} divides (and "
+            "drop_last=True) to keep the planned count"
+        )
+    warnings.warn(
+        f"RaNNCStrategy: a batch of {batch_size} sample(s) runs as {used} micro-batch(es) of "
+        f"{batch_size // used}, not {requested}: {why}.",
+        stacklevel=4,
+    )
 
 
 def _first_holders(plan: PartitionPlan) -> dict[str, int]:

@@ -118,9 +118,10 @@ class PipelineEngine:
         for training (else for ``validate``/``test``/``predict`` on a Trainer that did not fit,
         after which a ``fit`` plans again and reads the pretrained weights again). Collective."""
         requested = self.options.num_microbatches
-        num_microbatches = reference_microbatches(batch.size, requested, self.options.min_microbatches)
+        minimum = self.options.min_microbatches
+        num_microbatches = reference_microbatches(batch.size, requested, minimum)
         if requested is not None:
-            warn_if_adjusted(batch.size, requested, num_microbatches)
+            warn_if_adjusted(batch.size, requested, num_microbatches, minimum)
         on_meta = self._from_meta = self.from_meta
         if on_meta:
             captured, graph, plan, seed = self._plan_on_meta(batch, num_microbatches, batch_idx)

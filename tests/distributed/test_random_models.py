@@ -61,13 +61,13 @@ _SHARED_TWICE = json.dumps(
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(spec=specs(), stages=st.sampled_from([2, 3]), microbatches=st.sampled_from([1, 2, 4]))
-@example(spec=_SHARED_TWICE, stages=2, microbatches=1)
+@given(spec=specs(), stages=st.sampled_from([2, 3]), microbatches=st.sampled_from([1, 2, 4]), zero_bubble=st.booleans())
+@example(spec=_SHARED_TWICE, stages=2, microbatches=1, zero_bubble=False)
 def test_random_dags_train_like_one_process(
-    tmp_path_factory: pytest.TempPathFactory, spec: str, stages: int, microbatches: int
+    tmp_path_factory: pytest.TempPathFactory, spec: str, stages: int, microbatches: int, zero_bubble: bool
 ) -> None:
     out = tmp_path_factory.mktemp("random") / "result.json"
-    run_script("run_random.py", str(out), str(stages), str(microbatches), spec, timeout=240)
+    run_script("run_random.py", str(out), str(stages), str(microbatches), spec, str(int(zero_bubble)), timeout=240)
     ours = json.loads(out.read_text())
     _, losses, weights = train(spec, steps=3, devices=1)
     assert len(ours["losses"]) == len(losses) == 3

@@ -1,6 +1,7 @@
 """The plan file (JSON, validation, ranks on the mesh) as the search makes it, and the schedule it picks."""
 
 import json
+import warnings
 from typing import Any
 
 import pytest
@@ -240,6 +241,21 @@ def test_counts_for_interleaved_and_zero_bubble_schedules_split_into_whole_round
     assert [m for m in range(1, 11) if rounds_fit(m, 2)] == [1, 2, 3, 4, 6, 8, 10]  # 5: 2 rounds of 2.5
     assert choose_microbatches(10, 4, minimum=2) == 5
     assert choose_microbatches(10, 4, minimum=2, rounds_of=2) == 2  # 5 would not split into rounds
+
+
+def test_an_adjusted_micro_batch_count_is_explained_by_what_forced_it() -> None:
+    """Fewer micro-batches than the schedule fills its stages with, or a count the batch does not
+    divide: the warning says which, and what keeps the count (a 3-stage zero-bubble run asked
+    for 2 was told to use a batch size that 2 divides, which 8 already was)."""
+    from lightning_rannc.runtime.built import warn_if_adjusted
+
+    with pytest.warns(UserWarning, match=r"runs as 4 micro-batch\(es\) of 2, not 2: the schedule needs at least 3"):
+        warn_if_adjusted(8, 2, 4, minimum=3)
+    with pytest.warns(UserWarning, match=r"runs as 3 micro-batch\(es\) of 2, not 4: .* batch size that 4 divides"):
+        warn_if_adjusted(6, 4, 3, minimum=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_adjusted(8, 4, 4, minimum=2)  # kept: nothing to say
 
 
 def test_a_selective_cut_moves_with_its_stage_onto_another_capture() -> None:
