@@ -313,7 +313,8 @@ class _ReceiveBuffersOnDemand:
         backward read freed memory. A copy, not a pinned buffer: that would hold the value's
         gradient for every micro-batch all through training."""
         grads = self.bwd_cache.get(chunk)  # type: ignore[attr-defined]
-        received = {b.untyped_storage().data_ptr() for b in _buffers(self.grad_recv_info.get(chunk, ()))} - {0}  # type: ignore[attr-defined]
+        buffers = _buffers(self.grad_recv_info.get(chunk, ()))  # type: ignore[attr-defined]
+        received = {b.untyped_storage().data_ptr() for b in buffers} - {0}
         if not grads or not received:
             return
         shared = [isinstance(g, torch.Tensor) and g.untyped_storage().data_ptr() in received for g in grads]
