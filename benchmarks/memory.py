@@ -229,7 +229,7 @@ def _footprint(model: Any, plan: Any) -> dict[str, int]:
     return {"params": params, "grads": params, "optimizer": 2 * params, "activations": activations}
 
 
-def _train_rss(stages: int, dim: int, layers: int) -> None:
+def _train_rss(stages: int, dim: int, layers: int, vocab: int) -> None:
     """One rank of the older table: parameters held and peak RSS, ``stages`` stages."""
     import torch
 
@@ -240,8 +240,8 @@ def _train_rss(stages: int, dim: int, layers: int) -> None:
     torch.set_num_threads(1)
     trainer = _trainer(stages, lightning_rannc.RaNNCStrategy(pipeline_stages=stages, micro_batches=2), 2)
     with trainer.init_module(empty_init=True):
-        model = _build(dim, layers, 32000, 32, 16)
-    trainer.fit(model, make_dataloader(4, 32, 32000, size=16))
+        model = _build(dim, layers, vocab, 32, 16)
+    trainer.fit(model, make_dataloader(4, 32, vocab, size=16))
     plan = trainer.strategy.plan
     local = {name for stage in plan.stages_of_rank(trainer.global_rank) for name in stage.tensor_names}
     held = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n in local)
@@ -322,6 +322,7 @@ def _report(rows: list[dict[str, Any]], single: dict[str, Any], limit: int) -> N
 def _rss_tables(args: argparse.Namespace) -> None:
     for stages in args.stages:
         argv = ["--child", "rss", "--stages", str(stages), "--dim", str(args.dim), "--layers", str(args.layers)]
+        argv += ["--vocab", str(args.vocab)]
         rows = _rows(_start(argv), stages, timeout=1800)
         print(f"{stages} stage(s), model {rows[0]['params'] / 1e6:.0f}M parameters:")
         for row in rows:
@@ -341,7 +342,9 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument(
+        "--vocab", type=int, help="vocabulary (the tied embedding and head): 1024, or 32000 with --stages"
+    )
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch (per replica)")
     parser.add_argument("--steps", type=int, default=3)
@@ -351,12 +354,13 @@ def main() -> None:
     parser.add_argument("--pipeline-stages", type=_stages, default="auto", help='"auto" (default) or a number')
     parser.add_argument("--stages", type=int, nargs="+", help="the older table instead: peak RSS per stage count")
     args = parser.parse_args()
+    args.vocab = args.vocab or (32000 if args.stages else 1024)
     if args.child == "pipeline":
         _train_measured(args)
     elif args.child == "single":
         _train_single(args)
     elif args.child == "rss":
-        _train_rss(args.stages[0], args.dim, args.layers)
+        _train_rss(args.stages[0], args.dim, args.layers, args.vocab)
     elif args.stages:
         _rss_tables(args)
     else:

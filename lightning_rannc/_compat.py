@@ -38,7 +38,7 @@ from torch.distributed.pipelining import PipelineStage, ScheduleGPipe, ScheduleL
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_map_only, tree_unflatten
 
 # Lightning warns on `trainer.init_module()` with any strategy that overrides
 # `model_sharded_context` that it "cannot fully support proper instantiation" there; this one
@@ -137,7 +137,26 @@ class _Torch211Stage(PipelineStage):
     3. Two neighbouring stages on one rank (ZB-V's turn) are not "connected" at the first step.
        torch 2.11 sends a probe to each neighbour's rank, here its own, which gloo refuses ("Pair
        is not connected"); its runtime hands such neighbours their values without sending.
+    4. The example inputs and outputs are kept as metadata. torch 2.11 keeps the tensors given
+       as ``input_args`` and ``output_args`` themselves (``inputs_meta``, ``outputs_meta``) for
+       the stage's life: a micro-batch's inputs and outputs on the device, all through training,
+       which no plan counts (``benchmarks/memory.py`` found them live at every step's peak). It
+       reads only their shapes and dtypes, making each receive buffer on the stage's device, so
+       meta copies serve; 2.13 keeps metadata only.
     """
+
+    def __init__(
+        self,
+        submodule: torch.nn.Module,
+        stage_index: int,
+        num_stages: int,
+        device: torch.device,
+        input_args: Any = None,
+        output_args: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        examples = {"input_args": _on_meta(input_args), "output_args": _on_meta(output_args)}
+        super().__init__(submodule, stage_index, num_stages, device, **examples, **kwargs)
 
     def _get_init_p2p_neighbors_ops(self) -> list[dist.P2POp]:
         return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
@@ -238,6 +257,15 @@ def _check_shapes_and_dtypes(what: str, expected: Any, given: Any) -> None:
                 f"{what}: value {index} is {tuple(value.shape)} {value.dtype}, "
                 f"expected {tuple(meta.shape)} {meta.dtype}"
             )
+
+
+def _on_meta(examples: Any) -> Any:
+    """Meta tensors of the examples' shapes, dtypes and ``requires_grad``, in the same structure."""
+    return tree_map_only(
+        torch.Tensor,
+        lambda t: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad),
+        examples,
+    )
 
 
 def _has_no_grad(buffer: Any) -> bool:

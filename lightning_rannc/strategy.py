@@ -328,7 +328,7 @@ class RaNNCStrategyMixin(_MixinBase):
     @override
     def on_train_end(self) -> None:
         if self._trace is not None and self.config.trace is not None:
-            self._trace.write(self.config.trace)
+            self._trace.write(self.config.trace, self._groups.cpu_group if self._groups is not None else None)
             if self.is_global_zero:
                 log.info("wrote the runtime trace %s", self.config.trace)
             self._trace = None
@@ -380,7 +380,7 @@ class RaNNCStrategyMixin(_MixinBase):
         if not _compat.distributed_is_initialized():
             return obj
         payload = [obj]
-        dist.broadcast_object_list(payload, src)
+        dist.broadcast_object_list(payload, src, group=self._groups.cpu_group if self._groups is not None else None)
         return payload[0]
 
     @override

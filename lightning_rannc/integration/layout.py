@@ -146,6 +146,7 @@ def choose_pipeline_stages(strategy: RaNNCStrategy, trainer: pl.Trainer, device:
         if trained or not has_meta_tensors(strategy.lightning_module):
             return None if trained else 1
     options = engine_options(strategy, device, optimizer="adamw")
+    # over the default group: the mesh and its CPU group wait on this answer (a few numbers)
     layout = decided_on_rank_zero(lambda: _best_layout(strategy, trainer, options), strategy.global_rank)
     if strategy.is_global_zero:
         log.info(layout.summary)

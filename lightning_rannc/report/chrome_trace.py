@@ -69,9 +69,10 @@ def complete_event(
     }
 
 
-def process_name_event(pid: int, name: str) -> dict[str, Any]:
-    """Metadata naming process ``pid`` (a rank, or the predicted pipeline)."""
-    return _metadata_event("process_name", pid, 0, {"name": name})
+def process_name_event(pid: int, name: str, clock: int | None = None) -> dict[str, Any]:
+    """Metadata naming process ``pid`` (a rank, or the predicted pipeline). ``clock``: which
+    clock a rank's times are on (ranks of one clock line up exactly; viewers ignore it)."""
+    return _metadata_event("process_name", pid, 0, {"name": name} | ({} if clock is None else {"clock": clock}))
 
 
 def thread_name_event(pid: int, tid: int, name: str) -> dict[str, Any]:

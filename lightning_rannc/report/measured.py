@@ -26,6 +26,7 @@ __all__ = [
     "MeasuredStep",
     "read_measured_step",
     "clock_offsets",
+    "trace_clocks",
     "load_trace",
     "check_measured",
     "steps_text",
@@ -98,7 +99,7 @@ def read_measured_step(
     step = steps[-1] if step is None else step
     if step not in steps:
         raise PlanError(f"{source} recorded steps {steps_text(steps)}, not step {step}: pick one of them.")
-    offsets = clock_offsets(timed)
+    offsets = clock_offsets(timed, trace_clocks(events))
     mine = [e for e in timed if e["args"]["step"] == step]
     origin = min(_start_ms(e, offsets) for e in mine)
     ranks = {int(e["pid"]) for e in events if e.get("name") == "process_name"} | {int(e["pid"]) for e in mine}
@@ -111,18 +112,22 @@ def read_measured_step(
     return MeasuredStep(step=step, steps=steps, rows=rows, clock_offsets_ms=offsets)
 
 
-def clock_offsets(events: Sequence[Mapping[str, Any]]) -> dict[int, float]:
-    """Per rank, the ms to add to its times so that every rank's clock agrees with its
-    pipeline's first rank's; ranks with no offset are left out.
+def clock_offsets(events: Sequence[Mapping[str, Any]], clocks: Mapping[int, int] | None = None) -> dict[int, float]:
+    """Per rank, the ms to add to its times so that every rank's clock agrees with rank 0's;
+    ranks with no offset are left out.
 
-    The runtime sets each rank's clock to 0 as it leaves a barrier, and ranks leave a gloo
-    barrier milliseconds apart (4.4-8.0 ms on the 2-core CPU): a receive could appear to end
-    before the forward that made its data. Sends and receives bound the difference: a receive
-    of ``F m`` at stage ``s`` ends after the forward of ``m`` at stage ``s - 1`` ended, and a
-    receive of ``B m`` after the backward (input pass) of ``m`` at ``s + 1``. With messages both
-    ways the difference is the middle of the two bounds (latency taken as equal both ways); one
-    way only, the least shift that makes the messages causal. Where a stage has several ranks
-    (data-parallel replicas), which one sent is unknown: their clocks are left as they are."""
+    ``clocks`` maps each rank to its clock (``process_name``'s ``clock``, see ``trace_clocks``):
+    the trace puts the ranks of one host on one clock, exactly. Without it (traces written
+    before it) every rank has its own: the runtime sets each rank's clock to 0 as it leaves a
+    barrier, and ranks leave a gloo barrier milliseconds apart (4.4-8.0 ms on the 2-core CPU),
+    so a receive could appear to end before the forward that made its data. Sends and receives
+    bound the difference between two clocks: a receive of ``F m`` at stage ``s`` ends after the
+    forward of ``m`` at stage ``s - 1`` ended, and a receive of ``B m`` after the backward
+    (input pass) of ``m`` at ``s + 1``. With messages both ways the difference is the middle of
+    the two bounds (latency taken as equal both ways); one way only, the least shift that makes
+    the messages causal. Where a stage has several ranks (data-parallel replicas) which one sent
+    is unknown: on one clock, the earliest of them bounds the receive; on several, none does."""
+    clocks = clocks or {}
     produced: dict[tuple[int, str, int, int], list[tuple[int, float]]] = defaultdict(list)
     for e in events:
         if e.get("cat") in ("forward", "backward") and "stage" in e["args"]:
@@ -130,22 +135,36 @@ def clock_offsets(events: Sequence[Mapping[str, Any]]) -> dict[int, float]:
             if kind is not None:
                 key = (int(e["args"]["step"]), kind, int(e["args"]["stage"]), int(e["args"]["micro_batch"]))
                 produced[key].append((int(e["pid"]), _end_ms(e)))
-    least: dict[tuple[int, int], float] = {}  # (sender, receiver) -> the least receiver - sender offset
+    least: dict[tuple[int, int], float] = {}  # (sender's clock, receiver's) -> the least receiver - sender offset
     for e in events:
         if e.get("cat") != "communication":
             continue
+        receiver = clocks.get(int(e["pid"]), int(e["pid"]))
         for op, stage in _ops_with_stages(e["args"]):
             match = re.fullmatch(r"recv ([FB])(\d+)", op)
             if match is None:
                 continue
             kind, microbatch = match[1], int(match[2])
             senders = produced.get((int(e["args"]["step"]), kind, stage - 1 if kind == "F" else stage + 1, microbatch))
-            if senders is None or len(senders) != 1 or senders[0][0] == int(e["pid"]):
+            sender_clocks = {clocks.get(rank, rank) for rank, _ in senders or []}
+            if len(sender_clocks) != 1 or receiver in sender_clocks:
                 continue
-            sender, sent = senders[0]
-            pair = (sender, int(e["pid"]))
-            least[pair] = max(least.get(pair, -math.inf), sent - _end_ms(e))
-    return _spread(least)
+            pair = (sender_clocks.pop(), receiver)
+            least[pair] = max(least.get(pair, -math.inf), min(sent for _, sent in senders or []) - _end_ms(e))
+    by_clock = _spread(least)
+    ranks = {int(e["pid"]) for e in events} | set(clocks)
+    shifts = {rank: by_clock.get(clocks.get(rank, rank), 0.0) for rank in ranks}
+    return {rank: offset for rank, offset in sorted(shifts.items()) if offset}
+
+
+def trace_clocks(events: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Each rank's clock, as the trace names it (``runtime.trace.on_host_clocks``); empty for a
+    trace written before it, where every rank has its own."""
+    return {
+        int(e["pid"]): int(e["args"]["clock"])
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and "clock" in (e.get("args") or {})
+    }
 
 
 def _ops_with_stages(args: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -160,7 +179,7 @@ def _ops_with_stages(args: Mapping[str, Any]) -> list[tuple[str, int]]:
 
 
 def _spread(least: Mapping[tuple[int, int], float]) -> dict[int, float]:
-    """Offsets from the pairwise bounds, from the lowest rank of each connected set outwards."""
+    """Offsets of clocks from their pairwise bounds, from the lowest clock of each connected set outwards."""
     between: dict[int, dict[int, float]] = defaultdict(dict)  # a -> b -> offset of b less a's
     for a, b in least:
         low, high = least[(a, b)], -least.get((b, a), -math.inf)

@@ -192,7 +192,7 @@ class PipelineEngine:
         with torch.random.fork_rng(devices=[]):
             seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_(2**62))
         plan, seed = decided_on_rank_zero(
-            lambda: (deployed_or_new_plan(request, self.options, self.cache), seed), self.rank
+            lambda: (deployed_or_new_plan(request, self.options, self.cache), seed), self.rank, self.groups.cpu_group
         )
         if plan.graph_fingerprint != graph.fingerprint():
             raise RuntimeSetupError(

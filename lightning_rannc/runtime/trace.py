@@ -8,8 +8,11 @@ micro-batch 2 coming in), the collectives after the schedule (gradient average o
 tied-weight sum, loss sharing) and the optimizer step. At the end of ``fit`` rank 0 gathers the
 ranks' events into one file for https://ui.perfetto.dev or chrome://tracing: one process per
 rank; a ``recv`` event is the time spent waiting for a neighbour, the remaining gaps are the
-schedule's own (the bubble) or Lightning's. Clocks start at a barrier, so rows line up to within
-the barrier's skew. On a GPU, spans are timed with CUDA events on the device's timeline (host
+schedule's own (the bubble) or Lightning's. Each rank's clock starts as it leaves a barrier, and
+ranks leave one milliseconds apart; ranks on one host share its monotonic clock, so the written
+trace puts them on one timeline exactly. Ranks on other hosts keep their own clock, and are
+aligned by their sends and receives when the trace is read (``report.measured.clock_offsets``).
+On a GPU, spans are timed with CUDA events on the device's timeline (host
 time would show a queued kernel, and a ``recv`` would read about zero), resolved once, when the
 trace is written: no step waits for the GPU because it is traced.
 
@@ -25,10 +28,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +46,7 @@ from lightning_rannc.report.chrome_trace import (
 )
 from lightning_rannc.runtime.mesh import barrier
 
-__all__ = ["EventTrace"]
+__all__ = ["EventTrace", "RankEvents", "on_host_clocks"]
 
 log = logging.getLogger("lightning_rannc")
 
@@ -72,6 +76,8 @@ class EventTrace:
         if dist.is_initialized():
             barrier(device or torch.device("cpu"))  # a common start for every rank's clock
         self._origin = time.perf_counter()
+        # read next to the origin: perf_counter need not be one clock across processes, monotonic is on a host
+        self._host_origin = time.monotonic()
         self._clock = _CudaClock(device) if device is not None and device.type == "cuda" else None
 
     @property
@@ -225,18 +231,52 @@ class EventTrace:
 
         return waited
 
-    def write(self, path: str | Path) -> None:
-        """Gather every rank's events on rank 0 and write them there. Collective."""
-        parts: list[list[dict[str, Any]]] = [self.events]
+    def write(self, path: str | Path, group: Any = None) -> None:
+        """Gather every rank's events on rank 0 and write them there, ranks of one host on its
+        clock. ``group``: a CPU (gloo) group over every rank (``ProcessGroups.cpu_group``;
+        ``None``: the default group). Collective."""
+        part = RankEvents(self.events, _host(), self._host_origin)
+        parts = [part]
         if dist.is_initialized():
-            parts = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(parts, self.events)
+            parts = [part] * dist.get_world_size()
+            dist.all_gather_object(parts, part, group=group)
         if self.rank != 0:
             return
-        events = [event for part in parts for event in part]
-        names = [process_name_event(rank, f"rank {rank}") for rank in range(len(parts))]
+        events, clocks = on_host_clocks(parts)
+        names = [process_name_event(rank, f"rank {rank}", clock=clock) for rank, clock in enumerate(clocks)]
         threads = [thread_name_event(rank, tid, label) for rank in range(len(parts)) for tid, label in _THREADS]
         write_chrome_trace(path, names + threads + events)
+
+
+class RankEvents(NamedTuple):
+    """One rank's recorded events, its host, and its origin on that host's monotonic clock (s)."""
+
+    events: list[dict[str, Any]]
+    host: str
+    origin: float
+
+
+def on_host_clocks(parts: Sequence[RankEvents]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ranks' events (``parts[rank]``), each rank's times moved to the earliest origin among
+    the ranks of its host, and each rank's clock: the index of its host in order of first rank.
+    Ranks with one clock line up exactly; between clocks only messages can tell (``clock_offsets``)."""
+    hosts = list(dict.fromkeys(part.host for part in parts))
+    earliest = {host: min(part.origin for part in parts if part.host == host) for host in hosts}
+    events = []
+    for part in parts:
+        shift_us = (part.origin - earliest[part.host]) * 1e6
+        events += [{**event, "ts": round(event["ts"] + shift_us, 1)} for event in part.events]
+    return events, [hosts.index(part.host) for part in parts]
+
+
+def _host() -> str:
+    """What tells this machine's monotonic clock from another's: the host name and, where
+    Linux gives one, the boot id (two containers of one name on two machines differ in it)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 _THREADS = ((_COMPUTE, "schedule (forward/backward, send/recv)"), (_OTHER, "collectives, optimizer"))

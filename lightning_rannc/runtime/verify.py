@@ -111,7 +111,7 @@ def check_against_reference(
     loss_difference = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
     loss_difference = math.inf if math.isnan(loss_difference) else loss_difference
     reports: list[tuple[float, str, float, bool]] = [(0.0, "", 0.0, False)] * dist.get_world_size()
-    dist.all_gather_object(reports, (worst, worst_name, loss_difference, overflowed))
+    dist.all_gather_object(reports, (worst, worst_name, loss_difference, overflowed), group=groups.cpu_group)
     if any(r[3] for r in reports):
         if dist.get_rank() == 0:
             log.info("verify: not compared, the first step overflowed under loss scaling (the scaler skips it)")

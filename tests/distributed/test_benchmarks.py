@@ -37,10 +37,14 @@ def test_throughput_under_a_memory_limit_compares_the_automatic_plan_with_the_fo
 
 
 def test_memory_shows_a_stage_holding_less_than_the_whole_model() -> None:
-    out = run_script(BENCHMARKS / "memory.py", "--stages", "1", "2", "--dim", "64", "--layers", "2", timeout=300).stdout
+    # A small vocabulary: with the default 32000 words at dim 64 the head and the loss were most of
+    # the time, and a measured profile once cut between them (torch 2.14.1), leaving rank 1 the loss
+    # and no parameters. Here the blocks are most of it, and the cut falls between them.
+    args = ["--stages", "1", "2", "--dim", "128", "--layers", "4", "--vocab", "256"]
+    out = run_script(BENCHMARKS / "memory.py", *args, timeout=300).stdout
     held = [float(x) for x in re.findall(r"holds\s+([\d.]+) MiB", out)]
-    assert len(held) == 3  # 1 stage: rank 0; 2 stages: ranks 0 and 1
-    assert max(held[1:]) <= held[0] and min(held[1:]) < held[0] and sum(held[1:]) > held[0]  # the tied embedding twice
+    assert len(held) == 3, out  # 1 stage: rank 0; 2 stages: ranks 0 and 1
+    assert max(held[1:]) < held[0] and sum(held[1:]) > held[0], out  # each less than all; the tied embedding twice
 
 
 def test_memory_measures_each_rank_against_its_prediction_and_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:

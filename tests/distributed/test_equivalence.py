@@ -20,6 +20,7 @@ import torch
 
 from lightning_rannc import PartitionPlan, RaNNCStrategy
 from lightning_rannc.__main__ import main as main_cli
+from lightning_rannc.report.measured import read_measured_step
 
 from helpers.cases import load_record, run_case
 from helpers.dist import SCRIPTS, run_script, script_env
@@ -675,10 +676,19 @@ def test_runtime_trace_has_every_forward_and_backward_of_every_rank(tmp_path: Pa
     runs = [{"label": "traced", "case": "gpt_full", "strategy": strategy}]
     run_script("run_pipelined.py", str(tmp_path), "2", json.dumps(runs), timeout=300)
     events = json.loads(trace.read_text())["traceEvents"]
-    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
-    assert names == {0: "rank 0", 1: "rank 1"}
+    names = {e["pid"]: e["args"] for e in events if e["name"] == "process_name"}
+    assert names == {0: {"name": "rank 0", "clock": 0}, 1: {"name": "rank 1", "clock": 0}}  # one host
     timed = [e for e in events if e["ph"] == "X"]
     assert all(e["ts"] >= 0 and e["dur"] > 0 for e in timed)
+    # on the host's one clock every message is causal as written: each activation arrives after the
+    # forward that made it ended, each gradient after its backward (no alignment needed, none made)
+    ends = {(e["pid"], e["args"]["step"], e["name"]): e["ts"] + e["dur"] for e in timed if e["tid"] == 0}
+    receives = [(e, op) for e in timed if e["cat"] == "communication" for op in e["args"]["ops"] if "recv" in op]
+    assert {op[5] for _, op in receives} == {"F", "B"}
+    for e, op in receives:
+        made = ends[(1 - e["pid"], e["args"]["step"], op[5:])]
+        assert e["ts"] + e["dur"] >= made, (e, op, made)
+    assert read_measured_step(trace).clock_offsets_ms == {}
     for rank in (0, 1):
         mine = [e for e in timed if e["pid"] == rank]
         for kind in ("F", "B"):  # 3 steps x 4 micro-batches, each once, on this rank's stage

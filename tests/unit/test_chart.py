@@ -229,6 +229,7 @@ def _runtime_trace(
     gradient_receives: bool = False,
     clock_ahead_ms: dict[int, float] | None = None,
     sends_first: bool = False,
+    clocks: dict[int, int] | None = None,
 ) -> Path:
     """What ``RaNNCStrategy(trace=...)`` writes for ``result``'s plan, had every step run as
     simulated (step 1 twice as slow, as warm-up is): forwards and backwards on thread 0, a
@@ -236,11 +237,15 @@ def _runtime_trace(
     input gradient of an earlier one), the gradient average on thread 1; each rank's times
     ``clock_ahead_ms`` later than they ran (its clock set to 0 at another moment). With
     ``sends_first``, each receive is waited on together with a send before it, as ``Schedule1F1B``
-    does (``send F2 + recv B1``), in a trace from before ``op_stages`` (the wait's one stage)."""
+    does (``send F2 + recv B1``), in a trace from before ``op_stages`` (the wait's one stage).
+    ``clocks``: each rank's clock, as the runtime names them (ranks of one host share one)."""
     events: list[dict[str, Any]] = []
     plan, times = result.plan, result.times
     for rank in range(plan.world_size):
-        events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
+        clock = {"clock": clocks[rank]} if clocks is not None else {}
+        events.append(
+            {"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"} | clock}
+        )
     for step in range(1, steps + 1):
         slow = 2.0 if step == 1 else 1.0
         for rank in range(plan.world_size):
@@ -421,6 +426,20 @@ def test_rank_clocks_set_apart_are_aligned_by_their_sends_and_receives(zero_bubb
     replicas = _search("1f1b", 2)
     trace = _runtime_trace(replicas, tmp_path / "replicas.json", gradient_receives=True, clock_ahead_ms={1: 5.0})
     assert read_measured_step(trace).clock_offsets_ms == {}
+    # unless the trace says which ranks share a clock (a host): here each stage's replicas have a
+    # host of their own (ranks 0-2 are one pipeline, 3-5 the other), and every receive is bounded
+    # by the earliest of the replicas that may have sent it
+    hosts = {0: 0, 3: 0, 1: 1, 4: 1, 2: 2, 5: 2}
+    ahead = {1: 5.0, 4: 5.0, 2: -3.0, 5: -3.0}
+    trace = _runtime_trace(
+        replicas, tmp_path / "hosts.json", gradient_receives=True, clock_ahead_ms=ahead, clocks=hosts
+    )
+    assert read_measured_step(trace).clock_offsets_ms == pytest.approx({1: -5.0, 4: -5.0, 2: 3.0, 5: 3.0})
+    # ranks on one clock are never moved apart, even where their messages would say so
+    one = _runtime_trace(
+        result, tmp_path / "one.json", gradient_receives=True, clock_ahead_ms={1: 5.0}, clocks={r: 0 for r in range(3)}
+    )
+    assert read_measured_step(one, step=2).clock_offsets_ms == {}
 
 
 def test_a_trace_of_another_run_or_no_trace_is_refused_by_the_comparison(

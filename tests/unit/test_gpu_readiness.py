@@ -133,3 +133,28 @@ def test_the_memory_model_counts_receive_buffers_of_the_micro_batches_in_flight(
     assert replicated.buffers == one.buffers
     checkpointed = stage_memory(**{**common, "checkpoint": True}, num_microbatches=8)  # type: ignore[arg-type]
     assert checkpointed.activations == 500  # the kept inputs are the receive buffers, counted once
+
+
+@pytest.mark.compat
+def test_a_stage_keeps_no_example_tensor_of_a_micro_batch(tmp_path) -> None:
+    """The examples a stage is built with give shapes and dtypes only: torch 2.11 kept the
+    tensors themselves for the stage's life, a micro-batch's inputs and outputs on the device
+    all through training that no plan counts (``benchmarks/memory.py`` saw them at every peak)."""
+    import gc
+    import weakref
+    from datetime import timedelta
+
+    from lightning_rannc._compat import PipelineStageClass
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    example_in = torch.empty(2, 8, requires_grad=True)
+    example_out = torch.empty(2, 4)
+    kept = [weakref.ref(example_in), weakref.ref(example_out)]
+    stage = PipelineStageClass(
+        torch.nn.Linear(8, 4), 0, 1, torch.device("cpu"), input_args=(example_in,), output_args=(example_out,)
+    )
+    del example_in, example_out
+    gc.collect()
+    assert [ref() for ref in kept] == [None, None]
+    assert stage.stage_index == 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from lightning_rannc.report.measured import read_measured_step
-from lightning_rannc.runtime.trace import EventTrace
+from lightning_rannc.runtime.trace import EventTrace, RankEvents, on_host_clocks
 
 
 class _Work:
@@ -157,7 +157,7 @@ def test_written_trace_names_each_row_and_is_read_back_step_by_step(tmp_path: Pa
     assert set(data) == {"traceEvents", "displayTimeUnit"} and data["displayTimeUnit"] == "ms"
     names = [(e["name"], e["pid"], e["tid"], e["args"]) for e in data["traceEvents"] if e["ph"] == "M"]
     assert names == [
-        ("process_name", 0, 0, {"name": "rank 0"}),
+        ("process_name", 0, 0, {"name": "rank 0", "clock": 0}),
         ("thread_name", 0, 0, {"name": "schedule (forward/backward, send/recv)"}),
         ("thread_name", 0, 1, {"name": "collectives, optimizer"}),
     ]
@@ -172,3 +172,20 @@ def test_written_trace_names_each_row_and_is_read_back_step_by_step(tmp_path: Pa
     [(kind, microbatch, start_ms, end_ms)] = measured.operations(0)
     assert (kind, microbatch, start_ms) == ("F", 0, 0.0) and end_ms >= 2.0
     assert [e.name for e in measured.rows[0]] == ["F0", "optimizer step"]
+
+
+def test_ranks_of_one_host_are_written_on_its_clock() -> None:
+    """Each rank's clock starts as it leaves a barrier, milliseconds apart from the others';
+    ranks of one host share its monotonic clock, which puts them on one timeline exactly."""
+
+    def part(host: str, origin_s: float, *starts_us: float) -> RankEvents:
+        return RankEvents(
+            [{"name": "F0", "ph": "X", "pid": 0, "ts": ts, "dur": 1.0} for ts in starts_us], host, origin_s
+        )
+
+    parts = [part("a", 10.002, 0.0, 50.0), part("b", 3.0, 7.0), part("a", 10.0, 0.0), part("b", 3.0005, 1.0)]
+    events, clocks = on_host_clocks(parts)
+    assert clocks == [0, 1, 0, 1]  # host a, which rank 0 is on, first
+    # each rank moved to its host's earliest start: rank 0 left the barrier 2 ms after rank 2
+    assert [e["ts"] for e in events] == [2000.0, 2050.0, 7.0, 0.0, 501.0]
+    assert all(e["ts"] >= 0 for e in events)
