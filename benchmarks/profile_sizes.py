@@ -10,6 +10,9 @@ through small sizes alone falls short.
 
     python benchmarks/profile_sizes.py                    # 8 layers, d 128, seq 64, sizes 2 4 8 16
     python benchmarks/profile_sizes.py --sizes 2 4 8 16 32 --repeat 3
+    # also the graph cut in two halves (two stages), each timed as one block: what timing every
+    # block as its own forward and autograd backward adds to a stage the runtime runs whole
+    python benchmarks/profile_sizes.py --halves --repeat 3
 
 One process, one thread (as each rank of ``throughput.py``).
 """
@@ -52,6 +55,42 @@ def _timings(args: argparse.Namespace) -> dict[int, tuple[float, float]]:
     return best
 
 
+def _halves(args: argparse.Namespace) -> dict[int, tuple[float, ...]]:
+    """Per size: the block count, and forward and backward summed over the blocks and over the
+    two halves of the graph each timed as one block (the fastest of the rounds, each sum)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from lightning_rannc.capture.batch import FlatBatch
+    from lightning_rannc.capture.export import capture_training_step
+    from lightning_rannc.capture.graph import StepGraph, group_nodes
+    from lightning_rannc.config import RaNNCConfig
+    from lightning_rannc.profile.profiler import profile_blocks
+
+    from gpt import GPT, make_dataloader
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(layers=args.layers, dim=args.dim, seq_len=args.seq, vocab_size=args.vocab)
+    model.log = lambda *a, **k: None  # outside a Trainer
+    batch = FlatBatch.of(next(iter(make_dataloader(max(args.sizes), args.seq, args.vocab))), "profile_sizes")
+    best: dict[int, list[float]] = {}
+    blocks: dict[int, int] = {}
+    for _ in range(args.repeat):
+        for size in args.sizes:
+            graph = StepGraph.from_captured(capture_training_step(model, batch.first(size)))
+            spans = group_nodes(graph, RaNNCConfig().max_blocks)
+            middle = spans[len(spans) // 2][0]
+            halves = [(spans[0][0], middle), (middle, spans[-1][1])]
+            leaves, repeats = batch.first_leaves(size), RaNNCConfig().profile_repeats
+            fine, whole = profile_blocks(graph, leaves, spans, repeats), profile_blocks(graph, leaves, halves, repeats)
+            sums = [sum(c.fwd_ms for c in fine), sum(c.fwd_ms for c in whole)]
+            sums += [sum(c.bwd_ms for c in fine), sum(c.bwd_ms for c in whole)]
+            best[size] = [min(a, b) for a, b in zip(best.get(size, sums), sums)]
+            blocks[size] = len(spans)
+    return {size: (blocks[size], *best[size]) for size in best}
+
+
 def _on_line(points: list[tuple[int, float]], size: int) -> float:
     """The time at ``size`` on the line through two ``(size, time)`` points."""
     (a, ta), (b, tb) = points
@@ -86,6 +125,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--halves", action="store_true", help="also time the two halves of the graph whole")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes))
     if len(sizes) < 3:
@@ -108,6 +148,14 @@ def main() -> None:
             lines = f"{small:7.1f} ({measured / small:.2f}x) / {three:7.1f} ({measured / three:.2f}x)"
             cells.append(f"{kind} {measured:7.1f} / {lines}")
         print(f"  {size:4d} samples: " + "   ".join(cells))
+    if args.halves:
+        print("the blocks summed / the two halves of the graph each timed as one block, ms:")
+        for size, (count, fine_fwd, whole_fwd, fine_bwd, whole_bwd) in sorted(_halves(args).items()):
+            print(
+                f"  {size:4d} samples, {count:.0f} blocks: forward {fine_fwd:7.1f} / {whole_fwd:7.1f} "
+                f"({fine_fwd / whole_fwd:.2f}x)   backward {fine_bwd:7.1f} / {whole_bwd:7.1f} "
+                f"({fine_bwd / whole_bwd:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

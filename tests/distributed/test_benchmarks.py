@@ -147,8 +147,13 @@ def test_planner_baselines_joint_search_is_never_slower_where_memory_binds() -> 
 
 
 def test_profile_sizes_prints_each_size_against_the_lines_through_the_timings() -> None:
-    args = ["--sizes", "2", "4", "8", "--repeat", "1", "--layers", "1", "--dim", "32", "--seq", "16"]
+    args = ["--sizes", "2", "4", "8", "--repeat", "1", "--layers", "1", "--dim", "32", "--seq", "16", "--halves"]
     out = run_script(BENCHMARKS / "profile_sizes.py", *args, timeout=300).stdout
+    halves = re.findall(
+        r"^\s+(\d+) samples, (\d+) blocks: forward .*\(([\d.]+)x\)\s+backward .*\(([\d.]+)x\)$", out, re.M
+    )
+    assert [size for size, *_ in halves] == ["2", "4", "8"] and all(int(n) > 2 for _, n, *_ in halves), out
+    out = out.split("the blocks summed / the two halves")[0]
     assert "on the line through 2 and 4 samples / as the planner costs it from 2, 8)" in out, out
     rows = re.findall(r"^\s+(\d+) samples: forward .* backward .*$", out, re.MULTILINE)
     assert rows == ["2", "4", "8"], out
