@@ -157,9 +157,13 @@ def test_profile_sizes_prints_each_size_against_the_lines_through_the_timings() 
     assert "on the line through 2 and 4 samples / as the planner costs it from 2, 8)" in out, out
     rows = re.findall(r"^\s+(\d+) samples: forward .* backward .*$", out, re.MULTILINE)
     assert rows == ["2", "4", "8"], out
-    # each line goes through its own timings: 2 and 4 samples on the first, 2 and 8 on the planner's
-    exact = {2: (0, 1, 2, 3), 4: (0, 2), 8: (1, 3)}  # (forward, backward) x (first line, planner's)
+    # each line goes through its own timings: 2 and 4 samples on the first, 2 on the planner's; at
+    # 8 the planner's keeps each block at least as long as at 2 (a noisy timing never makes a larger
+    # micro-batch cheaper: CI once timed these tiny blocks faster at 8 samples than at 2), so it is
+    # the measured time or above
+    exact = {2: (0, 1, 2, 3), 4: (0, 2), 8: ()}  # (forward, backward) x (first line, planner's)
     for row in out.splitlines()[1:]:
         ratios = re.findall(r"\((\d+\.\d\d)x\)", row)
         assert len(ratios) == 4, row
         assert all(ratios[i] == "1.00" for i in exact[int(row.split()[0])]), row
+        assert row.split()[0] != "8" or (float(ratios[1]) <= 1.0 and float(ratios[3]) <= 1.0), row
