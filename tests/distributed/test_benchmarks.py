@@ -163,7 +163,9 @@ def test_profile_sizes_prints_each_size_against_the_lines_through_the_timings() 
     # the measured time or above
     exact = {2: (0, 1, 2, 3), 4: (0, 2), 8: ()}  # (forward, backward) x (first line, planner's)
     for row in out.splitlines()[1:]:
-        ratios = re.findall(r"\((\d+\.\d\d)x\)", row)
+        # a line through two noisy timings may fall below zero at 8 samples (CI once timed 4
+        # samples faster than 2): its ratio is printed negative, and is only counted here
+        ratios = re.findall(r"\((-?\d+\.\d\d)x\)", row)
         assert len(ratios) == 4, row
         assert all(ratios[i] == "1.00" for i in exact[int(row.split()[0])]), row
         assert row.split()[0] != "8" or (float(ratios[1]) <= 1.0 and float(ratios[3]) <= 1.0), row
