@@ -124,9 +124,14 @@ DEVICES: dict[str, DeviceSpec] = {
         intra_node_bandwidth=2 * _GB,
         inter_node_bandwidth=1.25 * _GB,
         op_overhead_ms=0.01,
-        # Per action: fit (least squares) to `benchmarks/throughput.py` runs of 2 gloo processes
-        # on a 2-core machine, whose measured block costs miss what two busy processes add.
-        action_overhead_ms=0.7,
+        # Per action: what two busy gloo processes on a 2-core machine add to a stage's forward
+        # or backward beyond its blocks' profile (which leaves out each block's own backward
+        # call, `profile/profiler.py`): fit to three `benchmarks/throughput.py` sweeps of every
+        # schedule and ZeRO stage (developer session 24; 1.3-1.5 ms where the step overhead
+        # was fitted too, which then absorbed a noisy machine into 19 ms). A traced 1F1B step
+        # with 8 micro-batches spent about 1.6 ms an action between and around its actions.
+        # 0.7 before the profile left the block calls out.
+        action_overhead_ms=1.2,
         # Per step, from runtime traces of every layout of the example GPT (`throughput.py
         # --trace`, developer session 20): Lightning's loop between steps about 3.4 ms (the
         # measured step less the trace's), the small collectives after the schedule (tied-weight

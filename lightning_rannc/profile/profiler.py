@@ -14,6 +14,7 @@ parameter gradients are dropped once it is timed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from lightning_rannc.capture.split import build_range_module
 from lightning_rannc.plan.cost_model import BlockCost
 from lightning_rannc.profile.storages import AllocationLog, AllocationWatch, most_live
 
-__all__ = ["profile_blocks", "run_graph", "find_no_grad_values", "buffers_restored"]
+__all__ = ["profile_blocks", "backward_call_ms", "run_graph", "find_no_grad_values", "buffers_restored"]
 
 
 def run_graph(
@@ -81,6 +82,7 @@ def profile_blocks(
     with torch.random.fork_rng(devices=devices), buffers_restored(graph):
         values = run_graph(graph, leaves, keep=needed)
         costs = [_profile_block(graph, values, a, b, cut_bytes[b], repeats) for a, b in spans]
+    costs = _without_backward_calls(costs, backward_call_ms(leaves[0].device))
     del values
     if devices:
         # What profiling cached is not what training allocates: hand it back, so the first
@@ -108,6 +110,33 @@ def _profile_block(
         module_paths=tuple(dict.fromkeys(graph.module_path(i) for i in range(start, end))),
         workspace_bytes=workspace_bytes,
     )
+
+
+def backward_call_ms(device: torch.device, repeats: int = 100) -> float:
+    """What one ``torch.autograd.backward`` call costs beyond its operators' work: the root
+    gradient made, the engine started, one trivial node run (median of ``repeats``)."""
+    leaf = torch.zeros(1, device=device, requires_grad=True)
+    synced = leaf.device if leaf.is_cuda else None
+    times = []
+    for _ in range(repeats + 1):
+        root = leaf * 1.0
+        start = _now(synced)
+        torch.autograd.backward([root], [torch.ones_like(root)])
+        times.append(_now(synced) - start)
+    return statistics.median(times[1:])  # the first warms up
+
+
+def _without_backward_calls(costs: list[BlockCost], call_ms: float) -> list[BlockCost]:
+    """``costs`` without one backward call's cost in each block's backward time.
+
+    Each block is timed by its own backward call; a stage runs its blocks' backwards in one.
+    Summed over the ~100 blocks of a stage, the calls made the profile's backward of the example
+    GPT 1.24x of its two halves each timed whole at 2 samples (1.11x at 4;
+    ``benchmarks/profile_sizes.py --halves``). The runtime's cost per call is the device's
+    ``action_overhead_ms``, once per stage and micro-batch."""
+    return [
+        dataclasses.replace(cost, bwd_ms=max(cost.bwd_ms - call_ms, 0.0)) if cost.bwd_ms > 0 else cost for cost in costs
+    ]
 
 
 def _as_input(value: Any) -> Any:

@@ -9,6 +9,7 @@ from lightning_rannc.capture.export import capture_training_step
 from lightning_rannc.capture.graph import StepGraph, group_nodes
 from lightning_rannc.config import RaNNCConfig
 from lightning_rannc.plan.cost_model import BlockCost, with_fixed_parts, with_larger_timing
+from lightning_rannc.profile import profiler
 from lightning_rannc.profile.cache import ProfileCache
 from lightning_rannc.profile.profiler import find_no_grad_values, profile_blocks
 from lightning_rannc.runtime import planning
@@ -43,6 +44,20 @@ def test_blocks_are_timed_and_their_saved_activations_counted() -> None:
     assert costs[-1].cut_bytes == 0 and any(c.cut_bytes > 0 for c in costs[:-1])
     assert torch.equal(torch.get_rng_state(), rng_before)  # profiling leaves training's RNG alone
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_each_block_is_timed_without_the_backward_call_a_stage_makes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the profile times each block by its own backward call; a stage runs its blocks' backwards
+    # in one, whose cost the runtime's overhead per action stands for: each block's backward
+    # leaves one call's cost out, and never goes below 0
+    assert 0 < profiler.backward_call_ms(torch.device("cpu"), repeats=10) < 10
+    model, graph, leaves = _gpt_graph()
+    spans = group_nodes(graph, max_blocks=8)
+    timed = iter([(1.0, 5.0, 8, 0), (1.0, 0.2, 8, 0), (1.0, 0.0, 8, 0)] * len(spans))
+    monkeypatch.setattr(profiler, "_time_block", lambda *_: next(timed))
+    monkeypatch.setattr(profiler, "backward_call_ms", lambda device: 0.5)
+    costs = profile_blocks(graph, leaves, spans, repeats=1)
+    assert [c.bwd_ms for c in costs[:3]] == [4.5, 0.0, 0.0] and all(c.fwd_ms == 1.0 for c in costs)
 
 
 def test_values_without_gradient_are_found() -> None:
