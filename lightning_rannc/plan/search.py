@@ -1258,35 +1258,52 @@ def _exchange_parts(layout: _Layout, i: int, j: int) -> tuple[float, float]:
     backward, what runs after the schedule or the optimizer step).
 
     - ZeRO-0: DDP's all-reduce.
-    - ZeRO-1: DDP's all-reduce, then each replica broadcasts the shard it updated.
-    - ZeRO-2: each replica's gradients reduced to their owner, after the schedule, then the
-      broadcast: a reduce-scatter and an all-gather, the traffic of one all-reduce.
+    - ZeRO-1: DDP's all-reduce, then the updated shares sent to the others (``_shares_sent_ms``).
+    - ZeRO-2: each replica's share of the gradients reduced to it after the schedule, one share
+      after another (``runtime/pipeline.py``), then the updated shares sent as in ZeRO-1.
     - ZeRO-3: nothing; its gathers and reduces run in every micro-batch (``_Layout.gather_ms``).
     - Zero bubble runs its all-reduce after the schedule too.
 
     The all-reduce is timed as measured at startup when it was, else as a ring over the links
-    (``2 (D-1)/D`` of the bytes); a broadcast of the shards as ``(D-1)/D`` of the bytes.
+    (``2 (D-1)/D`` of the bytes).
     """
     replicas = layout.replicas
     if replicas == 1:
         return 0.0, 0.0
     device = layout.settings.device
-    across = layout.stages * replicas > layout.settings.devices_per_node
-    bandwidth = device.link_bandwidth(across) / 1e3
-    share = (replicas - 1) / replicas
     grads = layout.ranges.trainable_bytes[i][j]
     if device.allreduce_bandwidth is not None:
         allreduce = device.allreduce_latency_ms + grads / device.allreduce_bandwidth * 1e3
     else:
-        allreduce = device.link_latency_ms + 2 * share * grads / bandwidth
+        across = layout.stages * replicas > layout.settings.devices_per_node
+        share = (replicas - 1) / replicas
+        allreduce = device.link_latency_ms + 2 * share * grads / (device.link_bandwidth(across) / 1e3)
     if layout.zero_stage == 3:  # reduced during backward (``_Layout.gather_ms``); nothing to share after
         return 0.0, 0.0
     if layout.zero_stage == 2:
-        return 0.0, allreduce + device.link_latency_ms
-    broadcast = device.link_latency_ms + share * grads / bandwidth if layout.zero_stage == 1 else 0.0
+        return 0.0, 2 * _shares_sent_ms(layout, grads)
+    broadcast = _shares_sent_ms(layout, grads) if layout.zero_stage == 1 else 0.0
     if not layout.ddp:
         return 0.0, allreduce + broadcast
     return allreduce, broadcast
+
+
+def _shares_sent_ms(layout: _Layout, nbytes: int) -> float:
+    """One collective per replica's share of ``nbytes`` (a reduce to its owner, or the owner's
+    broadcast of what it updated), one after another, each share flattened into one buffer and
+    copied back (``runtime/optim.py``'s ``broadcast_from_owners``).
+
+    Each collective moves its share at the link's bandwidth (a pipelined ring or tree), so the
+    shares together take ``nbytes / bandwidth``, not the ``(D-1)/D`` of it an all-gather would;
+    the copies read and write the bytes twice. Measured with gloo on the 2-core machine for
+    6.5 MB over 2 ranks: two broadcasts 2.6 ms, two reduces 4.8 ms (the sums), against a
+    one-way send of 3.25 MB in 1.45 ms; in the training step (traced, developer session 25) the
+    broadcast after ZeRO-1's step 4.8-6.9 ms and ZeRO-2's reduce and broadcast about 14 ms,
+    where one all-reduce (6.3 ms) had been charged."""
+    device = layout.settings.device
+    across = layout.stages * layout.replicas > layout.settings.devices_per_node
+    sends = layout.replicas * device.link_latency_ms + nbytes / device.link_bandwidth(across) * 1e3
+    return sends + 4 * nbytes / device.memory_bandwidth * 1e3
 
 
 _DDP_FIRST_BUCKET_BYTES = 2**20
