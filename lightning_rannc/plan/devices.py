@@ -48,6 +48,9 @@ class DeviceSpec:
     step_overhead_ms: float = 0.0
     """Time a training step adds beyond the schedule, the gradient exchange and the optimizer
     (the training loop and its hooks, the step's small collectives)."""
+    gather_overhead_ms: float = 0.0
+    """Host time of one ZeRO-3 unit's gather or gradient reduce beyond its operators' launches
+    (the collective's call, its hooks; on a CPU, gloo's own work on the compute's cores)."""
     host_bandwidth: float | None = None
     """Bytes/s between the device and host memory (pinned, PCIe) for optimizer offload;
     ``None``: ``memory_bandwidth`` (the device is the host: a copy)."""
@@ -139,6 +142,11 @@ DEVICES: dict[str, DeviceSpec] = {
         # about 1 ms more than its memory-bound estimate. The 15 ms fitted before with the action
         # overhead made every pipeline plan's prediction 5-10% long.
         step_overhead_ms=7.0,
+        # Per ZeRO-3 unit gathered or reduced: about 0.8 ms a unit on the 2-core machine with the
+        # unit's 4 operator launches (developer session 21, when the action overhead, 0.7 ms then,
+        # stood for it). With the action overhead at 1.2 ms, ZeRO-3 measured 0.90 of its
+        # prediction in all five repetitions of a quiet sweep (developer session 25).
+        gather_overhead_ms=0.75,
         # Interleaved and zero-bubble steps measure 0.78-0.94 of their predictions there, GPipe
         # and 1F1B 0.94-1.10 (`benchmarks/throughput.py --memory-limit 30MB`, developer session
         # 14): they make more actions and sends per micro-batch than the model charges. Chosen

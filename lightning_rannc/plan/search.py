@@ -690,7 +690,7 @@ class _Layout:
         ``compute_ms`` (``passes=2``: backward, which gathers every unit again and reduces its
         gradients). The runtime gathers a unit at a time (a layer's tensors with one holder:
         about ``min(tensors, layers x D)`` of them) where the graph first uses it. Each unit
-        costs host work like a pipeline action's (on the 2-core CPU about 0.8 ms a unit); its
+        costs host work (``DeviceSpec.gather_overhead_ms``: on the 2-core CPU about 0.8 ms); its
         transfer (a broadcast's latency and the bytes) runs while the unit before it computes
         (the runtime prefetches), so only the first unit's, or what the pass's compute cannot
         cover, shows."""
@@ -704,7 +704,7 @@ class _Layout:
         # A broadcast's latency: a tree of point-to-point messages (not the all-reduce's fitted
         # latency: two sizes timed on busy cores scatter from 0.4 to 3 ms here).
         latency = device.link_latency_ms * math.ceil(math.log2(self.replicas))
-        host = units * (device.action_overhead_ms + _GATHER_HOST_OPS * device.op_overhead_ms)
+        host = units * (device.gather_overhead_ms + _GATHER_HOST_OPS * device.op_overhead_ms)
         transfer = passes * (units * latency + share * self.ranges.trainable_bytes[i][j] / bandwidth)
         exposed = max(transfer / max(units, 1), transfer - compute_ms)
         return passes * host + exposed

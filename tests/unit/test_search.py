@@ -970,7 +970,12 @@ def test_zero_3_gathers_show_only_what_the_pass_cannot_cover(bandwidth: float) -
     work, and of their transfer the first unit's, or what the pass's compute cannot cover."""
     blocks, tensors = _uniform_model(16, 10**8, 10**5)  # 16 units of 0.1 GB, 1 ms forward, 2 backward each
     device = dataclasses.replace(
-        DEVICE, intra_node_bandwidth=bandwidth, inter_node_bandwidth=bandwidth, link_latency_ms=0.01
+        DEVICE,
+        intra_node_bandwidth=bandwidth,
+        inter_node_bandwidth=bandwidth,
+        link_latency_ms=0.01,
+        gather_overhead_ms=0.5,
+        action_overhead_ms=0.2,  # a pipeline action's, not a unit's
     )
     common = dict(pipeline_stages=1, micro_batches=1, memory_limit=10**12)
     options = {
@@ -980,7 +985,7 @@ def test_zero_3_gathers_show_only_what_the_pass_cannot_cover(bandwidth: float) -
         z: search_plan(blocks, reference_microbatch_size=1, settings=o, tensors=tensors, graph_fingerprint="g").plan
         for z, o in options.items()
     }
-    host = 16 * (device.action_overhead_ms + 4 * device.op_overhead_ms)
+    host = 16 * (device.gather_overhead_ms + 4 * device.op_overhead_ms)
     transfer = 16 * 0.01 + 0.5 * 1.6e9 / bandwidth * 1e3  # a latency each, half the bytes (D = 2)
     forward = plans[3].stages[0].fwd_ms - plans[2].stages[0].fwd_ms
     backward = plans[3].stages[0].bwd_ms - plans[2].stages[0].bwd_ms  # gathered again, and reduced
