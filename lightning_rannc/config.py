@@ -84,7 +84,7 @@ class RaNNCConfig:
         "auto",
         "optimizer state of the replicas of a stage: `1` split over them (ZeRO-1: gradients all-reduced, each "
         "updates its share, then broadcasts it), `2` split with the gradients (ZeRO-2: each gradient is reduced "
-        "to the replica that updates it: two thirds of ZeRO-1's traffic), `3` split with the parameters too "
+        "to the replica that updates it: less traffic than ZeRO-1's all-reduce), `3` split with the parameters too "
         "(ZeRO-3: each parameter lives on one replica, which the others gather it from wherever a micro-batch "
         "uses it, reducing its gradient back: ZeRO-1's traffic of a step, in every micro-batch; not with zero "
         'bubble), `0` whole on each (as `ddp`: no broadcast, more memory); `"auto"`: per plan, the fastest that '
